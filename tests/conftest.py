@@ -1,0 +1,201 @@
+"""Shared fixtures: a temporary PIKU_ROOT, a real uWSGI emperor, real git pushes.
+
+piku.py runs the way a sysadmin runs it: as a separate process, under Debian's
+/usr/bin/python3 with Debian's click/python-dotenv/psutil (PIKU_TEST_PYTHON overrides).
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PIKU_PY = REPO / "piku.py"
+EXAMPLES = REPO / "examples"
+TEST_APPS = Path(__file__).resolve().parent / "apps"
+PYTHON = os.environ.get("PIKU_TEST_PYTHON", "/usr/bin/python3")
+
+# Unit tests import piku.py; give it a fixed, fake root so rendered paths are stable.
+os.environ["PIKU_ROOT"] = "/home/piku/.piku"
+sys.path.insert(0, str(REPO))
+
+
+def clean_env(**extra):
+    """The caller's environment without anything piku or git would pick up by accident."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("GIT_", "PIKU_", "SSH_"))}
+    env.update(extra)
+    return env
+
+
+class Piku:
+    """Runs piku.py commands against one PIKU_ROOT."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.env = clean_env(PIKU_ROOT=str(self.root))
+
+    def __call__(self, *args, input=None, check=True, timeout=300):
+        result = subprocess.run([PYTHON, str(PIKU_PY), *args], env=self.env, input=input,
+                                capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"piku {' '.join(args)} exited {result.returncode}:\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def live_env(self, app):
+        text = (self.root / "envs" / app / "LIVE_ENV").read_text()
+        return dict(re.findall(r"^(\w+)='(.*)'$", text, re.M))
+
+    def url(self, app, path="/"):
+        env = self.live_env(app)
+        return f"http://{env['BIND_ADDRESS']}:{env['PORT']}{path}"
+
+    def vassals(self, app, folder="uwsgi-enabled"):
+        return sorted(p.name for p in (self.root / folder).glob(f"{app}_*.ini"))
+
+
+class AppRepo:
+    """A developer's working copy of an app, pushed with real `git push`."""
+
+    def __init__(self, piku, source, path, name):
+        self.piku, self.path, self.name = piku, Path(path), name
+        shutil.copytree(source, self.path)
+        self.git("init", "--quiet", "--initial-branch", "main")
+        self.commit("first version")
+
+    def git(self, *args, check=True):
+        env = clean_env(GIT_AUTHOR_NAME="dev", GIT_AUTHOR_EMAIL="dev@example.com",
+                        GIT_COMMITTER_NAME="dev", GIT_COMMITTER_EMAIL="dev@example.com")
+        result = subprocess.run(["git", *args], cwd=self.path, env=env, capture_output=True, text=True)
+        if check and result.returncode != 0:
+            raise AssertionError(f"git {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def write(self, relative, text):
+        target = self.path / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+
+    def commit(self, message="change"):
+        self.git("add", "--all")
+        self.git("commit", "--quiet", "--allow-empty", "-m", message)
+
+    def push(self, check=True, branch="main"):
+        """git push over the local transport into piku's git-receive-pack."""
+        receive_pack = f"env PIKU_ROOT={self.piku.root} {PYTHON} {PIKU_PY} git-receive-pack"
+        result = subprocess.run(["git", "push", "--receive-pack", receive_pack, self.name, f"HEAD:{branch}"],
+                                cwd=self.path, env=clean_env(), capture_output=True, text=True, timeout=900)
+        result.output = result.stdout + result.stderr
+        if check and result.returncode != 0:
+            raise AssertionError(f"push failed ({result.returncode}):\n{result.output}")
+        return result
+
+
+def fetch(url, timeout=5):
+    """(status, body) of one GET."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def wait_for_body(url, expected, timeout=30):
+    """Poll url until its body contains expected; return the body."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            status, body = fetch(url)
+            last = (status, body)
+            if status == 200 and expected in body:
+                return body
+        except (OSError, urllib.error.URLError) as error:
+            last = error
+        time.sleep(0.2)
+    raise AssertionError(f"{url} never answered with {expected!r}; last answer: {last!r}")
+
+
+def wait_until(predicate, timeout=30, message="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {message}")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Emperor:
+    """A real uWSGI emperor for one PIKU_ROOT; stop() ends it and everything under it."""
+
+    def __init__(self, root, user=None):
+        config = Path(root) / "uwsgi" / "uwsgi.ini"
+        command = ["uwsgi", "--ini", str(config)]
+        if user:
+            command = ["runuser", "-u", user, "--", *command]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def descendants(self):
+        import psutil
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def stop(self):
+        import psutil
+        family = self.descendants()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        family += [p for p in self.descendants() if p not in family]
+        for proc in family:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(family, timeout=5)
+
+
+@pytest.fixture
+def piku(tmp_path):
+    tool = Piku(tmp_path / "piku")
+    tool("setup")
+    return tool
+
+
+@pytest.fixture
+def emperor(piku):
+    running = Emperor(piku.root)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def make_app(piku, tmp_path):
+    """make_app(source_dir, name) -> AppRepo in a fresh working copy."""
+    def make(source, name):
+        return AppRepo(piku, source, tmp_path / "work" / name, name)
+    return make

@@ -1,0 +1,380 @@
+"""Integration: git push and piku commands through a real sshd on 127.0.0.1.
+
+The whole path a user takes is real: a throwaway Unix user owns ~/.piku and a copy of
+piku.py, `piku.py setup:ssh` writes its ~/.ssh/authorized_keys, a private sshd (own
+config, own host key, own port) lets that key in, and sshd runs the forced command
+piku wrote. Nothing is mocked, so the tests need root (CI runs as root) and
+/usr/sbin/sshd; they skip otherwise.
+"""
+
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLES, PIKU_PY, PYTHON, Emperor, clean_env, wait_for_body, wait_until
+
+WEB = EXAMPLES / "web"
+SSHD = "/usr/sbin/sshd"
+APP = "sshapp"
+
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                       reason="needs root: creates a Unix user and runs a private sshd"),
+    pytest.mark.skipif(not os.path.exists(SSHD),
+                       reason=f"{SSHD} is missing (apt-get install openssh-server)"),
+    pytest.mark.skipif(not all(shutil.which(tool) for tool in ("ssh", "ssh-keygen", "git", "uwsgi",
+                                                                 "runuser", "useradd", "userdel")),
+                       reason="needs ssh, ssh-keygen, git, uwsgi, runuser, useradd and userdel"),
+]
+
+
+def run(args, check=True, timeout=60, **kwargs):
+    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{shlex.join(map(str, args))} exited {result.returncode}:\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+def free_tcp_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def tail(path, lines=40):
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError as error:
+        return f"({path}: {error})"
+
+
+class SshHost:
+    """One throwaway piku user on this machine, reachable through a private sshd."""
+
+    def __init__(self, base):
+        self.base = base
+        self.user = "pikut" + secrets.token_hex(4)
+        self.home = base / "home" / self.user
+        self.root = self.home / ".piku"
+        self.piku_py = self.home / "piku.py"
+        self.client = base / "client"
+        self.key = self.client / "id_ed25519"
+        self.sshd_dir = base / "sshd"
+        self.sshd_log = self.sshd_dir / "sshd.log"
+        self.port = None
+        self.sshd = None
+        self.emperor = None
+        self.user_created = False
+        self.made_run_sshd = False
+
+    # --- set up -------------------------------------------------------------
+
+    def create_user(self):
+        (self.base / "home").mkdir(mode=0o755)
+        run(["useradd", "--create-home", "--home-dir", str(self.home), "--shell", "/bin/bash",
+             "--user-group", self.user])
+        self.user_created = True
+        # useradd leaves the account locked ('!'); sshd without PAM refuses locked accounts.
+        # '*' unlocks it without giving it a password.
+        run(["usermod", "-p", "*", self.user])
+        # As a sysadmin would: a copy of piku.py the user owns (the checkout may sit under a
+        # folder the user cannot enter).
+        shutil.copy2(PIKU_PY, self.piku_py)
+        shutil.chown(self.piku_py, self.user, self.user)
+
+    def make_keys(self):
+        self.client.mkdir(mode=0o755)          # the user reads the .pub; the key itself is 0600
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "piku-ssh-test", "-f", str(self.key)])
+        self.sshd_dir.mkdir(mode=0o700)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.sshd_dir / "host_ed25519")])
+
+    def piku(self, *args, check=True, timeout=120, input=None):
+        """Run the user's piku.py as the user, with the default PIKU_ROOT (~/.piku)."""
+        env = clean_env(HOME=str(self.home), USER=self.user, LOGNAME=self.user)
+        assert "PIKU_ROOT" not in env
+        return run(["runuser", "-u", self.user, "--", PYTHON, str(self.piku_py), *args],
+                   check=check, timeout=timeout, env=env, cwd=self.home, input=input)
+
+    def start_sshd(self):
+        if not os.path.isdir("/run/sshd"):          # privilege separation folder
+            os.makedirs("/run/sshd", mode=0o755)
+            self.made_run_sshd = True
+        self.port = free_tcp_port()
+        config = self.sshd_dir / "sshd_config"
+        config.write_text(f"""\
+Port {self.port}
+ListenAddress 127.0.0.1
+HostKey {self.sshd_dir / "host_ed25519"}
+PidFile {self.sshd_dir / "sshd.pid"}
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+AuthorizedKeysFile .ssh/authorized_keys
+StrictModes yes
+PermitRootLogin no
+AllowUsers {self.user}
+PrintMotd no
+LogLevel VERBOSE
+""")
+        run([SSHD, "-t", "-f", str(config)])
+        log = open(self.sshd_log, "w")
+        try:
+            self.sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            log.close()
+
+        def listening():
+            if self.sshd.poll() is not None:
+                raise AssertionError(f"sshd exited {self.sshd.returncode}:\n{tail(self.sshd_log)}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+        wait_until(listening, timeout=15, message=f"sshd to listen on 127.0.0.1:{self.port}")
+
+    # --- client side --------------------------------------------------------
+
+    def ssh_options(self):
+        return ["-i", str(self.key), "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+                "-o", "ConnectTimeout=10"]
+
+    def ssh(self, *words, check=False, timeout=120):
+        """ssh USER@127.0.0.1 -p PORT WORDS...: ssh joins the words with spaces, like a shell user's."""
+        return run(["ssh", *self.ssh_options(), "-p", str(self.port), f"{self.user}@127.0.0.1", *words],
+                   check=check, timeout=timeout, env=clean_env(), stdin=subprocess.DEVNULL)
+
+    def git_env(self):
+        return clean_env(GIT_SSH_COMMAND=shlex.join(["ssh", *self.ssh_options()]),
+                         GIT_AUTHOR_NAME="dev", GIT_AUTHOR_EMAIL="dev@example.com",
+                         GIT_COMMITTER_NAME="dev", GIT_COMMITTER_EMAIL="dev@example.com")
+
+    def url(self, app):
+        return f"ssh://{self.user}@127.0.0.1:{self.port}/{app}"
+
+    def live_env(self, app):
+        text = (self.root / "envs" / app / "LIVE_ENV").read_text()
+        return dict(re.findall(r"^(\w+)='(.*)'$", text, re.M))
+
+    def diagnostics(self):
+        parts = [f"--- sshd log\n{tail(self.sshd_log)}",
+                 f"--- uwsgi emperor log\n{tail(self.root / 'uwsgi' / 'uwsgi.log')}"]
+        for log in sorted((self.root / "logs").glob("*/*.log")) if (self.root / "logs").is_dir() else []:
+            parts.append(f"--- {log}\n{tail(log)}")
+        return "\n".join(parts)
+
+    # --- tear down ----------------------------------------------------------
+
+    def close(self):
+        errors = []
+        if self.emperor is not None:
+            try:
+                self.emperor.stop()
+            except Exception as error:  # keep tearing down
+                errors.append(f"emperor: {error!r}")
+        if self.sshd is not None and self.sshd.poll() is None:
+            self.sshd.send_signal(signal.SIGTERM)
+            try:
+                self.sshd.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.sshd.kill()
+                self.sshd.wait()
+        if self.user_created:
+            self.kill_user_processes()
+            result = run(["userdel", self.user], check=False)
+            if result.returncode != 0:
+                errors.append(f"userdel {self.user}: {result.stderr.strip()}")
+        if self.made_run_sshd:
+            try:
+                os.rmdir("/run/sshd")
+            except OSError:
+                pass
+        shutil.rmtree(self.base, ignore_errors=True)
+        if errors:
+            raise AssertionError("teardown: " + "; ".join(errors))
+
+    def kill_user_processes(self):
+        """Anything still running as the throwaway user was started by these tests: end it by PID."""
+        import psutil
+        try:
+            uid = int(run(["id", "-u", self.user]).stdout)
+        except AssertionError:
+            return
+        leftovers = []
+        for proc in psutil.process_iter(["uids"]):
+            uids = proc.info.get("uids")
+            if uids and uid in (uids.real, uids.effective):
+                leftovers.append(proc)
+        for proc in leftovers:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(leftovers, timeout=5)
+
+
+@pytest.fixture(scope="module")
+def host():
+    base = Path(tempfile.mkdtemp(prefix="piku-ssh-test-"))
+    base.chmod(0o755)                    # the user must be able to reach its home below it
+    server = SshHost(base)
+    try:
+        server.create_user()
+        server.make_keys()
+        server.piku("setup")
+        server.setup_ssh = server.piku("setup:ssh", str(server.key) + ".pub")
+        server.emperor = Emperor(server.root, user=server.user)
+        server.start_sshd()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def deployed(host, tmp_path_factory):
+    """The example web app, committed in a fresh working copy and pushed over ssh as APP."""
+    work = tmp_path_factory.mktemp("ssh-work") / APP
+    shutil.copytree(WEB, work)
+    env = host.git_env()
+    run(["git", "init", "--quiet", "--initial-branch", "main"], cwd=work, env=env)
+    run(["git", "add", "--all"], cwd=work, env=env)
+    run(["git", "commit", "--quiet", "-m", "first version"], cwd=work, env=env)
+    started = time.monotonic()
+    result = run(["git", "push", host.url(APP), "HEAD:main"], check=False, timeout=300, cwd=work, env=env)
+    result.output = result.stdout + result.stderr
+    result.seconds = time.monotonic() - started
+    result.work = work
+    return result
+
+
+# --- the authorized_keys entry --------------------------------------------------
+
+def test_setup_ssh_writes_a_forced_command_entry(host):
+    assert "Added key" in host.setup_ssh.stdout
+    keys_file = host.home / ".ssh" / "authorized_keys"
+    lines = keys_file.read_text().splitlines()
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith('command="'), line
+    options = line.rsplit('"', 1)[1].split()[0]        # what follows the command="..."
+    assert "ssh-command" in line
+    assert {"no-port-forwarding", "no-agent-forwarding"} <= set(options.lstrip(",").split(",")), line
+    assert str(host.piku_py) in line and PYTHON in line, line
+    assert "PIKU_ROOT=" not in line, "the default ~/.piku needs no override"
+    public = (host.client / "id_ed25519.pub").read_text().split()
+    assert line.endswith(f"{public[0]} {public[1]}"), line
+    # sshd's StrictModes insists on these; they are what lets the pushes below in at all.
+    stat = keys_file.stat()
+    assert stat.st_mode & 0o077 == 0 and (keys_file.parent.stat().st_mode & 0o077) == 0
+    assert stat.st_uid == int(run(["id", "-u", host.user]).stdout)
+    # Running it again leaves the file alone.
+    again = host.piku("setup:ssh", str(host.key) + ".pub")
+    assert "already set up" in again.stdout
+    assert keys_file.read_text().splitlines() == lines
+
+
+# --- git push through sshd --------------------------------------------------------
+
+def test_git_push_over_ssh_deploys_and_serves_the_app(host, deployed):
+    assert deployed.returncode == 0, f"push failed:\n{deployed.output}\n{host.diagnostics()}"
+    assert f"-----> Deploying {APP}" in deployed.output, deployed.output
+    assert f"-----> {APP} is live at http://127.0.0.1:" in deployed.output, deployed.output
+    assert (host.root / "repos" / APP / "hooks" / "pre-receive").exists()
+    assert f"Accepted publickey for {host.user} from 127.0.0.1" in host.sshd_log.read_text(), \
+        host.diagnostics()
+    env = host.live_env(APP)
+    try:
+        wait_for_body(f"http://127.0.0.1:{env['PORT']}/", f"Hello from {APP}! GREETING=hello")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{host.diagnostics()}") from None
+    # The server's branch is the pushed commit.
+    local = run(["git", "rev-parse", "HEAD"], cwd=deployed.work).stdout.strip()
+    server = run(["git", "--git-dir", str(host.root / "repos" / APP), "rev-parse", "main"]).stdout.strip()
+    assert server == local
+    # Piku commands work over the same connection setup.
+    listing = host.ssh("apps")
+    assert listing.returncode == 0, listing.stderr
+    assert f"* {APP}" in listing.stdout.splitlines(), listing.stdout
+
+
+def test_config_set_over_ssh_redeploys_with_the_new_value(host, deployed):
+    assert deployed.returncode == 0, deployed.output
+    port = host.live_env(APP)["PORT"]
+    # What `ssh host config:set APP "GREETING='hi there'"` sends: the quotes reach piku,
+    # which splits the line with shlex, so the value keeps its space.
+    result = host.ssh("config:set", APP, "GREETING='hi there'")
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{host.diagnostics()}"
+    assert f"-----> Setting GREETING for {APP}" in result.stdout, result.stdout
+    assert host.live_env(APP)["GREETING"] == "hi there"
+    assert host.live_env(APP)["PORT"] == port, "PORT must stay stable across deploys"
+    try:
+        wait_for_body(f"http://127.0.0.1:{port}/", f"Hello from {APP}! GREETING=hi there")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{host.diagnostics()}") from None
+    shown = host.ssh("config:get", APP, "GREETING")
+    assert shown.returncode == 0 and shown.stdout.strip() == "hi there", (shown.stdout, shown.stderr)
+
+
+# --- the forced command never hands SSH_ORIGINAL_COMMAND to a shell ----------------
+
+@pytest.mark.parametrize("template", [
+    "apps; touch {target}",
+    "apps && touch {target}",
+    "nosuchcommand || touch {target}",
+    "apps | touch {target}",
+    "apps $(touch {target})",
+    "apps `touch {target}`",
+    "touch {target}",
+])
+def test_shell_metacharacters_never_reach_a_shell(host, template):
+    target = Path("/tmp") / f"piku-ssh-pwned-{secrets.token_hex(6)}"
+    assert not target.exists()
+    try:
+        result = host.ssh(template.format(target=target))
+        assert not target.exists(), f"{template!r} ran a shell command:\n{result.stdout}\n{result.stderr}"
+        assert result.returncode != 0, result.stdout
+        # 255 is ssh's own failure (no connection, key refused): that would prove nothing.
+        assert result.returncode != 255, f"ssh failed:\n{result.stderr}\n{host.diagnostics()}"
+        assert "No such command" in result.stderr or "unexpected extra argument" in result.stderr, \
+            result.stderr
+    finally:
+        if target.exists():
+            target.unlink()
+
+
+def test_ssh_without_a_command_shows_help_not_a_shell(host):
+    result = host.ssh()
+    assert result.returncode == 0, result.stderr
+    assert "piku: git push deploys" in result.stdout, result.stdout
+
+
+# --- app names are checked before git sees them ----------------------------------
+
+def test_push_to_an_invalid_app_name_is_refused(host, tmp_path):
+    work = tmp_path / "evil"
+    shutil.copytree(WEB, work)
+    env = host.git_env()
+    run(["git", "init", "--quiet", "--initial-branch", "main"], cwd=work, env=env)
+    run(["git", "add", "--all"], cwd=work, env=env)
+    run(["git", "commit", "--quiet", "-m", "evil"], cwd=work, env=env)
+    result = run(["git", "push", host.url("../evil"), "HEAD:main"], check=False, timeout=120, cwd=work, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "invalid app name '../evil'" in output, f"{output}\n{host.diagnostics()}"
+    assert not (host.root / "evil").exists()
+    assert not (host.root / "repos" / "evil").exists()
+    assert "evil" not in host.ssh("apps").stdout
