@@ -590,6 +590,18 @@ def bind_address(env):
     return f"[{address}]:{env['PORT']}" if ":" in address else f"{address}:{env['PORT']}"
 
 
+UWSGI_NUMBERS = {"UWSGI_PROCESSES": "1", "UWSGI_THREADS": "4", "UWSGI_MAX_REQUESTS": "1024",
+                 "UWSGI_LISTEN": "16", "UWSGI_LOG_MAXSIZE": UWSGI_LOG_MAXSIZE}
+
+
+def uwsgi_number(env, key):
+    value = env.get(key, UWSGI_NUMBERS[key]).strip()
+    if not value.isdigit() or int(value) < 1:
+        raise PikuError(f"{key} must be a whole number above 0, not {value!r}",
+                        f"Fix it with: config:set {env.get('APP', 'APP')} {key}={UWSGI_NUMBERS[key]}")
+    return value
+
+
 def vassal_values(app, kind, index, command, env):
     """The plain dict a vassal template is filled from (everything escaped)."""
     log = os.path.join(LOG_ROOT, app, f"{kind}.{index}.log")
@@ -598,12 +610,12 @@ def vassal_values(app, kind, index, command, env):
         "chdir": app_path(app),
         "pidfile": os.path.join(UWSGI_ROOT, f"{app}_{kind}.{index}.pid"),
         "log": log,
-        "log_maxsize": env.get("UWSGI_LOG_MAXSIZE", UWSGI_LOG_MAXSIZE),
+        "log_maxsize": uwsgi_number(env, "UWSGI_LOG_MAXSIZE"),
         "command": command,
-        "processes": env.get("UWSGI_PROCESSES", "1"),
-        "threads": env.get("UWSGI_THREADS", "4"),
-        "max_requests": env.get("UWSGI_MAX_REQUESTS", "1024"),
-        "listen": env.get("UWSGI_LISTEN", "16"),
+        "processes": uwsgi_number(env, "UWSGI_PROCESSES"),
+        "threads": uwsgi_number(env, "UWSGI_THREADS"),
+        "max_requests": uwsgi_number(env, "UWSGI_MAX_REQUESTS"),
+        "listen": uwsgi_number(env, "UWSGI_LISTEN"),
     }
     if worker_class(kind) in WEB_KINDS:
         values["bind"] = bind_address(env)
@@ -1215,6 +1227,9 @@ def cmd_run(app, command):
     if not os.path.exists(live_env_file(app)):
         raise PikuError(f"{app} has not been deployed yet", "Push to deploy it.")
     env = dict(load_live_env(app), PWD=app_path(app))
+    command = command[1:] if command[0] == "--" else command
+    if not command:
+        raise PikuError("no command given", "Example: run APP -- ls -la")
     try:
         result = subprocess.run(list(command), cwd=app_path(app), env=env)
     except FileNotFoundError:

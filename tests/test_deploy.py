@@ -236,3 +236,13 @@ def test_deploy_command_redeploys_the_pushed_branch(piku, emperor, make_app):
     assert "-----> Deploying hello" in result.stdout
     assert os.path.realpath(piku.root / "apps" / "hello") != before
     wait_for_body(piku.url("hello"), "Hello from hello")
+
+
+def test_wsgi_app_runs_in_uwsgi_with_cron_next_to_it(piku, emperor, make_app):
+    from conftest import TEST_APPS
+    app = make_app(TEST_APPS / "wsgi-plain", "plain")
+    app.push()
+    body = wait_for_body(piku.url("plain"), "GREETING=from ENV")
+    assert body.startswith("wsgi 3.")
+    assert piku.vassals("plain") == ["plain_cron-tick.1.ini", "plain_wsgi.1.ini"]
+    wait_until(lambda: len(vassal_pids(piku, "plain")) == 2, message="the wsgi and cron vassals")

@@ -1,0 +1,34 @@
+# piku.py — everything a fresh Debian 12 / Ubuntu 22.04+ machine needs, and the two jobs.
+#   make demo   push an example app into a throwaway PIKU_ROOT and show its answer
+#   make test   the whole test suite (unit + real git/uWSGI/sshd integration)
+
+PYTHON ?= /usr/bin/python3
+VENV   ?= .venv
+# Debian packages piku and its tests use; Dockerfile.test installs them through `make deps` too.
+APT_PACKAGES = git uwsgi uwsgi-plugin-python3 openssh-server openssh-client \
+               python3 python3-venv python3-pip python3-click python3-dotenv python3-psutil python3-watchdog
+PIP_PACKAGES = pytest
+
+.PHONY: deps test demo clean
+
+deps: $(VENV)/.deps-done
+
+$(VENV)/.deps-done: Makefile
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "Missing Debian packages:$$missing — run 'make deps' as root (or apt-get install them)"; exit 1; fi; \
+	  echo "Installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check $(PIP_PACKAGES)
+	@touch $@
+
+test: deps
+	$(VENV)/bin/python -m pytest -q tests
+
+demo: deps
+	PYTHON=$(PYTHON) ./tools/demo.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache tests/__pycache__ __pycache__

@@ -1,0 +1,50 @@
+"""The command line: help, version, and errors without tracebacks."""
+
+
+def test_help_lists_the_upstream_commands(piku):
+    text = piku("help").stdout
+    for command in ("apps", "config", "config:get", "config:set", "config:unset", "config:live", "deploy",
+                    "destroy", "logs", "ps", "ps:scale", "run", "restart", "stop", "setup", "setup:ssh"):
+        assert f"\n  {command} " in text, command
+    assert "git-hook" not in text            # internal commands stay out of the help
+    assert piku("--help").stdout == text
+
+
+def test_version(piku):
+    assert piku("--version").stdout.startswith("piku, version ")
+
+
+def test_mistakes_give_messages_not_tracebacks(piku, tmp_path):
+    for args in (["nosuch"], ["config"], ["logs", "ghost"], ["ps", "ghost"], ["run", "ghost", "ls"],
+                 ["setup:ssh", str(tmp_path / "missing.pub")], ["deploy", "../x"], ["ps:scale", "ghost", "web=1"]):
+        result = piku(*args, check=False)
+        assert result.returncode in (1, 2), args
+        assert "Traceback" not in result.stderr, args
+        assert result.stderr.strip(), args
+
+
+def test_setup_ssh_refuses_a_non_key(piku, tmp_path):
+    bogus = tmp_path / "bogus.pub"
+    bogus.write_text("ssh-ed25519 not-base64!! x\n")
+    result = piku("setup:ssh", str(bogus), check=False)
+    assert result.returncode == 1 and "not a valid SSH public key" in result.stderr
+
+
+def test_setup_creates_the_upstream_layout(piku):
+    for folder in ("apps", "repos", "envs", "data", "logs", "uwsgi", "uwsgi-available", "uwsgi-enabled",
+                   "nginx", "cache"):
+        assert (piku.root / folder).is_dir(), folder
+    assert "emperor = " in (piku.root / "uwsgi" / "uwsgi.ini").read_text()
+
+
+def test_logs_and_run_on_a_deployed_app(piku, emperor, make_app):
+    from conftest import EXAMPLES, wait_for_body
+    app = make_app(EXAMPLES / "web", "hello")
+    app.push()
+    wait_for_body(piku.url("hello"), "Hello from hello")
+    run = piku("run", "hello", "--", "sh", "-c", "echo $APP $GREETING $PWD; exit 7", check=False)
+    assert run.returncode == 7
+    assert run.stdout == f"hello hello {piku.root}/apps/hello\n"
+    logs = piku("logs", "hello", "web", "--no-follow")
+    assert "web.1 | " in logs.stdout
+    assert "GET / HTTP/1.1" in logs.stdout

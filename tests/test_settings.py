@@ -1,0 +1,94 @@
+"""Unit tests: app names, settings, and ENV files."""
+
+import pytest
+
+import piku
+from piku import PikuError
+
+
+@pytest.mark.parametrize("name", ["app", "my-app", "my.app", "App2", "a_b", "0day", "a" * 64])
+def test_valid_app_names(name):
+    assert piku.validate_app_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "../x", "..", "a/b", "/abs", ".hidden", "-flag", "a b", "a;b",
+                                  "a$b", "a\nb", "ä", "a" * 65, "a..b"])
+def test_invalid_app_names_are_refused_not_rewritten(name):
+    with pytest.raises(PikuError) as error:
+        piku.validate_app_name(name)
+    assert "invalid app name" in error.value.message
+
+
+def test_git_paths_from_ssh_urls_lose_one_leading_slash():
+    assert piku.git_path_to_app("/app") == "app"
+    assert piku.git_path_to_app("app") == "app"
+    with pytest.raises(PikuError):
+        piku.git_path_to_app("//app")
+
+
+@pytest.mark.parametrize("arg, pair", [("A=1", ("A", "1")), ("_X=a=b", ("_X", "a=b")), ("K=", ("K", "")),
+                                       ("URL=postgres://u:p%40@h/db?x=1#f", ("URL", "postgres://u:p%40@h/db?x=1#f"))])
+def test_setting_arguments(arg, pair):
+    assert piku.parse_setting_arg(arg) == pair
+
+
+@pytest.mark.parametrize("arg, message", [("1A=x", "invalid setting name"), ("A-B=x", "invalid setting name"),
+                                          ("noequals", "malformed setting"), ("A=x\ny", "line break"),
+                                          ("A=x\ry", "line break"), ("A=x\0y", "NUL")])
+def test_bad_setting_arguments(arg, message):
+    with pytest.raises(PikuError) as error:
+        piku.parse_setting_arg(arg)
+    assert message in error.value.message
+
+
+@pytest.mark.parametrize("value", ["plain", "with spaces", "quote ' and \" both", "back\\slash\\'",
+                                   "hash # not a comment", "$HOME stays", "  padded  ", "", "%d $(x) @(f)"])
+def test_env_format_round_trips(value):
+    text = piku.format_env({"KEY": value})
+    assert piku.parse_env_text(text, "ENV") == [("KEY", value)]
+
+
+def test_env_layers_expand_earlier_values():
+    base = {"HOME": "/home/piku", "APP": "x"}
+    pairs = piku.parse_env_text("CACHE=${HOME}/cache\nURL=http://$APP.local\nLEFT=$UNKNOWN\n", "ENV")
+    env = piku.expand_settings(pairs, base)
+    assert env["CACHE"] == "/home/piku/cache"
+    assert env["URL"] == "http://x.local"
+    assert env["LEFT"] == "$UNKNOWN"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("GOOD=1\nBAD-KEY=2\n", "ENV line 2: invalid"),
+    ("A=1\n'unterminated\n", "ENV line 2 cannot be parsed"),
+    ('A="multi\nline"\n', "ENV line 1: the value of A contains a line break"),
+])
+def test_bad_env_files_name_the_line(text, message):
+    with pytest.raises(PikuError) as error:
+        piku.parse_env_text(text, "ENV")
+    assert message in error.value.message
+
+
+def test_upstream_style_env_files_still_parse():
+    text = "# comment\nexport A=1\nB = two words\nC='quoted # kept'\nD=x # comment\n"
+    assert dict(piku.parse_env_text(text, "ENV")) == {"A": "1", "B": "two words", "C": "quoted # kept", "D": "x"}
+
+
+def test_hook_stdin_picks_the_last_pushed_branch():
+    updates = piku.read_ref_updates([f"{'0' * 40} {'a' * 40} refs/heads/main\n",
+                                     f"{'b' * 40} {'c' * 40} refs/tags/v1\n",
+                                     f"{'d' * 40} {'e' * 40} refs/heads/dev\n",
+                                     f"{'f' * 40} {'0' * 40} refs/heads/old\n"])
+    (rev, ref), skipped = piku.branch_to_deploy(updates)
+    assert (rev, ref) == ("e" * 40, "refs/heads/dev") and skipped == ["refs/heads/main"]
+    assert piku.branch_to_deploy(updates[1:2]) == (None, [])
+
+
+def test_forced_command_never_hands_the_client_command_to_a_shell():
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGxG8nU9cKk0Mho0Vq5CqXKGwM3y0hZbKZ0m0o0o0o0o dev@laptop"
+    line = piku.authorized_keys_line(key, "SHA256:abc+/def")
+    assert line.startswith('command="env FINGERPRINT=SHA256:abc+/def NAME=default ')
+    assert "ssh-command\"," in line and "$SSH_ORIGINAL_COMMAND" not in line
+    assert line.endswith(" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGxG8nU9cKk0Mho0Vq5CqXKGwM3y0hZbKZ0m0o0o0o0o")
+    for bad in ("not a key", 'ssh-ed25519 AAAA" evil', "ssh-ed25519 AAAA\ncommand=x"):
+        with pytest.raises(PikuError):
+            piku.authorized_keys_line(bad, "SHA256:x")
