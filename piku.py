@@ -337,6 +337,12 @@ def format_scaling(counts):
     return "".join(f"{kind}:{count}\n" for kind, count in sorted(counts.items()))
 
 
+def scaling_for_kinds(processes):
+    """The Procfile kinds that run as workers (static is served by wsgi when both exist)."""
+    return [kind for kind in processes if worker_class(kind) not in PHASE_KINDS
+            and not (kind == "static" and "wsgi" in processes)]
+
+
 def parse_scale_args(args, processes):
     """['web=2', ...] -> {kind: count}, checked against the Procfile."""
     counts = {}
@@ -344,9 +350,9 @@ def parse_scale_args(args, processes):
         kind, sep, count = arg.partition("=")
         if not sep or not count.isdigit():
             raise PikuError(f"malformed scaling {arg!r}", "Use KIND=COUNT, for example: ps:scale APP web=2")
-        if kind not in processes or worker_class(kind) in PHASE_KINDS:
+        if kind not in scaling_for_kinds(processes):
             raise PikuError(f"the app has no '{kind}' worker",
-                            "Workers: " + (", ".join(sorted(k for k in processes if worker_class(k) not in PHASE_KINDS)) or "none"))
+                            "Workers: " + (", ".join(sorted(scaling_for_kinds(processes))) or "none"))
         if int(count) > 1 and (kind in SINGLETON_KINDS or worker_class(kind) == "cron"):
             raise PikuError(f"'{kind}' runs at most one instance")
         counts[kind] = int(count)
@@ -763,7 +769,7 @@ def plan_release(app, rev, root):
 def scaling_for(app, processes, changes=None):
     """Worker counts: the saved ones for kinds still in the Procfile, 1 for new kinds."""
     saved = load_scaling(app)
-    counts = {kind: saved.get(kind, 1) for kind in processes if worker_class(kind) not in PHASE_KINDS}
+    counts = {kind: saved.get(kind, 1) for kind in scaling_for_kinds(processes)}
     counts.update(changes or {})
     return counts
 
@@ -876,10 +882,14 @@ def app_vassals(app, folder=UWSGI_ENABLED):
 def spawn_workers(app, processes, env, scaling, extra=(), restart=True):
     """Make the app's vassals match scaling: write the wanted ones, remove the rest."""
     wanted = set()
+    wsgi_extra = list(extra)
+    if "static" in processes:       # the wsgi worker serves the folder's files itself
+        folder = processes["static"].command.strip().strip("/") or "."
+        wsgi_extra.append(("static-map", "/=" + os.path.join(app_path(app), folder)))
     for kind, count in sorted(scaling.items()):
         for index in range(1, count + 1):
             text = render_vassal(app, kind, index, processes[kind].command, env,
-                                 extra if worker_class(kind) == "wsgi" else ())
+                                 wsgi_extra if worker_class(kind) == "wsgi" else ())
             install_vassal(vassal_name(app, kind, index), text, restart)
             wanted.add((kind, index))
     for folder in (UWSGI_ENABLED, UWSGI_AVAILABLE):

@@ -238,11 +238,12 @@ def test_deploy_command_redeploys_the_pushed_branch(piku, emperor, make_app):
     wait_for_body(piku.url("hello"), "Hello from hello")
 
 
-def test_wsgi_app_runs_in_uwsgi_with_cron_next_to_it(piku, emperor, make_app):
+def test_wsgi_app_runs_in_uwsgi_with_static_and_cron_next_to_it(piku, emperor, make_app):
     from conftest import TEST_APPS
     app = make_app(TEST_APPS / "wsgi-plain", "plain")
     app.push()
     body = wait_for_body(piku.url("plain"), "GREETING=from ENV")
     assert body.startswith("wsgi 3.")
+    assert fetch(piku.url("plain", "/robots.txt")) == (200, "static file\n")   # static: next to wsgi
     assert piku.vassals("plain") == ["plain_cron-tick.1.ini", "plain_wsgi.1.ini"]
     wait_until(lambda: len(vassal_pids(piku, "plain")) == 2, message="the wsgi and cron vassals")
