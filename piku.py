@@ -380,8 +380,8 @@ def read_text(path, default=""):
         return default
 
 
-def write_atomic(path, text, mode=0o644):
-    """Write text to path through a temporary file and a rename."""
+def write_atomic(path, text, mode=0o644, mtime=None):
+    """Write text to path through a temporary file and a rename (with mtime, if given)."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
@@ -389,6 +389,8 @@ def write_atomic(path, text, mode=0o644):
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
         os.chmod(temp, mode)
+        if mtime is not None:
+            os.utime(temp, (mtime, mtime))
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):
@@ -475,12 +477,13 @@ class BuildContext:
     root: str               # the checked-out release
     processes: dict
     env: dict               # the app's settings, layered
+    config: dict            # only the config:set layer (to say which layer asked for what)
+    repo_env: dict          # only the repo's ENV layer
 
 
 @dataclass
 class BuildResult:
     env: dict = field(default_factory=dict)      # additions for every process of the app
-    vassal: dict = field(default_factory=dict)   # extra uWSGI settings for wsgi workers
 
 
 class StaticBuildpack:
@@ -512,6 +515,120 @@ class GenericBuildpack:
         return BuildResult()
 
 
+@dataclass
+class Interpreter:
+    path: str
+    version: str            # full, e.g. 3.12.1
+
+
+class PythonBuildpack:
+    """What the Python buildpacks share: choose the interpreter and the WSGI server,
+    fingerprint the inputs, and reuse the environment or build a new one beside it."""
+    name = "python"
+    needs_uv = True
+    inputs = ()             # files of the app whose content decides the environment
+
+    def build(self, context):
+        tool_env = build_tool_env(context.env)
+        uv = find_uv(tool_env, required=self.needs_uv)
+        request = resolve_python_request(context)
+        step(f"Python {request.value} (from {request.source})" if request.value
+             else "Python: no version requested, using uv's default")
+        interpreter = find_interpreter(uv, request.value, tool_env, context)
+        server = self.wsgi_server(context, interpreter)
+        fingerprint = self.fingerprint(context, uv, interpreter, tool_env, server == "gunicorn")
+        venv = os.path.join(env_dir(context.app), "python-" + fingerprint_digest(fingerprint)[:16])
+        if environment_intact(venv, fingerprint):
+            step(f"Dependencies unchanged: reusing {venv} (Python {interpreter.version}); uv sync skipped")
+        else:
+            self.create(context, uv, interpreter, venv, tool_env, server == "gunicorn", fingerprint)
+        additions = {"VIRTUAL_ENV": venv, "PATH": f"{venv}/bin:{context.env['PATH']}",
+                     "PYTHONUNBUFFERED": context.env.get("PYTHONUNBUFFERED", "1")}
+        if server:
+            additions["WSGI_SERVER"] = server
+        return BuildResult(additions)
+
+    def wsgi_server(self, context, interpreter):
+        if "wsgi" not in context.processes:
+            return None
+        server, reason = choose_wsgi_server(context.env.get("WSGI_SERVER"), interpreter.version,
+                                            uwsgi_python_version(), context.app)
+        step(f"Serving wsgi with {server}: {reason}")
+        if server == "gunicorn" and "static" in context.processes:
+            warning("gunicorn does not serve the 'static:' folder; serve it from the app until nginx does")
+        return server
+
+    def fingerprint(self, context, uv, interpreter, tool_env, with_gunicorn):
+        """Everything that decides what the environment contains."""
+        files = {}
+        for name in self.inputs:
+            path = os.path.join(context.root, name)
+            files[name] = file_digest(path) if os.path.exists(path) else None
+        settings = {key: value for key, value in sorted(tool_env.items())
+                    if key.startswith("UV_") and key not in UV_UNRELATED_SETTINGS}
+        return {"layout": 1, "buildpack": self.name, "files": files,
+                "python": [interpreter.path, interpreter.version],
+                "tool": tool_version(uv) if uv else "pip", "settings": settings, "gunicorn": with_gunicorn}
+
+    def create(self, context, uv, interpreter, venv, tool_env, with_gunicorn, fingerprint):
+        """Build a new environment at venv; the marker written last makes it usable."""
+        if os.path.lexists(venv):
+            shutil.rmtree(venv)         # a half-built one from a failed deploy
+        started = time.monotonic()
+        self.install(context, uv, interpreter, venv, tool_env)
+        if with_gunicorn and not os.path.exists(os.path.join(venv, "bin", "gunicorn")):
+            step("Adding gunicorn to the environment (the app does not depend on it)")
+            install_packages(uv, venv, ["gunicorn"], tool_env, context.root)
+        write_atomic(os.path.join(venv, ENV_MARKER), fingerprint_text(fingerprint))
+        notice(f"environment built in {time.monotonic() - started:.1f} s: {venv}")
+
+
+class UvBuildpack(PythonBuildpack):
+    """pyproject.toml (no requirements.txt): uv sync, honouring a committed uv.lock."""
+    name = "python-uv"
+    priority = 10
+    inputs = ("pyproject.toml", "uv.lock")
+
+    def detect(self, root, processes):
+        return (os.path.isfile(os.path.join(root, "pyproject.toml"))
+                and not os.path.isfile(os.path.join(root, "requirements.txt")))
+
+    def install(self, context, uv, interpreter, venv, tool_env):
+        locked = os.path.isfile(os.path.join(context.root, "uv.lock"))
+        if not locked:
+            warning("no uv.lock: dependencies are resolved afresh, so this deploy is not reproducible")
+            warning("run 'uv lock', commit uv.lock, and push again")
+        args = [uv, "sync", "--no-default-groups", "--no-install-project", "--python", interpreter.path]
+        args += ["--locked"] if locked else []
+        for setting, flag in (("UV_SYNC_EXTRAS", "--extra"), ("UV_SYNC_GROUPS", "--group")):
+            for name in filter(None, (part.strip() for part in context.env.get(setting, "").split(","))):
+                args += [flag, name]
+        step("Running " + " ".join(["uv", *args[1:]]))
+        run_build_tool(args, context.root, dict(tool_env, UV_PROJECT_ENVIRONMENT=venv))
+
+
+class RequirementsBuildpack(PythonBuildpack):
+    """requirements.txt: uv venv + uv pip install when uv is there, else venv + pip."""
+    name = "python-requirements"
+    priority = 20
+    needs_uv = False
+    inputs = ("requirements.txt",)
+
+    def detect(self, root, processes):
+        return os.path.isfile(os.path.join(root, "requirements.txt"))
+
+    def install(self, context, uv, interpreter, venv, tool_env):
+        if uv:
+            run_build_tool([uv, "venv", "--quiet", "--python", interpreter.path, venv], context.root, tool_env)
+        else:
+            notice("uv not found: using venv and pip")
+            run_build_tool([interpreter.path, "-m", "venv", venv], context.root, tool_env)
+        step("Installing requirements.txt")
+        install_packages(uv, venv, ["-r", "requirements.txt"], tool_env, context.root)
+
+
+buildpack(UvBuildpack)
+buildpack(RequirementsBuildpack)
 buildpack(StaticBuildpack)
 buildpack(GenericBuildpack)
 
@@ -523,19 +640,267 @@ def select_buildpack(root, processes):
     raise PikuError("no buildpack matches this app")
 
 
+ENV_MARKER = ".piku-fingerprint"
+UV_UNRELATED_SETTINGS = frozenset({"UV_CACHE_DIR", "UV_PROJECT_ENVIRONMENT", "UV_NO_PROGRESS"})
+TOOL_ENV_PASSTHROUGH = ("HOME", "USER", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR",
+                        "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+
+def build_tool_env(app_env):
+    """The environment uv and pip run in: the host's UV_* and proxy settings, then the app's."""
+    env = {key: value for key, value in os.environ.items()
+           if key in TOOL_ENV_PASSTHROUGH or key.startswith("UV_")}
+    env.update(app_env)
+    env.setdefault("UV_PYTHON_PREFERENCE", "managed")
+    env["UV_NO_PROGRESS"] = "1"
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def file_digest(path):
+    import hashlib
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def fingerprint_text(fingerprint):
+    import json
+    return json.dumps(fingerprint, sort_keys=True, indent=1) + "\n"
+
+
+def fingerprint_digest(fingerprint):
+    import hashlib
+    return hashlib.sha256(fingerprint_text(fingerprint).encode()).hexdigest()
+
+
+def environment_intact(venv, fingerprint):
+    """A finished environment (marker matches) whose interpreter still exists."""
+    return (read_text(os.path.join(venv, ENV_MARKER)) == fingerprint_text(fingerprint)
+            and os.path.exists(os.path.join(venv, "bin", "python")))
+
+
+def install_packages(uv, venv, args, tool_env, cwd):
+    python = os.path.join(venv, "bin", "python")
+    if uv:
+        run_build_tool([uv, "pip", "install", "--python", python, *args], cwd, tool_env)
+    else:
+        run_build_tool([python, "-m", "pip", "install", "--disable-pip-version-check", *args], cwd, tool_env)
+
+
+UV_FAILURES = (
+    ("needs to be updated, but `--locked`", "uv.lock is out of date with pyproject.toml",
+     "Run 'uv lock', commit uv.lock, and push again."),
+    ("incompatible with the project's Python requirement", "the Python version conflicts with requires-python",
+     "Pick a version requires-python allows (config:set APP PYTHON_VERSION=X.Y) or change requires-python."),
+    ("No solution found", "the dependencies cannot be resolved",
+     "Check the package names and versions in pyproject.toml, run 'uv lock' locally, commit, and push again."),
+    ("not found in the package registry", "a package was not found in the package index",
+     "Check the package names in pyproject.toml / requirements.txt."),
+)
+
+
+def run_build_tool(args, cwd, env):
+    """Run uv or pip, show its output indented, and turn a failure into an actionable error."""
+    result = subprocess.run(args, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in result.stdout.splitlines():
+        notice(line)
+    if result.returncode != 0:
+        for needle, message, hint in UV_FAILURES:
+            if needle in result.stdout:
+                raise PikuError(f"{message}; nothing was changed", hint)
+        raise PikuError(f"{os.path.basename(args[0])} {args[1]} failed (exit code {result.returncode}); "
+                        "nothing was changed", "See its output above.")
+
+
 ##############################################################################
 # Interpreters
 ##############################################################################
 
-def uwsgi_python_version():
-    """major.minor of the Python the installed uWSGI embeds, or None when it cannot load one."""
+PYTHON_REQUEST = re.compile(r"(?:(?:cpython|pypy|graalpy)[@-]?)?[0-9]+(?:\.[0-9]+){0,2}t?"
+                            r"|(?:(?:==|!=|<=|>=|~=|<|>)\s*[0-9]+(?:\.[0-9]+){0,2}(?:\.\*)?\s*,?\s*)+")
+WSGI_SERVERS = ("auto", "uwsgi", "gunicorn")
+_PROBES = {}
+
+
+@dataclass
+class PythonRequest:
+    value: str
+    source: str
+
+
+def validate_python_request(value, source):
+    value = value.strip()
+    if not PYTHON_REQUEST.fullmatch(value):
+        raise PikuError(f"PYTHON_VERSION {value!r} (from {source}) is not a Python version uv understands",
+                        "Use a version such as 3.12, 3.12.4 or '>=3.11,<3.13'.")
+    return value
+
+
+def read_python_version_file(root):
+    for line in read_text(os.path.join(root, ".python-version")).splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            return line
+    return None
+
+
+def requires_python(root):
+    """The project's requires-python specifier, or None."""
+    text = read_text(os.path.join(root, "pyproject.toml"))
     try:
-        result = subprocess.run(["uwsgi", "--plugin", "python3", "--python-version"],
-                                capture_output=True, text=True, timeout=30)
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return None
-    match = re.search(r"^(\d+)\.(\d+)", result.stdout.strip())
-    return f"{match.group(1)}.{match.group(2)}" if match and result.returncode == 0 else None
+        import tomllib
+    except ImportError:         # Python 3.10: a line match is enough for this one key
+        match = re.search(r"""^\s*requires-python\s*=\s*["']([^"']*)["']""", text, re.M)
+        return match.group(1) if match else None
+    try:
+        return tomllib.loads(text).get("project", {}).get("requires-python")
+    except tomllib.TOMLDecodeError as error:
+        raise PikuError(f"pyproject.toml cannot be parsed: {error}", "Fix the file, commit, and push again.")
+
+
+def _release(version):
+    return tuple(int(part) for part in re.findall(r"[0-9]+", version)[:3])
+
+
+def version_allowed(version, specifiers):
+    """Does a full version like 3.11.2 satisfy a PEP 440 specifier set like '>=3.10,<4'?"""
+    if not specifiers:
+        return True
+    have = _release(version)
+    for spec in filter(None, (part.strip() for part in specifiers.split(","))):
+        match = re.fullmatch(r"(==|!=|<=|>=|~=|<|>|===)\s*([0-9][0-9.]*)(\.\*)?", spec)
+        if not match:
+            return False
+        op, wanted, wildcard = match.group(1), _release(match.group(2)), match.group(3)
+        padded = have + (0,) * (len(wanted) - len(have))
+        if wildcard or op == "~=":
+            prefix = wanted if wildcard else wanted[:-1]
+            same = padded[:len(prefix)] == prefix
+            ok = (same if op == "==" else not same) if wildcard else (same and padded >= wanted)
+        else:
+            target = wanted + (0,) * (len(have) - len(wanted))
+            ok = {"==": have == target, "===": have == target, "!=": have != target, "<=": have <= target,
+                  ">=": have >= target, "<": have < target, ">": have > target}[op]
+        if not ok:
+            return False
+    return True
+
+
+def minor(version):
+    return ".".join(str(part) for part in _release(version)[:2])
+
+
+def resolve_python_request(context):
+    """The Python the app asks for, first match wins; says where the answer came from."""
+    env = context.env
+    if "PYTHON_VERSION" in context.config:
+        return PythonRequest(validate_python_request(env["PYTHON_VERSION"], "config:set"), "config:set PYTHON_VERSION")
+    if "PYTHON_VERSION" in context.repo_env:
+        return PythonRequest(validate_python_request(env["PYTHON_VERSION"], "ENV"), "PYTHON_VERSION in the app's ENV")
+    pinned = read_python_version_file(context.root)
+    if pinned:
+        return PythonRequest(validate_python_request(pinned, ".python-version"), ".python-version")
+    if "wsgi" in context.processes and (env.get("WSGI_SERVER") or "auto").lower() != "gunicorn":
+        embedded = uwsgi_python_version()
+        if embedded and version_allowed(embedded, requires_python(context.root)):
+            return PythonRequest(minor(embedded), f"uWSGI, which embeds Python {embedded}")
+    return PythonRequest(None, "uv's default")
+
+
+def find_uv(env, required=True):
+    """uv on the app's PATH, or where its installers put it."""
+    home = os.path.expanduser("~")
+    found = shutil.which("uv", path=env.get("PATH")) or next(
+        (path for path in (os.path.join(home, ".local", "bin", "uv"), os.path.join(home, ".cargo", "bin", "uv"))
+         if os.access(path, os.X_OK)), None)
+    if not found and required:
+        raise PikuError("uv is not installed for the piku user; it builds apps with a pyproject.toml",
+                        "Install it as that user: 'pip install --user uv' or "
+                        "'curl -LsSf https://astral.sh/uv/install.sh | sh', then push again.")
+    return found
+
+
+def tool_version(tool):
+    if tool not in _PROBES:
+        _PROBES[tool] = run_command([tool, "--version"], capture=True).stdout.strip()
+    return _PROBES[tool]
+
+
+def interpreter_version(path):
+    code = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
+    return run_command([path, "-I", "-S", "-c", code], capture=True, what=f"{path}").stdout.strip()
+
+
+def find_interpreter(uv, request, env, context):
+    """The interpreter for the request: uv python find (installing it when uv may download)."""
+    if not uv:
+        name = f"python{request}" if request and re.fullmatch(r"[0-9]+(\.[0-9]+)?", request) else "python3"
+        path = shutil.which(name, path=env.get("PATH"))
+        if not path:
+            raise PikuError(f"{name} is not installed on this server", "Install it, or install uv.")
+        return Interpreter(path, interpreter_version(path))
+    args = [uv, "python", "find", *([request] if request else [])]
+    result = subprocess.run(args, cwd=context.root, env=env, capture_output=True, text=True)
+    downloads = env.get("UV_PYTHON_DOWNLOADS", "automatic").lower()
+    if result.returncode != 0 and request and downloads not in ("never", "manual", "false", "0"):
+        step(f"Installing Python {request} with uv")
+        subprocess.run([uv, "python", "install", request], cwd=context.root, env=env, capture_output=True)
+        result = subprocess.run(args, cwd=context.root, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PikuError(f"Python {request or '(uv default)'} is not available on this server; "
+                        f"uv can find: {', '.join(available_pythons(uv, env)) or 'none'}",
+                        f"Install it as the piku user ('uv python install {request or '3.12'}') or pick one "
+                        f"of those: config:set {context.app} PYTHON_VERSION=X.Y")
+    path = result.stdout.strip().splitlines()[-1]
+    return Interpreter(path, interpreter_version(path))
+
+
+def available_pythons(uv, env):
+    import json
+    result = subprocess.run([uv, "python", "list", "--only-installed", "--output-format", "json"],
+                            env=env, capture_output=True, text=True)
+    try:
+        versions = {entry["version"] for entry in json.loads(result.stdout)}
+    except (ValueError, KeyError, TypeError):
+        return []
+    return sorted(versions, key=_release)
+
+
+def uwsgi_python_version():
+    """The full version of the Python the installed uWSGI embeds (plugin or built in), or None."""
+    if "uwsgi" not in _PROBES:
+        _PROBES["uwsgi"] = None
+        for args in (["uwsgi", "--plugin", "python3", "--python-version"], ["uwsgi", "--python-version"]):
+            try:
+                result = subprocess.run(args, capture_output=True, text=True, timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                break
+            match = re.match(r"([0-9]+\.[0-9]+\.[0-9]+)", result.stdout.strip())
+            if result.returncode == 0 and match:
+                _PROBES["uwsgi"] = match.group(1)
+                break
+    return _PROBES["uwsgi"]
+
+
+def choose_wsgi_server(setting, python_version, uwsgi_version, app="APP"):
+    """-> (server, reason) for a wsgi worker whose environment runs python_version."""
+    setting = (setting or "auto").strip().lower()
+    if setting not in WSGI_SERVERS:
+        raise PikuError(f"WSGI_SERVER={setting!r} is not one of {', '.join(WSGI_SERVERS)}",
+                        f"Fix it with: config:set {app} WSGI_SERVER=auto")
+    if setting == "gunicorn":
+        return "gunicorn", "WSGI_SERVER=gunicorn"
+    if uwsgi_version and minor(uwsgi_version) == minor(python_version):
+        return "uwsgi", f"it embeds Python {uwsgi_version}, the same as the app's {python_version}"
+    why = (f"the app runs on Python {python_version} but uWSGI embeds Python {uwsgi_version}" if uwsgi_version
+           else "uWSGI cannot load Python here (is uwsgi-plugin-python3 installed?)")
+    if setting == "uwsgi":
+        fix = f"config:set {app} PYTHON_VERSION={minor(uwsgi_version)}" if uwsgi_version else \
+            "apt-get install uwsgi-plugin-python3"
+        raise PikuError(f"WSGI_SERVER=uwsgi, but {why}: uWSGI could not import the app's packages",
+                        f"Either run on uWSGI's Python ({fix}) or let gunicorn serve it "
+                        f"(config:set {app} WSGI_SERVER=gunicorn).")
+    return "gunicorn", why
 
 
 ##############################################################################
@@ -573,7 +938,7 @@ VASSAL_KINDS = {
 plugin = python3
 module = $command
 pythonpath = $chdir
-http-socket = $bind
+${virtualenv}http-socket = $bind
 reuse-port = true
 processes = $processes
 threads = $threads
@@ -581,6 +946,7 @@ enable-threads = true
 max-requests = $max_requests
 listen = $listen
 """),
+    "gunicorn": string.Template("attach-daemon = $gunicorn\n"),
     "static": string.Template("""\
 plugin = notfound
 http-socket = $bind
@@ -589,6 +955,14 @@ static-map = /=$folder
 static-index = index.html
 """),
 }
+
+
+def vassal_template(kind, env):
+    """Which template renders a worker: its class, except wsgi workers gunicorn serves."""
+    kind_class = worker_class(kind)
+    if kind_class == "wsgi" and env.get("WSGI_SERVER", "").lower() == "gunicorn":
+        return "gunicorn"
+    return kind_class
 
 
 def bind_address(env):
@@ -627,21 +1001,82 @@ def vassal_values(app, kind, index, command, env):
         values["bind"] = bind_address(env)
     if worker_class(kind) == "static":
         values["folder"] = os.path.join(app_path(app), command.strip().strip("/") or ".")
+    if worker_class(kind) == "wsgi":
+        venv_bin = os.path.join(env["VIRTUAL_ENV"], "bin", "gunicorn") if env.get("VIRTUAL_ENV") else "gunicorn"
+        values["gunicorn"] = "exec " + " ".join(shlex.quote(part) for part in (
+            venv_bin, "--config", gunicorn_config_path(app, kind, index), command.strip()))
     if worker_class(kind) == "cron":
         schedule, cron_command = parse_cron(command, 0)
         values["cron"] = f"{schedule} {cron_command}"
-    return {key: uwsgi_escape(str(value)) for key, value in values.items()}
+    escaped = {key: uwsgi_escape(str(value)) for key, value in values.items()}
+    escaped["virtualenv"] = f"virtualenv = {uwsgi_escape(env['VIRTUAL_ENV'])}\n" if env.get("VIRTUAL_ENV") else ""
+    return escaped
 
 
 def render_vassal(app, kind, index, command, env, extra=()):
     """The uWSGI vassal .ini for one worker instance, as text."""
     values = vassal_values(app, kind, index, command, env)
-    text = VASSAL_HEADER.substitute(values) + VASSAL_KINDS[worker_class(kind)].substitute(values)
+    text = VASSAL_HEADER.substitute(values) + VASSAL_KINDS[vassal_template(kind, env)].substitute(values)
     for key, value in extra:
         text += f"{key} = {uwsgi_escape(value)}\n"
     for key in sorted(env):
         text += f"env = {key}={uwsgi_escape(env[key])}\n"
     return text
+
+
+GUNICORN_TEMPLATE = string.Template("""\
+# written by piku for $app ($kind.$index); piku rewrites this file on every deploy
+bind = [$bind]
+reuse_port = True
+workers = $workers
+timeout = $timeout
+graceful_timeout = $graceful_timeout
+chdir = $chdir
+accesslog = $accesslog
+errorlog = $errorlog
+proc_name = $proc_name
+""")
+
+
+def gunicorn_config_path(app, kind, index):
+    return os.path.join(ENV_ROOT, app, "gunicorn", f"{kind}.{index}.conf.py")
+
+
+def default_gunicorn_workers():
+    """2 x cores + 1, but no more than one per 256 MiB of memory, and 2 to 8."""
+    cores = os.cpu_count() or 1
+    try:
+        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    except (ValueError, OSError):
+        memory_mb = 1024
+    return max(2, min(2 * cores + 1, memory_mb // 256, 8))
+
+
+def gunicorn_number(env, keys, default):
+    for key in keys:
+        if env.get(key, "").strip():
+            value = env[key].strip()
+            if not value.isdigit() or int(value) < 1:
+                raise PikuError(f"{key} must be a whole number above 0, not {value!r}",
+                                f"Fix it with: config:set {env.get('APP', 'APP')} {key}={default}")
+            return int(value)
+    return default
+
+
+def render_gunicorn_config(app, kind, index, env):
+    """gunicorn's config for one wsgi worker, as Python source (every value a repr)."""
+    log = os.path.join(LOG_ROOT, app, f"{kind}.{index}")
+    values = {
+        "bind": repr(bind_address(env)),
+        "workers": gunicorn_number(env, ("GUNICORN_WORKERS", "WEB_CONCURRENCY"), default_gunicorn_workers()),
+        "timeout": gunicorn_number(env, ("GUNICORN_TIMEOUT",), 30),
+        "graceful_timeout": gunicorn_number(env, ("GUNICORN_GRACEFUL_TIMEOUT",), 20),
+        "chdir": repr(app_path(app)),
+        "accesslog": repr(log + ".access.log"),
+        "errorlog": repr(log + ".error.log"),
+        "proc_name": repr(f"{app}:{kind}.{index}"),
+    }
+    return GUNICORN_TEMPLATE.substitute(values, app=app, kind=kind, index=index)
 
 
 EMPEROR_TEMPLATE = string.Template("""\
@@ -663,13 +1098,35 @@ def render_emperor():
 
 
 def install_vassal(name, text, restart=True):
-    """Write a vassal to uwsgi-available and enable it; the emperor (re)starts it."""
+    """Write a vassal to uwsgi-available and enable it.
+
+    A running vassal is reloaded at once with SIGHUP (it rereads its file); the file keeps
+    its old mtime so the emperor, which polls once a second, does not reload it a second
+    time. A new or dead vassal gets a newer mtime and the emperor starts it.
+    """
     write_atomic(os.path.join(UWSGI_AVAILABLE, name), text, mode=0o600)
     enabled = os.path.join(UWSGI_ENABLED, name)
     if os.path.exists(enabled) and not restart:
         return
-    write_atomic(enabled, text, mode=0o600)
-    bump_mtime(enabled)
+    master = vassal_master_pid(name)
+    previous = os.stat(enabled).st_mtime if master and os.path.exists(enabled) else None
+    write_atomic(enabled, text, mode=0o600, mtime=previous)
+    if previous is None:
+        bump_mtime(enabled)
+        return
+    try:
+        os.kill(master, signal.SIGHUP)
+    except ProcessLookupError:
+        bump_mtime(enabled)
+
+
+def vassal_master_pid(name):
+    """The live uWSGI master of a vassal file name, from its pidfile, or None."""
+    try:
+        pid = int(read_text(os.path.join(UWSGI_ROOT, name[:-4] + ".pid")).strip() or 0)
+    except ValueError:
+        return None
+    return pid if pid > 0 and pid_alive(pid) else None
 
 
 def bump_mtime(path):
@@ -691,7 +1148,8 @@ class Release:
     processes: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)
     scaling: dict = field(default_factory=dict)
-    vassal_extra: list = field(default_factory=list)
+    repo_env: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
 
 
 def new_release_dir(app, rev):
@@ -708,11 +1166,10 @@ def checkout_revision(app, rev, dest):
         git("--git-dir", repo_path(app), "--work-tree", dest, "checkout-index", "--all", "--force", env=env)
 
 
-def settings_env(app, root):
-    """base < the repo's ENV < config:set, with PORT kept stable across deploys."""
-    env = expand_settings(parse_env_text(read_text(os.path.join(root, "ENV")), "ENV"), base_env(app))
-    env = expand_settings(parse_env_text(read_text(config_file(app)), "settings (config:set)"), env)
-    return env
+def settings_layers(app, root):
+    """(the repo's ENV pairs, the config:set pairs) -- the layers above piku's base."""
+    return (parse_env_text(read_text(os.path.join(root, "ENV")), "ENV"),
+            parse_env_text(read_text(config_file(app)), "settings (config:set)"))
 
 
 def assign_port(app, env, processes):
@@ -762,8 +1219,9 @@ def plan_release(app, rev, root):
     processes = parse_procfile(read_text(procfile))
     if "static" in processes:
         static_folder(processes["static"].command, processes["static"].line, root)
-    env = assign_port(app, settings_env(app, root), processes)
-    return Release(app, rev, root, processes, env, scaling_for(app, processes))
+    repo_env, config = settings_layers(app, root)
+    env = assign_port(app, expand_settings(config, expand_settings(repo_env, base_env(app))), processes)
+    return Release(app, rev, root, processes, env, scaling_for(app, processes), dict(repo_env), dict(config))
 
 
 def scaling_for(app, processes, changes=None):
@@ -790,9 +1248,9 @@ def run_phase(release, kind):
 def build_release(release):
     pack = select_buildpack(release.root, release.processes)
     step(f"Building with the {pack.name} buildpack")
-    result = pack.build(BuildContext(release.app, release.root, release.processes, dict(release.env)))
+    result = pack.build(BuildContext(release.app, release.root, release.processes, dict(release.env),
+                                     release.config, release.repo_env))
     release.env.update(result.env)
-    release.vassal_extra = list(result.vassal.items())
 
 
 def activate_release(release):
@@ -802,7 +1260,7 @@ def activate_release(release):
     write_atomic(scaling_file(app), format_scaling(release.scaling))
     switch_symlink(app_path(app), release.root)
     restart = release.env.get("PIKU_AUTO_RESTART", "true").lower() not in ("0", "false", "no", "off")
-    spawn_workers(app, release.processes, release.env, release.scaling, release.vassal_extra, restart)
+    spawn_workers(app, release.processes, release.env, release.scaling, restart)
 
 
 def switch_symlink(link, target):
@@ -826,6 +1284,20 @@ def prune_releases(app):
         shutil.rmtree(path, ignore_errors=True)
 
 
+def live_virtualenv(app):
+    try:
+        return load_live_env(app).get("VIRTUAL_ENV")
+    except PikuError:
+        return None
+
+
+def prune_environments(app, keep):
+    """Remove Python environments neither the live release nor the one before it uses."""
+    for path in glob.glob(os.path.join(env_dir(app), "python-*")):
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def deploy_app(app, rev):
     """Build rev of app and make it live. The caller holds the app's lock."""
     step(f"Deploying {app} at {rev[:12]}")
@@ -838,11 +1310,13 @@ def deploy_app(app, rev):
         run_phase(release, "preflight")
         build_release(release)
         run_phase(release, "release")
+        previous = live_virtualenv(app)
         activate_release(release)
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
     prune_releases(app)
+    prune_environments(app, {release.env.get("VIRTUAL_ENV"), previous})
     announce(release)
 
 
@@ -879,17 +1353,19 @@ def app_vassals(app, folder=UWSGI_ENABLED):
     return vassals
 
 
-def spawn_workers(app, processes, env, scaling, extra=(), restart=True):
+def spawn_workers(app, processes, env, scaling, restart=True):
     """Make the app's vassals match scaling: write the wanted ones, remove the rest."""
     wanted = set()
-    wsgi_extra = list(extra)
+    wsgi_extra = []
     if "static" in processes:       # the wsgi worker serves the folder's files itself
         folder = processes["static"].command.strip().strip("/") or "."
         wsgi_extra.append(("static-map", "/=" + os.path.join(app_path(app), folder)))
     for kind, count in sorted(scaling.items()):
         for index in range(1, count + 1):
+            if vassal_template(kind, env) == "gunicorn":
+                write_atomic(gunicorn_config_path(app, kind, index), render_gunicorn_config(app, kind, index, env))
             text = render_vassal(app, kind, index, processes[kind].command, env,
-                                 wsgi_extra if worker_class(kind) == "wsgi" else ())
+                                 wsgi_extra if vassal_template(kind, env) == "wsgi" else ())
             install_vassal(vassal_name(app, kind, index), text, restart)
             wanted.add((kind, index))
     for folder in (UWSGI_ENABLED, UWSGI_AVAILABLE):
@@ -899,11 +1375,7 @@ def spawn_workers(app, processes, env, scaling, extra=(), restart=True):
 
 
 def vassal_pid(app, kind, index):
-    try:
-        pid = int(read_text(os.path.join(UWSGI_ROOT, f"{app}_{kind}.{index}.pid")).strip() or 0)
-    except ValueError:
-        return None
-    return pid if pid and pid_alive(pid) else None
+    return vassal_master_pid(vassal_name(app, kind, index))
 
 
 def pid_alive(pid):
@@ -1221,7 +1693,7 @@ def cmd_ps_scale(app, settings):
         changes = parse_scale_args(settings, processes)
         scaling = scaling_for(app, processes, changes)
         write_atomic(scaling_file(app), format_scaling(scaling))
-        spawn_workers(app, processes, load_live_env(app), scaling, (), restart=False)
+        spawn_workers(app, processes, load_live_env(app), scaling, restart=False)
         step("Workers: " + ", ".join(f"{kind}={count}" for kind, count in sorted(scaling.items())))
 
 

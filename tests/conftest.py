@@ -22,6 +22,8 @@ PIKU_PY = REPO / "piku.py"
 EXAMPLES = REPO / "examples"
 TEST_APPS = Path(__file__).resolve().parent / "apps"
 PYTHON = os.environ.get("PIKU_TEST_PYTHON", "/usr/bin/python3")
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PYENV_VERSIONS = Path("/root/.pyenv/versions")
 
 # Unit tests import piku.py; give it a fixed, fake root so rendered paths are stable.
 os.environ["PIKU_ROOT"] = "/home/piku/.piku"
@@ -36,12 +38,58 @@ def clean_env(**extra):
     return env
 
 
-class Piku:
-    """Runs piku.py commands against one PIKU_ROOT."""
+class Toolchain:
+    """uv and the Pythons piku's builds may use, as a sysadmin would install them.
+
+    uv gets a folder of its own on PATH (the test venv's python must not be found), and
+    the pyenv builds on this machine image become uv "managed" installations in a folder
+    of this session (UV_PYTHON_INSTALL_DIR), so nothing is downloaded. Debian's 3.11 is
+    found on PATH as a system Python, like on a real Debian host.
+    """
 
     def __init__(self, root):
         self.root = Path(root)
-        self.env = clean_env(PIKU_ROOT=str(self.root))
+        bin_dir = self.root / "bin"
+        bin_dir.mkdir(parents=True)
+        uv = shutil.which("uv") or str(REPO / ".venv" / "bin" / "uv")
+        self.has_uv = os.path.exists(uv)
+        if self.has_uv:
+            (bin_dir / "uv").symlink_to(os.path.realpath(uv))
+        self.pythons = self.root / "pythons"
+        self.pythons.mkdir()
+        self.versions = {"3.11": "/usr/bin/python3.11"} if os.path.exists("/usr/bin/python3.11") else {}
+        for build in sorted(PYENV_VERSIONS.glob("3.1[0-9].*")) if PYENV_VERSIONS.is_dir() else []:
+            minor = ".".join(build.name.split(".")[:2])
+            if minor == "3.11" or not re.fullmatch(r"3\.1[0-9]\.[0-9]+", build.name):
+                continue
+            target = self.pythons / f"cpython-{build.name}-linux-x86_64-gnu"
+            copy = subprocess.run(["cp", "-al", str(build), str(target)], capture_output=True)
+            if copy.returncode != 0:
+                shutil.rmtree(target, ignore_errors=True)
+                subprocess.run(["cp", "-a", str(build), str(target)], check=True)
+            self.versions[minor] = str(target)
+        self.env = {"PATH": f"{bin_dir}:{SYSTEM_PATH}", "UV_PYTHON_INSTALL_DIR": str(self.pythons),
+                    "UV_PYTHON_DOWNLOADS": "never", "UV_CACHE_DIR": str(self.root / "uv-cache")}
+
+    def require(self, *minors):
+        if not self.has_uv:
+            pytest.skip("uv is not installed (make deps installs it)")
+        missing = [minor for minor in minors if minor not in self.versions]
+        if missing:
+            pytest.skip(f"Python {', '.join(missing)} is not installed on this machine")
+
+
+@pytest.fixture(scope="session")
+def toolchain(tmp_path_factory):
+    return Toolchain(tmp_path_factory.mktemp("toolchain"))
+
+
+class Piku:
+    """Runs piku.py commands against one PIKU_ROOT."""
+
+    def __init__(self, root, toolchain=None):
+        self.root = Path(root)
+        self.env = clean_env(**{"PIKU_ROOT": str(self.root), "PATH": SYSTEM_PATH, **(toolchain.env if toolchain else {})})
 
     def __call__(self, *args, input=None, check=True, timeout=300):
         result = subprocess.run([PYTHON, str(PIKU_PY), *args], env=self.env, input=input,
@@ -91,9 +139,9 @@ class AppRepo:
 
     def push(self, check=True, branch="main"):
         """git push over the local transport into piku's git-receive-pack."""
-        receive_pack = f"env PIKU_ROOT={self.piku.root} {PYTHON} {PIKU_PY} git-receive-pack"
+        receive_pack = f"{PYTHON} {PIKU_PY} git-receive-pack"
         result = subprocess.run(["git", "push", "--receive-pack", receive_pack, self.name, f"HEAD:{branch}"],
-                                cwd=self.path, env=clean_env(), capture_output=True, text=True, timeout=900)
+                                cwd=self.path, env=self.piku.env, capture_output=True, text=True, timeout=900)
         result.output = result.stdout + result.stderr
         if check and result.returncode != 0:
             raise AssertionError(f"push failed ({result.returncode}):\n{result.output}")
@@ -180,8 +228,8 @@ class Emperor:
 
 
 @pytest.fixture
-def piku(tmp_path):
-    tool = Piku(tmp_path / "piku")
+def piku(tmp_path, toolchain):
+    tool = Piku(tmp_path / "piku", toolchain)
     tool("setup")
     return tool
 
