@@ -839,20 +839,68 @@ def find_interpreter(uv, request, env, context):
         if not path:
             raise PikuError(f"{name} is not installed on this server", "Install it, or install uv.")
         return Interpreter(path, interpreter_version(path))
-    args = [uv, "python", "find", *([request] if request else [])]
-    result = subprocess.run(args, cwd=context.root, env=env, capture_output=True, text=True)
-    downloads = env.get("UV_PYTHON_DOWNLOADS", "automatic").lower()
-    if result.returncode != 0 and request and downloads not in ("never", "manual", "false", "0"):
-        step(f"Installing Python {request} with uv")
-        subprocess.run([uv, "python", "install", request], cwd=context.root, env=env, capture_output=True)
-        result = subprocess.run(args, cwd=context.root, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
+    # uv python find looks at every Python on PATH and in its own folder (~0.2 s); the answer
+    # only changes when one of those folders, the request or uv's settings change.
+    folders = [*env.get("PATH", "").split(":"), uv_managed_pythons(env)]
+    key = ["uv python find", tool_version(uv), request, None if request else requires_python(context.root),
+           {name: value for name, value in sorted(env.items()) if name.startswith("UV_")},
+           [stat_key(folder) for folder in folders]]
+    path = cached_probe(key, lambda: uv_python_find(uv, request, env, context.root))
+    if path is None:
         raise PikuError(f"Python {request or '(uv default)'} is not available on this server; "
                         f"uv can find: {', '.join(available_pythons(uv, env)) or 'none'}",
                         f"Install it as the piku user ('uv python install {request or '3.12'}') or pick one "
                         f"of those: config:set {context.app} PYTHON_VERSION=X.Y")
-    path = result.stdout.strip().splitlines()[-1]
     return Interpreter(path, interpreter_version(path))
+
+
+def uv_python_find(uv, request, env, root):
+    args = [uv, "python", "find", *([request] if request else [])]
+    result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
+    downloads = env.get("UV_PYTHON_DOWNLOADS", "automatic").lower()
+    if result.returncode != 0 and request and downloads not in ("never", "manual", "false", "0"):
+        step(f"Installing Python {request} with uv")
+        subprocess.run([uv, "python", "install", request], cwd=root, env=env, capture_output=True)
+        result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
+    return result.stdout.strip().splitlines()[-1] if result.returncode == 0 and result.stdout.strip() else None
+
+
+def uv_managed_pythons(env):
+    """Where uv keeps the Pythons it installs."""
+    data = env.get("XDG_DATA_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "share")
+    return env.get("UV_PYTHON_INSTALL_DIR") or os.path.join(data, "uv", "python")
+
+
+def stat_key(path):
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return [path, None]
+    return [path, stat.st_mtime_ns, stat.st_size]
+
+
+def cached_probe(key, compute, keep=64):
+    """compute(), remembered in cache/probes.json while key -- what the answer depends on --
+    stays the same. Answers naming a file are dropped once that file is gone."""
+    import json
+    path = os.path.join(CACHE_ROOT, "probes.json")
+    try:
+        table = json.loads(read_text(path) or "{}")
+    except ValueError:
+        table = {}
+    name = fingerprint_digest(key)
+    value = table.get(name)
+    if value is not None and not (isinstance(value, str) and value.startswith("/") and not os.path.exists(value)):
+        return value
+    value = compute()
+    if value is not None:
+        table.pop(name, None)
+        table[name] = value
+        try:
+            write_atomic(path, json.dumps(dict(list(table.items())[-keep:])))
+        except OSError:
+            pass
+    return value
 
 
 def available_pythons(uv, env):
@@ -866,20 +914,28 @@ def available_pythons(uv, env):
     return sorted(versions, key=_release)
 
 
+UWSGI_PLUGINS = "/usr/lib/uwsgi/plugins"
+
+
 def uwsgi_python_version():
     """The full version of the Python the installed uWSGI embeds (plugin or built in), or None."""
     if "uwsgi" not in _PROBES:
-        _PROBES["uwsgi"] = None
-        for args in (["uwsgi", "--plugin", "python3", "--python-version"], ["uwsgi", "--python-version"]):
-            try:
-                result = subprocess.run(args, capture_output=True, text=True, timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                break
-            match = re.match(r"([0-9]+\.[0-9]+\.[0-9]+)", result.stdout.strip())
-            if result.returncode == 0 and match:
-                _PROBES["uwsgi"] = match.group(1)
-                break
+        binary = shutil.which("uwsgi")
+        key = ["uwsgi python", stat_key(os.path.realpath(binary)) if binary else None, stat_key(UWSGI_PLUGINS)]
+        _PROBES["uwsgi"] = cached_probe(key, probe_uwsgi_python) if binary else None
     return _PROBES["uwsgi"]
+
+
+def probe_uwsgi_python():
+    for args in (["uwsgi", "--plugin", "python3", "--python-version"], ["uwsgi", "--python-version"]):
+        try:
+            result = subprocess.run(args, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        match = re.match(r"([0-9]+\.[0-9]+\.[0-9]+)", result.stdout.strip())
+        if result.returncode == 0 and match:
+            return match.group(1)
+    return None
 
 
 def choose_wsgi_server(setting, python_version, uwsgi_version, app="APP"):
@@ -924,6 +980,7 @@ master = true
 project = $app
 procname-prefix = $app:$kind.$index:
 pidfile = $pidfile
+master-fifo = $fifo
 logto = $log
 log-backupname = $log.old
 log-maxsize = $log_maxsize
@@ -989,6 +1046,7 @@ def vassal_values(app, kind, index, command, env):
         "app": app, "kind": kind, "index": index,
         "chdir": app_path(app),
         "pidfile": os.path.join(UWSGI_ROOT, f"{app}_{kind}.{index}.pid"),
+        "fifo": os.path.join(UWSGI_ROOT, f"{app}_{kind}.{index}.fifo"),
         "log": log,
         "log_maxsize": uwsgi_number(env, "UWSGI_LOG_MAXSIZE"),
         "command": command,
@@ -1035,6 +1093,7 @@ chdir = $chdir
 accesslog = $accesslog
 errorlog = $errorlog
 proc_name = $proc_name
+control_socket_disable = True   # gunicorn >= 24 would share one socket in $$HOME between apps
 """)
 
 
@@ -1100,24 +1159,22 @@ def render_emperor():
 def install_vassal(name, text, restart=True):
     """Write a vassal to uwsgi-available and enable it.
 
-    A running vassal is reloaded at once with SIGHUP (it rereads its file); the file keeps
-    its old mtime so the emperor, which polls once a second, does not reload it a second
-    time. A new or dead vassal gets a newer mtime and the emperor starts it.
+    A running vassal is reloaded at once through its master FIFO (it rereads its file);
+    the file keeps its old mtime so the emperor, which polls once a second, does not reload
+    it a second time. A new or dead vassal gets a newer mtime and the emperor starts it.
     """
     write_atomic(os.path.join(UWSGI_AVAILABLE, name), text, mode=0o600)
     enabled = os.path.join(UWSGI_ENABLED, name)
     if os.path.exists(enabled) and not restart:
         return
     master = vassal_master_pid(name)
-    previous = os.stat(enabled).st_mtime if master and os.path.exists(enabled) else None
-    write_atomic(enabled, text, mode=0o600, mtime=previous)
-    if previous is None:
-        bump_mtime(enabled)
-        return
-    try:
-        os.kill(master, signal.SIGHUP)
-    except ProcessLookupError:
-        bump_mtime(enabled)
+    if master and os.path.exists(enabled):
+        write_atomic(enabled, text, mode=0o600, mtime=os.stat(enabled).st_mtime)
+        if reload_vassal(name, master):
+            return
+    else:
+        write_atomic(enabled, text, mode=0o600)
+    bump_mtime(enabled)
 
 
 def vassal_master_pid(name):
@@ -1372,6 +1429,48 @@ def spawn_workers(app, processes, env, scaling, restart=True):
         for key, path in app_vassals(app, folder).items():
             if key not in wanted:
                 os.unlink(path)
+
+
+RELOAD_POKE_SECONDS = 2.0
+
+
+def child_pids(pid):
+    """The direct children of pid (None when /proc cannot tell)."""
+    try:
+        return [int(child) for child in read_text(f"/proc/{pid}/task/{pid}/children").split()]
+    except (OSError, ValueError):
+        return None
+
+
+def reload_vassal(name, master):
+    """Gracefully reload a running vassal now. False when it cannot be asked (the emperor will).
+
+    uWSGI's master notices that an old worker has exited only on its one-second tick
+    (unbit/uwsgi#2271); any byte written to its master FIFO wakes it sooner, so after the
+    reload command piku writes newlines until the old processes are gone.
+    """
+    old = child_pids(master)
+    try:
+        fifo = os.open(os.path.join(UWSGI_ROOT, name[:-4] + ".fifo"), os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        try:
+            os.kill(master, signal.SIGHUP)
+        except ProcessLookupError:
+            return False
+        return True
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        os.write(fifo, b"r")
+        deadline = time.monotonic() + RELOAD_POKE_SECONDS
+        while time.monotonic() < deadline and (old is None or any(pid_alive(pid) for pid in old)):
+            time.sleep(0.02)
+            os.write(fifo, b"\n")
+    except OSError:
+        pass            # the master is re-executing itself: past the wait
+    finally:
+        os.close(fifo)
+        signal.signal(signal.SIGPIPE, previous)
+    return True
 
 
 def vassal_pid(app, kind, index):
