@@ -1,6 +1,7 @@
 # piku.py — everything a fresh Debian 12 / Ubuntu 22.04+ machine needs, and the two jobs.
 #   make demo   push an example app into a throwaway PIKU_ROOT and show its answer
 #   make test   the whole test suite (unit + real git/uWSGI/sshd integration)
+#   make bench  deploy timings of the uv buildpack (docs/PERFORMANCE.md)
 
 PYTHON ?= /usr/bin/python3
 VENV   ?= .venv
@@ -9,7 +10,7 @@ APT_PACKAGES = git uwsgi uwsgi-plugin-python3 openssh-server openssh-client \
                python3 python3-venv python3-pip python3-click python3-dotenv python3-psutil python3-watchdog
 PIP_PACKAGES = pytest uv
 
-.PHONY: deps test demo clean
+.PHONY: deps test demo bench clean
 
 deps: $(VENV)/.deps-done
 
@@ -29,6 +30,9 @@ test: deps
 
 demo: deps
 	PYTHON=$(PYTHON) ./tools/demo.sh
+
+bench: deps
+	BENCH_RUNS=$${BENCH_RUNS:-7} $(PYTHON) bench/deploy_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache tests/__pycache__ __pycache__

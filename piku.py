@@ -529,6 +529,7 @@ class PythonBuildpack:
     inputs = ()             # files of the app whose content decides the environment
 
     def build(self, context):
+        started = time.monotonic()
         tool_env = build_tool_env(context.env)
         uv = find_uv(tool_env, required=self.needs_uv)
         request = resolve_python_request(context)
@@ -542,6 +543,7 @@ class PythonBuildpack:
             step(f"Dependencies unchanged: reusing {venv} (Python {interpreter.version}); uv sync skipped")
         else:
             self.create(context, uv, interpreter, venv, tool_env, server == "gunicorn", fingerprint)
+        notice(f"Python environment ready in {time.monotonic() - started:.2f} s")
         additions = {"VIRTUAL_ENV": venv, "PATH": f"{venv}/bin:{context.env['PATH']}",
                      "PYTHONUNBUFFERED": context.env.get("PYTHONUNBUFFERED", "1")}
         if server:
@@ -815,8 +817,8 @@ def find_uv(env, required=True):
          if os.access(path, os.X_OK)), None)
     if not found and required:
         raise PikuError("uv is not installed for the piku user; it builds apps with a pyproject.toml",
-                        "Install it as that user: 'pip install --user uv' or "
-                        "'curl -LsSf https://astral.sh/uv/install.sh | sh', then push again.")
+                        "Install it as that user: 'curl -LsSf https://astral.sh/uv/install.sh | sh' "
+                        "or 'pipx install uv' (apt-get install pipx), then push again.")
     return found
 
 
@@ -1357,6 +1359,7 @@ def prune_environments(app, keep):
 
 def deploy_app(app, rev):
     """Build rev of app and make it live. The caller holds the app's lock."""
+    started = time.monotonic()
     step(f"Deploying {app} at {rev[:12]}")
     for folder in (DATA_ROOT, LOG_ROOT):
         os.makedirs(os.path.join(folder, app), exist_ok=True)
@@ -1374,18 +1377,18 @@ def deploy_app(app, rev):
         raise
     prune_releases(app)
     prune_environments(app, {release.env.get("VIRTUAL_ENV"), previous})
-    announce(release)
+    announce(release, time.monotonic() - started)
 
 
-def announce(release):
+def announce(release, seconds):
     env = release.env
     workers = ", ".join(f"{kind}={count}" for kind, count in sorted(release.scaling.items())) or "none"
     step(f"Workers: {workers}")
     if any(worker_class(kind) in WEB_KINDS for kind in release.processes):
         host = f"[{env['BIND_ADDRESS']}]" if ":" in env["BIND_ADDRESS"] else env["BIND_ADDRESS"]
-        step(f"{release.app} is live at http://{host}:{env['PORT']}/")
+        step(f"{release.app} is live at http://{host}:{env['PORT']}/ (deployed in {seconds:.1f} s)")
     else:
-        step(f"{release.app} is live")
+        step(f"{release.app} is live (deployed in {seconds:.1f} s)")
 
 
 def deployed_revision(app):

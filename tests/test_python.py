@@ -53,6 +53,8 @@ def test_first_and_code_only_deploys(piku, emperor, make_app, toolchain):
     elapsed = time.monotonic() - started
     assert "uv sync skipped" in second.output
     assert "Running uv sync" not in second.output
+    ready = float(re.search(r"Python environment ready in ([0-9.]+) s", second.output).group(1))
+    assert ready < 1.0, f"the skipped build step took {ready} s"
     assert venvs(piku, "shop") == built
     # not a timing target (that is bench/), just proof nothing slow happened
     assert elapsed < 15, elapsed
@@ -123,8 +125,8 @@ def test_requires_python_that_excludes_uwsgi_python_goes_to_gunicorn(piku, emper
     result = app.push()
     assert "Python: no version requested, using uv's default" in result.output
     assert "Serving wsgi with gunicorn" in result.output
-    assert int(served_python(piku, "modern").split(".")[1]) >= 12 if wait_for_body(
-        piku.url("modern", "/python"), "3.1") else False
+    wait_for_body(piku.url("modern", "/python"), "3.1")
+    assert int(served_python(piku, "modern").split(".")[1]) >= 12
 
 
 def test_312_wsgi_app_is_served_by_gunicorn_and_wsgi_server_uwsgi_refuses(piku, emperor, make_app, toolchain):
@@ -259,4 +261,14 @@ def test_uv_missing_is_a_clear_error(piku, make_app, toolchain):
     result = app.push(check=False)
     assert result.returncode != 0
     assert "uv is not installed for the piku user" in result.output
-    assert "pip install --user uv" in result.output
+    assert "pipx install uv" in result.output
+
+
+def test_requirements_txt_without_uv_uses_venv_and_pip(piku, emperor, make_app, toolchain):
+    toolchain.require("3.11")
+    piku.env["PATH"] = "/usr/bin:/bin"          # no uv here, nor in ~/.local/bin
+    app = make_app(REQUIREMENTS, "pipapp")
+    result = app.push()
+    assert "uv not found: using venv and pip" in result.output
+    assert "Successfully installed" in result.output
+    wait_for_body(piku.url("pipapp"), "Hello from requirements.txt on Python 3.11")

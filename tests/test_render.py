@@ -61,3 +61,27 @@ def test_uwsgi_numbers_are_checked():
     with pytest.raises(PikuError) as error:
         piku.render_vassal("shop", "wsgi", 1, "app:app", dict(ENV, UWSGI_PROCESSES="2; evil"))
     assert "UWSGI_PROCESSES must be a whole number" in error.value.message
+
+
+VENV_ENV = dict(ENV, VIRTUAL_ENV="/home/piku/.piku/envs/shop/python-0123456789abcdef", WSGI_SERVER="uwsgi")
+
+
+def test_wsgi_vassal_with_an_environment_matches_its_golden_file():
+    check_golden("wsgi-virtualenv.ini", piku.render_vassal("shop", "wsgi", 1, "shop.wsgi:app", VENV_ENV))
+
+
+def test_gunicorn_vassal_and_config_match_their_golden_files():
+    env = dict(VENV_ENV, WSGI_SERVER="gunicorn", GUNICORN_WORKERS="3")
+    check_golden("wsgi-gunicorn.ini", piku.render_vassal("shop", "wsgi", 1, "shop.wsgi:app", env))
+    check_golden("gunicorn.conf.py", piku.render_gunicorn_config("shop", "wsgi", 1, env))
+
+
+def test_gunicorn_config_values_are_python_literals():
+    env = dict(VENV_ENV, WSGI_SERVER="gunicorn", WEB_CONCURRENCY="2", BIND_ADDRESS="::1")
+    text = piku.render_gunicorn_config("shop", "wsgi", 2, env)
+    namespace = {}
+    exec(compile(text, "gunicorn.conf.py", "exec"), namespace)
+    assert namespace["bind"] == ["[::1]:8123"] and namespace["workers"] == 2
+    assert namespace["accesslog"] == "/home/piku/.piku/logs/shop/wsgi.2.access.log"
+    with pytest.raises(PikuError):
+        piku.render_gunicorn_config("shop", "wsgi", 1, dict(env, GUNICORN_WORKERS="4; import os"))
