@@ -155,6 +155,12 @@ def test_312_wsgi_app_is_served_by_gunicorn_and_wsgi_server_uwsgi_refuses(piku, 
     assert fetch(piku.url("modern"))[1] == body
     assert "WSGI_SERVER" not in piku("config", "modern").stdout
 
+    app.write("ENV", "WSGI_SERVER=uwsgi\n")
+    app.commit("insist on uWSGI")
+    assert_rejected_and_still_serving(piku, "modern", piku.url("modern"), body, app.push(check=False),
+                                      "WSGI_SERVER=uwsgi, but the app runs on Python 3.12",
+                                      "config:set modern PYTHON_VERSION=3.11")
+
     piku("config:set", "modern", "PYTHON_VERSION=3.11", "WSGI_SERVER=uwsgi")
     wait_for_body(piku.url("modern", "/python"), "3.11")
     assert "attach-daemon" not in (piku.root / "uwsgi-enabled" / "modern_wsgi.1.ini").read_text()
@@ -272,3 +278,19 @@ def test_requirements_txt_without_uv_uses_venv_and_pip(piku, emperor, make_app, 
     assert "uv not found: using venv and pip" in result.output
     assert "Successfully installed" in result.output
     wait_for_body(piku.url("pipapp"), "Hello from requirements.txt on Python 3.11")
+
+
+def test_requires_python_conflict_is_rejected_with_the_fix(piku, emperor, make_app, toolchain):
+    toolchain.require("3.11", "3.12")
+    app = make_app(FLASK_UWSGI, "strict")
+    app.push()
+    url = piku.url("strict")
+    body = wait_for_body(url, "Hello from strict")
+    app.write("pyproject.toml", (FLASK_UWSGI / "pyproject.toml").read_text().replace(">=3.10", ">=3.12"))
+    uv(app, toolchain, "lock")
+    app.write(".python-version", "3.11\n")
+    app.commit("asks for 3.11 but requires 3.12")
+    assert_rejected_and_still_serving(piku, "strict", url, body, app.push(check=False),
+                                      "incompatible with the project's Python requirement",
+                                      "the Python version conflicts with requires-python",
+                                      "Pick a version requires-python allows")
