@@ -1817,7 +1817,9 @@ def cmd_run(app, command):
     try:
         result = subprocess.run(list(command), cwd=app_path(app), env=env)
     except FileNotFoundError:
-        raise PikuError(f"command not found: {command[0]}")
+        raise PikuError(f"command not found: {command[0]}", "Use 'run APP -- sh -c \"...\"' for shell syntax.")
+    except OSError as error:
+        raise PikuError(f"cannot run {command[0]}: {error.strerror}")
     sys.exit(result.returncode)
 
 

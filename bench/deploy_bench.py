@@ -59,7 +59,7 @@ class Bench:
         (bin_dir / "uv").symlink_to(os.path.realpath(self.uv))
         self.env = {key: value for key, value in os.environ.items() if not key.startswith(("GIT_", "PIKU_"))}
         self.env.update(PIKU_ROOT=str(self.work / "piku"), PATH=f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
-                        UV_PYTHON_DOWNLOADS="never", UV_CACHE_DIR=str(self.work / "uv-cache"),
+                        UV_PYTHON_DOWNLOADS="never", UV_CACHE_DIR=str(self.work / "uv-cache"), UV_SYSTEM_CERTS="1",
                         GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="b@example.com",
                         GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="b@example.com")
         run([*PIKU, "setup"], env=self.env)

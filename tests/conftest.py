@@ -68,8 +68,11 @@ class Toolchain:
                 shutil.rmtree(target, ignore_errors=True)
                 subprocess.run(["cp", "-a", str(build), str(target)], check=True)
             self.versions[minor] = str(target)
+        # UV_SYSTEM_CERTS: this machine reaches PyPI through a proxy with its own CA in the
+        # system store -- a fact of the test machine, not a piku default.
         self.env = {"PATH": f"{bin_dir}:{SYSTEM_PATH}", "UV_PYTHON_INSTALL_DIR": str(self.pythons),
-                    "UV_PYTHON_DOWNLOADS": "never", "UV_CACHE_DIR": str(self.root / "uv-cache")}
+                    "UV_PYTHON_DOWNLOADS": "never", "UV_CACHE_DIR": str(self.root / "uv-cache"),
+                    "UV_SYSTEM_CERTS": "1"}
 
     def require(self, *minors):
         if not self.has_uv:
