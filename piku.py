@@ -274,9 +274,14 @@ def _check_process_mix(processes):
                         "Serve the files from the web process, or use 'wsgi', which serves them alongside.")
 
 
+def static_relative(command):
+    """The folder a 'static:' line names, relative to the app."""
+    return command.strip().strip("/") or "."
+
+
 def static_folder(command, lineno, root):
     """The folder a 'static:' line serves, checked to be inside the app."""
-    relative = command.strip().strip("/") or "."
+    relative = static_relative(command)
     folder = os.path.normpath(os.path.join(root, relative))
     real_root = os.path.realpath(root)
     if not os.path.realpath(folder).startswith(real_root + os.sep) and os.path.realpath(folder) != real_root:
@@ -1033,12 +1038,20 @@ UWSGI_NUMBERS = {"UWSGI_PROCESSES": "1", "UWSGI_THREADS": "4", "UWSGI_MAX_REQUES
                  "UWSGI_LISTEN": "16", "UWSGI_LOG_MAXSIZE": UWSGI_LOG_MAXSIZE}
 
 
+def setting_number(env, keys, default):
+    """The first of keys that is set, as a whole number above 0 (refused otherwise), or default."""
+    for key in keys:
+        value = env.get(key, "").strip()
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise PikuError(f"{key} must be a whole number above 0, not {value!r}",
+                                f"Fix it with: config:set {env.get('APP', 'APP')} {key}={default}")
+            return int(value)
+    return default
+
+
 def uwsgi_number(env, key):
-    value = env.get(key, UWSGI_NUMBERS[key]).strip()
-    if not value.isdigit() or int(value) < 1:
-        raise PikuError(f"{key} must be a whole number above 0, not {value!r}",
-                        f"Fix it with: config:set {env.get('APP', 'APP')} {key}={UWSGI_NUMBERS[key]}")
-    return value
+    return setting_number(env, (key,), UWSGI_NUMBERS[key])
 
 
 def vassal_values(app, kind, index, command, env):
@@ -1060,7 +1073,7 @@ def vassal_values(app, kind, index, command, env):
     if worker_class(kind) in WEB_KINDS:
         values["bind"] = bind_address(env)
     if worker_class(kind) == "static":
-        values["folder"] = os.path.join(app_path(app), command.strip().strip("/") or ".")
+        values["folder"] = os.path.join(app_path(app), static_relative(command))
     if worker_class(kind) == "wsgi":
         venv_bin = os.path.join(env["VIRTUAL_ENV"], "bin", "gunicorn") if env.get("VIRTUAL_ENV") else "gunicorn"
         values["gunicorn"] = "exec " + " ".join(shlex.quote(part) for part in (
@@ -1113,25 +1126,14 @@ def default_gunicorn_workers():
     return max(2, min(2 * cores + 1, memory_mb // 256, 8))
 
 
-def gunicorn_number(env, keys, default):
-    for key in keys:
-        if env.get(key, "").strip():
-            value = env[key].strip()
-            if not value.isdigit() or int(value) < 1:
-                raise PikuError(f"{key} must be a whole number above 0, not {value!r}",
-                                f"Fix it with: config:set {env.get('APP', 'APP')} {key}={default}")
-            return int(value)
-    return default
-
-
 def render_gunicorn_config(app, kind, index, env):
     """gunicorn's config for one wsgi worker, as Python source (every value a repr)."""
     log = os.path.join(LOG_ROOT, app, f"{kind}.{index}")
     values = {
         "bind": repr(bind_address(env)),
-        "workers": gunicorn_number(env, ("GUNICORN_WORKERS", "WEB_CONCURRENCY"), default_gunicorn_workers()),
-        "timeout": gunicorn_number(env, ("GUNICORN_TIMEOUT",), 30),
-        "graceful_timeout": gunicorn_number(env, ("GUNICORN_GRACEFUL_TIMEOUT",), 20),
+        "workers": setting_number(env, ("GUNICORN_WORKERS", "WEB_CONCURRENCY"), default_gunicorn_workers()),
+        "timeout": setting_number(env, ("GUNICORN_TIMEOUT",), 30),
+        "graceful_timeout": setting_number(env, ("GUNICORN_GRACEFUL_TIMEOUT",), 20),
         "chdir": repr(app_path(app)),
         "accesslog": repr(log + ".access.log"),
         "errorlog": repr(log + ".error.log"),
@@ -1418,8 +1420,8 @@ def spawn_workers(app, processes, env, scaling, restart=True):
     wanted = set()
     wsgi_extra = []
     if "static" in processes:       # the wsgi worker serves the folder's files itself
-        folder = processes["static"].command.strip().strip("/") or "."
-        wsgi_extra.append(("static-map", "/=" + os.path.join(app_path(app), folder)))
+        folder = os.path.join(app_path(app), static_relative(processes["static"].command))
+        wsgi_extra.append(("static-map", "/=" + folder))
     for kind, count in sorted(scaling.items()):
         for index in range(1, count + 1):
             if vassal_template(kind, env) == "gunicorn":
@@ -1498,7 +1500,9 @@ def stop_workers(app, wait=15.0):
     deadline = time.monotonic() + wait
     while any(pid and pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return [pid for pid in pids if pid and pid_alive(pid)]
+    left = [pid for pid in pids if pid and pid_alive(pid)]
+    if left:
+        warning(f"processes still running after {wait:.0f} s: {', '.join(map(str, left))}")
 
 
 def list_apps():
@@ -1691,9 +1695,7 @@ def cmd_destroy(app):
     """Remove the app (its data/APP folder is kept)."""
     require_app(app)
     with AppLock(app):
-        left = stop_workers(app)
-        if left:
-            warning(f"processes still running after 15 s: {', '.join(map(str, left))}")
+        stop_workers(app)
         for path in (app_path(app), repo_path(app), env_dir(app), os.path.join(LOG_ROOT, app),
                      os.path.join(RELEASE_ROOT, app), os.path.join(CACHE_ROOT, app)):
             if os.path.islink(path):
@@ -1831,7 +1833,7 @@ def cmd_restart(app):
     available = app_vassals(app, UWSGI_AVAILABLE)
     if not available:
         raise PikuError(f"{app} has no workers to restart", "Push to deploy it.")
-    for (kind, index), path in sorted(available.items()):
+    for path in sorted(available.values()):
         install_vassal(os.path.basename(path), read_text(path))
     step(f"Restarting {app}")
 
@@ -1843,9 +1845,7 @@ def cmd_stop(app):
     require_app(app)
     if not app_vassals(app):
         raise PikuError(f"{app} is not running")
-    left = stop_workers(app)
-    if left:
-        warning(f"processes still running after 15 s: {', '.join(map(str, left))}")
+    stop_workers(app)
     step(f"Stopped {app}")
 
 
