@@ -15,7 +15,20 @@ repos/ envs/ data/ logs/ uwsgi/ uwsgi-available/ uwsgi-enabled/ nginx/ cache/), 
 PIKU_ROOT override, the command names and arguments, the Procfile kinds and the ENV
 keys keep working. Differences are deliberate and documented in docs/: failed deploys
 reject the push, app names are refused rather than rewritten, PORT is stable across
-deploys, and settings can never inject lines into generated configs.
+deploys, settings can never inject lines into generated configs, and a new release gets
+traffic only after a health check.
+
+Code map -- one push, and the section that holds each step:
+  git push -> sshd -> `ssh-command`, `git-receive-pack` (CLI, Git plumbing)
+  -> pre-receive hook `git-hook` (CLI): lock the app and finish what an interrupted command
+     left (AppLock: The app; reconcile: Deploy pipeline)
+  -> deploy_app (Deploy pipeline): checkout -> plan_release (Parsers) -> preflight
+     -> build_release (Buildpacks, Interpreters) -> release
+  -> activate: plan_generation (Config writers render every file) -> start_generation beside
+     the live workers -> check_generation (health check) -> start_front -> record_release
+     -> point_slots (the switch) -> drain_old (Process control)
+  -> keep_lock_until_branch_moves: the lock is held until git has moved the branch.
+`config:set`, `ps:scale`, `restart` and `rollback` take the same path from plan or activate on.
 """
 
 import sys
@@ -26,9 +39,12 @@ if sys.version_info < (3, 10):
                      % sys.version.split()[0])
     sys.exit(1)
 
+import errno
 import fcntl
 import glob
+import http.client
 import io
+import json
 import os
 import pwd
 import re
@@ -70,7 +86,7 @@ PIKU_DIRS = (APP_ROOT, CACHE_ROOT, DATA_ROOT, ENV_ROOT, GIT_ROOT, LOG_ROOT, NGIN
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 UWSGI_LOG_MAXSIZE = "1048576"
-RELEASES_KEPT = 2          # the live release and the one before it
+KEEP_RELEASES = "5"       # PIKU_KEEP_RELEASES: releases kept with their code and environment
 ZERO_REV = "0" * 40
 
 
@@ -98,8 +114,26 @@ def scaling_file(app):
     return os.path.join(ENV_ROOT, app, "SCALING")
 
 
-def vassal_name(app, kind, index):
-    return f"{app}_{kind}.{index}.ini"
+def runtime_dir(app):
+    """The app's sockets, pidfiles and FIFOs: uwsgi/APP/ (one folder per generation of workers)."""
+    return os.path.join(UWSGI_ROOT, app)
+
+
+def generation_dir(app, gen):
+    return os.path.join(UWSGI_ROOT, app, f"g{gen}")
+
+
+def slot_path(app, slot):
+    return os.path.join(UWSGI_ROOT, app, f"slot.{slot}.sock")
+
+
+def vassal_file(app, unit, folder=UWSGI_ENABLED):
+    """uwsgi-enabled/APP@UNIT.ini: '@' is in no app name, so one app's glob never matches another's."""
+    return os.path.join(folder, f"{app}@{unit}.ini")
+
+
+def releases_file(app):
+    return os.path.join(ENV_ROOT, app, "releases.json")
 
 
 ##############################################################################
@@ -164,9 +198,32 @@ CRON_FIELD = re.compile(r"\*|\*/[0-9]+|[0-9]+")
 CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
 CRON_NAMES = ("minute", "hour", "day of month", "month", "day of week")
 
-WEB_KINDS = frozenset({"wsgi", "web", "static"})        # they answer HTTP on PORT
-PHASE_KINDS = frozenset({"preflight", "release"})       # run during a deploy, not workers
-SINGLETON_KINDS = frozenset({"static"})                 # one instance at most
+WHOLE_NUMBER = re.compile(r"[0-9]+")                     # ASCII only: str.isdigit() accepts '²'
+FRONT_SLOTS = 16        # the front spreads connections over this many socket slots (see Process control)
+
+
+@dataclass(frozen=True)
+class WorkerKind:
+    """What a kind of Procfile entry is, and how piku runs and checks it."""
+    name: str
+    template: str = ""          # the vassal template that runs it ("" for deploy phases)
+    http: bool = False          # answers HTTP behind the app's front, on a socket of its own
+    most: int = 0               # instances at most (0: no limit)
+    daemon: bool = False        # its command runs as a uWSGI attach-daemon: if it exits, the check fails
+    settle: bool = False        # no HTTP to ask: it passes by staying up through the settle time
+    phase: bool = False         # runs once during a deploy (preflight, release), not as a worker
+
+
+WORKER_KINDS = {kind.name: kind for kind in (
+    WorkerKind("wsgi", "wsgi", http=True, most=FRONT_SLOTS),
+    WorkerKind("wsgi-gunicorn", "gunicorn", http=True, most=FRONT_SLOTS, daemon=True),
+    WorkerKind("web", "web", http=True, most=FRONT_SLOTS, daemon=True),
+    WorkerKind("static", "static", http=True, most=1),
+    WorkerKind("cron", "cron", most=1),
+    WorkerKind("worker", "worker", daemon=True, settle=True),
+    WorkerKind("preflight", phase=True),
+    WorkerKind("release", phase=True),
+)}
 
 
 def validate_app_name(name):
@@ -204,12 +261,20 @@ class Process:
 
 
 def worker_class(kind):
-    """Which kind of worker a Procfile name is: wsgi, web, static, cron or worker."""
-    if kind in WEB_KINDS or kind in PHASE_KINDS:
+    """Which row of WORKER_KINDS a Procfile name is (cron* is cron, unknown names are workers)."""
+    if kind in WORKER_KINDS and kind != "wsgi-gunicorn":
         return kind
     if kind.startswith("cron"):
         return "cron"
     return "worker"
+
+
+def worker_kind(kind, env=None):
+    """The WorkerKind that runs Procfile entry `kind`; gunicorn serves wsgi when the build chose it."""
+    name = worker_class(kind)
+    if name == "wsgi" and (env or {}).get("WSGI_SERVER", "").lower() == "gunicorn":
+        name = "wsgi-gunicorn"
+    return WORKER_KINDS[name]
 
 
 def parse_cron(spec, lineno):
@@ -344,7 +409,7 @@ def format_scaling(counts):
 
 def scaling_for_kinds(processes):
     """The Procfile kinds that run as workers (static is served by wsgi when both exist)."""
-    return [kind for kind in processes if worker_class(kind) not in PHASE_KINDS
+    return [kind for kind in processes if not worker_kind(kind).phase
             and not (kind == "static" and "wsgi" in processes)]
 
 
@@ -353,13 +418,16 @@ def parse_scale_args(args, processes):
     counts = {}
     for arg in args:
         kind, sep, count = arg.partition("=")
-        if not sep or not count.isdigit():
+        if not sep or not WHOLE_NUMBER.fullmatch(count):
             raise PikuError(f"malformed scaling {arg!r}", "Use KIND=COUNT, for example: ps:scale APP web=2")
         if kind not in scaling_for_kinds(processes):
             raise PikuError(f"the app has no '{kind}' worker",
                             "Workers: " + (", ".join(sorted(scaling_for_kinds(processes))) or "none"))
-        if int(count) > 1 and (kind in SINGLETON_KINDS or worker_class(kind) == "cron"):
-            raise PikuError(f"'{kind}' runs at most one instance")
+        most = worker_kind(kind).most
+        if most and int(count) > most:
+            raise PikuError(f"'{kind}' runs at most {'one instance' if most == 1 else f'{most} instances'}",
+                            "Give each instance more processes instead (UWSGI_PROCESSES, GUNICORN_WORKERS)."
+                            if most > 1 else None)
         counts[kind] = int(count)
     return counts
 
@@ -441,11 +509,16 @@ def clean_path(path):
 
 
 class AppLock:
-    """One deploy (or config change) per app at a time."""
+    """One change per app at a time (push, config, scale, restart, rollback, destroy).
+
+    The lock is an flock on locks/APP.lock; the kernel drops it when the holder dies, so a
+    killed deploy never leaves the app locked. A push hands it to a keeper process that holds
+    it until git has moved the branch (see keep_lock_until_branch_moves)."""
 
     def __init__(self, app):
         self.path = os.path.join(LOCK_ROOT, app + ".lock")
         self.handle = None
+        self.handed_over = False
 
     def __enter__(self):
         os.makedirs(LOCK_ROOT, exist_ok=True)
@@ -453,12 +526,13 @@ class AppLock:
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            step("Waiting for another deploy of this app to finish")
+            step("Waiting for another change of this app to finish")
             fcntl.flock(self.handle, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc):
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        if not self.handed_over:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
         self.handle.close()
 
 
@@ -497,7 +571,7 @@ class StaticBuildpack:
     priority = 90
 
     def detect(self, root, processes):
-        workers = {kind for kind in processes if worker_class(kind) not in PHASE_KINDS}
+        workers = {kind for kind in processes if not worker_kind(kind).phase}
         return workers == {"static"}
 
     def build(self, context):
@@ -607,6 +681,7 @@ class UvBuildpack(PythonBuildpack):
             warning("run 'uv lock', commit uv.lock, and push again")
         args = [uv, "sync", "--no-default-groups", "--no-install-project", "--python", interpreter.path]
         args += ["--locked"] if locked else []
+        args += ["--compile-bytecode"]      # once per environment, so each new worker starts faster
         for setting, flag in (("UV_SYNC_EXTRAS", "--extra"), ("UV_SYNC_GROUPS", "--group")):
             for name in filter(None, (part.strip() for part in context.env.get(setting, "").split(","))):
                 args += [flag, name]
@@ -689,7 +764,7 @@ def environment_intact(venv, fingerprint):
 def install_packages(uv, venv, args, tool_env, cwd):
     python = os.path.join(venv, "bin", "python")
     if uv:
-        run_build_tool([uv, "pip", "install", "--python", python, *args], cwd, tool_env)
+        run_build_tool([uv, "pip", "install", "--compile-bytecode", "--python", python, *args], cwd, tool_env)
     else:
         run_build_tool([python, "-m", "pip", "install", "--disable-pip-version-check", *args], cwd, tool_env)
 
@@ -977,15 +1052,54 @@ def uwsgi_escape(value):
     return value.replace("%", "%%").replace("$(", "%(piku_dollar)(").replace("@(", "%(piku_at)(")
 
 
+UNIX_PATH_MAX = 107     # sun_path is 108 bytes with the final NUL
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One running copy of a Procfile entry, in one generation of the app's workers.
+
+    Every path an instance uses is built here, under the app's own folders, so no two
+    apps and no two generations can share a file.
+    """
+    app: str
+    gen: int
+    kind: str
+    index: int
+
+    @property
+    def name(self):
+        return f"{self.kind}.{self.index}"
+
+    @property
+    def unit(self):
+        return f"g{self.gen}.{self.name}"
+
+    def runtime(self, suffix):
+        return os.path.join(generation_dir(self.app, self.gen), f"{self.name}.{suffix}")
+
+    @property
+    def vassal(self):
+        return vassal_file(self.app, self.unit)
+
+    @property
+    def socket(self):
+        return self.runtime("sock")
+
+    @property
+    def log(self):
+        return os.path.join(LOG_ROOT, self.app, f"g{self.gen}", f"{self.name}.log")
+
+
 VASSAL_HEADER = string.Template("""\
 [uwsgi]
-; written by piku for $app ($kind.$index); piku rewrites this file on every deploy
+; written by piku for $app ($name, generation $gen)
 set-placeholder = piku_dollar=$$
 set-placeholder = piku_at=@
 chdir = $chdir
 master = true
 project = $app
-procname-prefix = $app:$kind.$index:
+procname-prefix = $app:$name:
 pidfile = $pidfile
 master-fifo = $fifo
 logto = $log
@@ -994,39 +1108,38 @@ log-maxsize = $log_maxsize
 die-on-term = true
 """)
 
-VASSAL_KINDS = {
-    "web": string.Template("attach-daemon = $command\n"),
+VASSAL_TEMPLATES = {
+    "web": string.Template("""\
+plugin = rawrouter
+rawrouter = $socket
+rawrouter-to = $private
+attach-daemon = $command
+"""),
     "worker": string.Template("attach-daemon = $command\n"),
     "cron": string.Template("cron = $cron\n"),
     "wsgi": string.Template("""\
 plugin = python3
 module = $command
 pythonpath = $chdir
-${virtualenv}http-socket = $bind
-reuse-port = true
+${virtualenv}http-socket = $socket
+need-app = true
 processes = $processes
 threads = $threads
 enable-threads = true
 max-requests = $max_requests
 listen = $listen
 """),
-    "gunicorn": string.Template("attach-daemon = $gunicorn\n"),
+    "gunicorn": string.Template("""\
+reload-mercy = $mercy
+attach-daemon = $gunicorn
+"""),
     "static": string.Template("""\
 plugin = notfound
-http-socket = $bind
-reuse-port = true
+http-socket = $socket
 static-map = /=$folder
 static-index = index.html
 """),
 }
-
-
-def vassal_template(kind, env):
-    """Which template renders a worker: its class, except wsgi workers gunicorn serves."""
-    kind_class = worker_class(kind)
-    if kind_class == "wsgi" and env.get("WSGI_SERVER", "").lower() == "gunicorn":
-        return "gunicorn"
-    return kind_class
 
 
 def bind_address(env):
@@ -1035,7 +1148,7 @@ def bind_address(env):
 
 
 UWSGI_NUMBERS = {"UWSGI_PROCESSES": "1", "UWSGI_THREADS": "4", "UWSGI_MAX_REQUESTS": "1024",
-                 "UWSGI_LISTEN": "16", "UWSGI_LOG_MAXSIZE": UWSGI_LOG_MAXSIZE}
+                 "UWSGI_LISTEN": "100", "UWSGI_LOG_MAXSIZE": UWSGI_LOG_MAXSIZE}
 
 
 def setting_number(env, keys, default):
@@ -1043,7 +1156,7 @@ def setting_number(env, keys, default):
     for key in keys:
         value = env.get(key, "").strip()
         if value:
-            if not value.isdigit() or int(value) < 1:
+            if not WHOLE_NUMBER.fullmatch(value) or int(value) < 1 or len(value) > 9:
                 raise PikuError(f"{key} must be a whole number above 0, not {value!r}",
                                 f"Fix it with: config:set {env.get('APP', 'APP')} {key}={default}")
             return int(value)
@@ -1054,15 +1167,15 @@ def uwsgi_number(env, key):
     return setting_number(env, (key,), UWSGI_NUMBERS[key])
 
 
-def vassal_values(app, kind, index, command, env):
+def vassal_values(instance, command, env, root):
     """The plain dict a vassal template is filled from (everything escaped)."""
-    log = os.path.join(LOG_ROOT, app, f"{kind}.{index}.log")
+    kind = worker_kind(instance.kind, env)
     values = {
-        "app": app, "kind": kind, "index": index,
-        "chdir": app_path(app),
-        "pidfile": os.path.join(UWSGI_ROOT, f"{app}_{kind}.{index}.pid"),
-        "fifo": os.path.join(UWSGI_ROOT, f"{app}_{kind}.{index}.fifo"),
-        "log": log,
+        "app": instance.app, "name": instance.name, "gen": instance.gen,
+        "chdir": root,
+        "pidfile": instance.runtime("pid"),
+        "fifo": instance.runtime("fifo"),
+        "log": instance.log,
         "log_maxsize": uwsgi_number(env, "UWSGI_LOG_MAXSIZE"),
         "command": command,
         "processes": uwsgi_number(env, "UWSGI_PROCESSES"),
@@ -1070,15 +1183,18 @@ def vassal_values(app, kind, index, command, env):
         "max_requests": uwsgi_number(env, "UWSGI_MAX_REQUESTS"),
         "listen": uwsgi_number(env, "UWSGI_LISTEN"),
     }
-    if worker_class(kind) in WEB_KINDS:
-        values["bind"] = bind_address(env)
-    if worker_class(kind) == "static":
-        values["folder"] = os.path.join(app_path(app), static_relative(command))
-    if worker_class(kind) == "wsgi":
+    if kind.http:
+        values["socket"] = instance.socket
+    if kind.name == "web":
+        values["private"] = f"127.0.0.1:{env['PORT']}"
+    if kind.name == "static":
+        values["folder"] = os.path.join(root, static_relative(command))
+    if kind.name == "wsgi-gunicorn":
         venv_bin = os.path.join(env["VIRTUAL_ENV"], "bin", "gunicorn") if env.get("VIRTUAL_ENV") else "gunicorn"
         values["gunicorn"] = "exec " + " ".join(shlex.quote(part) for part in (
-            venv_bin, "--config", gunicorn_config_path(app, kind, index), command.strip()))
-    if worker_class(kind) == "cron":
+            venv_bin, "--config", instance.runtime("gunicorn.py"), command.strip()))
+        values["mercy"] = setting_number(env, ("GUNICORN_GRACEFUL_TIMEOUT",), 20) + 1
+    if kind.name == "cron":
         schedule, cron_command = parse_cron(command, 0)
         values["cron"] = f"{schedule} {cron_command}"
     escaped = {key: uwsgi_escape(str(value)) for key, value in values.items()}
@@ -1086,34 +1202,29 @@ def vassal_values(app, kind, index, command, env):
     return escaped
 
 
-def render_vassal(app, kind, index, command, env, extra=()):
-    """The uWSGI vassal .ini for one worker instance, as text."""
-    values = vassal_values(app, kind, index, command, env)
-    text = VASSAL_HEADER.substitute(values) + VASSAL_KINDS[vassal_template(kind, env)].substitute(values)
+def render_vassal(instance, command, env, root, extra=()):
+    """The uWSGI vassal .ini for one worker instance, as text. env is what its processes see."""
+    values = vassal_values(instance, command, env, root)
+    text = VASSAL_HEADER.substitute(values)
+    text += VASSAL_TEMPLATES[worker_kind(instance.kind, env).template].substitute(values)
     for key, value in extra:
         text += f"{key} = {uwsgi_escape(value)}\n"
     for key in sorted(env):
         text += f"env = {key}={uwsgi_escape(env[key])}\n"
     return text
 
-
 GUNICORN_TEMPLATE = string.Template("""\
-# written by piku for $app ($kind.$index); piku rewrites this file on every deploy
+# written by piku for $app ($name, generation $gen)
 bind = [$bind]
-reuse_port = True
 workers = $workers
 timeout = $timeout
 graceful_timeout = $graceful_timeout
 chdir = $chdir
-accesslog = $accesslog
-errorlog = $errorlog
+accesslog = '-'
+errorlog = '-'
 proc_name = $proc_name
 control_socket_disable = True   # gunicorn >= 24 would share one socket in $$HOME between apps
 """)
-
-
-def gunicorn_config_path(app, kind, index):
-    return os.path.join(ENV_ROOT, app, "gunicorn", f"{kind}.{index}.conf.py")
 
 
 def default_gunicorn_workers():
@@ -1126,20 +1237,51 @@ def default_gunicorn_workers():
     return max(2, min(2 * cores + 1, memory_mb // 256, 8))
 
 
-def render_gunicorn_config(app, kind, index, env):
-    """gunicorn's config for one wsgi worker, as Python source (every value a repr)."""
-    log = os.path.join(LOG_ROOT, app, f"{kind}.{index}")
+def render_gunicorn_config(instance, env, root):
+    """gunicorn's config for one wsgi instance, as Python source (every value a repr).
+
+    gunicorn logs to its stderr, which the vassal writes to the instance's log (and rotates)."""
     values = {
-        "bind": repr(bind_address(env)),
+        "bind": repr("unix:" + instance.socket),
         "workers": setting_number(env, ("GUNICORN_WORKERS", "WEB_CONCURRENCY"), default_gunicorn_workers()),
         "timeout": setting_number(env, ("GUNICORN_TIMEOUT",), 30),
         "graceful_timeout": setting_number(env, ("GUNICORN_GRACEFUL_TIMEOUT",), 20),
-        "chdir": repr(app_path(app)),
-        "accesslog": repr(log + ".access.log"),
-        "errorlog": repr(log + ".error.log"),
-        "proc_name": repr(f"{app}:{kind}.{index}"),
+        "chdir": repr(root),
+        "proc_name": repr(f"{instance.app}:{instance.name}"),
     }
-    return GUNICORN_TEMPLATE.substitute(values, app=app, kind=kind, index=index)
+    return GUNICORN_TEMPLATE.substitute(values, app=instance.app, name=instance.name, gen=instance.gen)
+
+
+FRONT_TEMPLATE = string.Template("""\
+[uwsgi]
+; written by piku: the front of $app on $bind. It forwards each connection to the socket a
+; slot links to; piku moves traffic between releases by re-linking the slots.
+master = true
+plugin = rawrouter
+procname-prefix = $app:front:
+pidfile = $pidfile
+logto = $log
+log-backupname = $log.old
+log-maxsize = $log_maxsize
+die-on-term = true
+rawrouter = $bind
+rawrouter-gracetime = 1
+$slots""")
+
+
+def front_unit(env):
+    return f"front.{env['PORT']}"
+
+
+def render_front(app, env):
+    """The vassal of the app's front door: a TCP relay on BIND_ADDRESS:PORT to the slots."""
+    unit = front_unit(env)
+    log = os.path.join(LOG_ROOT, app, "front.log")
+    slots = "".join(f"rawrouter-to = {uwsgi_escape(slot_path(app, slot))}\n" for slot in range(1, FRONT_SLOTS + 1))
+    values = {"app": app, "bind": uwsgi_escape(bind_address(env)), "log": uwsgi_escape(log), "slots": slots,
+              "pidfile": uwsgi_escape(os.path.join(runtime_dir(app), unit + ".pid")),
+              "log_maxsize": uwsgi_number(env, "UWSGI_LOG_MAXSIZE")}
+    return FRONT_TEMPLATE.substitute(values)
 
 
 EMPEROR_TEMPLATE = string.Template("""\
@@ -1148,6 +1290,11 @@ EMPEROR_TEMPLATE = string.Template("""\
 chdir = $root
 emperor = $enabled
 emperor-freq = 1
+; start new vassals at once (uWSGI's default sleeps 1 s before each), stop them gracefully
+emperor-throttle = 1
+emperor-graceful-shutdown = true
+; piku wakes the emperor with SIGWINCH when it adds or removes a vassal
+pidfile = $root/emperor.pid
 logto = $root/uwsgi.log
 log-backupname = $root/uwsgi.old.log
 log-maxsize = $log_maxsize
@@ -1160,49 +1307,13 @@ def render_emperor():
                                        enabled=UWSGI_ENABLED, log_maxsize=UWSGI_LOG_MAXSIZE)
 
 
-def install_vassal(name, text, restart=True):
-    """Write a vassal to uwsgi-available and enable it.
-
-    A running vassal is reloaded at once through its master FIFO (it rereads its file);
-    the file keeps its old mtime so the emperor, which polls once a second, does not reload
-    it a second time. A new or dead vassal gets a newer mtime and the emperor starts it.
-    """
-    write_atomic(os.path.join(UWSGI_AVAILABLE, name), text, mode=0o600)
-    enabled = os.path.join(UWSGI_ENABLED, name)
-    if os.path.exists(enabled) and not restart:
-        return
-    master = vassal_master_pid(name)
-    if master and os.path.exists(enabled):
-        write_atomic(enabled, text, mode=0o600, mtime=os.stat(enabled).st_mtime)
-        if reload_vassal(name, master):
-            return
-    else:
-        write_atomic(enabled, text, mode=0o600)
-    bump_mtime(enabled)
-
-
-def vassal_master_pid(name):
-    """The live uWSGI master of a vassal file name, from its pidfile, or None."""
-    try:
-        pid = int(read_text(os.path.join(UWSGI_ROOT, name[:-4] + ".pid")).strip() or 0)
-    except ValueError:
-        return None
-    return pid if pid > 0 and pid_alive(pid) else None
-
-
-def bump_mtime(path):
-    """Give path an mtime the emperor sees as new (it compares whole seconds)."""
-    stat = os.stat(path)
-    newest = max(time.time(), stat.st_mtime + 1)
-    os.utime(path, (newest, newest))
-
-
 ##############################################################################
 # Deploy pipeline
 ##############################################################################
 
 @dataclass
 class Release:
+    """Everything one release needs to run, decided before anything live changes."""
     app: str
     rev: str
     root: str
@@ -1211,6 +1322,8 @@ class Release:
     scaling: dict = field(default_factory=dict)
     repo_env: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    ref: str = "refs/heads/main"
+    committed: bool = False
 
 
 def new_release_dir(app, rev):
@@ -1227,40 +1340,77 @@ def checkout_revision(app, rev, dest):
         git("--git-dir", repo_path(app), "--work-tree", dest, "checkout-index", "--all", "--force", env=env)
 
 
-def settings_layers(app, root):
+def settings_layers(app, root, config=None):
     """(the repo's ENV pairs, the config:set pairs) -- the layers above piku's base."""
-    return (parse_env_text(read_text(os.path.join(root, "ENV")), "ENV"),
-            parse_env_text(read_text(config_file(app)), "settings (config:set)"))
+    if config is None:
+        config = parse_env_text(read_text(config_file(app)), "settings (config:set)")
+    else:
+        config = list(config.items())
+    return parse_env_text(read_text(os.path.join(root, "ENV")), "ENV"), config
 
 
-def assign_port(app, env, processes):
-    """Give web kinds a PORT: the one set, else the one from the last deploy, else a free one."""
-    if not any(worker_class(kind) in WEB_KINDS for kind in processes):
+def serves_http(processes):
+    return any(worker_kind(kind).http for kind in processes)
+
+
+def assign_port(app, env, processes, live_env):
+    """Give web kinds a PORT (the one set, else the one live, else a free one) and check that
+    the front can listen on it: a port that is taken, privileged or on an address this host
+    does not have is refused here, before anything starts."""
+    if not serves_http(processes):
         return env
+    address = env["BIND_ADDRESS"]
     try:
-        socket.getaddrinfo(env["BIND_ADDRESS"], None, flags=socket.AI_NUMERICHOST)
+        socket.getaddrinfo(address, None, flags=socket.AI_NUMERICHOST)
     except socket.gaierror:
-        raise PikuError(f"BIND_ADDRESS {env['BIND_ADDRESS']!r} is not an IP address",
+        raise PikuError(f"BIND_ADDRESS {address!r} is not an IP address",
                         f"Set one with: config:set {app} BIND_ADDRESS=127.0.0.1")
-    port = env.get("PORT") or load_live_env(app).get("PORT") or str(free_port(env["BIND_ADDRESS"], app))
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    port = env.get("PORT") or live_env.get("PORT") or str(free_port(address, app))
+    if not WHOLE_NUMBER.fullmatch(port) or not 0 < int(port) < 65536:
         raise PikuError(f"PORT {port!r} is not a port number", f"Fix it with: config:set {app} PORT=8000")
-    return dict(env, PORT=port)
+    port = str(int(port))
+    if int(port) < 1024:
+        raise PikuError(f"PORT {port} is a privileged port; apps listen on ports above 1023",
+                        f"Pick one with: config:set {app} PORT=8000 (nginx serves ports 80 and 443).")
+    owner = next((other for other, used in ports_in_use_by_other_apps(app).items() if used == port), None)
+    if owner:
+        raise PikuError(f"PORT {port} is already used by the app '{owner}'",
+                        f"Pick another one (config:set {app} PORT=...) or unset PORT to get a free one.")
+    env = dict(env, PORT=port)
+    if not front_current(app, env) and not legacy_vassals(app, processes):
+        check_bindable(app, address, int(port))
+    return env
+
+
+def check_bindable(app, address, port):
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise PikuError(f"PORT {port} on {address} is in use by another program",
+                                f"Pick another one (config:set {app} PORT=...) or unset PORT to get a free one.")
+            if error.errno == errno.EADDRNOTAVAIL:
+                raise PikuError(f"BIND_ADDRESS {address} is not an address of this host",
+                                f"Use one it has (see 'ip addr'), e.g. config:set {app} BIND_ADDRESS=127.0.0.1")
+            raise PikuError(f"cannot listen on {address}:{port}: {error.strerror}")
 
 
 def ports_in_use_by_other_apps(app):
-    ports = set()
+    ports = {}
     for other in list_apps():
         if other != app:
             try:
-                ports.add(load_live_env(other).get("PORT"))
+                ports[other] = load_live_env(other).get("PORT")
             except PikuError:
                 continue
     return ports
 
 
 def free_port(address, app):
-    taken = ports_in_use_by_other_apps(app)
+    taken = set(ports_in_use_by_other_apps(app).values())
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     for _ in range(50):
         with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -1271,7 +1421,26 @@ def free_port(address, app):
     raise PikuError("could not find a free port")
 
 
-def plan_release(app, rev, root):
+ARG_STRING_MAX = 131072     # the kernel refuses to exec with a longer KEY=VALUE (MAX_ARG_STRLEN)
+
+
+def check_environment_size(app, env):
+    """Refuse settings no process could start with (execve fails with E2BIG)."""
+    total = 0
+    for key, value in env.items():
+        size = len(key.encode()) + len(value.encode()) + 2
+        if size > ARG_STRING_MAX:
+            raise PikuError(f"the setting {key} is {size} bytes; no process can be started with a setting "
+                            f"over {ARG_STRING_MAX} bytes",
+                            "Keep large values in a file under DATA_ROOT and put its path in the setting.")
+        total += size + 8
+    limit = os.sysconf("SC_ARG_MAX") // 2
+    if total > limit:
+        raise PikuError(f"the settings of {app} add up to {total} bytes, more than a process environment "
+                        f"holds here ({limit})", "Move large values into files under DATA_ROOT.")
+
+
+def plan_release(app, rev, root, ref="refs/heads/main", config=None):
     """Read and validate everything the pushed code asks for, before anything runs."""
     procfile = os.path.join(root, "Procfile")
     if not os.path.isfile(procfile):
@@ -1280,14 +1449,18 @@ def plan_release(app, rev, root):
     processes = parse_procfile(read_text(procfile))
     if "static" in processes:
         static_folder(processes["static"].command, processes["static"].line, root)
-    repo_env, config = settings_layers(app, root)
-    env = assign_port(app, expand_settings(config, expand_settings(repo_env, base_env(app))), processes)
-    return Release(app, rev, root, processes, env, scaling_for(app, processes), dict(repo_env), dict(config))
+    repo_env, config = settings_layers(app, root, config)
+    live = live_release(app)
+    env = expand_settings(config, expand_settings(repo_env, base_env(app)))
+    env = assign_port(app, env, processes, live["env"] if live else load_live_env(app))
+    check_environment_size(app, env)
+    check_health_settings(app, env)
+    saved = live["scaling"] if live else load_scaling(app)
+    return Release(app, rev, root, processes, env, scaling_for(processes, saved), dict(repo_env), dict(config), ref)
 
 
-def scaling_for(app, processes, changes=None):
+def scaling_for(processes, saved, changes=None):
     """Worker counts: the saved ones for kinds still in the Procfile, 1 for new kinds."""
-    saved = load_scaling(app)
     counts = {kind: saved.get(kind, 1) for kind in scaling_for_kinds(processes)}
     counts.update(changes or {})
     return counts
@@ -1300,7 +1473,10 @@ def run_phase(release, kind):
         return
     step(f"Running {kind}: {process.command}")
     env = dict(release.env, PWD=release.root)
-    result = subprocess.run(["/bin/sh", "-c", process.command], cwd=release.root, env=env)
+    try:
+        result = subprocess.run(["/bin/sh", "-c", process.command], cwd=release.root, env=env)
+    except OSError as error:
+        raise PikuError(f"the {kind} command could not be started: {error.strerror}; nothing was changed")
     if result.returncode != 0:
         raise PikuError(f"the {kind} command failed (exit code {result.returncode}); nothing was changed",
                         f"Fix Procfile line {process.line} or the code it runs, commit, and push again.")
@@ -1312,131 +1488,836 @@ def build_release(release):
     result = pack.build(BuildContext(release.app, release.root, release.processes, dict(release.env),
                                      release.config, release.repo_env))
     release.env.update(result.env)
+    check_environment_size(release.app, release.env)
 
 
-def activate_release(release):
-    """Point the app at the new release and (re)start its workers."""
+# --- health checks ------------------------------------------------------------
+
+HEALTH_DEFAULTS = {"PIKU_HEALTHCHECK_PATH": "/", "PIKU_HEALTHCHECK_TIMEOUT": "30", "PIKU_HEALTHCHECK_SETTLE": "1"}
+SECONDS = re.compile(r"[0-9]{1,5}(\.[0-9]{1,3})?")
+HEALTH_PATH = re.compile(r"/[\x21-\x7e]*")
+PROBE_INTERVAL = 0.02
+
+
+def health_setting(env, key):
+    return env.get(key, "").strip() or HEALTH_DEFAULTS[key]
+
+
+def check_health_settings(app, env):
+    path = health_setting(env, "PIKU_HEALTHCHECK_PATH")
+    if not HEALTH_PATH.fullmatch(path):
+        raise PikuError(f"PIKU_HEALTHCHECK_PATH {path!r} is not a URL path",
+                        f"Use a path such as /health: config:set {app} PIKU_HEALTHCHECK_PATH=/health")
+    for key in ("PIKU_HEALTHCHECK_TIMEOUT", "PIKU_HEALTHCHECK_SETTLE"):
+        value = health_setting(env, key)
+        if not SECONDS.fullmatch(value) or (key == "PIKU_HEALTHCHECK_TIMEOUT" and float(value) <= 0):
+            raise PikuError(f"{key} must be a number of seconds, not {value!r}",
+                            f"Fix it with: config:set {app} {key}={HEALTH_DEFAULTS[key]}")
+
+
+def health_host(env):
+    """The Host header of the health check: the app's first server name, else its address."""
+    names = re.split(r"[\s,]+", env.get("NGINX_SERVER_NAME", "").strip())
+    return names[0] if names and names[0] else bind_address(env)
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def probe_http(socket_path, path, host, timeout):
+    """GET path over a unix socket -> the status (int), or what went wrong (str)."""
+    connection = UnixHTTPConnection(socket_path, timeout)
+    try:
+        connection.request("GET", path, headers={"Host": host, "User-Agent": "piku-healthcheck"})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException) as error:
+        return str(error) or type(error).__name__
+    finally:
+        connection.close()
+
+
+def port_open(port):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Watch:
+    """What the check has seen of one starting instance."""
+    master: int = 0
+    daemons: frozenset = frozenset()
+    since: float = 0.0          # when its daemons were first seen running
+    passed: bool = False
+    last: str = "not started yet"
+
+
+def observe(instance, watch, kind):
+    """Update watch from the instance's processes; return why it failed, if it did."""
+    pid = pidfile_pid(instance.runtime("pid"))
+    if pid and not pid_alive(pid):
+        return f"{instance.name} exited while starting"
+    if not watch.master and pid:
+        watch.master = pid
+    if kind.daemon and daemon_exited(instance):
+        return f"the command of {instance.name} exited while starting"
+    if kind.daemon and watch.master:
+        if not watch.daemons:
+            found = daemon_pids(watch.master)
+            if found:
+                watch.daemons, watch.since = frozenset(found), time.monotonic()
+        elif not all(pid_alive(daemon) for daemon in watch.daemons):
+            return f"the command of {instance.name} exited while starting"
+    return None
+
+
+def daemon_exited(instance):
+    """Did an attach-daemon of this (new) instance exit? uWSGI logs each respawn, and the
+    instance's log is its own, so this sees commands that die between two looks at /proc."""
+    try:
+        with open(instance.log, "rb") as log:
+            return b'[uwsgi-daemons] respawning "' in log.read()
+    except OSError:
+        return False
+
+
+def check_instance(instance, watch, kind, generation, deadline):
+    """One round of checks; sets watch.passed when the instance is ready."""
+    if not watch.master or (kind.daemon and not watch.daemons):
+        return
+    env = generation.release.env
+    if kind.http:
+        private = generation.ports.get(instance)
+        if private and not port_open(private):
+            watch.last = f"nothing listens on its PORT ({private}) yet"
+            return
+        path = health_setting(env, "PIKU_HEALTHCHECK_PATH")
+        status = probe_http(instance.socket, path, health_host(env), max(0.1, min(5.0, deadline - time.monotonic())))
+        watch.last = f"GET {path} answered {status}" if isinstance(status, int) else f"GET {path}: {status}"
+        watch.passed = isinstance(status, int) and status < 500
+    elif kind.settle:
+        settle = float(health_setting(env, "PIKU_HEALTHCHECK_SETTLE"))
+        watch.passed = time.monotonic() - watch.since >= settle
+        watch.last = f"running for {time.monotonic() - watch.since:.1f} s of the {settle:g} s settle time"
+    else:
+        watch.passed = True
+
+
+def check_generation(generation):
+    """Wait until every new instance is ready: HTTP kinds answer the health check below 500,
+    background kinds stay up through the settle time. Fail at once when one exits."""
+    env = generation.release.env
+    started = time.monotonic()
+    deadline = started + float(health_setting(env, "PIKU_HEALTHCHECK_TIMEOUT"))
+    watches = {instance: Watch() for instance in generation.instances}
+    while True:
+        for instance, watch in watches.items():
+            if watch.passed:
+                continue
+            kind = worker_kind(instance.kind, env)
+            failure = observe(instance, watch, kind)
+            if failure:
+                fail_generation(generation, instance, failure)
+            check_instance(instance, watch, kind, generation, deadline)
+        if all(watch.passed for watch in watches.values()):
+            break
+        if time.monotonic() > deadline:
+            instance, watch = next((i, w) for i, w in watches.items() if not w.passed)
+            why = watch.last if watch.master else (
+                "it never started -- is the uWSGI emperor running? "
+                f"(uwsgi --ini {os.path.join(UWSGI_ROOT, 'uwsgi.ini')}, or the service in docs/INSTALL.md)")
+            fail_generation(generation, instance, f"{instance.name} was not ready after "
+                            f"{deadline - started:g} s (PIKU_HEALTHCHECK_TIMEOUT): {why}")
+        time.sleep(PROBE_INTERVAL)
+    if generation.instances:
+        names = ", ".join(instance.name for instance in generation.instances)
+        step(f"Health check passed in {time.monotonic() - started:.2f} s ({names})")
+
+
+LOG_TAIL_LINES = 20
+
+
+def fail_generation(generation, instance, why):
+    """Stop the new instances (nothing live changed) and explain, ending with the log tail."""
+    stop_units(generation.release.app, [i.unit for i in generation.instances], graceful=False)
+    tail = read_text(instance.log).splitlines()[-LOG_TAIL_LINES:]
+    raise PikuError(f"the new release did not start: {why}. Nothing live changed; the previous release "
+                    f"keeps serving.\nThe last lines of {instance.name}'s log ({instance.log}):\n"
+                    + "\n".join("  " + line for line in tail or ["(empty)"]))
+
+
+# --- generations: one set of running workers ------------------------------------
+
+@dataclass
+class Generation:
+    release: Release
+    gen: int
+    scaling: dict
+    instances: list = field(default_factory=list)
+    files: dict = field(default_factory=dict)       # path -> text; written in this order
+    ports: dict = field(default_factory=dict)       # web instance -> its private port
+
+
+def next_generation(app):
+    path = os.path.join(runtime_dir(app), "generation")
+    try:
+        gen = int(read_text(path).strip() or 0) + 1
+    except ValueError:
+        gen = 1
+    gen = max([gen, *(number + 1 for number in running_generations(app))])
+    write_atomic(path, f"{gen}\n")
+    return gen
+
+
+def plan_generation(release, gen, scaling, only=None):
+    """Render every file the workers of release need (nothing is written here)."""
+    generation = Generation(release, gen, dict(scaling))
+    wsgi_extra = []
+    if "static" in release.processes:       # the wsgi worker serves the folder's files itself
+        folder = os.path.join(release.root, static_relative(release.processes["static"].command))
+        wsgi_extra.append(("static-map", "/=" + folder))
+    for kind, count in sorted(scaling.items()):
+        for index in range(1, count + 1):
+            if only is not None and (kind, index) not in only:
+                continue
+            instance = Instance(release.app, gen, kind, index)
+            generation.instances.append(instance)
+            render_instance(generation, instance, wsgi_extra)
+    return generation
+
+
+def render_instance(generation, instance, wsgi_extra):
+    release = generation.release
+    env, root = release.env, release.root
+    kind = worker_kind(instance.kind, env)
+    worker_env = env
+    if kind.http and len(instance.socket) > UNIX_PATH_MAX:
+        raise PikuError(f"the socket path {instance.socket} is longer than Linux allows ({UNIX_PATH_MAX})",
+                        "Use a shorter app name or a shorter PIKU_ROOT.")
+    if kind.name == "web":
+        port = free_port("127.0.0.1", release.app)
+        generation.ports[instance] = port
+        worker_env = dict(env, PORT=str(port), BIND_ADDRESS="127.0.0.1")
+    if kind.name == "wsgi-gunicorn":
+        generation.files[instance.runtime("gunicorn.py")] = render_gunicorn_config(instance, env, root)
+    command = release.processes[instance.kind].command
+    generation.files[instance.vassal] = render_vassal(instance, command, worker_env, root,
+                                                      wsgi_extra if kind.name == "wsgi" else ())
+
+
+def start_generation(generation):
+    """Write the prepared files and let the emperor start the new instances beside the live ones."""
+    release = generation.release
+    os.makedirs(generation_dir(release.app, generation.gen), exist_ok=True)
+    os.makedirs(os.path.join(LOG_ROOT, release.app, f"g{generation.gen}"), exist_ok=True)
+    meta = {"root": release.root, "virtualenv": release.env.get("VIRTUAL_ENV")}
+    write_atomic(os.path.join(generation_dir(release.app, generation.gen), "generation.json"),
+                 json.dumps(meta) + "\n")
+    for path, text in generation.files.items():
+        write_atomic(path, text, mode=0o600)
+    if generation.instances:
+        wake_emperor()
+
+
+def http_sockets(app, gen, scaling, env):
+    """The sockets the front sends traffic to: the instances of the one HTTP kind."""
+    return [Instance(app, gen, kind, index).socket for kind, count in sorted(scaling.items())
+            if worker_kind(kind, env).http for index in range(1, count + 1)]
+
+
+# --- the switch -------------------------------------------------------------------
+
+DRAIN_SECONDS = 0.1     # lets connections the front made just before the switch be accepted
+
+
+def activate(release, commit, drain=True):
+    """Start release's workers beside the live ones, check them, switch traffic, drain the old.
+
+    commit(gen) records the release; it runs after every check passed and before traffic
+    moves, so a failure before it changes nothing live and a crash after it is finished by
+    the next command (reconcile)."""
     app = release.app
-    write_atomic(live_env_file(app), format_env(release.env), mode=0o600)
-    write_atomic(scaling_file(app), format_scaling(release.scaling))
-    switch_symlink(app_path(app), release.root)
-    restart = release.env.get("PIKU_AUTO_RESTART", "true").lower() not in ("0", "false", "no", "off")
-    spawn_workers(app, release.processes, release.env, release.scaling, restart)
+    generation = plan_generation(release, next_generation(app), release.scaling)
+    first = not any(front_alive(app, None, unit) for unit in front_units(app))
+    start_generation(generation)
+    check_generation(generation)
+    sockets = http_sockets(app, generation.gen, release.scaling, release.env)
+    if first:
+        point_slots(app, sockets)
+    front = start_front(release, generation) if sockets else None
+    commit(generation.gen)
+    release.committed = True
+    point_slots(app, sockets)
+    link_logs(app, generation.instances)
+    if drain:
+        drain_old(app, generation.gen, front)
+
+
+def start_front(release, generation):
+    """Make sure the app's front listens on BIND_ADDRESS:PORT; start a new one if needed."""
+    app, env = release.app, release.env
+    unit = front_unit(env)
+    if front_current(app, env):
+        return unit
+    stop_units(app, legacy_vassals(app, release.processes), graceful=True, wait=10)
+    previous = read_text(vassal_file(app, unit), None)      # BIND_ADDRESS changed, PORT did not:
+    if previous is not None:                                # the old front must let go of the port
+        stop_units(app, [unit], graceful=True, wait=10)
+    os.makedirs(os.path.join(LOG_ROOT, app), exist_ok=True)
+    write_atomic(vassal_file(app, unit), render_front(app, env), mode=0o600)
+    wake_emperor()
+    deadline = time.monotonic() + 10
+    host, port = env["BIND_ADDRESS"], int(env["PORT"])
+    while time.monotonic() < deadline:
+        if front_alive(app, env) and answers_http(host, port, env):
+            return unit
+        time.sleep(PROBE_INTERVAL)
+    stop_units(app, [unit], graceful=False, wait=10)
+    if previous is not None:
+        write_atomic(vassal_file(app, unit), previous, mode=0o600)
+        wake_emperor()
+    fail_generation(generation, generation.instances[0], f"the front on {bind_address(env)} did not start")
+
+
+def answers_http(host, port, env):
+    connection = http.client.HTTPConnection(host, port, timeout=2)
+    try:
+        connection.request("GET", health_setting(env, "PIKU_HEALTHCHECK_PATH"), headers={"Host": health_host(env)})
+        connection.getresponse().read()
+        return True
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+def drain_old(app, gen, front):
+    """Stop every other generation and front of the app, gracefully, once traffic has moved."""
+    old = [unit for unit in app_units(app)
+           if (unit_generation(unit) is not None and unit_generation(unit) != gen)
+           or (unit_generation(unit) is None and unit != front)]
+    if old:
+        time.sleep(DRAIN_SECONDS)
+        stop_units(app, old, graceful=True)
+
+
+def point_slots(app, sockets):
+    """Re-link the front's slots to sockets (slot k -> socket k mod N). Each rename is atomic:
+    the front connects per connection, so new connections go to the new sockets at once."""
+    os.makedirs(runtime_dir(app), exist_ok=True)
+    for slot in range(1, FRONT_SLOTS + 1):
+        path = slot_path(app, slot)
+        if not sockets:
+            if os.path.lexists(path):
+                os.unlink(path)
+            continue
+        target = sockets[(slot - 1) % len(sockets)]
+        if os.path.islink(path) and os.readlink(path) == target:
+            continue
+        temp = path + ".new"
+        if os.path.lexists(temp):
+            os.unlink(temp)
+        os.symlink(target, temp)
+        os.replace(temp, path)
+
+
+def link_logs(app, instances):
+    """logs/APP/KIND.N.log always names the live instance's log (in logs/APP/gGEN/)."""
+    folder = os.path.join(LOG_ROOT, app)
+    os.makedirs(folder, exist_ok=True)
+    wanted = {f"{i.name}.log": os.path.relpath(i.log, folder) for i in instances}
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(".log") and os.path.islink(path) and name not in wanted:
+            os.unlink(path)
+    for name, target in wanted.items():
+        temp = os.path.join(folder, f".{name}.new")
+        if os.path.lexists(temp):
+            os.unlink(temp)
+        os.symlink(target, temp)
+        os.replace(temp, os.path.join(folder, name))
+
+
+# --- releases -----------------------------------------------------------------------
+
+def load_releases(app):
+    """The app's release records, oldest first."""
+    text = read_text(releases_file(app))
+    if not text:
+        return []
+    try:
+        records = json.loads(text)
+    except ValueError:
+        raise PikuError(f"{releases_file(app)} is damaged", "Restore it from a backup, or remove it and push again.")
+    return records if isinstance(records, list) else []
+
+
+def save_releases(app, records):
+    write_atomic(releases_file(app), json.dumps(records, indent=1) + "\n", mode=0o600)
+
+
+def live_release(app):
+    records = load_releases(app)
+    return records[-1] if records else None
+
+
+def who_deploys():
+    """The key name setup:ssh gave the caller, when the call came over SSH."""
+    if os.environ.get("FINGERPRINT") and os.environ.get("NAME"):
+        return os.environ["NAME"]
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def record_release(release, cause, gen, state="live"):
+    """Append release to the app's records and write the files that describe what is live."""
+    records = load_releases(release.app)
+    record = {"version": records[-1]["version"] + 1 if records else 1, "rev": release.rev, "ref": release.ref,
+              "root": release.root, "env": release.env, "config": release.config, "scaling": release.scaling,
+              "created": time.strftime("%Y-%m-%d %H:%M:%S"), "by": who_deploys(), "cause": cause,
+              "gen": gen, "state": state}
+    save_releases(release.app, records + [record])
+    write_live_files(release.app, record)
+    return record
+
+
+def write_live_files(app, record):
+    """LIVE_ENV, SCALING, the config:set settings and apps/APP, all from one release record."""
+    write_atomic(live_env_file(app), format_env(record["env"]), mode=0o600)
+    write_atomic(scaling_file(app), format_scaling(record["scaling"]))
+    write_atomic(config_file(app), format_env(record["config"]), mode=0o600)
+    switch_symlink(app_path(app), record["root"])
 
 
 def switch_symlink(link, target):
     """Atomically make link point at target (an upstream host has a real folder there)."""
     if os.path.isdir(link) and not os.path.islink(link):
         shutil.rmtree(link)
-    temp = f"{link}.piku-new"
+    if os.path.islink(link) and os.readlink(link) == target:
+        return
+    temp = os.path.join(os.path.dirname(link), f".{os.path.basename(link)}.piku-new")
     if os.path.lexists(temp):
         os.unlink(temp)
     os.symlink(target, temp)
     os.replace(temp, link)
 
 
-def prune_releases(app):
-    """Keep the live release and the one before it."""
-    live = os.path.realpath(app_path(app))
+def release_from_record(app, record):
+    """A kept release, ready to run again: its code, environment, settings and scaling."""
+    root = record["root"]
+    if not os.path.isdir(root):
+        raise PikuError(f"the code of v{record['version']} is no longer kept", "Push that revision again instead.")
+    venv = record["env"].get("VIRTUAL_ENV")
+    if venv and not os.path.exists(os.path.join(venv, ENV_MARKER)):
+        raise PikuError(f"the Python environment of v{record['version']} is no longer kept ({venv})",
+                        "Push that revision again instead.")
+    processes = parse_procfile(read_text(os.path.join(root, "Procfile")))
+    return Release(app, record["rev"], root, processes, dict(record["env"]), dict(record["scaling"]),
+                   {}, dict(record["config"]), record.get("ref") or "refs/heads/main")
+
+
+def keep_count(env):
+    value = env.get("PIKU_KEEP_RELEASES", "").strip() or KEEP_RELEASES
+    return max(1, int(value)) if WHOLE_NUMBER.fullmatch(value) else int(KEEP_RELEASES)
+
+
+def prune(app):
+    """Keep the last PIKU_KEEP_RELEASES releases with their code and environments; remove
+    what neither a kept release nor a running generation uses."""
+    records = load_releases(app)
+    if not records:
+        return
+    kept = records[-keep_count(records[-1]["env"]):]
+    if len(kept) < len(records):
+        save_releases(app, kept)
+    roots = {record["root"] for record in kept}
+    venvs = {record["env"].get("VIRTUAL_ENV") for record in kept}
+    running = running_generations(app)
+    for gen in running:
+        try:
+            meta = json.loads(read_text(os.path.join(generation_dir(app, gen), "generation.json")) or "{}")
+        except ValueError:
+            continue
+        roots.add(meta.get("root"))
+        venvs.add(meta.get("virtualenv"))
     parent = os.path.join(RELEASE_ROOT, app)
-    releases = sorted((os.path.join(parent, name) for name in os.listdir(parent)), key=os.path.getmtime)
-    stale = [path for path in releases if path != live][: max(0, len(releases) - RELEASES_KEPT)]
-    for path in stale:
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        if os.path.join(parent, name) not in roots:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    for path in glob.glob(os.path.join(env_dir(app), "python-*")):
+        if path not in venvs:
+            shutil.rmtree(path, ignore_errors=True)
+    prune_generation_folders(app, running)
+
+
+def prune_generation_folders(app, running):
+    """Runtime folders of stopped generations go; their logs stay for the last few."""
+    for path in glob.glob(os.path.join(runtime_dir(app), "g[0-9]*")):
+        gen = os.path.basename(path)[1:]
+        if gen.isdigit() and int(gen) not in running and not any(
+                pid_alive(pidfile_pid(pid)) for pid in glob.glob(os.path.join(path, "*.pid"))):
+            shutil.rmtree(path, ignore_errors=True)
+    logs = sorted((path for path in glob.glob(os.path.join(LOG_ROOT, app, "g[0-9]*"))
+                   if os.path.basename(path)[1:].isdigit()), key=lambda p: int(os.path.basename(p)[1:]))
+    stale = [path for path in logs if int(os.path.basename(path)[1:]) not in running]
+    for path in stale[:-3]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def live_virtualenv(app):
-    try:
-        return load_live_env(app).get("VIRTUAL_ENV")
-    except PikuError:
-        return None
+# --- deploys, rollbacks and recovery ---------------------------------------------------
+
+def auto_restart(env):
+    return env.get("PIKU_AUTO_RESTART", "true").lower() not in ("0", "false", "no", "off")
 
 
-def prune_environments(app, keep):
-    """Remove Python environments neither the live release nor the one before it uses."""
-    for path in glob.glob(os.path.join(env_dir(app), "python-*")):
-        if path not in keep:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def deploy_app(app, rev):
+def deploy_app(app, rev, ref="refs/heads/main", cause="push", config=None, state="live"):
     """Build rev of app and make it live. The caller holds the app's lock."""
     started = time.monotonic()
     step(f"Deploying {app} at {rev[:12]}")
     for folder in (DATA_ROOT, LOG_ROOT):
         os.makedirs(os.path.join(folder, app), exist_ok=True)
     root = new_release_dir(app, rev)
+    release = Release(app, rev, root)
     try:
         checkout_revision(app, rev, root)
-        release = plan_release(app, rev, root)
+        release = plan_release(app, rev, root, ref, config)
         run_phase(release, "preflight")
         build_release(release)
         run_phase(release, "release")
-        previous = live_virtualenv(app)
-        activate_release(release)
-    except BaseException:
+        go_live(release, cause, state)
+    except OSError as error:        # a full disk, a permission: nothing live changed before the commit
+        if release.committed:
+            raise
         shutil.rmtree(root, ignore_errors=True)
+        raise PikuError(f"the deploy stopped: {error.strerror or error} ({error.filename or 'a file'}); "
+                        "nothing live changed", "Free some disk space (df -h) or fix the permissions, "
+                        "and push again.")
+    except BaseException:
+        if not release.committed:
+            shutil.rmtree(root, ignore_errors=True)
         raise
-    prune_releases(app)
-    prune_environments(app, {release.env.get("VIRTUAL_ENV"), previous})
+    prune(app)
     announce(release, time.monotonic() - started)
+
+
+def go_live(release, cause, state="live"):
+    """Activate release and record it, or -- with PIKU_AUTO_RESTART off and workers running --
+    only record it; `restart` starts it."""
+    app = release.app
+    running = running_generations(app)
+    if running and not auto_restart(release.env):
+        record_release(release, cause, max(running), state)
+        release.committed = True
+        step("PIKU_AUTO_RESTART is off: the running workers were left as they are; "
+             f"'restart {app}' starts this release")
+        return
+    activate(release, lambda gen: record_release(release, cause, gen, state))
 
 
 def announce(release, seconds):
     env = release.env
+    record = live_release(release.app)
+    version = f"v{record['version']}, " if record else ""
     workers = ", ".join(f"{kind}={count}" for kind, count in sorted(release.scaling.items())) or "none"
     step(f"Workers: {workers}")
-    if any(worker_class(kind) in WEB_KINDS for kind in release.processes):
+    if serves_http(release.processes):
         host = f"[{env['BIND_ADDRESS']}]" if ":" in env["BIND_ADDRESS"] else env["BIND_ADDRESS"]
-        step(f"{release.app} is live at http://{host}:{env['PORT']}/ (deployed in {seconds:.1f} s)")
+        step(f"{release.app} is live at http://{host}:{env['PORT']}/ ({version}{seconds:.1f} s)")
     else:
-        step(f"{release.app} is live (deployed in {seconds:.1f} s)")
+        step(f"{release.app} is live ({version}{seconds:.1f} s)")
+
+
+def rollback_app(app, version=None):
+    """Run a kept release again -- no build -- and move the branch back to its revision."""
+    started = time.monotonic()
+    records = load_releases(app)
+    if len(records) < 1 or (version is None and len(records) < 2):
+        raise PikuError(f"{app} has no earlier release to roll back to", f"See them with: releases {app}")
+    live = records[-1]
+    target = records[-2] if version is None else next((r for r in records if r["version"] == version), None)
+    if target is None:
+        kept = ", ".join(f"v{r['version']}" for r in records)
+        raise PikuError(f"v{version} is not a kept release of {app} (kept: {kept})", f"See them with: releases {app}")
+    if target is live:
+        raise PikuError(f"v{version} is already live")
+    step(f"Rolling {app} back to v{target['version']} ({target['rev'][:12]})")
+    release = release_from_record(app, target)
+    release.ref = live.get("ref") or release.ref
+    moves = branch_revision(app, release.ref) != release.rev
+    activate(release, lambda gen: record_release(release, f"rollback to v{target['version']}", gen,
+                                                 "pending" if moves else "live"))
+    if moves:
+        git("--git-dir", repo_path(app), "update-ref", release.ref, release.rev, env=git_env())
+        confirm_release(app, release.rev)
+    prune(app)
+    announce(release, time.monotonic() - started)
+
+
+def restart_app(app):
+    """Start the live release again beside itself: new processes, same release."""
+    record = live_release(app)
+    if not record:
+        raise PikuError(f"{app} has not been deployed yet", "Push to deploy it.")
+    release = release_from_record(app, record)
+
+    def commit(gen):
+        records = load_releases(app)
+        records[-1]["gen"] = gen
+        save_releases(app, records)
+    activate(release, commit)
+    prune(app)
+
+
+def branch_revision(app, ref):
+    """The commit ref points at in the app's repo, or None."""
+    try:
+        return git("--git-dir", repo_path(app), "rev-parse", "--verify", "--quiet", ref + "^{commit}",
+                   env=git_env()).stdout.strip() or None
+    except PikuError:
+        return None
+
+
+def git_env():
+    """The environment for git outside a hook's quarantine (no GIT_* from the hook)."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("GIT_")}
+
+
+def confirm_release(app, rev):
+    records = load_releases(app)
+    if records and records[-1].get("state") == "pending" and records[-1]["rev"] == rev:
+        records[-1]["state"] = "live"
+        save_releases(app, records)
+
+
+def reconcile(app):
+    """Finish or undo what an interrupted command left, so that the live workers, the files
+    and the branch describe one release. Runs under the app's lock before every change."""
+    records = load_releases(app)
+    if records and records[-1].get("state") == "pending":
+        pending = records[-1]
+        if branch_revision(app, pending["ref"]) == pending["rev"]:
+            confirm_release(app, pending["rev"])
+        else:
+            warning(f"v{pending['version']} never reached the branch (its deploy was interrupted); "
+                    f"going back to v{records[-2]['version']}" if len(records) > 1 else
+                    f"v{pending['version']} never reached the branch (its deploy was interrupted)")
+            records.pop()
+            save_releases(app, records)
+    live = records[-1] if records else None
+    running = running_generations(app)
+    if live is None:
+        stop_units(app, list(app_units(app)), graceful=True)
+        return
+    if live["gen"] in running:
+        env = live["env"]
+        point_slots(app, http_sockets(app, live["gen"], live["scaling"], env))
+        front = front_unit(env) if serves_http_scaling(live["scaling"], env) else None
+        drain_old(app, live["gen"], front)
+        write_live_files(app, live)
+    elif running:
+        warning(f"the workers of v{live['version']} are not running; starting them again")
+        release = release_from_record(app, live)
+
+        def commit(gen):
+            records[-1]["gen"] = gen
+            save_releases(app, records)
+        activate(release, commit)
+        write_live_files(app, live)
+
+
+def serves_http_scaling(scaling, env):
+    return any(worker_kind(kind, env).http and count for kind, count in scaling.items())
+
+
+def scale_app(app, changes):
+    """Start or stop instances of the live generation; new ones are checked before they get traffic."""
+    records = load_releases(app)
+    live = records[-1]
+    release = release_from_record(app, live)
+    old = live["scaling"]
+    new = scaling_for(release.processes, old, changes)
+    gen = live["gen"]
+    running = gen in running_generations(app)
+    if running:
+        added = {(kind, index) for kind, count in new.items() for index in range(old.get(kind, 0) + 1, count + 1)}
+        generation = plan_generation(release, gen, new, only=added)
+        start_generation(generation)
+        check_generation(generation)
+    live["scaling"] = new
+    save_releases(app, records)
+    write_atomic(scaling_file(app), format_scaling(new))
+    if running:
+        point_slots(app, http_sockets(app, gen, new, release.env))
+        link_logs(app, [Instance(app, gen, kind, index) for kind, count in new.items()
+                        for index in range(1, count + 1)])
+        removed = [Instance(app, gen, kind, index).unit for kind, count in old.items()
+                   for index in range(new.get(kind, 0) + 1, count + 1)]
+        if removed:
+            time.sleep(DRAIN_SECONDS)
+            stop_units(app, removed, graceful=True)
+    return new
 
 
 def deployed_revision(app):
-    """The commit the server's branch points at, or None before the first successful push."""
+    """The commit the live release runs, or (hosts from before release records) HEAD's."""
+    record = live_release(app)
+    if record:
+        return record["rev"], record.get("ref") or "refs/heads/main"
     try:
-        return git("--git-dir", repo_path(app), "rev-parse", "--verify", "--quiet", "HEAD^{commit}").stdout.strip()
+        rev = git("--git-dir", repo_path(app), "rev-parse", "--verify", "--quiet", "HEAD^{commit}").stdout.strip()
+        ref = git("--git-dir", repo_path(app), "symbolic-ref", "HEAD").stdout.strip()
+        return (rev, ref) if rev else (None, None)
     except PikuError:
-        return None
+        return None, None
 
 
 ##############################################################################
 # Process control
 ##############################################################################
 
-def app_vassals(app, folder=UWSGI_ENABLED):
-    """{(kind, index): path} of the app's vassal files in folder."""
-    vassals = {}
-    for path in glob.glob(os.path.join(folder, f"{app}_*.ini")):
-        kind, _, index = os.path.basename(path)[len(app) + 1:-4].rpartition(".")
-        if index.isdigit():
-            vassals[(kind, int(index))] = path
-    return vassals
+GENERATION_UNIT = re.compile(r"g([0-9]+)\.([A-Za-z0-9_-]+)\.([0-9]+)")
 
 
-def spawn_workers(app, processes, env, scaling, restart=True):
-    """Make the app's vassals match scaling: write the wanted ones, remove the rest."""
-    wanted = set()
-    wsgi_extra = []
-    if "static" in processes:       # the wsgi worker serves the folder's files itself
-        folder = os.path.join(app_path(app), static_relative(processes["static"].command))
-        wsgi_extra.append(("static-map", "/=" + folder))
-    for kind, count in sorted(scaling.items()):
-        for index in range(1, count + 1):
-            if vassal_template(kind, env) == "gunicorn":
-                write_atomic(gunicorn_config_path(app, kind, index), render_gunicorn_config(app, kind, index, env))
-            text = render_vassal(app, kind, index, processes[kind].command, env,
-                                 wsgi_extra if vassal_template(kind, env) == "wsgi" else ())
-            install_vassal(vassal_name(app, kind, index), text, restart)
-            wanted.add((kind, index))
-    for folder in (UWSGI_ENABLED, UWSGI_AVAILABLE):
-        for key, path in app_vassals(app, folder).items():
-            if key not in wanted:
-                os.unlink(path)
+def app_units(app, folder=UWSGI_ENABLED):
+    """{unit: vassal path} of the app's vassals ('front.PORT' and 'gGEN.KIND.N')."""
+    prefix = f"{app}@"
+    units = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.startswith(prefix) and name.endswith(".ini"):
+            units[name[len(prefix):-4]] = os.path.join(folder, name)
+    return units
 
 
-RELOAD_POKE_SECONDS = 2.0
+def unit_generation(unit):
+    match = GENERATION_UNIT.fullmatch(unit)
+    return int(match.group(1)) if match else None
+
+
+def running_generations(app):
+    return {unit_generation(unit) for unit in app_units(app) if unit_generation(unit) is not None}
+
+
+def front_units(app):
+    return [unit for unit in app_units(app) if unit.startswith("front.")]
+
+
+def unit_runtime(app, unit, suffix):
+    match = GENERATION_UNIT.fullmatch(unit)
+    if match:
+        return os.path.join(generation_dir(app, int(match.group(1))), f"{match.group(2)}.{match.group(3)}.{suffix}")
+    return os.path.join(runtime_dir(app), f"{unit}.{suffix}")
+
+
+def front_current(app, env):
+    """Is the app's front running, and listening where env says?"""
+    return front_alive(app, env) and read_text(vassal_file(app, front_unit(env))) == render_front(app, env)
+
+
+def front_alive(app, env, unit=None):
+    unit = unit or front_unit(env)
+    pid = pidfile_pid(unit_runtime(app, unit, "pid"))
+    return bool(pid and pid_alive(pid) and os.path.exists(vassal_file(app, unit)))
+
+
+def legacy_vassals(app, processes):
+    """Vassals an earlier piku.py wrote (APP_KIND.N.ini): stopped once, before the front starts."""
+    names = {f"{app}_{kind}.{index}.ini" for kind in processes for index in range(1, FRONT_SLOTS + 1)}
+    return [name for name in os.listdir(UWSGI_ENABLED) if name in names] if os.path.isdir(UWSGI_ENABLED) else []
+
+
+def pidfile_pid(path):
+    try:
+        text = read_text(path).strip()
+    except OSError:
+        return 0
+    return int(text) if WHOLE_NUMBER.fullmatch(text) else 0
+
+
+def wake_emperor():
+    """Ask the emperor to scan uwsgi-enabled now instead of at its next one-second tick."""
+    pid = pidfile_pid(os.path.join(UWSGI_ROOT, "emperor.pid"))
+    if pid:
+        try:
+            os.kill(pid, signal.SIGWINCH)
+        except OSError:
+            pass        # not ours or gone: the emperor's own scan finds the change within a second
+
+
+def fifo_command(path, command):
+    """Write a master FIFO command; False when no master reads that FIFO."""
+    try:
+        fifo = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    try:
+        os.write(fifo, command)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fifo)
+        signal.signal(signal.SIGPIPE, previous)
+
+
+def stop_units(app, units, graceful=True, wait=0.0):
+    """Disable vassals (the emperor then stops them); gracefully: requests in progress finish.
+
+    units are the app's unit names, or legacy vassal file names. With wait, return once
+    their processes are gone (or warn after that many seconds)."""
+    pids = []
+    for unit in units:
+        legacy = unit.endswith(".ini")
+        path = os.path.join(UWSGI_ENABLED, unit) if legacy else vassal_file(app, unit)
+        pidfile = os.path.join(UWSGI_ROOT, unit[:-4] + ".pid") if legacy else unit_runtime(app, unit, "pid")
+        pids.append((pidfile_pid(pidfile), None if legacy else unit_runtime(app, unit, "fifo")))
+        if os.path.exists(path):
+            os.unlink(path)
+    if not units:
+        return
+    wake_emperor()
+    for pid, fifo in pids:
+        if fifo and pid and pid_alive(pid):
+            fifo_command(fifo, b"q" if graceful else b"Q")
+    deadline = time.monotonic() + wait
+    while wait and time.monotonic() < deadline and any(pid and pid_alive(pid) for pid, _ in pids):
+        for pid, fifo in pids:
+            if fifo and pid and pid_alive(pid):
+                fifo_command(fifo, b"\n")       # wakes the master before its one-second tick
+        time.sleep(PROBE_INTERVAL)
+    left = [str(pid) for pid, _ in pids if wait and pid and pid_alive(pid)]
+    if left:
+        warning(f"processes still running after {wait:.0f} s: {', '.join(left)}")
+
+
+def stop_app(app, wait=15.0):
+    """Stop every worker and the front of the app."""
+    stop_units(app, list(app_units(app)), graceful=True, wait=wait)
+
+
+def daemon_pids(master):
+    """The commands a vassal runs with attach-daemon: its children that are not uWSGI."""
+    try:
+        exe = os.readlink(f"/proc/{master}/exe")
+    except OSError:
+        return []
+    found = []
+    for child in child_pids(master) or []:
+        try:
+            if os.readlink(f"/proc/{child}/exe") != exe:
+                found.append(child)
+        except OSError:
+            continue
+    return found
 
 
 def child_pids(pid):
@@ -1447,42 +2328,9 @@ def child_pids(pid):
         return None
 
 
-def reload_vassal(name, master):
-    """Gracefully reload a running vassal now. False when it cannot be asked (the emperor will).
-
-    uWSGI's master notices that an old worker has exited only on its one-second tick
-    (unbit/uwsgi#2271); any byte written to its master FIFO wakes it sooner, so after the
-    reload command piku writes newlines until the old processes are gone.
-    """
-    old = child_pids(master)
-    try:
-        fifo = os.open(os.path.join(UWSGI_ROOT, name[:-4] + ".fifo"), os.O_WRONLY | os.O_NONBLOCK)
-    except OSError:
-        try:
-            os.kill(master, signal.SIGHUP)
-        except ProcessLookupError:
-            return False
-        return True
-    previous = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    try:
-        os.write(fifo, b"r")
-        deadline = time.monotonic() + RELOAD_POKE_SECONDS
-        while time.monotonic() < deadline and (old is None or any(pid_alive(pid) for pid in old)):
-            time.sleep(0.02)
-            os.write(fifo, b"\n")
-    except OSError:
-        pass            # the master is re-executing itself: past the wait
-    finally:
-        os.close(fifo)
-        signal.signal(signal.SIGPIPE, previous)
-    return True
-
-
-def vassal_pid(app, kind, index):
-    return vassal_master_pid(vassal_name(app, kind, index))
-
-
 def pid_alive(pid):
+    if not pid:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -1490,19 +2338,6 @@ def pid_alive(pid):
     except PermissionError:
         return True
     return True
-
-
-def stop_workers(app, wait=15.0):
-    """Disable every vassal of the app and wait for the emperor to stop them."""
-    pids = [vassal_pid(app, kind, index) for kind, index in app_vassals(app)]
-    for path in app_vassals(app).values():
-        os.unlink(path)
-    deadline = time.monotonic() + wait
-    while any(pid and pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = [pid for pid in pids if pid and pid_alive(pid)]
-    if left:
-        warning(f"processes still running after {wait:.0f} s: {', '.join(map(str, left))}")
 
 
 def list_apps():
@@ -1562,10 +2397,10 @@ def read_ref_updates(stream):
 
 def branch_to_deploy(updates):
     """The last branch the push creates or moves, and the ones it leaves undeployed."""
-    branches = [(new, ref) for old, new, ref in updates if ref.startswith("refs/heads/") and new != ZERO_REV]
+    branches = [(old, new, ref) for old, new, ref in updates if ref.startswith("refs/heads/") and new != ZERO_REV]
     if not branches:
         return None, []
-    return branches[-1], [ref for _, ref in branches[:-1]]
+    return branches[-1], [ref for _, _, ref in branches[:-1]]
 
 
 ##############################################################################
@@ -1589,7 +2424,7 @@ def cli():
 def cmd_apps():
     """List apps (* marks the running ones)."""
     for app in list_apps():
-        click.echo(("* " if app_vassals(app) else "  ") + app)
+        click.echo(("* " if app_units(app) else "  ") + app)
 
 
 @cli.command("config")
@@ -1622,26 +2457,47 @@ def cmd_config_live(app):
     click.echo(format_env(load_live_env(app)), nl=False)
 
 
+class locked:
+    """`with locked(app):` -- take the app's lock, then finish what an interrupted command left."""
+
+    def __init__(self, app):
+        self.lock = AppLock(app)
+        self.app = app
+
+    def __enter__(self):
+        self.lock.__enter__()
+        try:
+            reconcile(self.app)
+        except BaseException:
+            self.lock.__exit__(None, None, None)
+            raise
+        return self.lock
+
+    def __exit__(self, *exc):
+        self.lock.__exit__(*exc)
+
+
 def change_config(app, update):
-    """Apply update to the app's settings and redeploy; put them back if the deploy fails."""
-    with AppLock(app):
-        before = read_text(config_file(app), None)
+    """Apply update to the app's settings and redeploy with them; they are saved only when
+    the new release passed its checks (a refused value changes nothing)."""
+    with locked(app):
         settings = load_config(app)
         update(settings)
-        write_atomic(config_file(app), format_env(settings), mode=0o600)
-        rev = deployed_revision(app)
+        rev, ref = deployed_revision(app)
         if not rev:
+            write_atomic(config_file(app), format_env(settings), mode=0o600)
             step(f"Saved; {app} has not been deployed yet, the settings apply on the first push")
             return
         try:
-            deploy_app(app, rev)
-        except BaseException:
-            if before is None:
-                os.unlink(config_file(app))
-            else:
-                write_atomic(config_file(app), before, mode=0o600)
+            deploy_app(app, rev, ref, cause=f"config: {' '.join(sorted(changed_keys(load_config(app), settings)))}",
+                       config=settings)
+        except PikuError:
             problem("the settings were not changed; the running app was left as it was")
             raise
+
+
+def changed_keys(before, after):
+    return {key for key in set(before) | set(after) if before.get(key) != after.get(key)} or {"(none)"}
 
 
 @cli.command("config:set")
@@ -1680,13 +2536,13 @@ def cmd_config_unset(app, settings):
 @cli.command("deploy")
 @click.argument("app")
 def cmd_deploy(app):
-    """Deploy the app again from its last pushed commit."""
+    """Deploy the app again from its live commit (a new release)."""
     require_app(app)
-    with AppLock(app):
-        rev = deployed_revision(app)
+    with locked(app):
+        rev, ref = deployed_revision(app)
         if not rev:
             raise PikuError(f"nothing has been pushed to {app} yet", "Push first: git push piku main")
-        deploy_app(app, rev)
+        deploy_app(app, rev, ref, cause="deploy")
 
 
 @cli.command("destroy")
@@ -1695,16 +2551,14 @@ def cmd_destroy(app):
     """Remove the app (its data/APP folder is kept)."""
     require_app(app)
     with AppLock(app):
-        stop_workers(app)
+        stop_app(app)
         for path in (app_path(app), repo_path(app), env_dir(app), os.path.join(LOG_ROOT, app),
-                     os.path.join(RELEASE_ROOT, app), os.path.join(CACHE_ROOT, app)):
+                     os.path.join(RELEASE_ROOT, app), os.path.join(CACHE_ROOT, app), runtime_dir(app)):
             if os.path.islink(path):
                 os.unlink(path)
-            elif os.path.exists(path):
+            elif os.path.isdir(path):
                 step(f"Removing {path}")
                 shutil.rmtree(path)
-        for path in app_vassals(app, UWSGI_AVAILABLE).values():
-            os.unlink(path)
     data = os.path.join(DATA_ROOT, app)
     if os.path.isdir(data):
         notice(f"kept {data}; remove it yourself if you no longer need it")
@@ -1760,28 +2614,30 @@ def cmd_logs(app, process, lines, follow):
 def cmd_ps(app):
     """Show the app's workers and their processes."""
     require_app(app)
-    scaling = load_scaling(app)
-    if not scaling:
+    record = live_release(app)
+    if not record:
         raise PikuError(f"{app} has no workers", "Push to deploy it.")
     try:
         import psutil
     except ImportError:
         psutil = None
-    for kind, count in sorted(scaling.items()):
+    click.echo(f"{app} v{record['version']} ({record['rev'][:12]}), generation {record['gen']}")
+    for kind, count in sorted(record["scaling"].items()):
         click.echo(f"{kind}:{count}")
         for index in range(1, count + 1):
-            pid = vassal_pid(app, kind, index)
-            if not pid:
-                click.echo(f"  {kind}.{index}  stopped")
+            instance = Instance(app, record["gen"], kind, index)
+            pid = pidfile_pid(instance.runtime("pid"))
+            if not (pid and pid_alive(pid) and os.path.exists(instance.vassal)):
+                click.echo(f"  {instance.name}  stopped")
                 continue
             children = []
             if psutil:
                 try:
                     children = [child.pid for child in psutil.Process(pid).children(recursive=True)]
                 except psutil.Error:
-                    pass
+                    pass        # it ended between the two looks: shown without its children
             extra = f" (processes {', '.join(map(str, children))})" if children else ""
-            click.echo(f"  {kind}.{index}  running, uWSGI pid {pid}{extra}")
+            click.echo(f"  {instance.name}  running, uWSGI pid {pid}{extra}")
 
 
 @cli.command("ps:scale")
@@ -1790,14 +2646,12 @@ def cmd_ps(app):
 def cmd_ps_scale(app, settings):
     """Set worker counts: ps:scale APP web=2 worker=0."""
     require_app(app)
-    with AppLock(app):
-        if not os.path.exists(live_env_file(app)):
+    with locked(app):
+        record = live_release(app)
+        if not record:
             raise PikuError(f"{app} has not been deployed yet", "Push to deploy it.")
-        processes = parse_procfile(read_text(os.path.join(app_path(app), "Procfile")))
-        changes = parse_scale_args(settings, processes)
-        scaling = scaling_for(app, processes, changes)
-        write_atomic(scaling_file(app), format_scaling(scaling))
-        spawn_workers(app, processes, load_live_env(app), scaling, restart=False)
+        processes = parse_procfile(read_text(os.path.join(record["root"], "Procfile")))
+        scaling = scale_app(app, parse_scale_args(settings, processes))
         step("Workers: " + ", ".join(f"{kind}={count}" for kind, count in sorted(scaling.items())))
 
 
@@ -1828,14 +2682,11 @@ def cmd_run(app, command):
 @cli.command("restart")
 @click.argument("app")
 def cmd_restart(app):
-    """Restart the app's workers (or start stopped ones)."""
+    """Restart the app's workers beside the running ones (or start stopped ones)."""
     require_app(app)
-    available = app_vassals(app, UWSGI_AVAILABLE)
-    if not available:
-        raise PikuError(f"{app} has no workers to restart", "Push to deploy it.")
-    for path in sorted(available.values()):
-        install_vassal(os.path.basename(path), read_text(path))
-    step(f"Restarting {app}")
+    with locked(app):
+        step(f"Restarting {app}")
+        restart_app(app)
 
 
 @cli.command("stop")
@@ -1843,10 +2694,42 @@ def cmd_restart(app):
 def cmd_stop(app):
     """Stop the app's workers (restart starts them again)."""
     require_app(app)
-    if not app_vassals(app):
-        raise PikuError(f"{app} is not running")
-    stop_workers(app)
-    step(f"Stopped {app}")
+    with locked(app):
+        if not app_units(app):
+            raise PikuError(f"{app} is not running")
+        stop_app(app)
+        step(f"Stopped {app}")
+
+
+@cli.command("releases")
+@click.argument("app")
+def cmd_releases(app):
+    """List the app's kept releases, newest first."""
+    require_app(app)
+    records = load_releases(app)
+    if not records:
+        raise PikuError(f"{app} has no releases yet", "Push to deploy it.")
+    for record in reversed(records):
+        mark = "live" if record is records[-1] and record.get("state") == "live" else \
+            "live, branch pending" if record is records[-1] else ""
+        click.echo(f"v{record['version']:<4} {record['rev'][:7]}  {record['created']}  {record['cause']}"
+                   f" (by {record.get('by') or '?'})" + (f"  [{mark}]" if mark else ""))
+
+
+@cli.command("rollback")
+@click.argument("app")
+@click.argument("version", required=False)
+def cmd_rollback(app, version):
+    """Run a kept release again (default: the one before the live one); no build."""
+    require_app(app)
+    number = None
+    if version is not None:
+        match = re.fullmatch(r"v?([0-9]{1,9})", version)
+        if not match:
+            raise PikuError(f"{version!r} is not a release", f"Name one like v3; see them with: releases {app}")
+        number = int(match.group(1))
+    with locked(app):
+        rollback_app(app, number)
 
 
 @cli.command("setup")
@@ -1963,14 +2846,56 @@ def cmd_git_hook(app, stage):
     deploy, skipped = branch_to_deploy(read_ref_updates(sys.stdin))
     if not deploy:
         return
-    rev, ref = deploy
+    old, rev, ref = deploy
     if stage == "post":
         git("--git-dir", repo_path(app), "symbolic-ref", "HEAD", ref)
         return
     for other in skipped:
         warning(f"{other} was pushed but not deployed: one branch is deployed per push")
-    with AppLock(app):
-        deploy_app(app, rev)
+    receive_pack = os.getppid()
+    with locked(app) as lock:
+        current = branch_revision(app, ref) or ZERO_REV
+        if current != old:
+            raise PikuError(f"{ref} moved while this push waited (now {current[:12]})",
+                            "Fetch, merge or rebase, and push again.")
+        deploy_app(app, rev, ref, cause="push", state="pending")
+        keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack)
+
+
+BRANCH_WAIT_SECONDS = 120
+
+
+def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack):
+    """Hand the app's lock to a small process that holds it until git has moved the branch.
+
+    git moves the branch after the pre-receive hook exits; until then no other change of the
+    app may start (it would see the old branch). When git moved it, the release is confirmed;
+    if git gave up instead (the push failed after the hook), the previous release goes back
+    live, so the branch always names what is served."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork():
+        lock.handed_over = True
+        return
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        keep = lock.handle.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, 65536)
+        deadline = time.monotonic() + BRANCH_WAIT_SECONDS
+        while time.monotonic() < deadline and branch_revision(app, ref) != rev and pid_alive(receive_pack):
+            time.sleep(PROBE_INTERVAL)
+        if branch_revision(app, ref) == rev:
+            confirm_release(app, rev)
+        else:
+            reconcile(app)
+    except BaseException:       # nobody can read an error here; the next command reconciles
+        pass
+    finally:
+        os._exit(0)
 
 
 def main(args=None):
@@ -1989,6 +2914,10 @@ def main(args=None):
         return error.exit_code
     except click.Abort:
         problem("aborted")
+        return 1
+    except OSError as error:
+        problem(f"piku could not go on: {error.strerror or error}" + (f" ({error.filename})" if error.filename else ""))
+        problem("Check free disk space (df -h) and the permissions of PIKU_ROOT, then try again.")
         return 1
     except KeyboardInterrupt:
         return 130

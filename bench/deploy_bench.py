@@ -7,18 +7,26 @@ Measures, each RUNS times (median reported):
   deps      dependency-change redeploy: push until the new code answers, with a new
             package added (a new environment is built beside the live one)
   sync      the same `uv sync` piku runs for `deps`, on its own, into a fresh environment
+  rollback  `piku rollback` until the previous code answers (no build)
+  switch    for uWSGI wsgi, gunicorn wsgi (Python 3.12, when there) and `web: gunicorn`: a
+            code-only redeploy while 2 clients send requests on 127.0.0.1 -- failed requests
+            and the slowest answer
+  apps      with 1, 10 and 30 small apps deployed on one host: the next code-only deploy, and
+            the memory (PSS) of the emperor and of each app's processes
 and the ratio/overhead deps - sync. Needs uv on PATH, uWSGI with its python3 plugin, and
-Debian's python3.11 (the Python uWSGI embeds). Run: make bench  (or python3 bench/deploy_bench.py)
+Debian's python3.11 (the Python uWSGI embeds). Run: make bench  (or python3 bench/deploy_bench.py;
+BENCH_ONLY=apps,switch runs a subset)
 """
 
+import http.client
 import json
 import os
 import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,8 +34,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PIKU = ["/usr/bin/python3", str(REPO / "piku.py")]
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+PYENV = Path("/root/.pyenv/versions")
 EXTRA_PACKAGES = ["six", "idna", "certifi", "packaging", "pyparsing", "attrs", "toml", "zipp", "tomli", "wheel"]
-SYNC_ARGS = ["sync", "--no-default-groups", "--no-install-project", "--python", "/usr/bin/python3.11", "--locked"]
+SYNC_ARGS = ["sync", "--no-default-groups", "--no-install-project", "--python", "/usr/bin/python3.11", "--locked",
+             "--compile-bytecode"]
 
 
 def run(args, cwd=None, env=None, check=True):
@@ -57,8 +68,13 @@ class Bench:
         bin_dir = self.work / "bin"
         bin_dir.mkdir()
         (bin_dir / "uv").symlink_to(os.path.realpath(self.uv))
+        pythons = self.work / "pythons"        # the pyenv builds, as uv-managed Pythons (nothing downloaded)
+        pythons.mkdir()
+        for build in sorted(PYENV.glob("3.1[02-9].*")) if PYENV.is_dir() else []:
+            subprocess.run(["cp", "-al", str(build), str(pythons / f"cpython-{build.name}-linux-x86_64-gnu")])
         self.env = {key: value for key, value in os.environ.items() if not key.startswith(("GIT_", "PIKU_"))}
         self.env.update(PIKU_ROOT=str(self.work / "piku"), PATH=f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
+                        UV_PYTHON_INSTALL_DIR=str(pythons),
                         UV_PYTHON_DOWNLOADS="never", UV_CACHE_DIR=str(self.work / "uv-cache"), UV_SYSTEM_CERTS="1",
                         GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="b@example.com",
                         GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="b@example.com")
@@ -74,9 +90,9 @@ class Bench:
         except subprocess.TimeoutExpired:
             os.killpg(self.emperor.pid, signal.SIGKILL)
 
-    def checkout(self, name):
+    def checkout(self, name, example="flask-uwsgi"):
         path = self.work / "src" / name
-        shutil.copytree(REPO / "examples" / "flask-uwsgi", path)
+        shutil.copytree(REPO / "examples" / example, path)
         run(["git", "init", "-q", "-b", "main"], cwd=path, env=self.env)
         self.commit(path, "first")
         return path
@@ -96,9 +112,12 @@ class Bench:
         port = next(line.split("=", 1)[1].strip("'") for line in live.splitlines() if line.startswith("PORT="))
         return f"http://127.0.0.1:{port}{path}"
 
-    def mark(self, path, marker):
-        source = (REPO / "examples" / "flask-uwsgi" / "wsgi.py").read_text()
-        (path / "wsgi.py").write_text(source.replace("Hello from", f"{marker} from"))
+    def mark(self, path, marker, example="flask-uwsgi", main="wsgi.py"):
+        source = (REPO / "examples" / example / main).read_text()
+        (path / main).write_text(source.replace("Hello from", f"{marker} from"))
+
+    def piku(self, *args):
+        return run([*PIKU, *args], env=self.env)
 
     def with_package(self, path, count):
         """pyproject.toml + uv.lock with the first `count` extra packages."""
@@ -108,8 +127,40 @@ class Bench:
         run([self.uv, "lock", "-q"], cwd=path, env=self.env)
 
 
-def measure(bench):
-    results = {"cold": [], "code": [], "deps": [], "deps_push": [], "sync": []}
+class Load:
+    """2 clients sending GETs to one loopback URL until stopped (at most 60 s): failures and latency."""
+
+    def __init__(self, port, clients=2):
+        self.port, self.failed, self.latencies, self.stopping = port, 0, [], threading.Event()
+        self.deadline = time.monotonic() + 60
+        self.threads = [threading.Thread(target=self.loop, daemon=True) for _ in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def loop(self):
+        while not self.stopping.is_set() and time.monotonic() < self.deadline:
+            started = time.monotonic()
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:
+                connection.request("GET", "/")
+                response = connection.getresponse()
+                response.read()
+                ok = response.status < 500
+            except (OSError, http.client.HTTPException):
+                ok = False
+            finally:
+                connection.close()
+            self.latencies.append(time.monotonic() - started)
+            self.failed += not ok
+
+    def stop(self):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join()
+        return self
+
+
+def measure_deploys(bench, results):
     # warm the uv cache with every package the dependency runs will need
     warm = bench.checkout("warm")
     bench.with_package(warm, len(EXTRA_PACKAGES))
@@ -144,7 +195,108 @@ def measure(bench):
         began = time.monotonic()
         run([bench.uv, *SYNC_ARGS], cwd=path, env=dict(bench.env, UV_PROJECT_ENVIRONMENT=str(venv)))
         results["sync"].append(time.monotonic() - began)
-    return results
+
+    for run_index in range(RUNS if RUNS > 1 else 0):
+        # v(N) -> v(N-1): the previous release runs again, no build
+        marker = f"Deps{RUNS - 2 + run_index % 2}"
+        started = time.monotonic()
+        bench.piku("rollback", "app")
+        results["rollback"].append(wait_for(bench.url("app"), marker) - started)
+
+
+
+
+
+SWITCH_SERVERS = {   # name -> (example, file with "Hello from", Python it needs)
+    "uwsgi": ("flask-uwsgi", "wsgi.py", None),
+    "gunicorn": ("flask-gunicorn", "wsgi.py", "3.12"),
+    "web-gunicorn": ("requirements", "app.py", None),
+}
+
+
+def measure_switch(bench, results):
+    for server, (example, main, python) in SWITCH_SERVERS.items():
+        if python and not any(PYENV.glob(f"{python}.*")):
+            print(f"  (skipping {server}: Python {python} is not installed)")
+            continue
+        path = bench.checkout(f"sw-{server}", example)
+        bench.push(path, f"sw-{server}")
+        url = bench.url(f"sw-{server}")
+        wait_for(url, "Hello from")
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        for run_index in range(RUNS):
+            marker = f"Switch{run_index}"
+            bench.mark(path, marker, example, main)
+            bench.commit(path, marker)
+            load = Load(port)
+            time.sleep(0.3)
+            started = bench.push(path, f"sw-{server}")
+            answered = wait_for(url, marker) - started
+            time.sleep(0.3)
+            load.stop()
+            results.setdefault(f"switch_{server}", []).append(answered)
+            results.setdefault(f"failed_{server}", []).append(load.failed)
+            results.setdefault(f"worst_{server}", []).append(max(load.latencies))
+            results.setdefault(f"requests_{server}", []).append(len(load.latencies))
+
+
+def pss_mb(pids):
+    import psutil
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_full_info().pss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+def app_pids(bench, app):
+    import psutil
+    pids = []
+    for pidfile in (bench.work / "piku" / "uwsgi" / app).rglob("*.pid"):
+        try:
+            master = psutil.Process(int(pidfile.read_text()))
+            pids += [master.pid, *(child.pid for child in master.children(recursive=True))]
+        except (psutil.Error, ValueError):
+            pass
+    return pids
+
+
+def measure_apps(bench, results):
+    """Deploy small apps (examples/web) until 1, 10, 30 are live; time one more code-only
+    deploy at each size and take the memory of what runs."""
+    deployed = 0
+    for size in (1, 10, 30):
+        while deployed < size:
+            path = bench.checkout(f"many{deployed}", "web")
+            bench.push(path, f"many{deployed}")
+            wait_for(bench.url(f"many{deployed}"), "Hello from")
+            deployed += 1
+        times = []
+        path = bench.work / "src" / "many0"
+        for run_index in range(RUNS):
+            marker = f"Size{size}x{run_index}"
+            bench.mark(path, marker, "web", "app.py")
+            bench.commit(path, marker)
+            started = bench.push(path, "many0")
+            times.append(wait_for(bench.url("many0"), marker) - started)
+        time.sleep(2)       # drained generations exit
+        per_app = [pss_mb(app_pids(bench, f"many{index}")) for index in range(size)]
+        results[f"apps_{size}_deploy"] = times
+        results[f"apps_{size}_mb_per_app"] = [statistics.median(per_app)]
+        results[f"apps_{size}_emperor_mb"] = [pss_mb([bench.emperor.pid])]
+
+
+def measure(bench):
+    results = {"cold": [], "code": [], "deps": [], "deps_push": [], "sync": [], "rollback": []}
+    if not ONLY or "deploys" in ONLY:
+        measure_deploys(bench, results)
+    if not ONLY or "switch" in ONLY:
+        measure_switch(bench, results)
+    if not ONLY or "apps" in ONLY:
+        measure_apps(bench, results)
+    return {name: values for name, values in results.items() if values}
 
 
 def main():
@@ -156,15 +308,28 @@ def main():
         bench.stop()
         shutil.rmtree(work, ignore_errors=True)
     medians = {name: statistics.median(values) for name, values in results.items()}
-    print(f"piku deploy benchmark, {RUNS} runs each, medians (seconds); uv {run([bench.uv, '--version']).stdout.split()[1]}")
-    for name, label in (("cold", "cold first deploy (push -> answer)"),
-                        ("code", "code-only redeploy (push -> new code answers)"),
-                        ("deps", "dependency-change redeploy (push -> new code answers)"),
-                        ("deps_push", "dependency-change git push alone (build + activate)"),
-                        ("sync", "the same uv sync on its own")):
-        print(f"  {label:55s} {medians[name]:6.2f}   runs: {' '.join(f'{v:.2f}' for v in results[name])}")
-    print(f"  {'overhead over uv sync, push -> new code answers':55s} {medians['deps'] - medians['sync']:6.2f}")
-    print(f"  {'overhead over uv sync, git push alone':55s} {medians['deps_push'] - medians['sync']:6.2f}")
+    print(f"piku deploy benchmark, {RUNS} runs each, medians; uv {run([bench.uv, '--version']).stdout.split()[1]}")
+    labels = [("cold", "cold first deploy (push -> answer), s"),
+              ("code", "code-only redeploy (push -> new code answers), s"),
+              ("deps", "dependency-change redeploy (push -> new code answers), s"),
+              ("deps_push", "dependency-change git push alone, s"),
+              ("sync", "the same uv sync on its own, s"),
+              ("rollback", "rollback (command -> previous code answers), s")]
+    for server in SWITCH_SERVERS:
+        labels += [(f"switch_{server}", f"{server}: push -> new code answers, under load, s"),
+                   (f"failed_{server}", f"{server}: failed requests during the redeploy"),
+                   (f"worst_{server}", f"{server}: slowest answer during the redeploy, s"),
+                   (f"requests_{server}", f"{server}: requests sent during the redeploy")]
+    for size in (1, 10, 30):
+        labels += [(f"apps_{size}_deploy", f"{size} apps on the host: code-only redeploy, s"),
+                   (f"apps_{size}_mb_per_app", f"{size} apps on the host: memory per app (PSS), MB"),
+                   (f"apps_{size}_emperor_mb", f"{size} apps on the host: the emperor (PSS), MB")]
+    for name, label in labels:
+        if name in results:
+            print(f"  {label:60s} {medians[name]:8.3f}   runs: {' '.join(f'{v:.3f}' for v in results[name])}")
+    if "deps" in medians:
+        print(f"  {'overhead over uv sync, push -> new code answers, s':60s} {medians['deps'] - medians['sync']:8.3f}")
+        print(f"  {'overhead over uv sync, git push alone, s':60s} {medians['deps_push'] - medians['sync']:8.3f}")
     print(json.dumps({"runs": results, "medians": medians}))
 
 

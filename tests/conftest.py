@@ -111,7 +111,32 @@ class Piku:
         return f"http://{env['BIND_ADDRESS']}:{env['PORT']}{path}"
 
     def vassals(self, app, folder="uwsgi-enabled"):
-        return sorted(p.name for p in (self.root / folder).glob(f"{app}_*.ini"))
+        """The app's vassal files (APP@UNIT.ini)."""
+        return sorted(p.name for p in (self.root / folder).glob(f"{app}@*.ini"))
+
+    def workers(self, app):
+        """The app's enabled worker instances, as KIND.N (any generation; the front left out)."""
+        return sorted(name.split("@", 1)[1][:-4].split(".", 1)[1] for name in self.vassals(app)
+                      if not name.split("@", 1)[1].startswith("front."))
+
+    def master_pids(self, app):
+        """PIDs of the app's running uWSGI masters (workers and front), from their pidfiles."""
+        pids = []
+        for pidfile in (self.root / "uwsgi" / app).rglob("*.pid"):
+            text = pidfile.read_text().strip()
+            if text.isdigit() and pid_alive(int(text)):
+                pids.append(int(text))
+        return sorted(pids)
+
+    def branch(self, app, ref="main"):
+        result = subprocess.run(["git", "--git-dir", str(self.root / "repos" / app), "rev-parse", ref],
+                                capture_output=True, text=True, env=clean_env())
+        return result.stdout.strip()
+
+    def releases(self, app):
+        import json
+        path = self.root / "envs" / app / "releases.json"
+        return json.loads(path.read_text()) if path.exists() else []
 
 
 class AppRepo:
@@ -174,6 +199,72 @@ def wait_for_body(url, expected, timeout=30):
             last = error
         time.sleep(0.2)
     raise AssertionError(f"{url} never answered with {expected!r}; last answer: {last!r}")
+
+
+class LoadLoop:
+    """A bounded HTTP load on one loopback URL, in background threads, counting what a visitor
+    would call a failure: refused, reset, timed out, 5xx, or slower than `slow` seconds.
+
+    Stops after `limit` requests or `seconds`, whichever comes first, or at stop()."""
+
+    def __init__(self, url, clients=2, limit=20000, seconds=120, slow=2.0):
+        import threading
+        self.url, self.limit, self.slow = url, limit, slow
+        self.deadline = time.monotonic() + seconds
+        self.failures, self.bodies, self.count = [], {}, 0
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def run(self):
+        import http.client
+        from urllib.parse import urlsplit
+        parts = urlsplit(self.url)
+        while not self.stopping.is_set() and time.monotonic() < self.deadline:
+            with self.lock:
+                if self.count >= self.limit:
+                    return
+                self.count += 1
+            started = time.monotonic()
+            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+            try:
+                connection.request("GET", parts.path or "/")
+                response = connection.getresponse()
+                body = response.read().decode(errors="replace")
+                outcome = f"HTTP {response.status}" if response.status >= 500 else None
+            except (OSError, http.client.HTTPException) as error:
+                body, outcome = None, type(error).__name__
+            finally:
+                connection.close()
+            took = time.monotonic() - started
+            if outcome is None and took > self.slow:
+                outcome = f"slow ({took:.1f} s)"
+            with self.lock:
+                if outcome:
+                    self.failures.append(outcome)
+                else:
+                    self.bodies[body] = self.bodies.get(body, 0) + 1
+
+    def stop(self):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=15)
+        return self
+
+    def served(self, text):
+        """How many answers contained text."""
+        return sum(count for body, count in self.bodies.items() if text in body)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def report(self):
+        return f"{self.count} requests, {len(self.failures)} failed: {sorted(set(self.failures))}"
 
 
 def wait_until(predicate, timeout=30, message="condition"):

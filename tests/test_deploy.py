@@ -12,16 +12,6 @@ WEB = EXAMPLES / "web"
 STATIC = EXAMPLES / "static"
 
 
-def vassal_pids(piku, app):
-    """PIDs of the app's running uWSGI masters, from their pidfiles."""
-    pids = []
-    for pidfile in (piku.root / "uwsgi").glob(f"{app}_*.pid"):
-        text = pidfile.read_text().strip()
-        if text.isdigit() and pid_alive(int(text)):
-            pids.append(int(text))
-    return sorted(pids)
-
-
 def web_processes(app_pids):
     """The app's own processes (the web command) under each uWSGI master."""
     import psutil
@@ -41,7 +31,7 @@ def test_first_push_serves_the_app(piku, emperor, make_app):
     assert "-----> Deploying hello" in result.output
     assert "-----> hello is live at http://127.0.0.1:" in result.output
     wait_for_body(piku.url("hello"), "Hello from hello! GREETING=hello")
-    assert piku.vassals("hello") == ["hello_web.1.ini"]
+    assert piku.workers("hello") == ["web.1"]
     assert (piku.root / "logs" / "hello" / "web.1.log").exists()
     assert "* hello" in piku("apps").stdout
 
@@ -80,13 +70,13 @@ def test_ps_scale_runs_two_vassals_and_two_processes(piku, emperor, make_app):
     url = piku.url("hello")
     wait_for_body(url, "Hello from hello")
     piku("ps:scale", "hello", "web=2")
-    assert piku.vassals("hello") == ["hello_web.1.ini", "hello_web.2.ini"]
-    wait_until(lambda: len(web_processes(vassal_pids(piku, "hello"))) == 2, message="two web processes")
+    assert piku.workers("hello") == ["web.1", "web.2"]
+    wait_until(lambda: len(web_processes(piku.master_pids("hello"))) == 2, message="two web processes")
     assert "web:2" in piku("ps", "hello").stdout
     wait_for_body(url, "Hello from hello")
     piku("ps:scale", "hello", "web=1")
-    assert piku.vassals("hello") == ["hello_web.1.ini"]
-    wait_until(lambda: len(web_processes(vassal_pids(piku, "hello"))) == 1, message="one web process")
+    assert piku.workers("hello") == ["web.1"]
+    wait_until(lambda: len(web_processes(piku.master_pids("hello"))) == 1, message="one web process")
     # a redeploy keeps the scaling
     app.commit("again")
     app.push()
@@ -98,7 +88,7 @@ def test_stop_restart_destroy(piku, emperor, make_app):
     app.push()
     url = piku.url("hello")
     wait_for_body(url, "Hello from hello")
-    pids = vassal_pids(piku, "hello")
+    pids = piku.master_pids("hello")
     assert pids
 
     piku("stop", "hello")
@@ -109,13 +99,13 @@ def test_stop_restart_destroy(piku, emperor, make_app):
 
     piku("restart", "hello")
     wait_for_body(url, "Hello from hello")
-    restarted = vassal_pids(piku, "hello")
+    restarted = piku.master_pids("hello")
     assert restarted and restarted != pids
 
     (piku.root / "data" / "hello" / "keep.txt").write_text("precious")
     piku("destroy", "hello")
     assert not any(pid_alive(pid) for pid in restarted)
-    for folder in ("apps", "repos", "envs", "logs", "releases"):
+    for folder in ("apps", "repos", "envs", "logs", "releases", "uwsgi"):
         assert not (piku.root / folder / "hello").exists(), folder
     assert piku.vassals("hello") == [] and piku.vassals("hello", "uwsgi-available") == []
     assert (piku.root / "data" / "hello" / "keep.txt").read_text() == "precious"
@@ -180,7 +170,7 @@ def test_background_worker_runs(piku, emperor, make_app):
     app.commit("a worker only")
     result = app.push()
     assert "-----> jobs is live" in result.output
-    assert piku.vassals("jobs") == ["jobs_clock.1.ini"]
+    assert piku.workers("jobs") == ["clock.1"]
     tick = piku.root / "data" / "jobs" / "tick"
     wait_until(tick.exists, message="the worker to write its file")
     assert re.fullmatch(r"\d+\n", tick.read_text())
@@ -245,5 +235,5 @@ def test_wsgi_app_runs_in_uwsgi_with_static_and_cron_next_to_it(piku, emperor, m
     body = wait_for_body(piku.url("plain"), "GREETING=from ENV")
     assert body.startswith("wsgi 3.")
     assert fetch(piku.url("plain", "/robots.txt")) == (200, "static file\n")   # static: next to wsgi
-    assert piku.vassals("plain") == ["plain_cron-tick.1.ini", "plain_wsgi.1.ini"]
-    wait_until(lambda: len(vassal_pids(piku, "plain")) == 2, message="the wsgi and cron vassals")
+    assert piku.workers("plain") == ["cron-tick.1", "wsgi.1"]
+    wait_until(lambda: len(piku.master_pids("plain")) == 3, message="the wsgi and cron vassals and the front")

@@ -23,6 +23,17 @@ def check_golden(name, text):
     assert text == path.read_text(), f"{name} differs from the golden file"
 
 
+ROOT = "/home/piku/.piku/releases/shop/20261121-abc"
+
+
+def instance(kind, index=1, gen=7):
+    return piku.Instance("shop", gen, kind, index)
+
+
+def render(kind, command, env, index=1, extra=()):
+    return piku.render_vassal(instance(kind, index), command, env, ROOT, extra)
+
+
 @pytest.mark.parametrize("kind, command, golden", [
     ("web", "python3 app.py --log $(date +%d)", "web.ini"),
     ("worker", "python worker.py", "worker.ini"),
@@ -31,13 +42,21 @@ def check_golden(name, text):
     ("cron-nightly", "*/15 3 * * * ./nightly.sh", "cron.ini"),
 ])
 def test_vassals_match_their_golden_files(kind, command, golden):
-    check_golden(golden, piku.render_vassal("shop", kind, 1, command, ENV))
+    check_golden(golden, render(kind, command, ENV))
 
 
-def test_ipv6_bind_address():
-    text = piku.render_vassal("shop", "wsgi", 2, "app:app", dict(ENV, BIND_ADDRESS="::1"))
-    assert "http-socket = [::1]:8123\n" in text
-    assert "logto = /home/piku/.piku/logs/shop/wsgi.2.log\n" in text
+def test_every_instance_has_its_own_files_under_its_app_and_generation():
+    text = render("wsgi", "app:app", ENV, index=2)
+    assert "http-socket = /home/piku/.piku/uwsgi/shop/g7/wsgi.2.sock\n" in text
+    assert "logto = /home/piku/.piku/logs/shop/g7/wsgi.2.log\n" in text
+    assert "pidfile = /home/piku/.piku/uwsgi/shop/g7/wsgi.2.pid\n" in text
+    assert instance("wsgi", 2).vassal == "/home/piku/.piku/uwsgi-enabled/shop@g7.wsgi.2.ini"
+    assert piku.Instance("shop_web", 7, "wsgi", 2).vassal != piku.Instance("shop", 7, "web_wsgi", 2).vassal
+
+
+def test_the_front_matches_its_golden_file_and_takes_ipv6():
+    check_golden("front.ini", piku.render_front("shop", ENV))
+    assert "rawrouter = [::1]:8123\n" in piku.render_front("shop", dict(ENV, BIND_ADDRESS="::1"))
 
 
 def test_emperor_matches_its_golden_file():
@@ -52,36 +71,39 @@ def test_uwsgi_escaping_keeps_values_literal():
 
 def test_a_setting_cannot_add_lines_to_a_vassal():
     with pytest.raises(PikuError):
-        piku.render_vassal("shop", "web", 1, "python app.py", dict(ENV, EVIL="x\nattach-daemon = rm -rf /"))
+        render("web", "python app.py", dict(ENV, EVIL="x\nattach-daemon = rm -rf /"))
     with pytest.raises(PikuError):
-        piku.render_vassal("shop", "web", 1, "python app.py\nattach-daemon = evil", ENV)
+        render("web", "python app.py\nattach-daemon = evil", ENV)
 
 
 def test_uwsgi_numbers_are_checked():
     with pytest.raises(PikuError) as error:
-        piku.render_vassal("shop", "wsgi", 1, "app:app", dict(ENV, UWSGI_PROCESSES="2; evil"))
+        render("wsgi", "app:app", dict(ENV, UWSGI_PROCESSES="2; evil"))
     assert "UWSGI_PROCESSES must be a whole number" in error.value.message
+    for odd in ("\u00b2", "\u0663", "1e3", "-1", "0", "9999999999"):
+        with pytest.raises(PikuError):
+            render("wsgi", "app:app", dict(ENV, UWSGI_PROCESSES=odd))
 
 
 VENV_ENV = dict(ENV, VIRTUAL_ENV="/home/piku/.piku/envs/shop/python-0123456789abcdef", WSGI_SERVER="uwsgi")
 
 
 def test_wsgi_vassal_with_an_environment_matches_its_golden_file():
-    check_golden("wsgi-virtualenv.ini", piku.render_vassal("shop", "wsgi", 1, "shop.wsgi:app", VENV_ENV))
+    check_golden("wsgi-virtualenv.ini", render("wsgi", "shop.wsgi:app", VENV_ENV))
 
 
 def test_gunicorn_vassal_and_config_match_their_golden_files():
     env = dict(VENV_ENV, WSGI_SERVER="gunicorn", GUNICORN_WORKERS="3")
-    check_golden("wsgi-gunicorn.ini", piku.render_vassal("shop", "wsgi", 1, "shop.wsgi:app", env))
-    check_golden("gunicorn.conf.py", piku.render_gunicorn_config("shop", "wsgi", 1, env))
+    check_golden("wsgi-gunicorn.ini", render("wsgi", "shop.wsgi:app", env))
+    check_golden("gunicorn.conf.py", piku.render_gunicorn_config(instance("wsgi"), env, ROOT))
 
 
 def test_gunicorn_config_values_are_python_literals():
     env = dict(VENV_ENV, WSGI_SERVER="gunicorn", WEB_CONCURRENCY="2", BIND_ADDRESS="::1")
-    text = piku.render_gunicorn_config("shop", "wsgi", 2, env)
+    text = piku.render_gunicorn_config(instance("wsgi", 2), env, ROOT)
     namespace = {}
     exec(compile(text, "gunicorn.conf.py", "exec"), namespace)
-    assert namespace["bind"] == ["[::1]:8123"] and namespace["workers"] == 2
-    assert namespace["accesslog"] == "/home/piku/.piku/logs/shop/wsgi.2.access.log"
+    assert namespace["bind"] == ["unix:/home/piku/.piku/uwsgi/shop/g7/wsgi.2.sock"] and namespace["workers"] == 2
+    assert namespace["accesslog"] == "-" and namespace["chdir"] == ROOT
     with pytest.raises(PikuError):
-        piku.render_gunicorn_config("shop", "wsgi", 1, dict(env, GUNICORN_WORKERS="4; import os"))
+        piku.render_gunicorn_config(instance("wsgi"), dict(env, GUNICORN_WORKERS="4; import os"), ROOT)

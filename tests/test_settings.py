@@ -78,8 +78,8 @@ def test_hook_stdin_picks_the_last_pushed_branch():
                                      f"{'b' * 40} {'c' * 40} refs/tags/v1\n",
                                      f"{'d' * 40} {'e' * 40} refs/heads/dev\n",
                                      f"{'f' * 40} {'0' * 40} refs/heads/old\n"])
-    (rev, ref), skipped = piku.branch_to_deploy(updates)
-    assert (rev, ref) == ("e" * 40, "refs/heads/dev") and skipped == ["refs/heads/main"]
+    (old, rev, ref), skipped = piku.branch_to_deploy(updates)
+    assert (old, rev, ref) == ("d" * 40, "e" * 40, "refs/heads/dev") and skipped == ["refs/heads/main"]
     assert piku.branch_to_deploy(updates[1:2]) == (None, [])
 
 

@@ -18,7 +18,8 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def server_bind(self):
-        # SO_REUSEPORT lets `ps:scale APP web=2` run two copies on the same PORT.
+        # Not needed under piku.py (each copy gets a PORT of its own behind the app's front),
+        # but lets this server share a port elsewhere.
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 

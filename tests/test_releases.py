@@ -1,0 +1,433 @@
+"""Fail-safe deploys: health-gated switches under load, releases, rollback, races and kills.
+
+Every load loop here is bounded (count and time) and talks to 127.0.0.1 only.
+"""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import EXAMPLES, PIKU_PY, PYTHON, AppRepo, LoadLoop, fetch, wait_for_body, wait_until
+
+FLASK_UWSGI = EXAMPLES / "flask-uwsgi"
+FLASK_GUNICORN = EXAMPLES / "flask-gunicorn"
+REQUIREMENTS = EXAMPLES / "requirements"
+WEB = EXAMPLES / "web"
+
+# server -> (example, the file that says "Hello from", the Procfile kind, Pythons it needs)
+SERVERS = {
+    "uwsgi": (FLASK_UWSGI, "wsgi.py", "wsgi", ("3.11",)),
+    "gunicorn": (FLASK_GUNICORN, "wsgi.py", "wsgi", ("3.11", "3.12")),
+    "web-gunicorn": (REQUIREMENTS, "app.py", "web", ("3.11",)),
+}
+
+
+def mark(app, source, main, marker):
+    app.write(main, (source / main).read_text().replace("Hello from", f"{marker} from"))
+    app.commit(marker)
+
+
+def no_piku_traceback(output):
+    return f'File "{PIKU_PY}"' not in output and "Traceback" not in output.split("last lines of")[0]
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_every_change_to_a_healthy_app_fails_no_request(server, piku, emperor, make_app, toolchain):
+    source, main, kind, pythons = SERVERS[server]
+    toolchain.require(*pythons)
+    app = make_app(source, "live")
+    app.push()
+    url = piku.url("live")
+    wait_for_body(url, "Hello from")
+    first = app.git("rev-parse", "HEAD").stdout.strip()
+    with LoadLoop(url) as load:
+        mark(app, source, main, "Second")
+        pushed = app.push()
+        assert "Health check passed" in pushed.output
+        wait_for_body(url, "Second from")
+
+        if server == "uwsgi":       # a dependency change: a new environment, built beside the live one
+            subprocess.run([f"{toolchain.root}/bin/uv", "add", "--no-sync", "six"], cwd=app.path, env=piku.env,
+                           check=True, capture_output=True)
+            app.commit("add six")
+            assert "Running uv sync" in app.push().output
+            wait_for_body(piku.url("live", "/import/six"), "yes")
+        if server == "gunicorn":    # a Python version change: 3.12 on gunicorn -> 3.11 on uWSGI
+            moved = piku("config:set", "live", "PYTHON_VERSION=3.11")
+            assert "Serving wsgi with uwsgi" in moved.stdout
+            wait_for_body(piku.url("live", "/python"), "3.11")
+        changed = piku("config:set", "live", "GREETING=under load")
+        assert "Health check passed" in changed.stdout
+        piku("config:unset", "live", "GREETING")
+        piku("ps:scale", "live", f"{kind}=2")
+        assert piku.workers("live") == [f"{kind}.1", f"{kind}.2"]
+        piku("ps:scale", "live", f"{kind}=1")
+        assert piku.workers("live") == [f"{kind}.1"]
+        piku("restart", "live")
+
+        second = app.git("rev-parse", "HEAD").stdout.strip()       # what the rollback returns to
+        mark(app, source, main, "Third")
+        app.push()
+        wait_for_body(url, "Third from")
+        before = piku.releases("live")[-2]["version"]
+        back = piku("rollback", "live")
+        assert f"Rolling live back to v{before}" in back.stdout
+        wait_for_body(url, "Second from")
+        assert piku.branch("live") == second
+    load.stop()
+    assert not load.failures, load.report()
+    assert load.served("Second from") and load.served("Third from"), load.report()
+    assert load.count > 100, load.report()
+    listing = piku("releases", "live").stdout.splitlines()
+    newest = piku.releases("live")[-1]["version"]
+    assert listing[0].startswith(f"v{newest} ") and "rollback to v" in listing[0] and "[live]" in listing[0]
+    assert [line.split()[0] for line in listing] == [f"v{newest - n}" for n in range(5)], "five kept, newest first"
+    assert piku.releases("live")[0]["rev"] != first
+
+
+def test_rollback_runs_the_kept_release_without_building(piku, emperor, make_app, toolchain):
+    toolchain.require("3.11")
+    app = make_app(FLASK_UWSGI, "back")
+    app.push()
+    url = piku.url("back")
+    wait_for_body(url, "Hello from back")
+    wait_for_body(piku.url("back", "/import/six"), "no")
+    v1 = app.git("rev-parse", "HEAD").stdout.strip()
+    subprocess.run([f"{toolchain.root}/bin/uv", "add", "--no-sync", "six"], cwd=app.path, env=piku.env,
+                   check=True, capture_output=True)
+    mark(app, FLASK_UWSGI, "wsgi.py", "Sixed")
+    assert "Running uv sync" in app.push().output
+    wait_for_body(piku.url("back", "/import/six"), "yes")
+
+    result = piku("rollback", "back")
+    assert "uv" not in result.stdout and "Building" not in result.stdout, result.stdout
+    wait_for_body(url, "Hello from back")
+    wait_for_body(piku.url("back", "/import/six"), "no")
+    assert piku.branch("back") == v1, "the branch moves back with the release"
+    assert "rollback to v1" in piku("releases", "back").stdout.splitlines()[0]
+
+    again = piku("rollback", "back", "v2")
+    assert "Rolling back back to v2" in again.stdout
+    wait_for_body(url, "Sixed from back")
+    mark(app, FLASK_UWSGI, "wsgi.py", "Forward")
+    app.git("pull", "--quiet", "--rebase=false", str(piku.root / "repos" / "back"), "main", check=False)
+    app.push()      # a normal fast-forward from the rolled-back branch
+    wait_for_body(url, "Forward from back")
+
+    for bad, message in (("v99", "v99 is not a kept release"), ("latest", "is not a release"), ("v5", "already live")):
+        refused = piku("rollback", "back", bad, check=False)
+        assert refused.returncode == 1 and message in refused.stderr, (bad, refused.stderr)
+        assert "Traceback" not in refused.stderr
+
+
+def test_failed_deploys_change_nothing_a_visitor_sees(piku, emperor, make_app, toolchain):
+    toolchain.require("3.11")
+    app = make_app(FLASK_UWSGI, "safe")
+    app.push()
+    url = piku.url("safe")
+    wait_for_body(url, "Hello from safe")
+    good = app.git("rev-parse", "HEAD").stdout.strip()
+    source = (FLASK_UWSGI / "wsgi.py").read_text()
+    pyproject = (FLASK_UWSGI / "pyproject.toml").read_text()
+    cases = [
+        ("failing preflight", {"Procfile": "wsgi: wsgi:app\npreflight: echo preflight says no >&2; exit 4\n"},
+         ["the preflight command failed (exit code 4)", "preflight says no"]),
+        ("failing release", {"Procfile": "wsgi: wsgi:app\nrelease: echo migration failed >&2; exit 3\n"},
+         ["the release command failed (exit code 3)", "migration failed"]),
+        ("crash on import", {"wsgi.py": "raise RuntimeError('boom at import')\n"},
+         ["the new release did not start: wsgi.1 exited while starting", "RuntimeError: boom at import"]),
+        ("never answers", {"wsgi.py": source + "\n\n@app.before_request\ndef hang():\n    import time\n"
+                                                "    time.sleep(600)\n",
+                           "ENV": "PIKU_HEALTHCHECK_TIMEOUT=2\n"},
+         ["wsgi.1 was not ready after 2 s (PIKU_HEALTHCHECK_TIMEOUT)", "timed out"]),
+        ("500 on the health path", {"wsgi.py": source + "\n\n@app.before_request\ndef broken():\n"
+                                                        "    return 'broken', 500\n",
+                                    "ENV": "PIKU_HEALTHCHECK_TIMEOUT=2\n"},
+         ["GET / answered 500"]),
+        ("worker that exits", {"Procfile": "wsgi: wsgi:app\nworker: echo worker gave up; exit 1\n"},
+         ["the command of worker.1 exited while starting", "worker gave up"]),
+        ("no such package", {"pyproject.toml": pyproject.replace('"flask>=3.0"', '"flask>=3.0", "piku-no-such-pkg-zz"'),
+                             "uv.lock": None},
+         ["the dependencies cannot be resolved"]),
+        ("stale lock", {"pyproject.toml": pyproject.replace('"flask>=3.0"', '"flask>=3.0", "six"')},
+         ["uv.lock is out of date with pyproject.toml"]),
+    ]
+    with LoadLoop(url) as load:
+        for name, files, messages in cases:
+            app.git("reset", "--quiet", "--hard", good)
+            for path, text in files.items():
+                if text is None:
+                    (app.path / path).unlink()
+                else:
+                    app.write(path, text)
+            app.commit(name)
+            result = app.push(check=False)
+            assert result.returncode != 0, name
+            assert "pre-receive hook declined" in result.output, name
+            for message in messages:
+                assert message in result.output, (name, message, result.output)
+            assert no_piku_traceback(result.output), result.output
+            assert piku.branch("safe") == good, name
+            assert fetch(url)[1].startswith("Hello from safe"), name
+    load.stop()
+    assert not load.failures, load.report()
+    assert load.count > 200, load.report()
+    assert set(load.bodies) == {fetch(url)[1]}, "every answer came from the release that was live"
+    assert piku.workers("safe") == ["wsgi.1"]
+    assert len(piku.releases("safe")) == 1
+    assert len(list((piku.root / "releases" / "safe").iterdir())) == 1, "failed releases leave no folder"
+
+
+def test_refused_settings_leave_everything_as_it_was(piku, emperor, make_app):
+    other = make_app(WEB, "other")
+    other.push()
+    app = make_app(WEB, "hello")
+    app.push()
+    url = piku.url("hello")
+    wait_for_body(url, "Hello from hello")
+
+    def snapshot():
+        envs = piku.root / "envs" / "hello"
+        return ((envs / "LIVE_ENV").read_text(), (envs / "SCALING").read_text(), (envs / "ENV").read_text(),
+                os.readlink(piku.root / "apps" / "hello"), piku.vassals("hello"), piku.releases("hello"))
+
+    before = snapshot()
+    refusals = [
+        ("UWSGI_PROCESSES=abc", "UWSGI_PROCESSES must be a whole number"),
+        ("PORT=abc", "PORT 'abc' is not a port number"),
+        ("PORT=\u00b2", "is not a port number"),
+        ("PORT=22", "PORT 22 is a privileged port"),
+        (f"PORT={piku.live_env('other')['PORT']}", "is already used by the app 'other'"),
+        ("BIND_ADDRESS=203.0.113.7", "BIND_ADDRESS 203.0.113.7 is not an address of this host"),
+        ("BIND_ADDRESS=localhost", "is not an IP address"),
+        ("PIKU_HEALTHCHECK_TIMEOUT=soon", "PIKU_HEALTHCHECK_TIMEOUT must be a number of seconds"),
+        ("PIKU_HEALTHCHECK_PATH=health", "is not a URL path"),
+    ]
+    for setting, message in refusals:
+        result = piku("config:set", "hello", setting, check=False)
+        assert result.returncode == 1, setting
+        assert message in result.stderr, (setting, result.stderr)
+        assert "settings were not changed" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert snapshot() == before, setting
+    scaled = piku("ps:scale", "hello", "web=\u00b2", check=False)
+    assert scaled.returncode == 1 and "malformed scaling" in scaled.stderr and "Traceback" not in scaled.stderr
+
+    app.write("ENV", "GREETING=hello\nHUGE=" + "x" * 140000 + "\n")
+    app.commit("a setting no process can start with")
+    pushed = app.push(check=False)
+    assert pushed.returncode != 0 and "no process can be started with a setting over" in pushed.output
+    assert snapshot() == before
+
+    piku("restart", "hello")
+    wait_for_body(url, "Hello from hello")
+    assert fetch(piku.url("other"))[1].startswith("Hello from other"), "the other app never noticed"
+
+
+def test_two_pushes_at_once_leave_the_branch_naming_what_is_served(piku, emperor, make_app, tmp_path):
+    app = make_app(WEB, "race")
+    app.push()
+    url = piku.url("race")
+    wait_for_body(url, "Hello from race")
+    copies = []
+    for name in ("alpha", "beta"):
+        copy = AppRepo(piku, app.path, tmp_path / "copies" / name, "race")
+        copy.write("app.py", (WEB / "app.py").read_text().replace("Hello from", f"{name.title()} from"))
+        copy.commit(name)
+        copies.append(copy)
+    results = {}
+    threads = [threading.Thread(target=lambda c=c: results.update({c.path.name: c.push(check=False)}))
+               for c in copies]
+    with LoadLoop(url) as load:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    assert not load.failures, load.report()
+    assert sorted(results) == ["alpha", "beta"], "both pushes finished"
+    winners = [name for name, result in results.items() if result.returncode == 0]
+    assert len(winners) == 1, {name: result.output for name, result in results.items()}
+    loser = results[({"alpha", "beta"} - set(winners)).pop()]
+    assert "moved while this push waited" in loser.output or "fetch first" in loser.output, loser.output
+    time.sleep(0.3)     # the winner's keeper confirms once git has moved the branch
+    served = fetch(url)[1]
+    branch_says = app.git("--git-dir", str(piku.root / "repos" / "race"), "show", f"{piku.branch('race')}:app.py")
+    assert served.split()[0] in branch_says.stdout
+    assert piku.releases("race")[-1]["state"] == "live"
+
+
+def hook_processes(app):
+    import psutil
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "git-hook" in cmdline and "--stage=pre" in cmdline and app in cmdline:
+            found.append(proc)
+    return found
+
+
+def kill_tree(procs):
+    import psutil
+    family = []
+    for proc in procs:
+        try:
+            family += [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            pass
+    for proc in family:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(family, timeout=10)
+
+
+@pytest.mark.parametrize("moment", ["release phase", "health check", "switch"])
+def test_a_deploy_killed_at_any_point_leaves_the_site_serving(moment, piku, emperor, make_app):
+    app = make_app(WEB, "tough")
+    app.write("Procfile", "web: python3 app.py\nrelease: touch $DATA_ROOT/release-ran; sleep $RELEASE_SLEEP\n")
+    app.write("ENV", "GREETING=hello\nRELEASE_SLEEP=0\n")
+    app.commit("a release phase")
+    app.push()
+    url = piku.url("tough")
+    wait_for_body(url, "Hello from tough")
+    good = piku.branch("tough")
+    marker = piku.root / "data" / "tough" / "release-ran"
+    with LoadLoop(url) as load:
+        app.write("app.py", (WEB / "app.py").read_text().replace("Hello from", "Killed from"))
+        if moment == "release phase":
+            app.write("ENV", "GREETING=hello\nRELEASE_SLEEP=30\n")
+        elif moment == "health check":
+            app.write("app.py", "import time\ntime.sleep(30)\n" + (app.path / "app.py").read_text())
+        app.commit(f"killed during the {moment}")
+        marker.unlink()
+        push = subprocess.Popen(["git", "push", "--receive-pack", f"{PYTHON} {PIKU_PY} git-receive-pack",
+                                 "tough", "HEAD:main"], cwd=app.path, env=piku.env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(marker.exists, message="the release phase to start")
+            if moment == "health check":
+                wait_until(lambda: len(piku.workers("tough")) == 2, message="the new worker to start")
+            elif moment == "switch":
+                wait_until(lambda: "Killed from" in fetch(url)[1], timeout=30, message="the switch")
+            kill_tree(hook_processes("tough"))
+        finally:
+            push.wait(timeout=60)
+        assert fetch(url)[0] == 200
+        if moment != "switch":
+            assert piku.branch("tough") == good
+            assert fetch(url)[1].startswith("Hello from tough")
+        app.write("ENV", "GREETING=hello\nRELEASE_SLEEP=0\n")
+        app.write("app.py", (WEB / "app.py").read_text().replace("Hello from", "Recovered from"))
+        app.commit("the next push")
+        app.push()
+        wait_for_body(url, "Recovered from tough")
+    load.stop()
+    assert not load.failures, load.report()
+    assert piku.workers("tough") == ["web.1"], "the killed deploy's workers are gone"
+    assert piku.branch("tough") == app.git("rev-parse", "HEAD").stdout.strip()
+    piku("config:set", "tough", "GREETING=after", timeout=60)       # no lock was left behind
+    wait_for_body(url, "GREETING=after")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A PIKU_ROOT on its own 200 MB tmpfs, so a test can fill it (needs root, as CI is)."""
+    root = tmp_path / "small"
+    root.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(root)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield root
+    subprocess.run(["umount", "-l", str(root)])
+
+
+def test_a_full_disk_rejects_the_push_and_the_live_release_keeps_serving(small_disk, toolchain, tmp_path):
+    from conftest import Emperor, Piku
+    toolchain.require("3.11")
+    piku = Piku(small_disk / "piku", toolchain)
+    piku("setup")
+    emperor = Emperor(piku.root)
+    try:
+        app = AppRepo(piku, FLASK_UWSGI, tmp_path / "work" / "full", "full")
+        app.push()
+        url = piku.url("full")
+        wait_for_body(url, "Hello from full")
+        good = piku.branch("full")
+        free = os.statvfs(small_disk)
+        filler = small_disk / "filler"
+        room = 3 * 2**20          # enough for git and the checkout, not for a new environment
+        subprocess.run(["fallocate", "-l", str(free.f_bavail * free.f_frsize - room), str(filler)], check=True)
+        subprocess.run([f"{toolchain.root}/bin/uv", "add", "--no-sync", "six"], cwd=app.path, env=piku.env,
+                       check=True, capture_output=True)
+        mark(app, FLASK_UWSGI, "wsgi.py", "Full")
+        with LoadLoop(url) as load:
+            result = app.push(check=False)
+        assert result.returncode != 0
+        assert "No space left on device" in result.output, result.output
+        assert "nothing" in result.output and no_piku_traceback(result.output), result.output
+        assert piku.branch("full") == good
+        assert not load.failures and load.count, load.report()
+        assert fetch(url)[1].startswith("Hello from full")
+        filler.unlink()
+        app.push()
+        wait_for_body(url, "Full from full")
+    finally:
+        emperor.stop()
+
+
+PICKY_APP = '''\
+import os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Picky(BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = self.path == os.environ.get("WANT_PATH", "/") and self.headers["Host"] == os.environ["WANT_HOST"]
+        body = f"Hello from picky {self.path} {self.headers['Host']}\\n".encode()
+        self.send_response(200 if ok else 503)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+ThreadingHTTPServer((os.environ["BIND_ADDRESS"], int(os.environ["PORT"])), Picky).serve_forever()
+'''
+
+
+def test_the_health_check_asks_for_the_first_server_name_and_the_path_set(piku, emperor, make_app):
+    app = make_app(WEB, "picky")
+    app.write("app.py", PICKY_APP)
+    app.write("ENV", "NGINX_SERVER_NAME=shop.example.com www.example.com\nWANT_HOST=shop.example.com\n"
+                     "WANT_PATH=/health\nPIKU_HEALTHCHECK_PATH=/health\nPIKU_HEALTHCHECK_TIMEOUT=3\n")
+    app.commit("answers only /health for shop.example.com")
+    assert "Health check passed" in app.push().output
+    refused = piku("config:set", "picky", "PIKU_HEALTHCHECK_PATH=/", check=False)
+    assert refused.returncode == 1 and "GET / answered 503" in refused.stderr
+    refused = piku("config:set", "picky", "NGINX_SERVER_NAME=other.example.com", check=False)
+    assert refused.returncode == 1 and "GET /health answered 503" in refused.stderr
+
+
+def test_a_host_running_the_previous_piku_switches_to_this_one(piku, emperor, make_app, tmp_path):
+    """Vassals an earlier piku.py wrote (APP_KIND.N.ini on PORT) give way on the first deploy."""
+    old = tmp_path / "old-piku.py"
+    shown = subprocess.run(["git", "show", "409ee85:piku.py"], cwd=PIKU_PY.parent, capture_output=True, text=True)
+    if shown.returncode != 0:
+        pytest.skip("the previous piku.py is not in this clone's history")
+    old.write_text(shown.stdout)
+    app = make_app(WEB, "veteran")
+    legacy = subprocess.run(["git", "push", "--receive-pack", f"{PYTHON} {old} git-receive-pack", "veteran",
+                             "HEAD:main"], cwd=app.path, env=piku.env, capture_output=True, text=True)
+    assert legacy.returncode == 0, legacy.stderr
+    url = piku.url("veteran")
+    wait_for_body(url, "Hello from veteran")
+    assert (piku.root / "uwsgi-enabled" / "veteran_web.1.ini").exists()
+    mark(app, WEB, "app.py", "Upgraded")
+    app.push()
+    assert piku.url("veteran") == url, "the same PORT"
+    wait_for_body(url, "Upgraded from veteran")
+    assert not (piku.root / "uwsgi-enabled" / "veteran_web.1.ini").exists()
+    assert piku.workers("veteran") == ["web.1"]
