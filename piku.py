@@ -39,6 +39,7 @@ if sys.version_info < (3, 10):
                      % sys.version.split()[0])
     sys.exit(1)
 
+import contextlib
 import errno
 import fcntl
 import glob
@@ -1127,6 +1128,9 @@ processes = $processes
 threads = $threads
 enable-threads = true
 max-requests = $max_requests
+; Debian 12's uWSGI (2.0.21) can deadlock a threaded worker that max-requests recycles while
+; Python finalizes (unbit/uwsgi#2480, fixed upstream in 2024); skipping that teardown avoids it
+skip-atexit-teardown = true
 listen = $listen
 """),
     "gunicorn": string.Template("""\
@@ -1294,7 +1298,7 @@ emperor-freq = 1
 emperor-throttle = 1
 emperor-graceful-shutdown = true
 ; piku wakes the emperor with SIGWINCH when it adds or removes a vassal
-pidfile = $root/emperor.pid
+emperor-pidfile = $root/emperor.pid
 logto = $root/uwsgi.log
 log-backupname = $root/uwsgi.old.log
 log-maxsize = $log_maxsize
@@ -1456,7 +1460,9 @@ def plan_release(app, rev, root, ref="refs/heads/main", config=None):
     check_environment_size(app, env)
     check_health_settings(app, env)
     saved = live["scaling"] if live else load_scaling(app)
-    return Release(app, rev, root, processes, env, scaling_for(processes, saved), dict(repo_env), dict(config), ref)
+    release = Release(app, rev, root, processes, env, scaling_for(processes, saved), dict(repo_env), dict(config), ref)
+    plan_generation(release, 0, release.scaling)        # every worker config renders: refused now, not after a build
+    return release
 
 
 def scaling_for(processes, saved, changes=None):
@@ -1892,9 +1898,11 @@ def record_release(release, cause, gen, state="live"):
 
 def write_live_files(app, record):
     """LIVE_ENV, SCALING, the config:set settings and apps/APP, all from one release record."""
-    write_atomic(live_env_file(app), format_env(record["env"]), mode=0o600)
-    write_atomic(scaling_file(app), format_scaling(record["scaling"]))
-    write_atomic(config_file(app), format_env(record["config"]), mode=0o600)
+    for path, text, mode in ((live_env_file(app), format_env(record["env"]), 0o600),
+                             (scaling_file(app), format_scaling(record["scaling"]), 0o644),
+                             (config_file(app), format_env(record["config"]), 0o600)):
+        if read_text(path, None) != text:
+            write_atomic(path, text, mode=mode)
     switch_symlink(app_path(app), record["root"])
 
 
@@ -2180,6 +2188,15 @@ def deployed_revision(app):
         return None, None
 
 
+@contextlib.contextmanager
+def locked(app):
+    """`with locked(app) as lock:` -- take the app's lock, then finish what an interrupted
+    command left, so every change starts from one consistent release."""
+    with AppLock(app) as lock:
+        reconcile(app)
+        yield lock
+
+
 ##############################################################################
 # Process control
 ##############################################################################
@@ -2360,14 +2377,16 @@ exec env PIKU_ROOT=$root $python $script git-hook $stage $app
 
 
 def install_hooks(app):
-    """(Re)write the repo's hooks so they call this piku.py."""
+    """(Re)write the repo's pre-receive hook so it calls this piku.py. (The post-receive hook of
+    earlier versions is removed: the process that holds the lock until git moved the branch now
+    points HEAD at it, which saves a second Python start-up on every push.)"""
     values = {"root": shlex.quote(PIKU_ROOT), "python": shlex.quote(sys.executable),
               "script": shlex.quote(PIKU_SCRIPT), "app": shlex.quote(app)}
-    hooks = {"pre-receive": ("deploys each push before git accepts it", "--stage=pre"),
-             "post-receive": ("points HEAD at the branch that was deployed", "--stage=post")}
-    for hook, (purpose, stage) in hooks.items():
-        text = HOOK_TEMPLATE.substitute(values, purpose=purpose, stage=stage)
-        write_atomic(os.path.join(repo_path(app), "hooks", hook), text, mode=0o755)
+    text = HOOK_TEMPLATE.substitute(values, purpose="deploys each push before git accepts it", stage="--stage=pre")
+    write_atomic(os.path.join(repo_path(app), "hooks", "pre-receive"), text, mode=0o755)
+    post = os.path.join(repo_path(app), "hooks", "post-receive")
+    if "installed by piku" in read_text(post):
+        os.unlink(post)
 
 
 def ensure_repo(app):
@@ -2401,6 +2420,43 @@ def branch_to_deploy(updates):
     if not branches:
         return None, []
     return branches[-1], [ref for _, _, ref in branches[:-1]]
+
+
+BRANCH_WAIT_SECONDS = 120
+
+
+def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack):
+    """Hand the app's lock to a small process that holds it until git has moved the branch.
+
+    git moves the branch after the pre-receive hook exits; until then no other change of the
+    app may start (it would see the old branch). When git moved it, the release is confirmed;
+    if git gave up instead (the push failed after the hook), the previous release goes back
+    live, so the branch always names what is served."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork():
+        lock.handed_over = True
+        return
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        keep = lock.handle.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, 65536)
+        deadline = time.monotonic() + BRANCH_WAIT_SECONDS
+        while time.monotonic() < deadline and branch_revision(app, ref) != rev and pid_alive(receive_pack):
+            time.sleep(PROBE_INTERVAL)
+        if branch_revision(app, ref) == rev:
+            confirm_release(app, rev)
+            git("--git-dir", repo_path(app), "symbolic-ref", "HEAD", ref, env=git_env())
+        else:
+            reconcile(app)
+    except BaseException:       # nobody can read an error here; the next command reconciles
+        pass
+    finally:
+        os._exit(0)
 
 
 ##############################################################################
@@ -2455,26 +2511,6 @@ def cmd_config_live(app):
     if not os.path.exists(live_env_file(app)):
         raise PikuError(f"{app} has not been deployed yet", "Push to deploy it.")
     click.echo(format_env(load_live_env(app)), nl=False)
-
-
-class locked:
-    """`with locked(app):` -- take the app's lock, then finish what an interrupted command left."""
-
-    def __init__(self, app):
-        self.lock = AppLock(app)
-        self.app = app
-
-    def __enter__(self):
-        self.lock.__enter__()
-        try:
-            reconcile(self.app)
-        except BaseException:
-            self.lock.__exit__(None, None, None)
-            raise
-        return self.lock
-
-    def __exit__(self, *exc):
-        self.lock.__exit__(*exc)
 
 
 def change_config(app, update):
@@ -2841,7 +2877,7 @@ def cmd_git_upload_pack(app):
 @click.argument("app")
 @click.option("--stage", type=click.Choice(["pre", "post"]), default="pre")
 def cmd_git_hook(app, stage):
-    """INTERNAL: the repo's hooks. pre: deploy the push; post: move HEAD to it."""
+    """INTERNAL: the repo's pre-receive hook: deploy the push. (post: hooks of earlier versions.)"""
     validate_app_name(app)
     deploy, skipped = branch_to_deploy(read_ref_updates(sys.stdin))
     if not deploy:
@@ -2860,42 +2896,6 @@ def cmd_git_hook(app, stage):
                             "Fetch, merge or rebase, and push again.")
         deploy_app(app, rev, ref, cause="push", state="pending")
         keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack)
-
-
-BRANCH_WAIT_SECONDS = 120
-
-
-def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack):
-    """Hand the app's lock to a small process that holds it until git has moved the branch.
-
-    git moves the branch after the pre-receive hook exits; until then no other change of the
-    app may start (it would see the old branch). When git moved it, the release is confirmed;
-    if git gave up instead (the push failed after the hook), the previous release goes back
-    live, so the branch always names what is served."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if os.fork():
-        lock.handed_over = True
-        return
-    try:
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        keep = lock.handle.fileno()
-        os.closerange(3, keep)
-        os.closerange(keep + 1, 65536)
-        deadline = time.monotonic() + BRANCH_WAIT_SECONDS
-        while time.monotonic() < deadline and branch_revision(app, ref) != rev and pid_alive(receive_pack):
-            time.sleep(PROBE_INTERVAL)
-        if branch_revision(app, ref) == rev:
-            confirm_release(app, rev)
-        else:
-            reconcile(app)
-    except BaseException:       # nobody can read an error here; the next command reconciles
-        pass
-    finally:
-        os._exit(0)
 
 
 def main(args=None):

@@ -211,6 +211,7 @@ SWITCH_SERVERS = {   # name -> (example, file with "Hello from", Python it needs
     "uwsgi": ("flask-uwsgi", "wsgi.py", None),
     "gunicorn": ("flask-gunicorn", "wsgi.py", "3.12"),
     "web-gunicorn": ("requirements", "app.py", None),
+    "web-plain": ("web", "app.py", None),      # Python's http.server, one process binding its PORT
 }
 
 

@@ -190,6 +190,8 @@ def test_refused_settings_leave_everything_as_it_was(piku, emperor, make_app):
     url = piku.url("hello")
     wait_for_body(url, "Hello from hello")
 
+    wait_until(lambda: piku.releases("hello")[-1]["state"] == "live", message="git to move the branch")
+
     def snapshot():
         envs = piku.root / "envs" / "hello"
         return ((envs / "LIVE_ENV").read_text(), (envs / "SCALING").read_text(), (envs / "ENV").read_text(),
@@ -431,3 +433,48 @@ def test_a_host_running_the_previous_piku_switches_to_this_one(piku, emperor, ma
     wait_for_body(url, "Upgraded from veteran")
     assert not (piku.root / "uwsgi-enabled" / "veteran_web.1.ini").exists()
     assert piku.workers("veteran") == ["web.1"]
+
+
+def test_with_auto_restart_off_pushes_never_remove_the_code_that_still_runs(piku, emperor, make_app):
+    app = make_app(EXAMPLES / "static", "site")
+    app.push()
+    url = piku.url("site")
+    wait_for_body(url, "Hello from a static site")
+    piku("config:set", "site", "PIKU_AUTO_RESTART=false", "PIKU_KEEP_RELEASES=1")
+    for number in (2, 3, 4):
+        app.write("public/index.html", f"<title>t</title>version {number}\n")
+        app.commit(f"version {number}")
+        assert "PIKU_AUTO_RESTART is off" in app.push().output
+        assert fetch(url) == (200, (EXAMPLES / "static" / "public" / "index.html").read_text())
+    assert len(piku.releases("site")) == 1, "one release kept..."
+    assert len(list((piku.root / "releases" / "site").iterdir())) == 2, "...and the code the workers run"
+    piku("restart", "site")
+    wait_for_body(url, "version 4")
+    piku("config:unset", "site", "PIKU_AUTO_RESTART")
+    app.write("public/index.html", "<title>t</title>version 5\n")
+    app.commit("version 5")
+    app.push()
+    wait_for_body(url, "version 5")
+    assert len(list((piku.root / "releases" / "site").iterdir())) == 1
+
+
+def test_different_apps_deploy_in_parallel(piku, emperor, make_app):
+    apps = [make_app(WEB, name) for name in ("north", "south")]
+    for app in apps:
+        app.write("Procfile", "web: python3 app.py\n"
+                              "release: date +%s.%N > $DATA_ROOT/began; sleep 2; date +%s.%N > $DATA_ROOT/ended\n")
+        app.commit("a release phase that takes 2 s")
+    results = {}
+    threads = [threading.Thread(target=lambda a=a: results.update({a.name: a.push(check=False)})) for a in apps]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(result.returncode == 0 for result in results.values()), results
+    assert not any("Waiting for another change" in result.output for result in results.values())
+    spans = [[float((piku.root / "data" / name / stamp).read_text()) for stamp in ("began", "ended")]
+             for name in ("north", "south")]
+    assert max(span[0] for span in spans) < min(span[1] for span in spans), f"the release phases overlap: {spans}"
+    for app in apps:
+        wait_for_body(piku.url(app.name), f"Hello from {app.name}")
+    assert piku.url("north") != piku.url("south")
