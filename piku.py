@@ -1744,9 +1744,10 @@ def http_sockets(app, gen, scaling, env):
 # --- the switch -------------------------------------------------------------------
 
 DRAIN_SECONDS = 0.1     # lets connections the front made just before the switch be accepted
+DRAIN_MAX_SECONDS = 5.0
 
 
-def activate(release, commit, drain=True):
+def activate(release, commit):
     """Start release's workers beside the live ones, check them, switch traffic, drain the old.
 
     commit(gen) records the release; it runs after every check passed and before traffic
@@ -1765,8 +1766,7 @@ def activate(release, commit, drain=True):
     release.committed = True
     point_slots(app, sockets)
     link_logs(app, generation.instances)
-    if drain:
-        drain_old(app, generation.gen, front)
+    drain_old(app, generation.gen, front)
 
 
 def start_front(release, generation):
@@ -1813,8 +1813,32 @@ def drain_old(app, gen, front):
            if (unit_generation(unit) is not None and unit_generation(unit) != gen)
            or (unit_generation(unit) is None and unit != front)]
     if old:
-        time.sleep(DRAIN_SECONDS)
+        wait_for_empty_queues([unit_runtime(app, unit, "sock") for unit in old])
         stop_units(app, old, graceful=True)
+
+
+def wait_for_empty_queues(sockets):
+    """Wait until no connection waits in these sockets' accept queues: a worker that stops
+    gracefully finishes what it accepted, but what still waits in its queue would be reset."""
+    time.sleep(DRAIN_SECONDS)
+    deadline = time.monotonic() + DRAIN_MAX_SECONDS
+    while time.monotonic() < deadline and queued_connections(sockets):
+        time.sleep(PROBE_INTERVAL)
+
+
+def queued_connections(sockets):
+    """Connections waiting to be accepted on these listening unix sockets (0 when ss is missing)."""
+    try:
+        result = subprocess.run(["ss", "-xlH"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0        # without ss, the fixed DRAIN_SECONDS is all the wait there is
+    wanted = set(sockets)
+    waiting = 0
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[4] in wanted and WHOLE_NUMBER.fullmatch(parts[2]):
+            waiting += int(parts[2])
+    return waiting
 
 
 def point_slots(app, sockets):
@@ -1878,9 +1902,11 @@ def live_release(app):
 
 
 def who_deploys():
-    """The key name setup:ssh gave the caller, when the call came over SSH."""
-    if os.environ.get("FINGERPRINT") and os.environ.get("NAME"):
-        return os.environ["NAME"]
+    """Who asked: over SSH, the key's name (setup:ssh names every key 'default' for now, so its
+    fingerprint then); on the host itself, the user."""
+    name, fingerprint = os.environ.get("NAME", ""), os.environ.get("FINGERPRINT", "")
+    if fingerprint:
+        return name if name and name != "default" else fingerprint
     return pwd.getpwuid(os.getuid()).pw_name
 
 
@@ -2170,7 +2196,7 @@ def scale_app(app, changes):
         removed = [Instance(app, gen, kind, index).unit for kind, count in old.items()
                    for index in range(new.get(kind, 0) + 1, count + 1)]
         if removed:
-            time.sleep(DRAIN_SECONDS)
+            wait_for_empty_queues([unit_runtime(app, unit, "sock") for unit in removed])
             stop_units(app, removed, graceful=True)
     return new
 

@@ -309,6 +309,10 @@ def test_git_push_over_ssh_deploys_and_serves_the_app(host, deployed):
     listing = host.ssh("apps")
     assert listing.returncode == 0, listing.stderr
     assert f"* {APP}" in listing.stdout.splitlines(), listing.stdout
+    # The release records which key pushed it (its fingerprint, as setup:ssh names keys 'default').
+    releases = host.ssh("releases", APP)
+    assert releases.returncode == 0, releases.stderr
+    assert "push (by SHA256:" in releases.stdout.splitlines()[0] and "[live" in releases.stdout, releases.stdout
 
 
 def test_config_set_over_ssh_redeploys_with_the_new_value(host, deployed):
