@@ -43,12 +43,14 @@ import contextlib
 import errno
 import fcntl
 import glob
+import hashlib
 import http.client
 import io
 import json
 import os
 import pwd
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -58,6 +60,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from stat import S_ISREG
 
 import click
 
@@ -194,8 +197,9 @@ def git(*args, capture=True, env=None):
 
 APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SETTING_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-PROCFILE_LINE = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]*)\s*:\s*(.*)")
+PROCFILE_LINE = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]{0,63})\s*:\s*(.*)")    # kinds: at most 64 characters
 CRON_FIELD = re.compile(r"\*|\*/[0-9]+|[0-9]+")
+PROCFILE_LINE_MAX = 32768
 CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
 CRON_NAMES = ("minute", "hour", "day of month", "month", "day of week")
 
@@ -243,6 +247,9 @@ def validate_setting(key, value, where="setting"):
     if any(c in value for c in "\r\n\0"):
         raise PikuError(f"the value of {key} contains a line break or NUL character",
                         "Values must fit on one line; encode multi-line values (for example base64).")
+    if value != value.rstrip(" \t\v\f"):
+        raise PikuError(f"the value of {key} ends with a space or tab, which uWSGI's config format drops",
+                        "Remove it, or end the value with another character.")
 
 
 def parse_setting_arg(text):
@@ -292,8 +299,10 @@ def parse_cron(spec, lineno):
         if value == "*":
             fields.append("-1")
         elif value.startswith("*/"):
-            fields.append("-" + value[2:])
-        elif not low <= int(value) <= high:
+            if len(value) > 4 or not 1 <= int(value[2:]) <= high:
+                raise PikuError(f"Procfile line {lineno}: cron {name} step {value!r} is out of range */1-*/{high}")
+            fields.append(f"-{int(value[2:])}")
+        elif len(value) > 2 or not low <= int(value) <= high:
             raise PikuError(f"Procfile line {lineno}: cron {name} {value} is out of range {low}-{high}")
         else:
             fields.append(value)
@@ -304,6 +313,9 @@ def parse_procfile(text):
     """Procfile text -> {kind: Process}. Malformed lines are errors naming the line."""
     processes = {}
     for lineno, raw in enumerate(text.splitlines(), 1):
+        if len(raw) > PROCFILE_LINE_MAX:
+            raise PikuError(f"Procfile line {lineno} is longer than {PROCFILE_LINE_MAX} characters",
+                            "Put a long command in a script, commit it, and run that.")
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -345,17 +357,22 @@ def static_relative(command):
     return command.strip().strip("/") or "."
 
 
+def static_path(command, root):
+    """The folder a 'static:' line names, with every symlink resolved."""
+    return os.path.realpath(os.path.join(root, static_relative(command)))
+
+
 def static_folder(command, lineno, root):
-    """The folder a 'static:' line serves, checked to be inside the app."""
-    relative = static_relative(command)
-    folder = os.path.normpath(os.path.join(root, relative))
-    real_root = os.path.realpath(root)
-    if not os.path.realpath(folder).startswith(real_root + os.sep) and os.path.realpath(folder) != real_root:
-        raise PikuError(f"Procfile line {lineno}: static folder {command!r} is outside the app")
+    """The folder a 'static:' line serves, with every symlink resolved, checked to be inside
+    the app. Workers are given this resolved path, so what is checked is what is served."""
+    folder = static_path(command, root)
+    if not inside(folder, root):
+        raise PikuError(f"Procfile line {lineno}: static folder {command!r} is outside the app",
+                        "Serve a folder of the app (symlinks that lead out of it are refused).")
     if not os.path.isdir(folder):
         raise PikuError(f"Procfile line {lineno}: static folder {command!r} does not exist in the pushed code",
                         "Commit the folder, or fix the path in the Procfile.")
-    return relative
+    return folder
 
 
 def parse_env_text(text, source):
@@ -452,6 +469,52 @@ def read_text(path, default=""):
             return handle.read()
     except FileNotFoundError:
         return default
+
+
+PUSHED_TEXT_MAX = 256 * 1024        # Procfile, ENV, .python-version, pyproject.toml
+PUSHED_LOCK_MAX = 64 * 1024 * 1024  # lock files piku only fingerprints
+
+
+def inside(path, root):
+    """Is path, with every symlink followed, root or something inside it?"""
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([os.path.realpath(path), real_root]) == real_root
+
+
+def read_pushed_bytes(root, name, limit):
+    """A file of the pushed tree, or None when there is none. It must stay inside the release
+    once symlinks are followed and be a regular file of at most limit bytes; it is opened without
+    blocking, so a link to a FIFO or a device is refused instead of hanging or filling memory."""
+    path = os.path.join(root, name)
+    if not os.path.lexists(path):
+        return None
+    if not inside(path, root):
+        raise PikuError(f"{name} in the pushed code is a link to a file outside the app",
+                        f"Commit {name} itself, not a symlink to it.")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise PikuError(f"{name} in the pushed code cannot be read: {error.strerror}")
+    with os.fdopen(fd, "rb") as handle:
+        stat = os.fstat(fd)
+        if not S_ISREG(stat.st_mode):
+            raise PikuError(f"{name} in the pushed code is not a regular file", f"Commit {name} as a plain file.")
+        if stat.st_size > limit:
+            raise PikuError(f"{name} in the pushed code is {stat.st_size} bytes; piku reads at most {limit}")
+        return handle.read(limit + 1)[:limit]
+
+
+def read_pushed_text(root, name, limit=PUSHED_TEXT_MAX):
+    """read_pushed_bytes, as UTF-8 text ('' when there is no such file)."""
+    data = read_pushed_bytes(root, name, limit)
+    if data is None:
+        return ""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise PikuError(f"{name} line {line} is not UTF-8 text (byte 0x{data[error.start]:02x})",
+                        f"Save {name} as UTF-8, commit, and push again.")
 
 
 def write_atomic(path, text, mode=0o644, mtime=None):
@@ -644,8 +707,8 @@ class PythonBuildpack:
         """Everything that decides what the environment contains."""
         files = {}
         for name in self.inputs:
-            path = os.path.join(context.root, name)
-            files[name] = file_digest(path) if os.path.exists(path) else None
+            data = read_pushed_bytes(context.root, name, PUSHED_LOCK_MAX)
+            files[name] = hashlib.sha256(data).hexdigest() if data is not None else None
         settings = {key: value for key, value in sorted(tool_env.items())
                     if key.startswith("UV_") and key not in UV_UNRELATED_SETTINGS}
         return {"layout": 1, "buildpack": self.name, "files": files,
@@ -740,19 +803,11 @@ def build_tool_env(app_env):
     return env
 
 
-def file_digest(path):
-    import hashlib
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
-
-
 def fingerprint_text(fingerprint):
-    import json
     return json.dumps(fingerprint, sort_keys=True, indent=1) + "\n"
 
 
 def fingerprint_digest(fingerprint):
-    import hashlib
     return hashlib.sha256(fingerprint_text(fingerprint).encode()).hexdigest()
 
 
@@ -820,7 +875,7 @@ def validate_python_request(value, source):
 
 
 def read_python_version_file(root):
-    for line in read_text(os.path.join(root, ".python-version")).splitlines():
+    for line in read_pushed_text(root, ".python-version").splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             return line
@@ -829,7 +884,7 @@ def read_python_version_file(root):
 
 def requires_python(root):
     """The project's requires-python specifier, or None."""
-    text = read_text(os.path.join(root, "pyproject.toml"))
+    text = read_pushed_text(root, "pyproject.toml")
     try:
         import tomllib
     except ImportError:         # Python 3.10: a line match is enough for this one key
@@ -963,10 +1018,9 @@ def stat_key(path):
 
 
 def cached_probe(key, compute, keep=64):
-    """compute(), remembered in cache/probes.json while key -- what the answer depends on --
+    """compute(), remembered in cache/.probes.json while key -- what the answer depends on --
     stays the same. Answers naming a file are dropped once that file is gone."""
-    import json
-    path = os.path.join(CACHE_ROOT, "probes.json")
+    path = os.path.join(CACHE_ROOT, ".probes.json")       # no app name starts with '.'
     try:
         table = json.loads(read_text(path) or "{}")
     except ValueError:
@@ -987,7 +1041,6 @@ def cached_probe(key, compute, keep=64):
 
 
 def available_pythons(uv, env):
-    import json
     result = subprocess.run([uv, "python", "list", "--only-installed", "--output-format", "json"],
                             env=env, capture_output=True, text=True)
     try:
@@ -1192,7 +1245,7 @@ def vassal_values(instance, command, env, root):
     if kind.name == "web":
         values["private"] = f"127.0.0.1:{env['PORT']}"
     if kind.name == "static":
-        values["folder"] = os.path.join(root, static_relative(command))
+        values["folder"] = static_path(command, root)   # planning checked it stays inside the app
     if kind.name == "wsgi-gunicorn":
         venv_bin = os.path.join(env["VIRTUAL_ENV"], "bin", "gunicorn") if env.get("VIRTUAL_ENV") else "gunicorn"
         values["gunicorn"] = "exec " + " ".join(shlex.quote(part) for part in (
@@ -1213,9 +1266,27 @@ def render_vassal(instance, command, env, root, extra=()):
     text += VASSAL_TEMPLATES[worker_kind(instance.kind, env).template].substitute(values)
     for key, value in extra:
         text += f"{key} = {uwsgi_escape(value)}\n"
+    check_option_references(text, env)
     for key in sorted(env):
         text += f"env = {key}={uwsgi_escape(env[key])}\n"
     return text
+
+
+OPTION_REFERENCE = re.compile(r"%\(([^)]*)\)")
+
+
+def check_option_references(text, env):
+    """uWSGI replaces %(NAME) with the value of the option NAME wherever the config sets one,
+    and no escape stops it. Refuse a value that names an option of its own vassal; anything
+    else (%(asctime)s, say) reaches the app byte for byte."""
+    options = {line.split("=", 1)[0].strip() for line in text.splitlines() if "=" in line}
+    options |= {"env", "piku_dollar", "piku_at"}
+    for key, value in sorted(env.items()):
+        for name in OPTION_REFERENCE.findall(value):
+            if name in options:
+                raise PikuError(f"the value of {key} contains '%({name})', which uWSGI would replace with "
+                                f"its own {name!r} option", "Write it another way (for example '%%' + '(...)' "
+                                "built by the app); piku cannot pass it through uWSGI unchanged.")
 
 GUNICORN_TEMPLATE = string.Template("""\
 # written by piku for $app ($name, generation $gen)
@@ -1350,7 +1421,7 @@ def settings_layers(app, root, config=None):
         config = parse_env_text(read_text(config_file(app)), "settings (config:set)")
     else:
         config = list(config.items())
-    return parse_env_text(read_text(os.path.join(root, "ENV")), "ENV"), config
+    return parse_env_text(read_pushed_text(root, "ENV"), "ENV"), config
 
 
 def serves_http(processes):
@@ -1446,11 +1517,10 @@ def check_environment_size(app, env):
 
 def plan_release(app, rev, root, ref="refs/heads/main", config=None):
     """Read and validate everything the pushed code asks for, before anything runs."""
-    procfile = os.path.join(root, "Procfile")
-    if not os.path.isfile(procfile):
+    if not os.path.lexists(os.path.join(root, "Procfile")):
         raise PikuError("no Procfile in the pushed code",
                         "Add a Procfile with lines like 'web: python app.py', commit, and push again.")
-    processes = parse_procfile(read_text(procfile))
+    processes = parse_procfile(read_pushed_text(root, "Procfile"))
     if "static" in processes:
         static_folder(processes["static"].command, processes["static"].line, root)
     repo_env, config = settings_layers(app, root, config)
@@ -1690,8 +1760,8 @@ def plan_generation(release, gen, scaling, only=None):
     generation = Generation(release, gen, dict(scaling))
     wsgi_extra = []
     if "static" in release.processes:       # the wsgi worker serves the folder's files itself
-        folder = os.path.join(release.root, static_relative(release.processes["static"].command))
-        wsgi_extra.append(("static-map", "/=" + folder))
+        static = release.processes["static"]
+        wsgi_extra.append(("static-map", "/=" + static_folder(static.command, static.line, release.root)))
     for kind, count in sorted(scaling.items()):
         for index in range(1, count + 1):
             if only is not None and (kind, index) not in only:
@@ -1954,7 +2024,7 @@ def release_from_record(app, record):
     if venv and not os.path.exists(os.path.join(venv, ENV_MARKER)):
         raise PikuError(f"the Python environment of v{record['version']} is no longer kept ({venv})",
                         "Push that revision again instead.")
-    processes = parse_procfile(read_text(os.path.join(root, "Procfile")))
+    processes = parse_procfile(read_pushed_text(root, "Procfile"))
     return Release(app, record["rev"], root, processes, dict(record["env"]), dict(record["scaling"]),
                    {}, dict(record["config"]), record.get("ref") or "refs/heads/main")
 
@@ -2430,19 +2500,28 @@ def git_path_to_app(path):
     return validate_app_name(name)
 
 
+OBJECT_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+BRANCH_REF = re.compile(r"refs/heads/(?![-.])(?!.*(?:\.\.|@\{|//|/\.|\.lock/|\.lock$))[A-Za-z0-9._/-]{1,200}(?<![/.])")
+
+
 def read_ref_updates(stream):
-    """pre/post-receive stdin -> [(old, new, ref)]."""
+    """pre-receive stdin -> [(old, new, ref)]. Only full object ids and plain ref names pass:
+    nothing from this stream may reach git as an option."""
     updates = []
     for line in stream:
         parts = line.split()
-        if len(parts) == 3:
-            updates.append(tuple(parts))
+        if len(parts) != 3:
+            continue
+        old, new, ref = parts
+        if not (OBJECT_ID.fullmatch(old) and OBJECT_ID.fullmatch(new)) or not ref.startswith("refs/"):
+            raise PikuError(f"not a ref update git sends: {line.strip()[:120]!r}")
+        updates.append((old, new, ref))
     return updates
 
 
 def branch_to_deploy(updates):
     """The last branch the push creates or moves, and the ones it leaves undeployed."""
-    branches = [(old, new, ref) for old, new, ref in updates if ref.startswith("refs/heads/") and new != ZERO_REV]
+    branches = [(old, new, ref) for old, new, ref in updates if BRANCH_REF.fullmatch(ref) and new != ZERO_REV]
     if not branches:
         return None, []
     return branches[-1], [ref for _, _, ref in branches[:-1]]
@@ -2627,6 +2706,17 @@ def cmd_destroy(app):
     step(f"{app} destroyed")
 
 
+def output_gone():
+    """Has the reader of our output gone (an ssh client that disconnected)? Without this, a
+    `logs` follower with no new lines to write would never notice and run forever."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)     # error events are always reported
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
 def follow_logs(paths, lines, follow):
     """Print the last lines of each log, prefixed with its worker, then follow them."""
     width = max(len(os.path.basename(path)[:-4]) for path in paths)
@@ -2637,7 +2727,7 @@ def follow_logs(paths, lines, follow):
             for line in handle.readlines()[-lines:] if lines else []:
                 click.echo(f"{prefix} | {line.rstrip()}")
             handles[path] = (prefix, handle.tell(), os.stat(path).st_ino)
-    while follow:
+    while follow and not output_gone():
         time.sleep(0.5)
         for path, (prefix, offset, inode) in list(handles.items()):
             if not os.path.exists(path):
@@ -2712,7 +2802,7 @@ def cmd_ps_scale(app, settings):
         record = live_release(app)
         if not record:
             raise PikuError(f"{app} has not been deployed yet", "Push to deploy it.")
-        processes = parse_procfile(read_text(os.path.join(record["root"], "Procfile")))
+        processes = parse_procfile(read_pushed_text(record["root"], "Procfile"))
         scaling = scale_app(app, parse_scale_args(settings, processes))
         step("Workers: " + ", ".join(f"{kind}={count}" for kind, count in sorted(scaling.items())))
 
@@ -2874,9 +2964,16 @@ def cmd_ssh_command():
         args = shlex.split(original)
     except ValueError as error:
         raise PikuError(f"cannot parse the command: {error}")
-    if not args or args[0] == "ssh-command":
+    if not args:
         args = ["help"]
+    if args[0] in INTERNAL_COMMANDS:
+        raise PikuError(f"'{args[0]}' is not a command", "See the commands with: ssh piku@host help")
     raise SystemExit(main(args))
+
+
+# Hidden commands that only piku itself runs (hooks, the forced command): never over ssh.
+# git-receive-pack and git-upload-pack are what `git push` and `git clone` ask for.
+INTERNAL_COMMANDS = frozenset({"ssh-command", "git-hook"})
 
 
 @cli.command("git-receive-pack", hidden=True)
@@ -2909,8 +3006,7 @@ def cmd_git_hook(app, stage):
     if not deploy:
         return
     old, rev, ref = deploy
-    if stage == "post":
-        git("--git-dir", repo_path(app), "symbolic-ref", "HEAD", ref)
+    if stage == "post":        # the post-receive hook of earlier versions: the keeper points HEAD now
         return
     for other in skipped:
         warning(f"{other} was pushed but not deployed: one branch is deployed per push")

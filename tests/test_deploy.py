@@ -60,6 +60,11 @@ def test_config_set_redeploys_with_the_new_value(piku, emperor, make_app):
     wait_for_body(piku.url("hello"), "GREETING=hi there $(not a command) 100%")
     assert piku("config:get", "hello", "GREETING").stdout == "hi there $(not a command) 100%\n"
     assert "GREETING='hi there $(not a command) 100%'" in piku("config:live", "hello").stdout
+    odd = "  %(asctime)s %(levelname)s 100%% $(x) @(y)"      # uWSGI must not expand any of it
+    piku("config:set", "hello", f"GREETING={odd}")
+    wait_for_body(piku.url("hello"), f"GREETING={odd}\n")
+    refused = piku("config:set", "hello", "GREETING=%(chdir)", check=False)
+    assert refused.returncode == 1 and "which uWSGI would replace" in refused.stderr
     piku("config:unset", "hello", "GREETING")
     wait_for_body(piku.url("hello"), "GREETING=hello\n")   # back to the repo's ENV
 

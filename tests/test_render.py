@@ -107,3 +107,18 @@ def test_gunicorn_config_values_are_python_literals():
     assert namespace["accesslog"] == "-" and namespace["chdir"] == ROOT
     with pytest.raises(PikuError):
         piku.render_gunicorn_config(instance("wsgi"), dict(env, GUNICORN_WORKERS="4; import os"), ROOT)
+
+
+def test_values_reach_the_app_byte_for_byte_or_are_refused():
+    env = dict(ENV, FORMAT="%(asctime)s %(levelname)s %(message)s", LEAD="  spaced", PCT="100%d")
+    text = render("web", "python app.py", env)
+    assert "env = FORMAT=%%(asctime)s %%(levelname)s %%(message)s\n" in text
+    assert "env = LEAD=  spaced\n" in text
+    for value in ("a%(chdir)b", "%(env)", "%(attach-daemon)", "%(piku_dollar)"):
+        with pytest.raises(PikuError) as error:
+            render("web", "python app.py", dict(ENV, TRICK=value))
+        assert "which uWSGI would replace" in error.value.message
+    for value in ("trailing ", "tab\t"):
+        with pytest.raises(PikuError) as error:
+            piku.validate_setting("TRAIL", value)
+        assert "ends with a space or tab" in error.value.message

@@ -42,7 +42,7 @@ def test_bad_setting_arguments(arg, message):
 
 
 @pytest.mark.parametrize("value", ["plain", "with spaces", "quote ' and \" both", "back\\slash\\'",
-                                   "hash # not a comment", "$HOME stays", "  padded  ", "", "%d $(x) @(f)"])
+                                   "hash # not a comment", "$HOME stays", "  padded", "", "%d $(x) @(f)", "%(asctime)s"])
 def test_env_format_round_trips(value):
     text = piku.format_env({"KEY": value})
     assert piku.parse_env_text(text, "ENV") == [("KEY", value)]

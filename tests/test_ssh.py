@@ -382,3 +382,39 @@ def test_push_to_an_invalid_app_name_is_refused(host, tmp_path):
     assert not (host.root / "evil").exists()
     assert not (host.root / "repos" / "evil").exists()
     assert "evil" not in host.ssh("apps").stdout
+
+
+def test_internal_commands_cannot_be_reached_over_ssh(host, deployed):
+    """The git-hook attack from the review: a revision that is really a git option."""
+    victim = host.home / "victim.txt"
+    victim.write_text("untouched\n")
+    shutil.chown(victim, host.user, host.user)
+    attack = "0 --index-output=%s refs/heads/main\n" % victim
+    for words in (["git-hook", APP], ["git-hook", "--stage=post", APP], ["ssh-command"]):
+        result = run(["ssh", *host.ssh_options(), "-p", str(host.port), f"{host.user}@127.0.0.1", *words],
+                     check=False, timeout=60, env=clean_env(), input=attack)
+        assert result.returncode == 1, (words, result.stdout, result.stderr)
+        assert f"'{words[0]}' is not a command" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert victim.read_text() == "untouched\n"
+    head = run(["git", "--git-dir", str(host.root / "repos" / APP), "symbolic-ref", "HEAD"]).stdout.strip()
+    assert head == "refs/heads/main"
+
+
+def test_a_logs_follower_ends_when_its_client_disconnects(host, deployed):
+    import psutil
+    assert deployed.returncode == 0, deployed.output
+    client = subprocess.Popen(["ssh", *host.ssh_options(), "-p", str(host.port), f"{host.user}@127.0.0.1",
+                               "logs", APP], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL, env=clean_env())
+
+    def followers():
+        return [proc for proc in psutil.process_iter(["username", "cmdline"])
+                if proc.info["username"] == host.user and "ssh-command" in (proc.info["cmdline"] or [])]
+    try:
+        assert client.stdout.readline(), "the follower printed the log's last lines"
+        wait_until(lambda: followers(), message="the follower to run on the server")
+    finally:
+        client.kill()
+        client.wait()
+    wait_until(lambda: not followers(), timeout=15, message="the follower to end after its client went")
