@@ -225,7 +225,7 @@ WORKER_KINDS = {kind.name: kind for kind in (
     WorkerKind("web", "web", http=True, most=FRONT_SLOTS, daemon=True),
     WorkerKind("static", "static", http=True, most=1),
     WorkerKind("cron", "cron", most=1),
-    WorkerKind("worker", "worker", daemon=True, settle=True),
+    WorkerKind("worker", "worker", most=64, daemon=True, settle=True),
     WorkerKind("preflight", phase=True),
     WorkerKind("release", phase=True),
 )}
@@ -436,7 +436,7 @@ def parse_scale_args(args, processes):
     counts = {}
     for arg in args:
         kind, sep, count = arg.partition("=")
-        if not sep or not WHOLE_NUMBER.fullmatch(count):
+        if not sep or not WHOLE_NUMBER.fullmatch(count) or len(count) > 9:
             raise PikuError(f"malformed scaling {arg!r}", "Use KIND=COUNT, for example: ps:scale APP web=2")
         if kind not in scaling_for_kinds(processes):
             raise PikuError(f"the app has no '{kind}' worker",
@@ -1208,13 +1208,20 @@ UWSGI_NUMBERS = {"UWSGI_PROCESSES": "1", "UWSGI_THREADS": "4", "UWSGI_MAX_REQUES
                  "UWSGI_LISTEN": "100", "UWSGI_LOG_MAXSIZE": UWSGI_LOG_MAXSIZE}
 
 
+# The most a number setting may ask for: beyond these a host runs out of processes or memory
+# long before the app benefits (listen: the kernel's somaxconn ceiling).
+NUMBER_LIMITS = {"UWSGI_PROCESSES": 1024, "UWSGI_THREADS": 1024, "GUNICORN_WORKERS": 1024,
+                 "WEB_CONCURRENCY": 1024, "UWSGI_LISTEN": 65535}
+
+
 def setting_number(env, keys, default):
     """The first of keys that is set, as a whole number above 0 (refused otherwise), or default."""
     for key in keys:
         value = env.get(key, "").strip()
         if value:
-            if not WHOLE_NUMBER.fullmatch(value) or int(value) < 1 or len(value) > 9:
-                raise PikuError(f"{key} must be a whole number above 0, not {value!r}",
+            most = NUMBER_LIMITS.get(key, 999999999)
+            if not WHOLE_NUMBER.fullmatch(value) or len(value) > 9 or not 1 <= int(value) <= most:
+                raise PikuError(f"{key} must be a whole number from 1 to {most}, not {value!r}",
                                 f"Fix it with: config:set {env.get('APP', 'APP')} {key}={default}")
             return int(value)
     return default

@@ -60,3 +60,17 @@ def test_scale_arguments_are_checked_against_the_procfile():
 def test_scaling_file_round_trips_and_reads_upstream_format():
     assert piku.parse_scaling("web:2\nworker=1\n# note\nbad line\n") == {"web": 2, "worker": 1}
     assert piku.parse_scaling(piku.format_scaling({"web": 3, "clock": 0})) == {"web": 3, "clock": 0}
+
+
+def test_worker_counts_and_numbers_stay_in_range():
+    processes = piku.parse_procfile("web: python app.py\nworker: python w.py\n")
+    for arg, message in (("worker=65", "runs at most 64 instances"), ("web=17", "runs at most 16 instances"),
+                         ("worker=" + "9" * 30, "malformed scaling"), ("worker=\u0663", "malformed scaling")):
+        with pytest.raises(PikuError) as error:
+            piku.parse_scale_args([arg], processes)
+        assert message in error.value.message, arg
+    assert piku.parse_scale_args(["worker=64", "web=16"], processes) == {"worker": 64, "web": 16}
+    for key, value in (("UWSGI_PROCESSES", "1025"), ("UWSGI_LISTEN", "70000"), ("GUNICORN_WORKERS", "0")):
+        with pytest.raises(PikuError) as error:
+            piku.setting_number({key: value}, (key,), 1)
+        assert f"{key} must be a whole number from 1 to" in error.value.message
