@@ -44,7 +44,6 @@ import errno
 import fcntl
 import glob
 import hashlib
-import http.client
 import io
 import json
 import os
@@ -1604,21 +1603,14 @@ def health_host(env):
     return names[0] if names and names[0] else bind_address(env)
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
-
-
 def probe_http(socket_path, path, host, timeout):
     """GET path over a unix socket -> the status (int), or what went wrong (str)."""
-    connection = UnixHTTPConnection(socket_path, timeout)
+    import http.client      # here, not at the top: with ssl it costs every CLI call ~60 ms
+    connection = http.client.HTTPConnection("localhost", timeout=timeout)
     try:
+        connection.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.sock.settimeout(timeout)
+        connection.sock.connect(socket_path)
         connection.request("GET", path, headers={"Host": host, "User-Agent": "piku-healthcheck"})
         response = connection.getresponse()
         response.read()
@@ -1873,6 +1865,7 @@ def start_front(release, generation):
 
 
 def answers_http(host, port, env):
+    import http.client
     connection = http.client.HTTPConnection(host, port, timeout=2)
     try:
         connection.request("GET", health_setting(env, "PIKU_HEALTHCHECK_PATH"), headers={"Host": health_host(env)})
@@ -2178,14 +2171,15 @@ def restart_app(app):
     record = live_release(app)
     if not record:
         raise PikuError(f"{app} has not been deployed yet", "Push to deploy it.")
-    release = release_from_record(app, record)
-
-    def commit(gen):
-        records = load_releases(app)
-        records[-1]["gen"] = gen
-        save_releases(app, records)
-    activate(release, commit)
+    activate(release_from_record(app, record), lambda gen: set_live_generation(app, gen))
     prune(app)
+
+
+def set_live_generation(app, gen):
+    """The live release now runs as generation gen (restart, or recovery after a crash)."""
+    records = load_releases(app)
+    records[-1]["gen"] = gen
+    save_releases(app, records)
 
 
 def branch_revision(app, ref):
@@ -2219,34 +2213,22 @@ def reconcile(app):
             confirm_release(app, pending["rev"])
         else:
             warning(f"v{pending['version']} never reached the branch (its deploy was interrupted); "
-                    f"going back to v{records[-2]['version']}" if len(records) > 1 else
-                    f"v{pending['version']} never reached the branch (its deploy was interrupted)")
-            records.pop()
-            save_releases(app, records)
-    live = records[-1] if records else None
+                    "the release before it stays live")
+            save_releases(app, records[:-1])
+    live = live_release(app)
     running = running_generations(app)
     if live is None:
         stop_units(app, list(app_units(app)), graceful=True)
         return
     if live["gen"] in running:
-        env = live["env"]
-        point_slots(app, http_sockets(app, live["gen"], live["scaling"], env))
-        front = front_unit(env) if serves_http_scaling(live["scaling"], env) else None
-        drain_old(app, live["gen"], front)
+        sockets = http_sockets(app, live["gen"], live["scaling"], live["env"])
+        point_slots(app, sockets)
+        drain_old(app, live["gen"], front_unit(live["env"]) if sockets else None)
         write_live_files(app, live)
     elif running:
         warning(f"the workers of v{live['version']} are not running; starting them again")
-        release = release_from_record(app, live)
-
-        def commit(gen):
-            records[-1]["gen"] = gen
-            save_releases(app, records)
-        activate(release, commit)
+        activate(release_from_record(app, live), lambda gen: set_live_generation(app, gen))
         write_live_files(app, live)
-
-
-def serves_http_scaling(scaling, env):
-    return any(worker_kind(kind, env).http and count for kind, count in scaling.items())
 
 
 def scale_app(app, changes):
