@@ -23,7 +23,9 @@ Code map -- one push, and the section that holds each step:
   -> pre-receive hook `git-hook` (CLI): lock the app and finish what an interrupted command
      left (AppLock: The app; reconcile: Deploy pipeline)
   -> deploy_app (Deploy pipeline): checkout -> plan_release (Parsers) -> preflight
-     -> build_release (Buildpacks, Interpreters) -> release
+     -> build_release (Buildpacks, Interpreters: the first manifest in PYTHON_MANIFESTS picks
+        uv, Poetry, Pipenv or requirements; dependencies go into a shared environment keyed by
+        its fingerprint, the app's own packages into RELEASE.site) -> release
   -> activate: plan_generation (Config writers render every file) -> start_generation beside
      the live workers -> check_generation (health check) -> start_front -> record_release
      -> point_slots (the switch) -> drain_old (Process control)
@@ -204,6 +206,7 @@ CRON_NAMES = ("minute", "hour", "day of month", "month", "day of week")
 
 WHOLE_NUMBER = re.compile(r"[0-9]+")                     # ASCII only: str.isdigit() accepts '²'
 FRONT_SLOTS = 16        # the front spreads connections over this many socket slots (see Process control)
+HTTP_APP_KINDS = ("wsgi", "asgi", "web")     # the app's own HTTP server: one of these at most
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,7 @@ class WorkerKind:
 WORKER_KINDS = {kind.name: kind for kind in (
     WorkerKind("wsgi", "wsgi", http=True, most=FRONT_SLOTS),
     WorkerKind("wsgi-gunicorn", "gunicorn", http=True, most=FRONT_SLOTS, daemon=True),
+    WorkerKind("asgi", "gunicorn", http=True, most=FRONT_SLOTS, daemon=True),
     WorkerKind("web", "web", http=True, most=FRONT_SLOTS, daemon=True),
     WorkerKind("static", "static", http=True, most=1),
     WorkerKind("cron", "cron", most=1),
@@ -342,13 +346,14 @@ def _check_process_mix(processes):
     if not processes:
         raise PikuError("the Procfile defines no processes",
                         "Add at least one line such as 'web: python app.py'.")
-    if "web" in processes and "wsgi" in processes:
-        raise PikuError(f"Procfile lines {processes['wsgi'].line} and {processes['web'].line}: "
-                        "'wsgi' and 'web' cannot both be used; they would share one PORT",
-                        "Keep one of them.")
-    if "static" in processes and "web" in processes:
-        raise PikuError(f"Procfile line {processes['static'].line}: 'static' next to 'web' is not supported",
-                        "Serve the files from the web process, or use 'wsgi', which serves them alongside.")
+    served = [kind for kind in HTTP_APP_KINDS if kind in processes]
+    if len(served) > 1:
+        lines = " and ".join(str(processes[kind].line) for kind in served)
+        raise PikuError(f"Procfile lines {lines}: {' and '.join(repr(kind) for kind in served)} cannot both be "
+                        "used; they would share one PORT", "Keep one of them.")
+    if "static" in processes and served and served[0] != "wsgi":
+        raise PikuError(f"Procfile line {processes['static'].line}: 'static' next to '{served[0]}' is not supported",
+                        f"Serve the files from the {served[0]} process, or use 'wsgi', which serves them alongside.")
 
 
 def static_relative(command):
@@ -372,6 +377,26 @@ def static_folder(command, lineno, root):
         raise PikuError(f"Procfile line {lineno}: static folder {command!r} does not exist in the pushed code",
                         "Commit the folder, or fix the path in the Procfile.")
     return folder
+
+
+STATIC_PREFIX = re.compile(r"/[A-Za-z0-9._~/-]*")
+
+
+def static_paths(env, root):
+    """NGINX_STATIC_PATHS ('/static/:staticfiles,/media/:media') -> [(URL prefix, folder)]: each
+    folder resolved and kept inside the release. uWSGI serves them beside a wsgi app."""
+    paths = []
+    for entry in comma_list(env.get("NGINX_STATIC_PATHS")):
+        prefix, sep, folder = entry.partition(":")
+        if not sep or not STATIC_PREFIX.fullmatch(prefix) or ".." in prefix.split("/") or not folder.strip():
+            raise PikuError(f"NGINX_STATIC_PATHS entry {entry!r} is not '/url/prefix/:folder'",
+                            "Write it like: NGINX_STATIC_PATHS=/static/:staticfiles,/media/:media")
+        resolved = os.path.realpath(os.path.join(root, folder.strip().lstrip("/")))
+        if not inside(resolved, root):
+            raise PikuError(f"NGINX_STATIC_PATHS folder {folder!r} is outside the app",
+                            "Serve a folder of the app (symlinks that lead out of it are refused).")
+        paths.append((prefix.rstrip("/") + "/", resolved + "/"))
+    return paths
 
 
 def parse_env_text(text, source):
@@ -635,7 +660,7 @@ class StaticBuildpack:
 
     def detect(self, root, processes):
         workers = {kind for kind in processes if not worker_kind(kind).phase}
-        return workers == {"static"}
+        return workers == {"static"} and not python_manifests(root)
 
     def build(self, context):
         process = context.processes["static"]
@@ -663,34 +688,113 @@ class Interpreter:
     version: str            # full, e.g. 3.12.1
 
 
+# --- which Python buildpack ------------------------------------------------------
+# The files that describe a Python app's dependencies, most exact first. The first one
+# present decides (a lock before the list it may have been exported to); the push names
+# the files it ignored. pyproject.toml alone is a uv project, or a Poetry one when only
+# [tool.poetry] names the dependencies.
+PYTHON_MANIFESTS = ("uv.lock", "poetry.lock", "Pipfile.lock", "requirements.txt", "pyproject.toml", "Pipfile")
+
+
+def python_manifests(root):
+    return [name for name in PYTHON_MANIFESTS if os.path.isfile(os.path.join(root, name))]
+
+
+def load_toml(text, name):
+    try:
+        import tomllib
+    except ImportError:             # Python 3.10: Debian/Ubuntu's python3-tomli has the same API
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise PikuError(f"reading {name} needs Python 3.11 or the tomli module",
+                            "Install it on the server: apt-get install python3-tomli")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise PikuError(f"{name} cannot be parsed: {error}", "Fix the file, commit, and push again.")
+
+
+def read_pyproject(root):
+    """pyproject.toml as a dict ({} when there is none)."""
+    return load_toml(read_pushed_text(root, "pyproject.toml"), "pyproject.toml")
+
+
+def is_poetry_project(pyproject):
+    """Poetry 1.x: the dependencies are in [tool.poetry], and there is no [project] table."""
+    poetry = pyproject.get("tool", {}).get("poetry", {})
+    return "project" not in pyproject and isinstance(poetry, dict) and "dependencies" in poetry
+
+
+def is_packaged(pyproject):
+    """Does the project install itself (uv's and Poetry's rules: a build system, unless turned off)?"""
+    tool = pyproject.get("tool", {})
+    uv_package = tool.get("uv", {}).get("package")
+    if uv_package is not None:
+        return bool(uv_package)
+    if tool.get("poetry", {}).get("package-mode") is False:
+        return False
+    return "build-system" in pyproject
+
+
 class PythonBuildpack:
     """What the Python buildpacks share: choose the interpreter and the WSGI server,
-    fingerprint the inputs, and reuse the environment or build a new one beside it."""
+    fingerprint the inputs, and reuse the environment or build a new one beside it.
+
+    An environment holds the dependencies only, so releases share it while its fingerprint
+    stays the same. A project that installs itself (a build system, a uv workspace member, a
+    path dependency) is installed per release, without dependencies, into a folder beside the
+    release's code (RELEASE.site, on PYTHONPATH and PATH): each release -- and each rollback --
+    runs its own code, and a code-only push still skips the dependencies."""
     name = "python"
+    priority = 10
     needs_uv = True
+    files = ()              # the manifests this buildpack reads: the first one present picks it
     inputs = ()             # files of the app whose content decides the environment
+
+    def detect(self, root, processes):
+        found = python_manifests(root)
+        return bool(found) and found[0] in self.files
 
     def build(self, context):
         started = time.monotonic()
         tool_env = build_tool_env(context.env)
         uv = find_uv(tool_env, required=self.needs_uv)
+        self.check(context, uv, tool_env)
         request = resolve_python_request(context)
         step(f"Python {request.value} (from {request.source})" if request.value
              else "Python: no version requested, using uv's default")
         interpreter = find_interpreter(uv, request.value, tool_env, context)
         server = self.wsgi_server(context, interpreter)
-        fingerprint = self.fingerprint(context, uv, interpreter, tool_env, server == "gunicorn")
+        servers = server_packages(context.processes, server)
+        fingerprint = self.fingerprint(context, uv, interpreter, tool_env, servers)
         venv = os.path.join(env_dir(context.app), "python-" + fingerprint_digest(fingerprint)[:16])
         if environment_intact(venv, fingerprint):
-            step(f"Dependencies unchanged: reusing {venv} (Python {interpreter.version}); uv sync skipped")
+            step(f"Dependencies unchanged: reusing {venv} (Python {interpreter.version}); {self.skipped}")
         else:
-            self.create(context, uv, interpreter, venv, tool_env, server == "gunicorn", fingerprint)
-        notice(f"Python environment ready in {time.monotonic() - started:.2f} s")
+            self.create(context, uv, interpreter, venv, tool_env, servers, fingerprint)
         additions = {"VIRTUAL_ENV": venv, "PATH": f"{venv}/bin:{context.env['PATH']}",
                      "PYTHONUNBUFFERED": context.env.get("PYTHONUNBUFFERED", "1")}
+        packages = self.local_packages(context, uv, tool_env)
+        if packages:
+            site = install_local_packages(context, uv, venv, tool_env, packages)
+            pythonpath = context.env.get("PYTHONPATH")
+            additions.update(PYTHONPATH=f"{site}:{pythonpath}" if pythonpath else site,
+                             PATH=f"{site}/bin:{additions['PATH']}")
         if server:
             additions["WSGI_SERVER"] = server
+        notice(f"Python environment ready in {time.monotonic() - started:.2f} s")
+        collect_static(context, dict(context.env, **additions))
         return BuildResult(additions)
+
+    skipped = "uv sync skipped"
+
+    def check(self, context, uv, tool_env):
+        """Refuse what cannot build, before any work (tools, project shape)."""
+
+    def local_packages(self, context, uv, tool_env):
+        """Paths (relative to the release) of the packages installed per release."""
+        return []
 
     def wsgi_server(self, context, interpreter):
         if "wsgi" not in context.processes:
@@ -702,77 +806,313 @@ class PythonBuildpack:
             warning("gunicorn does not serve the 'static:' folder; serve it from the app until nginx does")
         return server
 
-    def fingerprint(self, context, uv, interpreter, tool_env, with_gunicorn):
-        """Everything that decides what the environment contains."""
+    def fingerprint(self, context, uv, interpreter, tool_env, servers):
+        """Everything that decides what the environment contains (secrets left out)."""
         files = {}
         for name in self.inputs:
             data = read_pushed_bytes(context.root, name, PUSHED_LOCK_MAX)
             files[name] = hashlib.sha256(data).hexdigest() if data is not None else None
-        settings = {key: value for key, value in sorted(tool_env.items())
-                    if key.startswith("UV_") and key not in UV_UNRELATED_SETTINGS}
-        return {"layout": 1, "buildpack": self.name, "files": files,
-                "python": [interpreter.path, interpreter.version],
-                "tool": tool_version(uv) if uv else "pip", "settings": settings, "gunicorn": with_gunicorn}
+        settings = {key: strip_url_credentials(value) for key, value in sorted(tool_env.items())
+                    if key.startswith("UV_") and key not in UV_UNRELATED_SETTINGS and not is_secret(key)}
+        fingerprint = {"layout": 1, "buildpack": self.name, "files": files,
+                       "python": [interpreter.path, interpreter.version],
+                       "tool": tool_version(uv) if uv else "pip", "settings": settings,
+                       "gunicorn": "gunicorn" in servers}
+        if "uvicorn-worker" in servers:
+            fingerprint["asgi"] = True
+        return fingerprint
 
-    def create(self, context, uv, interpreter, venv, tool_env, with_gunicorn, fingerprint):
+    def create(self, context, uv, interpreter, venv, tool_env, servers, fingerprint):
         """Build a new environment at venv; the marker written last makes it usable."""
         if os.path.lexists(venv):
             shutil.rmtree(venv)         # a half-built one from a failed deploy
         started = time.monotonic()
         self.install(context, uv, interpreter, venv, tool_env)
-        if with_gunicorn and not os.path.exists(os.path.join(venv, "bin", "gunicorn")):
-            step("Adding gunicorn to the environment (the app does not depend on it)")
-            install_packages(uv, venv, ["gunicorn"], tool_env, context.root)
+        missing = [package for package in servers if not has_module(venv, SERVER_MODULES[package])]
+        if missing:
+            step(f"Adding {' and '.join(missing)} to the environment (the app does not depend on "
+                 f"{'them' if len(missing) > 1 else 'it'})")
+            install_packages(uv, venv, missing, tool_env, context.root)
         write_atomic(os.path.join(venv, ENV_MARKER), fingerprint_text(fingerprint))
         notice(f"environment built in {time.monotonic() - started:.1f} s: {venv}")
 
+    def new_venv(self, context, uv, interpreter, venv, tool_env):
+        if uv:
+            run_build_tool([uv, "venv", "--quiet", "--python", interpreter.path, venv], context.root, tool_env)
+        else:
+            notice("uv not found: using venv and pip")
+            run_build_tool([interpreter.path, "-m", "venv", venv], context.root, tool_env)
+
+
+SERVER_MODULES = {"gunicorn": "gunicorn", "uvicorn-worker": "uvicorn_worker"}
+
+
+def server_packages(processes, wsgi_server):
+    """The servers piku runs the app's HTTP kinds with, which its environment must hold."""
+    if "asgi" in processes:
+        return ["gunicorn", "uvicorn-worker"]
+    return ["gunicorn"] if wsgi_server == "gunicorn" else []
+
+
+def has_module(venv, module):
+    return bool(glob.glob(os.path.join(venv, "lib", "python*", "site-packages", module)))
+
+
+def project_site(root):
+    """Where a release's own packages are installed: beside its code, removed with it."""
+    return root.rstrip("/") + ".site"
+
+
+def install_local_packages(context, uv, venv, tool_env, packages):
+    site = project_site(context.root)
+    if os.path.lexists(site):
+        shutil.rmtree(site)
+    step(f"Installing {', '.join(packages)} into this release (no dependencies: they are in the environment)")
+    run_build_tool([uv, "pip", "install", "--quiet", "--no-deps", "--compile-bytecode", "--python",
+                    os.path.join(venv, "bin", "python"), "--target", site, *packages], context.root, tool_env)
+    return site
+
+
+def local_requirement(line, root):
+    """The path of a requirement line that names a folder of the release, or None."""
+    requirement = line.split(";", 1)[0].split(" --hash", 1)[0].strip()
+    if " @ file://" in requirement:
+        requirement = requirement.split(" @ file://", 1)[1]
+    elif not requirement.startswith((".", "/", "file://")):
+        return None
+    path = requirement.removeprefix("file://")
+    resolved = os.path.realpath(os.path.join(root, path))
+    if not inside(resolved, root):
+        raise PikuError(f"the local package {path!r} is outside the pushed code",
+                        "Keep path dependencies inside the repository (a uv workspace member, say).")
+    return os.path.relpath(resolved, root) if resolved != root else "."
+
+
+def comma_list(value):
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
 
 class UvBuildpack(PythonBuildpack):
-    """pyproject.toml (no requirements.txt): uv sync, honouring a committed uv.lock."""
+    """pyproject.toml: uv sync, honouring a committed uv.lock."""
     name = "python-uv"
-    priority = 10
+    files = ("uv.lock", "pyproject.toml")
     inputs = ("pyproject.toml", "uv.lock")
 
     def detect(self, root, processes):
-        return (os.path.isfile(os.path.join(root, "pyproject.toml"))
-                and not os.path.isfile(os.path.join(root, "requirements.txt")))
+        found = python_manifests(root)
+        return bool(found) and (found[0] == "uv.lock" or found[0] == "pyproject.toml"
+                                and not is_poetry_project(safe_pyproject(root)))
+
+    def check(self, context, uv, tool_env):
+        if not os.path.isfile(os.path.join(context.root, "pyproject.toml")):
+            raise PikuError("uv.lock is pushed without its pyproject.toml",
+                            "Commit pyproject.toml (uv.lock is made from it), and push again.")
+        pyproject = read_pyproject(context.root)
+        check_uv_version(uv, pyproject, context.root)
+        project = pyproject.get("project")
+        workspace = pyproject.get("tool", {}).get("uv", {}).get("workspace")
+        if not isinstance(project, dict) and not isinstance(workspace, dict):
+            raise PikuError("pyproject.toml names no dependencies in any form piku knows",
+                            "Expected a [project] table with 'dependencies = [...]' (uv, pip, Poetry 2), "
+                            "[tool.poetry.dependencies] with a poetry.lock (Poetry 1.x), or a uv workspace "
+                            "([tool.uv.workspace]); or push a requirements.txt instead.")
+        if isinstance(project, dict) and "dependencies" not in project and \
+                "dependencies" not in project.get("dynamic", []):
+            raise PikuError("pyproject.toml's [project] table has no 'dependencies' list",
+                            "Add one, even empty ('dependencies = []' when the app needs nothing), "
+                            "run 'uv lock', commit, and push again.")
+        package = context.env.get("UV_PACKAGE", "").strip()
+        members = workspace_members(context.root)
+        if package and package not in members:
+            raise PikuError(f"UV_PACKAGE={package!r} is not a member of this uv workspace"
+                            + (f" (members: {', '.join(members)})" if members else " (there is no uv.lock naming them)"),
+                            f"Name one with: config:set {context.app} UV_PACKAGE=NAME")
+        if not package and not isinstance(project, dict):
+            raise PikuError("this repository is a uv workspace without a root project; piku deploys one member",
+                            f"Name it with: config:set {context.app} UV_PACKAGE=NAME"
+                            + (f" (members: {', '.join(members)})" if members else ""))
+
+    def selection(self, context):
+        """uv's flags that pick what is installed: the member, extras and groups."""
+        args = ["--no-default-groups"]
+        package = context.env.get("UV_PACKAGE", "").strip()
+        args += ["--package", package] if package else []
+        for setting, flag in (("UV_SYNC_EXTRAS", "--extra"), ("UV_SYNC_GROUPS", "--group")):
+            for name in comma_list(context.env.get(setting)):
+                args += [flag, name]
+        return args
 
     def install(self, context, uv, interpreter, venv, tool_env):
         locked = os.path.isfile(os.path.join(context.root, "uv.lock"))
         if not locked:
             warning("no uv.lock: dependencies are resolved afresh, so this deploy is not reproducible")
             warning("run 'uv lock', commit uv.lock, and push again")
-        args = [uv, "sync", "--no-default-groups", "--no-install-project", "--python", interpreter.path]
+        args = [uv, "sync", "--no-install-local", "--python", interpreter.path]
         args += ["--locked"] if locked else []
         args += ["--compile-bytecode"]      # once per environment, so each new worker starts faster
-        for setting, flag in (("UV_SYNC_EXTRAS", "--extra"), ("UV_SYNC_GROUPS", "--group")):
-            for name in filter(None, (part.strip() for part in context.env.get(setting, "").split(","))):
-                args += [flag, name]
+        args += self.selection(context)
         step("Running " + " ".join(["uv", *args[1:]]))
         run_build_tool(args, context.root, dict(tool_env, UV_PROJECT_ENVIRONMENT=venv))
+
+    def local_packages(self, context, uv, tool_env):
+        """The project, workspace members and path dependencies the app uses, from uv.lock (which
+        this also checks against every pyproject.toml, also when the environment is reused)."""
+        pyproject = read_pyproject(context.root)
+        if not os.path.isfile(os.path.join(context.root, "uv.lock")):
+            return ["."] if is_packaged(pyproject) else []
+        tool = pyproject.get("tool", {}).get("uv", {})
+        if not is_packaged(pyproject) and "workspace" not in tool and "sources" not in tool:
+            return []           # a flat project: nothing of its own to install
+        args = [uv, "export", "--locked", "--quiet", "--no-hashes", "--no-header", "--no-annotate",
+                "--no-editable", "--format", "requirements.txt", *self.selection(context)]
+        output = run_build_tool(args, context.root, tool_env, show=False)
+        return [path for path in (local_requirement(line, context.root) for line in output.splitlines()
+                                  if line.strip() and not line.startswith(("#", "-"))) if path]
+
+
+def safe_pyproject(root):
+    """pyproject.toml for detection, which must not fail: {} when it cannot be read."""
+    try:
+        return read_pyproject(root)
+    except PikuError:
+        return {}
+
+
+def workspace_members(root):
+    """The members uv.lock names for a workspace ([] for a single project)."""
+    if not os.path.isfile(os.path.join(root, "uv.lock")):
+        return []
+    manifest = load_toml(read_pushed_text(root, "uv.lock", PUSHED_LOCK_MAX), "uv.lock").get("manifest", {})
+    return sorted(manifest.get("members", []))
+
+
+UV_VERSION = re.compile(r"uv ([0-9]+(?:\.[0-9]+)*)")
+
+
+def check_uv_version(uv, pyproject, root):
+    """[tool.uv] required-version (or uv.toml's), checked against this host's uv."""
+    required = pyproject.get("tool", {}).get("uv", {}).get("required-version")
+    if required is None and os.path.isfile(os.path.join(root, "uv.toml")):
+        required = load_toml(read_pushed_text(root, "uv.toml"), "uv.toml").get("required-version")
+    if not isinstance(required, str) or not required.strip():
+        return
+    match = UV_VERSION.match(tool_version(uv))
+    have = match.group(1) if match else "unknown"
+    wanted = required.strip() if required.strip()[0] in "<>=!~" else "==" + required.strip()
+    if match and version_allowed(have, wanted):
+        return
+    raise PikuError(f"this project requires uv {required.strip()} ([tool.uv] required-version), "
+                    f"but the server has uv {have}",
+                    "Upgrade uv as the piku user: 'uv self update' (installed with uv's installer) or "
+                    "'pipx upgrade uv', then push again.")
+
+
+class ExportedLockBuildpack(PythonBuildpack):
+    """A lock file another tool owns (Poetry, Pipenv): the tool checks it against its manifest
+    and exports the main dependencies, exactly as locked, with hashes; uv installs that list
+    into a new environment. The tool runs only when the environment is built."""
+    tool = ""
+    lock = ""
+    manifest = ""
+    install_hint = ""
+    stale_needles = ()
+
+    @property
+    def skipped(self):
+        return f"{self.tool} and uv skipped"
+
+    def check(self, context, uv, tool_env):
+        if not os.path.isfile(os.path.join(context.root, self.lock)):
+            raise PikuError(f"{self.manifest} is pushed without {self.lock}; piku installs exactly what the lock says",
+                            f"Run '{self.tool} lock', commit {self.lock}, and push again.")
+        if not os.path.isfile(os.path.join(context.root, self.manifest)):
+            raise PikuError(f"{self.lock} is pushed without {self.manifest}",
+                            f"Commit {self.manifest} too, and push again.")
+
+    def install(self, context, uv, interpreter, venv, tool_env):
+        tool = find_tool(self.tool, tool_env, self.install_hint)
+        env = dict(tool_env, **self.tool_settings)
+        step(f"Exporting the main dependencies of {self.lock} with {self.tool}")
+        exported = run_build_tool([tool, *self.export_args], context.root, env, show=False,
+                                  failures=self.failures())
+        if not exported.strip():
+            raise PikuError(f"{self.tool} exported no dependencies from {self.lock}",
+                            f"Check that {self.manifest} lists the app's dependencies in its main group.")
+        self.new_venv(context, uv, interpreter, venv, tool_env)
+        with tempfile.NamedTemporaryFile("w", prefix="piku-requirements-", suffix=".txt") as requirements:
+            requirements.write(exported)
+            requirements.flush()
+            step("Installing the locked versions with uv pip sync")
+            run_build_tool([uv, "pip", "sync", "--compile-bytecode", "--python",
+                            os.path.join(venv, "bin", "python"), requirements.name], context.root, tool_env)
+
+    def failures(self):
+        return tuple((needle, f"{self.lock} is out of date with {self.manifest}",
+                      f"Run '{self.tool} lock', commit {self.lock}, and push again.")
+                     for needle in self.stale_needles)
+
+
+class PoetryBuildpack(ExportedLockBuildpack):
+    """poetry.lock (Poetry 1.x [tool.poetry] or Poetry 2 [project] projects)."""
+    name = "python-poetry"
+    files = ("poetry.lock",)
+    inputs = ("pyproject.toml", "poetry.lock")
+    tool, lock, manifest = "poetry", "poetry.lock", "pyproject.toml"
+    install_hint = "uv tool install poetry --with poetry-plugin-export"
+    export_args = ("export", "--only", "main", "--format", "requirements.txt", "--no-interaction", "--no-ansi")
+    tool_settings = {"POETRY_VIRTUALENVS_CREATE": "false", "POETRY_NO_INTERACTION": "1"}
+    stale_needles = ("changed significantly since poetry.lock was last generated",
+                     "poetry.lock is not consistent with pyproject.toml")
+
+    def detect(self, root, processes):
+        found = python_manifests(root)
+        return bool(found) and (found[0] == "poetry.lock" or found[0] == "pyproject.toml"
+                                and is_poetry_project(safe_pyproject(root)))
+
+    def check(self, context, uv, tool_env):
+        super().check(context, uv, tool_env)
+        read_pyproject(context.root)
+
+    def local_packages(self, context, uv, tool_env):
+        return ["."] if is_packaged(read_pyproject(context.root)) else []
+
+
+class PipenvBuildpack(ExportedLockBuildpack):
+    """Pipfile.lock: its default section, as locked."""
+    name = "python-pipenv"
+    files = ("Pipfile.lock", "Pipfile")
+    inputs = ("Pipfile", "Pipfile.lock")
+    tool, lock, manifest = "pipenv", "Pipfile.lock", "Pipfile"
+    install_hint = "uv tool install pipenv"
+    export_args = ("requirements", "--hash")
+    tool_settings = {"PIPENV_IGNORE_VIRTUALENVS": "1", "PIPENV_NOSPIN": "1", "PIPENV_YES": "1",
+                     "PIPENV_VERBOSITY": "-1"}
+    stale_needles = ("Pipfile.lock is out-of-date",)
+
+    def install(self, context, uv, interpreter, venv, tool_env):
+        tool = find_tool(self.tool, tool_env, self.install_hint)
+        run_build_tool([tool, "verify"], context.root, dict(tool_env, **self.tool_settings), show=False,
+                       failures=self.failures())
+        super().install(context, uv, interpreter, venv, tool_env)
 
 
 class RequirementsBuildpack(PythonBuildpack):
     """requirements.txt: uv venv + uv pip install when uv is there, else venv + pip."""
     name = "python-requirements"
-    priority = 20
     needs_uv = False
+    files = ("requirements.txt",)
     inputs = ("requirements.txt",)
-
-    def detect(self, root, processes):
-        return os.path.isfile(os.path.join(root, "requirements.txt"))
+    skipped = "uv pip install skipped"
 
     def install(self, context, uv, interpreter, venv, tool_env):
-        if uv:
-            run_build_tool([uv, "venv", "--quiet", "--python", interpreter.path, venv], context.root, tool_env)
-        else:
-            notice("uv not found: using venv and pip")
-            run_build_tool([interpreter.path, "-m", "venv", venv], context.root, tool_env)
+        self.new_venv(context, uv, interpreter, venv, tool_env)
         step("Installing requirements.txt")
         install_packages(uv, venv, ["-r", "requirements.txt"], tool_env, context.root)
 
 
 buildpack(UvBuildpack)
+buildpack(PoetryBuildpack)
+buildpack(PipenvBuildpack)
 buildpack(RequirementsBuildpack)
 buildpack(StaticBuildpack)
 buildpack(GenericBuildpack)
@@ -785,21 +1125,89 @@ def select_buildpack(root, processes):
     raise PikuError("no buildpack matches this app")
 
 
+def describe_detection(pack, root):
+    """What the push says about the files it chose by, and those it ignored."""
+    found = python_manifests(root)
+    own = [name for name in found if name in getattr(pack, "files", ()) or
+           (name == "pyproject.toml" and pack.name in ("python-uv", "python-poetry"))]
+    ignored = [name for name in found if name not in own]
+    step(f"Found {', '.join(own)}: building with the {pack.name} buildpack" if own
+         else f"Building with the {pack.name} buildpack")
+    if ignored:
+        notice(f"ignored: {', '.join(ignored)} ({found[0]} comes first; the order is in docs/PYTHON.md)")
+
+
+def find_tool(name, env, install_hint):
+    """A build tool on the app's PATH or where its installers put it."""
+    home = os.path.expanduser("~")
+    found = shutil.which(name, path=env.get("PATH")) or next(
+        (path for path in (os.path.join(home, ".local", "bin", name),) if os.access(path, os.X_OK)), None)
+    if not found:
+        raise PikuError(f"{name} is not installed for the piku user; this app's lock file needs it",
+                        f"Install it as that user: '{install_hint}', then push again.")
+    return found
+
+
+# --- Django -----------------------------------------------------------------------
+
+def collect_static(context, env):
+    """A Django project's static files, collected into the release at build time."""
+    if not os.path.isfile(os.path.join(context.root, "manage.py")) or not has_module(env["VIRTUAL_ENV"], "django"):
+        return
+    if env.get("DISABLE_COLLECTSTATIC", "").strip() in ("1", "true", "yes"):
+        notice("DISABLE_COLLECTSTATIC is set: manage.py collectstatic skipped")
+        return
+    step("Django: running manage.py collectstatic --noinput")
+    result = subprocess.run([os.path.join(env["VIRTUAL_ENV"], "bin", "python"), "manage.py", "collectstatic",
+                             "--noinput"], cwd=context.root, env=dict(env, PWD=context.root), text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in result.stdout.splitlines()[-20:]:
+        notice(line)
+    if result.returncode != 0:
+        raise PikuError("manage.py collectstatic failed; nothing was changed",
+                        "Set STATIC_ROOT in the Django settings (see docs/PYTHON.md), or skip it with "
+                        f"config:set {context.app} DISABLE_COLLECTSTATIC=1.")
+
+
+# --- build tools ------------------------------------------------------------------
+
 ENV_MARKER = ".piku-fingerprint"
 UV_UNRELATED_SETTINGS = frozenset({"UV_CACHE_DIR", "UV_PROJECT_ENVIRONMENT", "UV_NO_PROGRESS"})
 TOOL_ENV_PASSTHROUGH = ("HOME", "USER", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR",
                         "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+UV_CONFIG_FILES = ("~/.config/uv/uv.toml", "/etc/uv/uv.toml")
 
 
 def build_tool_env(app_env):
-    """The environment uv and pip run in: the host's UV_* and proxy settings, then the app's."""
+    """The environment uv and pip run in: the host's UV_* and proxy settings, then the app's.
+    uv downloads no Python unless the host (its environment or uv.toml) or the app's settings
+    allow it."""
     env = {key: value for key, value in os.environ.items()
            if key in TOOL_ENV_PASSTHROUGH or key.startswith("UV_")}
     env.update(app_env)
     env.setdefault("UV_PYTHON_PREFERENCE", "managed")
+    if "UV_PYTHON_DOWNLOADS" not in env and not host_sets_python_downloads():
+        env["UV_PYTHON_DOWNLOADS"] = "never"
     env["UV_NO_PROGRESS"] = "1"
     env.pop("VIRTUAL_ENV", None)
     return env
+
+
+def host_sets_python_downloads(value=""):
+    """Does the host's uv.toml set python-downloads (to value, when given)?"""
+    pattern = r"^\s*python-downloads\s*=\s*" + (f"[\"']{value}[\"']" if value else "")
+    for path in UV_CONFIG_FILES:
+        try:
+            if re.search(pattern, read_text(os.path.expanduser(path)), re.M):
+                return True
+        except (PikuError, OSError):
+            continue
+    return False
+
+
+def python_downloads_allowed(env):
+    setting = env.get("UV_PYTHON_DOWNLOADS")
+    return setting == "automatic" if setting is not None else host_sets_python_downloads("automatic")
 
 
 def fingerprint_text(fingerprint):
@@ -833,20 +1241,66 @@ UV_FAILURES = (
      "Check the package names and versions in pyproject.toml, run 'uv lock' locally, commit, and push again."),
     ("not found in the package registry", "a package was not found in the package index",
      "Check the package names in pyproject.toml / requirements.txt."),
+    ("Required uv version", "the project requires another version of uv",
+     "Upgrade uv as the piku user ('uv self update' or 'pipx upgrade uv'), then push again."),
 )
 
 
-def run_build_tool(args, cwd, env):
-    """Run uv or pip, show its output indented, and turn a failure into an actionable error."""
-    result = subprocess.run(args, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    for line in result.stdout.splitlines():
-        notice(line)
+def run_build_tool(args, cwd, env, show=True, failures=()):
+    """Run a build tool (uv, pip, poetry, pipenv) with no terminal to ask on; show its output
+    indented, with secrets masked, and turn a failure into an actionable error. -> its stdout"""
+    result = subprocess.run(args, cwd=cwd, env=env, text=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE if not show else subprocess.STDOUT)
+    output = result.stdout if show else result.stderr
+    secrets = secret_values(env)
+    if show or result.returncode != 0:
+        for line in (output or "").splitlines():
+            notice(mask_secrets(line, secrets))
     if result.returncode != 0:
-        for needle, message, hint in UV_FAILURES:
-            if needle in result.stdout:
+        for needle, message, hint in (*failures, *UV_FAILURES):
+            if needle in (output or "") or needle in result.stdout:
                 raise PikuError(f"{message}; nothing was changed", hint)
         raise PikuError(f"{os.path.basename(args[0])} {args[1]} failed (exit code {result.returncode}); "
                         "nothing was changed", "See its output above.")
+    return result.stdout
+
+
+# --- secrets ----------------------------------------------------------------------
+# Credentials for private package indexes (uv's UV_INDEX_<NAME>_USERNAME/_PASSWORD) and
+# settings named like secrets are shown masked in `config`, `config:live` and build output;
+# they are left out of environment fingerprints, so changing only a password rebuilds nothing.
+
+SECRET_KEY = re.compile(r"UV_INDEX_[A-Z0-9_]+_(USERNAME|PASSWORD)|(.*_)?(PASSWORD|PASSWD|SECRET|TOKEN|API_KEY)(_.*)?")
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s:]+(:[^/@\s]*)?@")
+MASK = "****"
+
+
+def is_secret(key):
+    return bool(SECRET_KEY.fullmatch(key))
+
+
+def strip_url_credentials(value):
+    return URL_CREDENTIALS.sub("", value)
+
+
+def secret_values(env):
+    """The values to mask in output: secret settings, and credentials written into URLs."""
+    values = {value for key, value in env.items() if is_secret(key) and len(value) >= 3}
+    for value in env.values():
+        for match in URL_CREDENTIALS.finditer(value):
+            values.add(match.group(0)[:-1])
+    return sorted(values, key=len, reverse=True)
+
+
+def mask_secrets(text, secrets):
+    for value in secrets:
+        text = text.replace(value, MASK)
+    return text
+
+
+def masked_settings(settings):
+    return {key: MASK if is_secret(key) and value else URL_CREDENTIALS.sub(MASK + "@", value)
+            for key, value in settings.items()}
 
 
 ##############################################################################
@@ -882,17 +1336,50 @@ def read_python_version_file(root):
 
 
 def requires_python(root):
-    """The project's requires-python specifier, or None."""
-    text = read_pushed_text(root, "pyproject.toml")
+    """The project's Python requirement as a PEP 440 specifier, or None: [project]
+    requires-python, or the python constraint of a Poetry 1.x project."""
+    if not os.path.isfile(os.path.join(root, "pyproject.toml")):
+        return None
+    pyproject = read_pyproject(root)
+    specifier = pyproject.get("project", {}).get("requires-python")
+    if specifier is None and is_poetry_project(pyproject):
+        specifier = poetry_constraint(pyproject["tool"]["poetry"]["dependencies"].get("python"))
+    return specifier if isinstance(specifier, str) else None
+
+
+def poetry_constraint(constraint):
+    """Poetry's '^3.10', '~3.10', '3.10.*' or '>=3.9,<3.13' as a PEP 440 specifier (None: any)."""
+    if not isinstance(constraint, str):
+        return None
+    parts = []
+    for part in re.split(r"\s*,\s*|\s+(?=[<>=!~^])", constraint.strip()):
+        match = re.fullmatch(r"([\^~])([0-9]+)(?:\.([0-9]+))?(?:\.[0-9]+)?", part)
+        if match:
+            op, major, minor_part = match.group(1), int(match.group(2)), match.group(3)
+            if op == "^" or minor_part is None:
+                upper = f"{major + 1}" if major or op == "~" else f"0.{int(minor_part or 0) + 1}"
+            else:
+                upper = f"{major}.{int(minor_part) + 1}"
+            parts += [f">={part[1:]}", f"<{upper}"]
+        elif re.fullmatch(r"[0-9]+(\.[0-9]+)*\.\*", part):
+            parts.append("==" + part)
+        elif re.fullmatch(r"(==|!=|<=|>=|~=|<|>)\s*[0-9][0-9.]*(\.\*)?", part):
+            parts.append(part.replace(" ", ""))
+        else:
+            return None         # '*', '||' alternatives: no constraint piku can check
+    return ",".join(parts) or None
+
+
+def pipfile_python(root):
+    """The Python a Pipfile.lock was made for ([requires] python_full_version or python_version)."""
+    if not os.path.isfile(os.path.join(root, "Pipfile.lock")):
+        return None
     try:
-        import tomllib
-    except ImportError:         # Python 3.10: a line match is enough for this one key
-        match = re.search(r"""^\s*requires-python\s*=\s*["']([^"']*)["']""", text, re.M)
-        return match.group(1) if match else None
-    try:
-        return tomllib.loads(text).get("project", {}).get("requires-python")
-    except tomllib.TOMLDecodeError as error:
-        raise PikuError(f"pyproject.toml cannot be parsed: {error}", "Fix the file, commit, and push again.")
+        requires = json.loads(read_pushed_text(root, "Pipfile.lock", PUSHED_LOCK_MAX)).get("_meta", {}).get("requires", {})
+    except (ValueError, AttributeError):
+        raise PikuError("Pipfile.lock is not valid JSON", "Run 'pipenv lock', commit Pipfile.lock, and push again.")
+    version = requires.get("python_full_version") or requires.get("python_version") if isinstance(requires, dict) else None
+    return version if isinstance(version, str) else None
 
 
 def _release(version):
@@ -937,6 +1424,9 @@ def resolve_python_request(context):
     pinned = read_python_version_file(context.root)
     if pinned:
         return PythonRequest(validate_python_request(pinned, ".python-version"), ".python-version")
+    pinned = pipfile_python(context.root)
+    if pinned and python_manifests(context.root)[0] in PipenvBuildpack.files:
+        return PythonRequest(validate_python_request(pinned, "Pipfile.lock"), "Pipfile.lock [requires]")
     if "wsgi" in context.processes and (env.get("WSGI_SERVER") or "auto").lower() != "gunicorn":
         embedded = uwsgi_python_version()
         if embedded and version_allowed(embedded, requires_python(context.root)):
@@ -993,12 +1483,12 @@ def find_interpreter(uv, request, env, context):
 
 def uv_python_find(uv, request, env, root):
     args = [uv, "python", "find", *([request] if request else [])]
-    result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
-    downloads = env.get("UV_PYTHON_DOWNLOADS", "automatic").lower()
-    if result.returncode != 0 and request and downloads not in ("never", "manual", "false", "0"):
+    result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if result.returncode != 0 and request and python_downloads_allowed(env):
         step(f"Installing Python {request} with uv")
-        subprocess.run([uv, "python", "install", request], cwd=root, env=env, capture_output=True)
-        result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
+        subprocess.run([uv, "python", "install", request], cwd=root, env=env, capture_output=True,
+                       stdin=subprocess.DEVNULL)
+        result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     return result.stdout.strip().splitlines()[-1] if result.returncode == 0 and result.stdout.strip() else None
 
 
@@ -1041,7 +1531,7 @@ def cached_probe(key, compute, keep=64):
 
 def available_pythons(uv, env):
     result = subprocess.run([uv, "python", "list", "--only-installed", "--output-format", "json"],
-                            env=env, capture_output=True, text=True)
+                            env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     try:
         versions = {entry["version"] for entry in json.loads(result.stdout)}
     except (ValueError, KeyError, TypeError):
@@ -1173,8 +1663,7 @@ attach-daemon = $command
     "wsgi": string.Template("""\
 plugin = python3
 module = $command
-pythonpath = $chdir
-${virtualenv}http-socket = $socket
+${pythonpath}${virtualenv}http-socket = $socket
 need-app = true
 processes = $processes
 threads = $threads
@@ -1252,7 +1741,7 @@ def vassal_values(instance, command, env, root):
         values["private"] = f"127.0.0.1:{env['PORT']}"
     if kind.name == "static":
         values["folder"] = static_path(command, root)   # planning checked it stays inside the app
-    if kind.name == "wsgi-gunicorn":
+    if kind.template == "gunicorn":
         venv_bin = os.path.join(env["VIRTUAL_ENV"], "bin", "gunicorn") if env.get("VIRTUAL_ENV") else "gunicorn"
         values["gunicorn"] = "exec " + " ".join(shlex.quote(part) for part in (
             venv_bin, "--config", instance.runtime("gunicorn.py"), command.strip()))
@@ -1262,6 +1751,8 @@ def vassal_values(instance, command, env, root):
         values["cron"] = f"{schedule} {cron_command}"
     escaped = {key: uwsgi_escape(str(value)) for key, value in values.items()}
     escaped["virtualenv"] = f"virtualenv = {uwsgi_escape(env['VIRTUAL_ENV'])}\n" if env.get("VIRTUAL_ENV") else ""
+    escaped["pythonpath"] = "".join(f"pythonpath = {uwsgi_escape(path)}\n"
+                                    for path in [root, *filter(None, env.get("PYTHONPATH", "").split(":"))])
     return escaped
 
 
@@ -1305,7 +1796,16 @@ accesslog = '-'
 errorlog = '-'
 proc_name = $proc_name
 control_socket_disable = True   # gunicorn >= 24 would share one socket in $$HOME between apps
-""")
+$worker_class""")
+
+# asgi: gunicorn runs uvicorn's worker (from the uvicorn-worker package, or uvicorn's own)
+ASGI_WORKER_CLASS = """\
+try:                            # asgi: gunicorn runs uvicorn's worker class
+    import uvicorn_worker
+    worker_class = 'uvicorn_worker.UvicornWorker'
+except ImportError:
+    worker_class = 'uvicorn.workers.UvicornWorker'
+"""
 
 
 def default_gunicorn_workers():
@@ -1329,6 +1829,7 @@ def render_gunicorn_config(instance, env, root):
         "graceful_timeout": setting_number(env, ("GUNICORN_GRACEFUL_TIMEOUT",), 20),
         "chdir": repr(root),
         "proc_name": repr(f"{instance.app}:{instance.name}"),
+        "worker_class": ASGI_WORKER_CLASS if worker_class(instance.kind) == "asgi" else "",
     }
     return GUNICORN_TEMPLATE.substitute(values, app=instance.app, name=instance.name, gen=instance.gen)
 
@@ -1411,6 +1912,12 @@ def new_release_dir(app, rev):
     parent = os.path.join(RELEASE_ROOT, app)
     os.makedirs(parent, exist_ok=True)
     return tempfile.mkdtemp(dir=parent, prefix=time.strftime("%Y%m%d%H%M%S-") + rev[:12] + "-")
+
+
+def remove_release_dir(root):
+    """A release that never went live: its code and the packages installed beside it."""
+    for path in (root, project_site(root)):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def checkout_revision(app, rev, dest):
@@ -1566,11 +2073,15 @@ def run_phase(release, kind):
 
 def build_release(release):
     pack = select_buildpack(release.root, release.processes)
-    step(f"Building with the {pack.name} buildpack")
+    describe_detection(pack, release.root)
     result = pack.build(BuildContext(release.app, release.root, release.processes, dict(release.env),
                                      release.config, release.repo_env))
     release.env.update(result.env)
     check_environment_size(release.app, release.env)
+    served = next((kind for kind in HTTP_APP_KINDS if kind in release.processes), None)
+    if release.env.get("NGINX_STATIC_PATHS") and served and worker_kind(served, release.env).name != "wsgi":
+        warning(f"NGINX_STATIC_PATHS is served by uWSGI beside a wsgi app; the {served} worker here "
+                "does not serve it: serve those files from the app (for Django: whitenoise)")
 
 
 # --- health checks ------------------------------------------------------------
@@ -1761,6 +2272,8 @@ def plan_generation(release, gen, scaling, only=None):
     if "static" in release.processes:       # the wsgi worker serves the folder's files itself
         static = release.processes["static"]
         wsgi_extra.append(("static-map", "/=" + static_folder(static.command, static.line, release.root)))
+    for prefix, folder in static_paths(release.env, release.root):
+        wsgi_extra.append(("static-map", f"{prefix}={folder}"))
     for kind, count in sorted(scaling.items()):
         for index in range(1, count + 1):
             if only is not None and (kind, index) not in only:
@@ -1783,7 +2296,7 @@ def render_instance(generation, instance, wsgi_extra):
         port = free_port("127.0.0.1", release.app)
         generation.ports[instance] = port
         worker_env = dict(env, PORT=str(port), BIND_ADDRESS="127.0.0.1")
-    if kind.name == "wsgi-gunicorn":
+    if kind.template == "gunicorn":
         generation.files[instance.runtime("gunicorn.py")] = render_gunicorn_config(instance, env, root)
     command = release.processes[instance.kind].command
     generation.files[instance.vassal] = render_vassal(instance, command, worker_env, root,
@@ -2018,7 +2531,8 @@ def switch_symlink(link, target):
 def release_from_record(app, record):
     """A kept release, ready to run again: its code, environment, settings and scaling."""
     root = record["root"]
-    if not os.path.isdir(root):
+    if not os.path.isdir(root) or (project_site(root) in record["env"].get("PYTHONPATH", "").split(":")
+                                   and not os.path.isdir(project_site(root))):
         raise PikuError(f"the code of v{record['version']} is no longer kept", "Push that revision again instead.")
     venv = record["env"].get("VIRTUAL_ENV")
     if venv and not os.path.exists(os.path.join(venv, ENV_MARKER)):
@@ -2055,8 +2569,9 @@ def prune(app):
         venvs.add(meta.get("virtualenv"))
     parent = os.path.join(RELEASE_ROOT, app)
     for name in os.listdir(parent) if os.path.isdir(parent) else []:
-        if os.path.join(parent, name) not in roots:
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        path = os.path.join(parent, name)
+        if path not in roots and path.removesuffix(".site") not in roots:     # RELEASE.site: its packages
+            shutil.rmtree(path, ignore_errors=True)
     for path in glob.glob(os.path.join(env_dir(app), "python-*")):
         if path not in venvs:
             shutil.rmtree(path, ignore_errors=True)
@@ -2101,13 +2616,13 @@ def deploy_app(app, rev, ref="refs/heads/main", cause="push", config=None, state
     except OSError as error:        # a full disk, a permission: nothing live changed before the commit
         if release.committed:
             raise
-        shutil.rmtree(root, ignore_errors=True)
+        remove_release_dir(root)
         raise PikuError(f"the deploy stopped: {error.strerror or error} ({error.filename or 'a file'}); "
                         "nothing live changed", "Free some disk space (df -h) or fix the permissions, "
                         "and push again.")
     except BaseException:
         if not release.committed:
-            shutil.rmtree(root, ignore_errors=True)
+            remove_release_dir(root)
         raise
     prune(app)
     announce(release, time.monotonic() - started)
@@ -2580,9 +3095,9 @@ def cmd_apps():
 @cli.command("config")
 @click.argument("app")
 def cmd_config(app):
-    """Show the settings made with config:set."""
+    """Show the settings made with config:set (secrets masked)."""
     require_app(app)
-    click.echo(format_env(load_config(app)), nl=False)
+    click.echo(format_env(masked_settings(load_config(app))), nl=False)
 
 
 @cli.command("config:get")
@@ -2600,11 +3115,11 @@ def cmd_config_get(app, setting):
 @cli.command("config:live")
 @click.argument("app")
 def cmd_config_live(app):
-    """Show the environment the running app sees."""
+    """Show the environment the running app sees (secrets masked)."""
     require_app(app)
     if not os.path.exists(live_env_file(app)):
         raise PikuError(f"{app} has not been deployed yet", "Push to deploy it.")
-    click.echo(format_env(load_live_env(app)), nl=False)
+    click.echo(format_env(masked_settings(load_live_env(app))), nl=False)
 
 
 def change_config(app, update):

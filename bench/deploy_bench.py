@@ -13,14 +13,20 @@ Measures, each RUNS times (median reported):
             and the slowest answer
   apps      with 1, 10 and 30 small apps deployed on one host: the next code-only deploy, and
             the memory (PSS) of the emperor and of each app's processes
+  shapes    for a flat uv app (examples/flask-uwsgi), a packaged one (examples/uv-package,
+            installed into each release) and a Poetry one (examples/poetry): code-only and
+            dependency-change redeploys (push -> new code answers), and the build step alone
+            ("Python environment ready in") of the code-only pushes
 and the ratio/overhead deps - sync. Needs uv on PATH, uWSGI with its python3 plugin, and
 Debian's python3.11 (the Python uWSGI embeds). Run: make bench  (or python3 bench/deploy_bench.py;
 BENCH_ONLY=apps,switch runs a subset)
 """
 
+import collections
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -37,8 +43,8 @@ RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
 PYENV = Path("/root/.pyenv/versions")
 EXTRA_PACKAGES = ["six", "idna", "certifi", "packaging", "pyparsing", "attrs", "toml", "zipp", "tomli", "wheel"]
-SYNC_ARGS = ["sync", "--no-default-groups", "--no-install-project", "--python", "/usr/bin/python3.11", "--locked",
-             "--compile-bytecode"]
+SYNC_ARGS = ["sync", "--no-install-local", "--python", "/usr/bin/python3.11", "--locked", "--compile-bytecode",
+             "--no-default-groups"]
 
 
 def run(args, cwd=None, env=None, check=True):
@@ -68,6 +74,9 @@ class Bench:
         bin_dir = self.work / "bin"
         bin_dir.mkdir()
         (bin_dir / "uv").symlink_to(os.path.realpath(self.uv))
+        self.poetry = shutil.which("poetry") or str(REPO / ".venv" / "bin" / "poetry")
+        if os.path.exists(self.poetry):
+            (bin_dir / "poetry").symlink_to(self.poetry)
         pythons = self.work / "pythons"        # the pyenv builds, as uv-managed Pythons (nothing downloaded)
         pythons.mkdir()
         for build in sorted(PYENV.glob("3.1[02-9].*")) if PYENV.is_dir() else []:
@@ -103,8 +112,8 @@ class Bench:
 
     def push(self, path, app):
         started = time.monotonic()
-        run(["git", "push", "-q", "--receive-pack", " ".join(PIKU + ["git-receive-pack"]), app, "HEAD:main"],
-            cwd=path, env=self.env)
+        self.output = run(["git", "push", "-q", "--receive-pack", " ".join(PIKU + ["git-receive-pack"]), app,
+                           "HEAD:main"], cwd=path, env=self.env).stderr
         return started
 
     def url(self, app, path="/"):
@@ -289,14 +298,54 @@ def measure_apps(bench, results):
         results[f"apps_{size}_emperor_mb"] = [pss_mb([bench.emperor.pid])]
 
 
+SHAPES = {     # name -> (example, the file the code-only change edits, how a dependency is added)
+    "flat": ("flask-uwsgi", "wsgi.py", "uv"),
+    "packaged": ("uv-package", "src/hello_pkg/greeting.py", "uv"),
+    "poetry": ("poetry", "app.py", "poetry"),
+}
+
+
+def measure_shapes(bench, results):
+    for shape, (example, main, tool) in SHAPES.items():
+        if tool == "poetry" and not os.path.exists(bench.poetry):
+            print(f"  (poetry is not installed: the {shape} app is not measured)")
+            continue
+        app = f"shape-{shape}"
+        path = bench.checkout(app, example)
+        source = (REPO / "examples" / example / main).read_text()
+        bench.push(path, app)
+        wait_for(bench.url(app), "from")
+        for run_index in range(RUNS):
+            marker = f"Code{run_index}"
+            (path / main).write_text(source.replace("Hello from", f"{marker} from").replace('"Hello"', f'"{marker}"'))
+            bench.commit(path, marker)
+            started = bench.push(path, app)
+            results[f"shape_{shape}_code"].append(wait_for(bench.url(app), f"{marker} from") - started)
+            ready = re.search(r"Python environment ready in ([0-9.]+) s", bench.output)
+            results[f"shape_{shape}_build"].append(float(ready.group(1)))
+        for run_index in range(RUNS):
+            marker = f"Deps{run_index}"
+            (path / main).write_text(source.replace("Hello from", f"{marker} from").replace('"Hello"', f'"{marker}"'))
+            package = EXTRA_PACKAGES[run_index % len(EXTRA_PACKAGES)]
+            if tool == "uv":
+                run([bench.uv, "add", "-q", "--no-sync", package], cwd=path, env=bench.env)
+            else:
+                run([bench.poetry, "add", "-q", "--lock", "--no-interaction", package], cwd=path, env=bench.env)
+            bench.commit(path, marker)
+            started = bench.push(path, app)
+            results[f"shape_{shape}_deps"].append(wait_for(bench.url(app), f"{marker} from") - started)
+
+
 def measure(bench):
-    results = {"cold": [], "code": [], "deps": [], "deps_push": [], "sync": [], "rollback": []}
+    results = collections.defaultdict(list)
     if not ONLY or "deploys" in ONLY:
         measure_deploys(bench, results)
     if not ONLY or "switch" in ONLY:
         measure_switch(bench, results)
     if not ONLY or "apps" in ONLY:
         measure_apps(bench, results)
+    if not ONLY or "shapes" in ONLY:
+        measure_shapes(bench, results)
     return {name: values for name, values in results.items() if values}
 
 
@@ -325,6 +374,10 @@ def main():
         labels += [(f"apps_{size}_deploy", f"{size} apps on the host: code-only redeploy, s"),
                    (f"apps_{size}_mb_per_app", f"{size} apps on the host: memory per app (PSS), MB"),
                    (f"apps_{size}_emperor_mb", f"{size} apps on the host: the emperor (PSS), MB")]
+    for shape in SHAPES:
+        labels += [(f"shape_{shape}_code", f"{shape} app: code-only redeploy, s"),
+                   (f"shape_{shape}_build", f"{shape} app: its build step in that push, s"),
+                   (f"shape_{shape}_deps", f"{shape} app: dependency-change redeploy, s")]
     for name, label in labels:
         if name in results:
             print(f"  {label:60s} {medians[name]:8.3f}   runs: {' '.join(f'{v:.3f}' for v in results[name])}")

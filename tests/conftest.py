@@ -55,6 +55,14 @@ class Toolchain:
         self.has_uv = os.path.exists(uv)
         if self.has_uv:
             (bin_dir / "uv").symlink_to(os.path.realpath(uv))
+        # Poetry and Pipenv, as a sysadmin would install them for the piku user (make deps puts
+        # them in .venv); their scripts name .venv's python, so they run from this folder too.
+        self.tools = {}
+        for tool in ("poetry", "pipenv"):
+            found = shutil.which(tool) or str(REPO / ".venv" / "bin" / tool)
+            if os.path.exists(found):
+                (bin_dir / tool).symlink_to(found)
+                self.tools[tool] = found
         self.pythons = self.root / "pythons"
         self.pythons.mkdir()
         self.versions = {"3.11": "/usr/bin/python3.11"} if os.path.exists("/usr/bin/python3.11") else {}
@@ -74,9 +82,12 @@ class Toolchain:
                     "UV_PYTHON_DOWNLOADS": "never", "UV_CACHE_DIR": str(self.root / "uv-cache"),
                     "UV_SYSTEM_CERTS": "1"}
 
-    def require(self, *minors):
+    def require(self, *minors, tools=()):
         if not self.has_uv:
             pytest.skip("uv is not installed (make deps installs it)")
+        for tool in tools:
+            if tool not in self.tools:
+                pytest.skip(f"{tool} is not installed (make deps installs it)")
         missing = [minor for minor in minors if minor not in self.versions]
         if missing:
             pytest.skip(f"Python {', '.join(missing)} is not installed on this machine")

@@ -87,16 +87,83 @@ def test_requires_python_reads_pyproject(tmp_path):
 
 
 def test_buildpack_detection_order(tmp_path):
+    """The first manifest present in PYTHON_MANIFESTS decides: a lock before a list."""
     processes = parse_procfile("web: python app.py\n")
-    assert piku.select_buildpack(str(tmp_path), processes).name == "generic"
+
+    def chosen(procfile=processes):
+        return piku.select_buildpack(str(tmp_path), procfile).name
+
+    assert chosen() == "generic"
+    (tmp_path / "Pipfile").write_text("[packages]\n")
+    assert chosen() == "python-pipenv"
     (tmp_path / "pyproject.toml").write_text("[project]\n")
-    assert piku.select_buildpack(str(tmp_path), processes).name == "python-uv"
+    assert chosen() == "python-uv"
     (tmp_path / "requirements.txt").write_text("flask\n")
-    assert piku.select_buildpack(str(tmp_path), processes).name == "python-requirements"
-    assert piku.select_buildpack(str(tmp_path), parse_procfile("static: .\n")).name == "python-requirements"
-    (tmp_path / "requirements.txt").unlink()
-    (tmp_path / "pyproject.toml").unlink()
-    assert piku.select_buildpack(str(tmp_path), parse_procfile("static: .\n")).name == "static"
+    assert chosen() == "python-requirements"
+    assert chosen(parse_procfile("static: .\n")) == "python-requirements"
+    (tmp_path / "Pipfile.lock").write_text("{}")
+    assert chosen() == "python-pipenv"
+    (tmp_path / "poetry.lock").write_text("")
+    assert chosen() == "python-poetry"
+    (tmp_path / "uv.lock").write_text("version = 1\n")
+    assert chosen() == "python-uv"
+    for name in ("uv.lock", "poetry.lock", "Pipfile.lock", "requirements.txt", "pyproject.toml", "Pipfile"):
+        (tmp_path / name).unlink()
+    assert chosen(parse_procfile("static: .\n")) == "static"
+
+
+def test_a_poetry_1_project_without_its_lock_goes_to_poetry_which_asks_for_the_lock(tmp_path):
+    (tmp_path / "pyproject.toml").write_text("[tool.poetry]\nname = 'a'\n[tool.poetry.dependencies]\nsix = '*'\n")
+    assert piku.select_buildpack(str(tmp_path), parse_procfile("web: x\n")).name == "python-poetry"
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'a'\ndependencies = []\n")
+    assert piku.select_buildpack(str(tmp_path), parse_procfile("web: x\n")).name == "python-uv"
+    (tmp_path / "pyproject.toml").write_text("[project\n")       # unreadable: uv reports it
+    assert piku.select_buildpack(str(tmp_path), parse_procfile("web: x\n")).name == "python-uv"
+
+
+def test_packaged_projects_follow_uv_and_poetry_rules():
+    assert not piku.is_packaged({"project": {}})
+    assert piku.is_packaged({"project": {}, "build-system": {}})
+    assert not piku.is_packaged({"build-system": {}, "tool": {"uv": {"package": False}}})
+    assert piku.is_packaged({"tool": {"uv": {"package": True}}})
+    assert not piku.is_packaged({"build-system": {}, "tool": {"poetry": {"package-mode": False}}})
+
+
+def test_poetry_python_constraints_become_pep_440():
+    assert piku.poetry_constraint("^3.10") == ">=3.10,<4"
+    assert piku.poetry_constraint("~3.10") == ">=3.10,<3.11"
+    assert piku.poetry_constraint(">=3.9,<3.13") == ">=3.9,<3.13"
+    assert piku.poetry_constraint(">=3.9 <3.13") == ">=3.9,<3.13"
+    assert piku.poetry_constraint("3.11.*") == "==3.11.*"
+    assert piku.poetry_constraint("*") is None
+    assert piku.poetry_constraint("^3.8 || ^3.12") is None
+    assert piku.version_allowed("3.11.2", piku.poetry_constraint("^3.10"))
+    assert not piku.version_allowed("3.11.2", piku.poetry_constraint("~3.12"))
+
+
+def test_local_requirements_stay_inside_the_release(tmp_path):
+    (tmp_path / "packages" / "lib").mkdir(parents=True)
+    root = str(tmp_path)
+    assert piku.local_requirement(".", root) == "."
+    assert piku.local_requirement("./packages/lib ; python_version >= '3.10'", root) == "packages/lib"
+    assert piku.local_requirement(f"lib @ file://{tmp_path}/packages/lib", root) == "packages/lib"
+    assert piku.local_requirement("flask==3.1.3", root) is None
+    with pytest.raises(PikuError, match="outside the pushed code"):
+        piku.local_requirement("../elsewhere", root)
+    with pytest.raises(PikuError, match="outside the pushed code"):
+        piku.local_requirement("evil @ file:///etc", root)
+
+
+def test_secrets_are_masked_and_left_out_of_fingerprints(tmp_path):
+    settings = {"UV_INDEX_CORP_USERNAME": "alice", "UV_INDEX_CORP_PASSWORD": "hunter2x", "DEBUG": "1",
+                "UV_INDEX": "corp=https://bob:s3cret@pypi.corp.example/simple", "SECRET_KEY": "dj-key"}
+    masked = piku.masked_settings(settings)
+    assert masked["UV_INDEX_CORP_PASSWORD"] == masked["UV_INDEX_CORP_USERNAME"] == masked["SECRET_KEY"] == "****"
+    assert masked["UV_INDEX"] == "corp=https://****@pypi.corp.example/simple"
+    assert masked["DEBUG"] == "1"
+    line = "error: 401 from https://bob:s3cret@pypi.corp.example for alice/hunter2x"
+    assert piku.mask_secrets(line, piku.secret_values(settings)) == \
+        "error: 401 from https://****@pypi.corp.example for ****/****"
 
 
 def test_fingerprint_follows_the_inputs_that_decide_the_environment(tmp_path):
@@ -106,16 +173,20 @@ def test_fingerprint_follows_the_inputs_that_decide_the_environment(tmp_path):
     context = context_for(tmp_path)
     python = piku.Interpreter("/usr/bin/python3.11", "3.11.2")
 
-    def digest(ctx=context, interpreter=python, env=None, gunicorn=False):
-        return piku.fingerprint_digest(pack.fingerprint(ctx, None, interpreter, env or {}, gunicorn))
+    def digest(ctx=context, interpreter=python, env=None, servers=()):
+        return piku.fingerprint_digest(pack.fingerprint(ctx, None, interpreter, env or {}, servers))
 
     base = digest()
     (tmp_path / "app.py").write_text("print(2)\n")
     assert digest() == base, "code changes do not change the environment"
     assert digest(env={"UV_CACHE_DIR": "/elsewhere"}) == base
     assert digest(env={"UV_INDEX_URL": "https://mirror.example/simple"}) != base
+    assert digest(env={"UV_INDEX_CORP_PASSWORD": "a"}) == digest(env={"UV_INDEX_CORP_PASSWORD": "b"}) == base
+    assert digest(env={"UV_INDEX_URL": "https://u:a@mirror.example/simple"}) == \
+        digest(env={"UV_INDEX_URL": "https://u:b@mirror.example/simple"})
     assert digest(interpreter=piku.Interpreter("/usr/bin/python3.12", "3.12.1")) != base
-    assert digest(gunicorn=True) != base
+    assert digest(servers=["gunicorn"]) != base
+    assert digest(servers=["gunicorn", "uvicorn-worker"]) not in (base, digest(servers=["gunicorn"]))
     (tmp_path / "uv.lock").write_text("version = 1\n")
     assert digest() != base
     (tmp_path / "pyproject.toml").write_text("[project]\ndependencies = ['six']\n")
@@ -136,3 +207,29 @@ def test_environment_intact_needs_the_marker_and_the_interpreter(tmp_path):
 
 def test_default_gunicorn_workers_is_bounded():
     assert 2 <= piku.default_gunicorn_workers() <= 8
+
+
+def test_uv_downloads_no_python_unless_the_host_or_the_app_allows_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("UV_PYTHON_DOWNLOADS", raising=False)
+    monkeypatch.setattr(piku, "UV_CONFIG_FILES", (str(tmp_path / "uv.toml"),))
+    assert piku.build_tool_env({})["UV_PYTHON_DOWNLOADS"] == "never"
+    assert piku.build_tool_env({"UV_PYTHON_DOWNLOADS": "automatic"})["UV_PYTHON_DOWNLOADS"] == "automatic"
+    assert not piku.python_downloads_allowed(piku.build_tool_env({}))
+    (tmp_path / "uv.toml").write_text('python-downloads = "automatic"\n')
+    assert "UV_PYTHON_DOWNLOADS" not in piku.build_tool_env({}), "the host's uv.toml decides"
+    assert piku.python_downloads_allowed(piku.build_tool_env({}))
+    monkeypatch.setenv("UV_PYTHON_DOWNLOADS", "manual")
+    assert piku.build_tool_env({})["UV_PYTHON_DOWNLOADS"] == "manual"
+
+
+def test_required_uv_version_is_checked_against_the_hosts_uv(monkeypatch, tmp_path):
+    monkeypatch.setitem(piku._PROBES, "/opt/uv", "uv 0.13.9 (x86_64-unknown-linux-gnu)")
+    piku.check_uv_version("/opt/uv", {"tool": {"uv": {"required-version": ">=0.5"}}}, str(tmp_path))
+    piku.check_uv_version("/opt/uv", {"tool": {"uv": {"required-version": "0.13.9"}}}, str(tmp_path))
+    with pytest.raises(PikuError) as error:
+        piku.check_uv_version("/opt/uv", {"tool": {"uv": {"required-version": ">=0.14,<1"}}}, str(tmp_path))
+    assert error.value.message == ("this project requires uv >=0.14,<1 ([tool.uv] required-version), "
+                                   "but the server has uv 0.13.9")
+    (tmp_path / "uv.toml").write_text('required-version = "==0.12.*"\n')
+    with pytest.raises(PikuError):
+        piku.check_uv_version("/opt/uv", {}, str(tmp_path))

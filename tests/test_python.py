@@ -33,10 +33,10 @@ def test_first_and_code_only_deploys(piku, emperor, make_app, toolchain):
     toolchain.require("3.11")
     app = make_app(FLASK_UWSGI, "shop")
     first = app.push()
-    assert "Building with the python-uv buildpack" in first.output
+    assert "Found uv.lock, pyproject.toml: building with the python-uv buildpack" in first.output
     assert "-----> Python 3.11 (from uWSGI, which embeds Python 3.11" in first.output
     assert "Serving wsgi with uwsgi" in first.output
-    assert "uv sync --no-default-groups --no-install-project --python /usr/bin/python3.11 --locked" in first.output
+    assert "uv sync --no-install-local --python /usr/bin/python3.11 --locked --compile-bytecode --no-default-groups" in first.output
     body = wait_for_body(piku.url("shop"), "Hello from shop on Python 3.11")
     assert "with Flask 3." in body
     assert fetch(piku.url("shop", "/import/pytest"))[1] == "no\n"      # dev group left out
@@ -256,13 +256,13 @@ def test_requirements_txt_app_with_a_hand_written_gunicorn_line(piku, emperor, m
     toolchain.require("3.11")
     app = make_app(REQUIREMENTS, "reqs")
     result = app.push()
-    assert "Building with the python-requirements buildpack" in result.output
+    assert "Found requirements.txt: building with the python-requirements buildpack" in result.output
     assert "Installing requirements.txt" in result.output
     assert re.search(r"\+ gunicorn==", result.output), "uv pip install installed gunicorn from requirements.txt"
     assert "uv not found" not in result.output
     wait_for_body(piku.url("reqs"), "Hello from requirements.txt on Python 3.")
     app.commit("code only")
-    assert "uv sync skipped" in app.push().output
+    assert "uv pip install skipped" in app.push().output
 
 
 def test_uv_missing_is_a_clear_error(piku, make_app, toolchain):

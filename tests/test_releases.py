@@ -23,11 +23,14 @@ SERVERS = {
     "uwsgi": (FLASK_UWSGI, "wsgi.py", "wsgi", ("3.11",)),
     "gunicorn": (FLASK_GUNICORN, "wsgi.py", "wsgi", ("3.11", "3.12")),
     "web-gunicorn": (REQUIREMENTS, "app.py", "web", ("3.11",)),
+    "asgi": (EXAMPLES / "fastapi", "main.py", "asgi", ("3.11",)),
+    "packaged-web": (EXAMPLES / "uv-package", "src/hello_pkg/greeting.py", "web", ("3.11",)),
 }
 
 
 def mark(app, source, main, marker):
-    app.write(main, (source / main).read_text().replace("Hello from", f"{marker} from"))
+    """Change the code so that the app answers "MARKER from ..." instead of "Hello from ..."."""
+    app.write(main, (source / main).read_text().replace("Hello from", f"{marker} from").replace('"Hello"', f'"{marker}"'))
     app.commit(marker)
 
 

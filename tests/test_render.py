@@ -122,3 +122,33 @@ def test_values_reach_the_app_byte_for_byte_or_are_refused():
         with pytest.raises(PikuError) as error:
             piku.validate_setting("TRAIL", value)
         assert "ends with a space or tab" in error.value.message
+
+
+def test_asgi_vassal_and_config_run_gunicorn_with_uvicorns_worker():
+    env = dict(VENV_ENV, GUNICORN_WORKERS="3")
+    vassal = render("asgi", "main:app", env)
+    assert "attach-daemon = exec /home/piku/.piku/envs/shop/python-0123456789abcdef/bin/gunicorn --config " \
+           "/home/piku/.piku/uwsgi/shop/g7/asgi.1.gunicorn.py main:app\n" in vassal
+    check_golden("asgi-gunicorn.conf.py", piku.render_gunicorn_config(instance("asgi"), env, ROOT))
+    namespace = {}
+    exec(compile(piku.render_gunicorn_config(instance("asgi"), env, ROOT), "gunicorn.conf.py", "exec"), namespace)
+    assert namespace["worker_class"] in ("uvicorn_worker.UvicornWorker", "uvicorn.workers.UvicornWorker")
+    assert namespace["bind"] == ["unix:/home/piku/.piku/uwsgi/shop/g7/asgi.1.sock"] and namespace["workers"] == 3
+    assert "worker_class" not in piku.render_gunicorn_config(instance("wsgi"), env, ROOT)
+
+
+def test_a_wsgi_vassal_puts_the_releases_own_packages_on_its_path():
+    site = ROOT + ".site"
+    text = render("wsgi", "shop.wsgi:app", dict(VENV_ENV, PYTHONPATH=f"{site}:/opt/extra"))
+    assert f"pythonpath = {ROOT}\npythonpath = {site}\npythonpath = /opt/extra\n" in text
+
+
+def test_static_paths_are_served_beside_wsgi_and_kept_inside_the_release(tmp_path):
+    (tmp_path / "staticfiles").mkdir()
+    (tmp_path / "escape").symlink_to("/etc")
+    root = str(tmp_path)
+    assert piku.static_paths({"NGINX_STATIC_PATHS": "/static/:staticfiles, /media:/media/"}, root) == [
+        ("/static/", f"{root}/staticfiles/"), ("/media/", f"{root}/media/")]
+    for bad in ("/static/:escape", "/x/:../other", "static:staticfiles", "/a/../b/:x", "/static/", "/s p/:x"):
+        with pytest.raises(PikuError):
+            piku.static_paths({"NGINX_STATIC_PATHS": bad}, root)

@@ -1,0 +1,15 @@
+# written by piku for shop (asgi.1, generation 7)
+bind = ['unix:/home/piku/.piku/uwsgi/shop/g7/asgi.1.sock']
+workers = 3
+timeout = 30
+graceful_timeout = 20
+chdir = '/home/piku/.piku/releases/shop/20261121-abc'
+accesslog = '-'
+errorlog = '-'
+proc_name = 'shop:asgi.1'
+control_socket_disable = True   # gunicorn >= 24 would share one socket in $HOME between apps
+try:                            # asgi: gunicorn runs uvicorn's worker class
+    import uvicorn_worker
+    worker_class = 'uvicorn_worker.UvicornWorker'
+except ImportError:
+    worker_class = 'uvicorn.workers.UvicornWorker'

@@ -1,0 +1,294 @@
+"""Python apps as people write them: packaged uv projects and workspaces, Poetry and Pipenv
+locks, ASGI, Django -- each pushed for real and asked over HTTP."""
+
+
+import json
+import subprocess
+
+from conftest import EXAMPLES, TEST_APPS, fetch, wait_for_body
+
+UV_PACKAGE = EXAMPLES / "uv-package"
+
+
+def venvs(piku, app):
+    return sorted(p.name for p in (piku.root / "envs" / app).glob("python-*"))
+
+
+def push_is_refused(app, url, lines, still):
+    """Commit and push; the push must fail with each of lines, and url must still answer still."""
+    app.commit("a change piku must refuse")
+    result = app.push(check=False)
+    assert result.returncode != 0, result.output
+    for line in lines:
+        assert line in result.output
+    assert still in fetch(url)[1]
+    return result
+
+
+def test_packaged_app_runs_its_console_script_and_its_module_and_follows_each_release(
+        piku, emperor, make_app, toolchain):
+    toolchain.require("3.11")
+    app = make_app(UV_PACKAGE, "pkg")
+    first = app.push()
+    assert "Found uv.lock, pyproject.toml: building with the python-uv buildpack" in first.output
+    assert "--no-install-local" in first.output
+    assert "Installing . into this release" in first.output
+    wait_for_body(piku.url("pkg"), "Hello from pkg (hello-pkg 0.1.0)")
+    built = venvs(piku, "pkg")
+
+    app.write("src/hello_pkg/greeting.py", 'GREETING = "Howdy"\n')
+    app.commit("code only")
+    second = app.push()
+    assert "uv sync skipped" in second.output and "Running uv sync" not in second.output
+    wait_for_body(piku.url("pkg"), "Howdy from pkg")
+    assert venvs(piku, "pkg") == built, "a code-only push builds no environment"
+
+    uv_add(app, toolchain, "six")
+    rebuilt = app.push()
+    assert "Running uv sync" in rebuilt.output and "+ six==" in rebuilt.output
+    assert "Installing . into this release" in rebuilt.output
+    wait_for_body(piku.url("pkg"), "Howdy from pkg")
+    assert len(venvs(piku, "pkg")) == 2
+
+    app.write("Procfile", "wsgi: hello_pkg.wsgi:app\n")
+    app.commit("served by uWSGI, as a module")
+    third = app.push()
+    assert "Serving wsgi with uwsgi" in third.output
+    wait_for_body(piku.url("pkg"), "Howdy from pkg")
+    assert piku.workers("pkg") == ["wsgi.1"]
+
+    piku("rollback", "pkg", "v1")       # no build: v1's environment and its own installed code
+    wait_for_body(piku.url("pkg"), "Hello from pkg (hello-pkg 0.1.0)")
+    assert piku.workers("pkg") == ["web.1"]
+
+
+def test_uv_workspace_deploys_the_member_named_by_uv_package(piku, emperor, make_app, toolchain):
+    toolchain.require("3.11")
+    app = make_app(TEST_APPS / "uv-workspace", "ws")
+    first = app.push()
+    assert "--package api" in first.output
+    assert "Installing packages/api, packages/lib into this release" in first.output
+    wait_for_body(piku.url("ws"), "Hello from the lib member via api (six 1.16.0)")
+
+    app.write("packages/lib/src/lib/__init__.py", 'def greeting():\n    return "Howdy from lib"\n')
+    app.commit("a member's code only")
+    second = app.push()
+    assert "uv sync skipped" in second.output
+    wait_for_body(piku.url("ws"), "Howdy from lib via api")
+
+    refused = piku("config:set", "ws", "UV_PACKAGE=nosuch", check=False)
+    assert refused.returncode != 0
+    assert "UV_PACKAGE='nosuch' is not a member of this uv workspace (members: api, lib)" in refused.stderr
+    assert "Howdy from lib" in fetch(piku.url("ws"))[1]
+
+    app.write("ENV", "")
+    push_is_refused(app, piku.url("ws"), ["a uv workspace without a root project",
+                                          "config:set ws UV_PACKAGE=NAME (members: api, lib)"], "Howdy from lib")
+
+
+def test_a_member_whose_pyproject_changed_without_uv_lock_is_refused(piku, emperor, make_app, toolchain):
+    toolchain.require("3.11")
+    app = make_app(TEST_APPS / "uv-workspace", "ws")
+    app.push()
+    wait_for_body(piku.url("ws"), "Hello from the lib member")
+    member = (app.path / "packages/lib/pyproject.toml").read_text()
+    app.write("packages/lib/pyproject.toml", member.replace("dependencies = []", 'dependencies = ["idna"]'))
+    push_is_refused(app, piku.url("ws"), ["uv.lock is out of date with pyproject.toml",
+                                          "Run 'uv lock', commit uv.lock, and push again."], "Hello from the lib member")
+
+
+def test_poetry_app_gets_exactly_its_locked_main_dependencies(piku, emperor, make_app, toolchain):
+    toolchain.require("3.11", tools=["poetry"])
+    app = make_app(EXAMPLES / "poetry", "po")
+    first = app.push()
+    assert "Found poetry.lock, pyproject.toml: building with the python-poetry buildpack" in first.output
+    assert "Exporting the main dependencies of poetry.lock with poetry" in first.output
+    wait_for_body(piku.url("po"), "with Flask 3.0.3")           # ^3.0 allows newer; the lock says 3.0.3
+    assert fetch(piku.url("po", "/import/pytest"))[1] == "no\n"  # the dev group is left out
+    built = venvs(piku, "po")
+
+    source = (app.path / "app.py").read_text()
+    app.write("app.py", source.replace("Hello from", "Howdy from"))
+    app.commit("code only")
+    second = app.push()
+    assert "poetry and uv skipped" in second.output and "Exporting" not in second.output
+    wait_for_body(piku.url("po"), "Howdy from po")
+    assert venvs(piku, "po") == built
+
+    pyproject = (app.path / "pyproject.toml").read_text()
+    app.write("pyproject.toml", pyproject.replace('flask = "^3.0"', 'flask = "^3.0"\nsix = "*"'))
+    push_is_refused(app, piku.url("po"), ["poetry.lock is out of date with pyproject.toml; nothing was changed",
+                                          "Run 'poetry lock', commit poetry.lock, and push again."], "Howdy from po")
+
+    app.write("pyproject.toml", pyproject)
+    poetry = subprocess.run([toolchain.tools["poetry"], "add", "--lock", "--no-interaction", "six==1.16.0"],
+                            cwd=app.path, capture_output=True, text=True, timeout=300)
+    assert poetry.returncode == 0, poetry.stdout + poetry.stderr
+    app.commit("six added with poetry add --lock")
+    rebuilt = app.push()
+    assert "Exporting the main dependencies" in rebuilt.output and "+ six==1.16.0" in rebuilt.output
+    wait_for_body(piku.url("po", "/import/six"), "yes")
+    assert "with Flask 3.0.3" in fetch(piku.url("po"))[1]
+
+
+def test_poetry_2_project_and_pipenv_app_install_their_locks_exactly(piku, emperor, make_app, toolchain):
+    toolchain.require("3.11", tools=["poetry", "pipenv"])
+    for source, name, tool in ((TEST_APPS / "poetry-project", "p2", "poetry"),
+                               (TEST_APPS / "pipenv-app", "pe", "pipenv")):
+        app = make_app(source, name)
+        first = app.push()
+        assert f"building with the python-{tool} buildpack" in first.output
+        wait_for_body(piku.url(name), "six 1.15.0 without iniconfig")    # newer six exists; the lock wins
+    assert "Python 3.11 (from Pipfile.lock [requires])" in first.output
+
+    pipfile = (app.path / "Pipfile").read_text()
+    app.write("Pipfile", pipfile.replace('six = ">=1.15"', 'six = ">=1.15"\nidna = "*"'))
+    push_is_refused(app, piku.url("pe"), ["Pipfile.lock is out of date with Pipfile; nothing was changed",
+                                          "Run 'pipenv lock', commit Pipfile.lock, and push again."],
+                    "six 1.15.0 without iniconfig")
+
+
+def uv_add(app, toolchain, *packages):
+    """The developer adds a dependency: uv updates pyproject.toml and uv.lock."""
+    result = subprocess.run([f"{toolchain.root}/bin/uv", "add", "--no-sync", *packages], cwd=app.path,
+                            env=app.piku.env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    app.commit(f"add {' '.join(packages)}")
+
+
+def test_fastapi_app_is_served_as_asgi_with_the_servers_it_lacks(piku, emperor, make_app, toolchain):
+    toolchain.require("3.11")
+    app = make_app(EXAMPLES / "fastapi", "fa")
+    first = app.push()
+    assert "Adding gunicorn and uvicorn-worker to the environment (the app does not depend on them" in first.output
+    assert json.loads(wait_for_body(piku.url("fa", "/items/21"), "double")) == {"item_id": 21, "double": 42}
+    assert json.loads(fetch(piku.url("fa"))[1])["message"] == "Hello from fa"
+    assert piku.workers("fa") == ["asgi.1"]
+    built = venvs(piku, "fa")
+
+    app.write("main.py", (app.path / "main.py").read_text().replace("Hello from", "Howdy from"))
+    app.commit("code only")
+    second = app.push()
+    assert "uv sync skipped" in second.output and "Adding gunicorn" not in second.output
+    wait_for_body(piku.url("fa"), "Howdy from fa")
+    assert venvs(piku, "fa") == built
+
+    uv_add(app, toolchain, "uvicorn-worker")      # now the app pins its own servers
+    third = app.push()
+    assert "Running uv sync" in third.output and "Adding gunicorn" not in third.output
+    wait_for_body(piku.url("fa"), "Howdy from fa")
+    assert len(venvs(piku, "fa")) == 2
+
+    piku("config:set", "fa", "GUNICORN_WORKERS=3")
+    config = next((piku.root / "uwsgi" / "fa").glob("g*/asgi.1.gunicorn.py")).read_text()
+    assert "workers = 3" in config and "UvicornWorker" in config
+    assert json.loads(fetch(piku.url("fa", "/items/2"))[1])["double"] == 4
+
+
+def test_a_hand_written_uvicorn_web_line_keeps_working(piku, emperor, make_app, toolchain):
+    toolchain.require("3.11")
+    app = make_app(EXAMPLES / "fastapi", "uvi")
+    uv_add(app, toolchain, "uvicorn")
+    app.write("Procfile", "web: uvicorn main:app --host 127.0.0.1 --port $PORT\n")
+    app.commit("web: uvicorn")
+    pushed = app.push()
+    assert "Adding gunicorn" not in pushed.output
+    assert json.loads(wait_for_body(piku.url("uvi"), "Hello"))["message"] == "Hello from uvi"
+
+
+def test_django_collects_static_files_and_migrates_in_data_root(piku, emperor, make_app, toolchain):
+    toolchain.require("3.11")
+    app = make_app(EXAMPLES / "django", "dj")
+    first = app.push()
+    assert "Django: running manage.py collectstatic --noinput" in first.output
+    assert "static file copied to" in first.output or "static files copied to" in first.output
+    assert "Running release: python manage.py migrate --noinput" in first.output
+    database = piku.root / "data" / "dj" / "db.sqlite3"
+    assert wait_for_body(piku.url("dj"), "Hello from Django") == f"Hello from Django (from {database})\n"
+    assert database.is_file()
+    status, css = fetch(piku.url("dj", "/static/hello/site.css"))
+    assert status == 200 and "font-family" in css
+    assert fetch(piku.url("dj", "/static/../manage.py"))[0] == 404
+
+    app.write("hello/static/hello/site.css", "body { color: green; }\n")
+    app.commit("a static file changed")
+    second = app.push()
+    assert "uv sync skipped" in second.output and "collectstatic" in second.output
+    wait_for_body(piku.url("dj", "/static/hello/site.css"), "color: green")
+
+    uv_add(app, toolchain, "six")
+    rebuilt = app.push()
+    assert "Running uv sync" in rebuilt.output and "collectstatic" in rebuilt.output
+    assert "Hello from Django" in wait_for_body(piku.url("dj"), "Hello from Django")
+    assert len(venvs(piku, "dj")) == 2
+
+    skipped = piku("config:set", "dj", "DISABLE_COLLECTSTATIC=1")
+    assert "DISABLE_COLLECTSTATIC is set: manage.py collectstatic skipped" in skipped.stdout
+    assert fetch(piku.url("dj", "/static/hello/site.css"))[0] == 404       # nothing collected this time
+    assert "Hello from Django" in fetch(piku.url("dj"))[1]
+
+
+def test_private_index_credentials_stay_out_of_output_and_fingerprints(piku, emperor, make_app, toolchain):
+    toolchain.require("3.11")
+    app = make_app(EXAMPLES / "flask-uwsgi", "sec")
+    app.push()
+    wait_for_body(piku.url("sec"), "Hello from sec")
+    built = venvs(piku, "sec")
+    username, password = "corp-user-7731", "s3cret-pa55word-9918"
+    changed = piku("config:set", "sec", f"UV_INDEX_CORP_USERNAME={username}", f"UV_INDEX_CORP_PASSWORD={password}")
+    rotated = piku("config:set", "sec", "UV_INDEX_CORP_PASSWORD=another-pa55word-4417")
+    for result in (changed, rotated):
+        assert "uv sync skipped" in result.stdout, "changing credentials only rebuilds nothing"
+    assert venvs(piku, "sec") == built
+    shown = piku("config", "sec").stdout + piku("config:live", "sec").stdout + piku("releases", "sec").stdout
+    assert "UV_INDEX_CORP_PASSWORD='****'" in shown and "UV_INDEX_CORP_USERNAME='****'" in shown
+    everything = shown + changed.stdout + changed.stderr + rotated.stdout + rotated.stderr
+    for secret in (username, password, "another-pa55word-4417"):
+        assert secret not in everything
+        for marker in (piku.root / "envs" / "sec").glob("python-*/.piku-fingerprint"):
+            assert secret not in marker.read_text()
+    assert piku("config:get", "sec", "UV_INDEX_CORP_PASSWORD").stdout == "another-pa55word-4417\n"
+
+    moved = piku("config:set", "sec", "UV_INDEX_URL=https://pypi.org/simple")
+    assert "Running uv sync" in moved.stdout, "a different index URL is a different environment"
+
+
+def test_pyproject_without_dependencies_in_any_known_form_is_refused(piku, emperor, make_app, toolchain, tmp_path):
+    toolchain.require("3.11")
+    source = tmp_path / "tool-config-only"
+    source.mkdir()
+    (source / "pyproject.toml").write_text("[tool.black]\nline-length = 100\n")
+    (source / "app.py").write_text("print('hi')\n")
+    (source / "Procfile").write_text("worker: python app.py\n")
+    app = make_app(source, "nodeps")
+    result = app.push(check=False)
+    assert result.returncode != 0
+    assert "pyproject.toml names no dependencies in any form piku knows" in result.output
+    assert "[project] table with 'dependencies = [...]'" in result.output
+    assert "Traceback" not in result.output
+    assert not list((piku.root / "envs" / "nodeps").glob("python-*")), "no environment was built"
+
+
+def test_required_uv_version_the_host_lacks_is_a_clear_error(piku, emperor, make_app, toolchain):
+    toolchain.require("3.11")
+    app = make_app(EXAMPLES / "flask-uwsgi", "needsuv")
+    pyproject = (app.path / "pyproject.toml").read_text()
+    app.write("pyproject.toml", pyproject + '\n[tool.uv]\nrequired-version = ">=99.0"\n')
+    app.commit("needs a future uv")
+    result = app.push(check=False)
+    assert result.returncode != 0
+    have = subprocess.run([f"{toolchain.root}/bin/uv", "--version"], capture_output=True, text=True).stdout.split()[1]
+    assert f"this project requires uv >=99.0 ([tool.uv] required-version), but the server has uv {have}" \
+        in result.output
+    assert "uv self update" in result.output
+
+
+def test_the_push_says_which_manifest_it_used_and_which_it_ignored(piku, emperor, make_app, toolchain):
+    toolchain.require("3.11")
+    app = make_app(EXAMPLES / "flask-uwsgi", "both")
+    app.write("requirements.txt", "flask==2.0.0\n")        # an old export beside the lock
+    app.commit("a requirements.txt beside uv.lock")
+    result = app.push()
+    assert "-----> Found uv.lock, pyproject.toml: building with the python-uv buildpack" in result.output
+    assert "ignored: requirements.txt (uv.lock comes first; the order is in docs/PYTHON.md)" in result.output
+    assert "with Flask 3." in wait_for_body(piku.url("both"), "Hello from both")
