@@ -1241,6 +1241,11 @@ UV_FAILURES = (
      "Check the package names and versions in pyproject.toml, run 'uv lock' locally, commit, and push again."),
     ("not found in the package registry", "a package was not found in the package index",
      "Check the package names in pyproject.toml / requirements.txt."),
+    ("401 Unauthorized", "the package index refused the credentials (HTTP 401)",
+     "Set them with: config:set APP UV_INDEX_<NAME>_USERNAME=... UV_INDEX_<NAME>_PASSWORD=... "
+     "(NAME is the index's name in [[tool.uv.index]], upper-case, '-' as '_')."),
+    ("403 Forbidden", "the package index refused access (HTTP 403)",
+     "Check the index's credentials (config:set APP UV_INDEX_<NAME>_PASSWORD=...) and permissions."),
     ("Required uv version", "the project requires another version of uv",
      "Upgrade uv as the piku user ('uv self update' or 'pipx upgrade uv'), then push again."),
 )

@@ -3,6 +3,7 @@ locks, ASGI, Django -- each pushed for real and asked over HTTP."""
 
 
 import json
+import re
 import subprocess
 
 from conftest import EXAMPLES, TEST_APPS, fetch, wait_for_body
@@ -292,3 +293,116 @@ def test_the_push_says_which_manifest_it_used_and_which_it_ignored(piku, emperor
     assert "-----> Found uv.lock, pyproject.toml: building with the python-uv buildpack" in result.output
     assert "ignored: requirements.txt (uv.lock comes first; the order is in docs/PYTHON.md)" in result.output
     assert "with Flask 3." in wait_for_body(piku.url("both"), "Hello from both")
+
+
+class PrivateIndex:
+    """A PEP 503 simple index on 127.0.0.1 that serves one wheel, only with HTTP basic auth."""
+
+    def __init__(self, wheel, username, password):
+        import base64
+        import hashlib
+        import http.server
+        import threading
+        wheel_bytes, name = wheel.read_bytes(), wheel.name
+        digest = hashlib.sha256(wheel_bytes).hexdigest()
+        expected = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+        self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(handler):
+                handler.do_GET(body_too=False)
+
+            def do_GET(handler, body_too=True):
+                self.requests.append((handler.path, handler.headers.get("Authorization") == expected))
+                if handler.headers.get("Authorization") != expected:
+                    handler.send_response(401)
+                    handler.send_header("WWW-Authenticate", 'Basic realm="corp"')
+                    handler.end_headers()
+                    return
+                if handler.path.rstrip("/") == "/simple/tinypkg":
+                    body, kind = f'<a href="/files/{name}#sha256={digest}">{name}</a>'.encode(), "text/html"
+                elif handler.path == f"/files/{name}":
+                    body, kind = wheel_bytes, "application/octet-stream"
+                else:
+                    handler.send_response(404)
+                    handler.end_headers()
+                    return
+                handler.send_response(200)
+                handler.send_header("Content-Type", kind)
+                handler.send_header("Content-Length", str(len(body)))
+                handler.end_headers()
+                if body_too:
+                    handler.wfile.write(body)
+
+            def log_message(handler, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/simple"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_private_index_gets_the_credentials_set_with_config_set_and_never_shows_them(
+        piku, emperor, make_app, toolchain, tmp_path):
+    toolchain.require("3.11")
+    uv = f"{toolchain.root}/bin/uv"
+    package = tmp_path / "tinypkg"
+    env = dict(piku.env, UV_CACHE_DIR=str(tmp_path / "laptop-cache"))     # the laptop's cache, not the server's
+    subprocess.run([uv, "init", "-q", "--lib", "--vcs", "none", "--name", "tinypkg", "--python", "3.11", str(package)],
+                   env=env, check=True)
+    pyproject = (package / "pyproject.toml").read_text()
+    (package / "pyproject.toml").write_text(re.sub(r'requires-python = ".*"', 'requires-python = ">=3.10"', pyproject))
+    (package / "src" / "tinypkg" / "__init__.py").write_text('SECRET_SAUCE = "from the private index"\n')
+    subprocess.run([uv, "build", "-q", "--wheel", "--out-dir", str(tmp_path / "dist")], cwd=package, env=env, check=True)
+    username, password = "corp-reader", "pa55-for-the-corp-index-8812"
+    index = PrivateIndex(next((tmp_path / "dist").glob("*.whl")), username, password)
+    try:
+        app = make_app(TEST_APPS / "wsgi-plain", "corp")
+        app.write("pyproject.toml", f'''[project]
+name = "corp"
+version = "0.1.0"
+requires-python = ">=3.10"
+dependencies = ["tinypkg"]
+
+[[tool.uv.index]]
+name = "corp"
+url = "{index.url}"
+explicit = true
+
+[tool.uv.sources]
+tinypkg = {{ index = "corp" }}
+''')
+        app.write("hello.py", "from tinypkg import SECRET_SAUCE\n\n\ndef application(environ, start_response):\n"
+                              "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+                              "    return [SECRET_SAUCE.encode()]\n")
+        app.write("Procfile", "wsgi: hello:application\n")
+        subprocess.run([uv, "lock", "-q"], cwd=app.path, check=True, env=dict(
+            env, UV_INDEX_CORP_USERNAME=username, UV_INDEX_CORP_PASSWORD=password))
+        app.commit("depends on a private package")
+
+        refused = app.push(check=False)
+        assert refused.returncode != 0, "without credentials the private index refuses the build"
+        assert "the package index refused the credentials (HTTP 401); nothing was changed" in refused.output
+        assert "config:set APP UV_INDEX_<NAME>_USERNAME=... UV_INDEX_<NAME>_PASSWORD=..." in refused.output
+        piku("config:set", "corp", f"UV_INDEX_CORP_USERNAME={username}", "UV_INDEX_CORP_PASSWORD=wrong-pa55-1234")
+        wrong = app.push(check=False)
+        assert wrong.returncode != 0, "a wrong password is refused too"
+        piku("config:set", "corp", f"UV_INDEX_CORP_PASSWORD={password}")
+        pushed = app.push()
+        assert "+ tinypkg==0.1.0" in pushed.output
+        assert wait_for_body(piku.url("corp"), "from the private index")
+        assert any(authorized for path, authorized in index.requests if path.startswith("/files/"))
+        rotated = piku("config:set", "corp", "UV_INDEX_CORP_PASSWORD=rotated-pa55-5521")
+        assert "uv sync skipped" in rotated.stdout
+        shown = [refused.output, wrong.output, pushed.output, rotated.stdout, rotated.stderr,
+                 piku("config", "corp").stdout, piku("config:live", "corp").stdout, piku("releases", "corp").stdout]
+        for text in shown:
+            for secret in (password, "wrong-pa55-1234", "rotated-pa55-5521", username):
+                assert secret not in text
+    finally:
+        index.close()
