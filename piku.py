@@ -751,6 +751,7 @@ class PythonBuildpack:
     needs_uv = True
     files = ()              # the manifests this buildpack reads: the first one present picks it
     inputs = ()             # files of the app whose content decides the environment
+    skipped = "uv sync skipped"     # what a reused environment saves, as the push says it
 
     def detect(self, root, processes):
         found = python_manifests(root)
@@ -786,8 +787,6 @@ class PythonBuildpack:
         notice(f"Python environment ready in {time.monotonic() - started:.2f} s")
         collect_static(context, dict(context.env, **additions))
         return BuildResult(additions)
-
-    skipped = "uv sync skipped"
 
     def check(self, context, uv, tool_env):
         """Refuse what cannot build, before any work (tools, project shape)."""
