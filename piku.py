@@ -128,8 +128,9 @@ def generation_dir(app, gen):
     return os.path.join(UWSGI_ROOT, app, f"g{gen}")
 
 
-def slot_path(app, slot):
-    return os.path.join(UWSGI_ROOT, app, f"slot.{slot}.sock")
+def slot_path(app, slot, prefix="slot"):
+    """A slot: a symlink to a live worker's socket (slot: HTTP, uslot: uwsgi protocol)."""
+    return os.path.join(UWSGI_ROOT, app, f"{prefix}.{slot}.sock")
 
 
 def vassal_file(app, unit, folder=UWSGI_ENABLED):
@@ -392,6 +393,9 @@ def static_paths(env, root):
             raise PikuError(f"NGINX_STATIC_PATHS entry {entry!r} is not '/url/prefix/:folder'",
                             "Write it like: NGINX_STATIC_PATHS=/static/:staticfiles,/media/:media")
         resolved = os.path.realpath(os.path.join(root, folder.strip().lstrip("/")))
+        if not NGINX_SAFE_PATH.fullmatch(resolved):
+            raise PikuError(f"NGINX_STATIC_PATHS folder {folder!r} has characters piku does not write into "
+                            "a web server's config", "Use letters, digits and . _ - / in folder names.")
         if not inside(resolved, root):
             raise PikuError(f"NGINX_STATIC_PATHS folder {folder!r} is outside the app",
                             "Serve a folder of the app (symlinks that lead out of it are refused).")
@@ -1634,6 +1638,12 @@ class Instance:
         return self.runtime("sock")
 
     @property
+    def uwsgi_socket(self):
+        """The uwsgi-protocol socket of a wsgi worker on uWSGI, for nginx's uwsgi_pass (a short
+        name: a unix socket path has at most 107 bytes)."""
+        return self.runtime("uws")
+
+    @property
     def log(self):
         return os.path.join(LOG_ROOT, self.app, f"g{self.gen}", f"{self.name}.log")
 
@@ -1653,6 +1663,7 @@ logto = $log
 log-backupname = $log.old
 log-maxsize = $log_maxsize
 die-on-term = true
+chmod-socket = 660
 """)
 
 VASSAL_TEMPLATES = {
@@ -1668,6 +1679,7 @@ attach-daemon = $command
 plugin = python3
 module = $command
 ${pythonpath}${virtualenv}http-socket = $socket
+uwsgi-socket = $usocket
 need-app = true
 processes = $processes
 threads = $threads
@@ -1741,6 +1753,7 @@ def vassal_values(instance, command, env, root):
     }
     if kind.http:
         values["socket"] = instance.socket
+        values["usocket"] = instance.uwsgi_socket
     if kind.name == "web":
         values["private"] = f"127.0.0.1:{env['PORT']}"
     if kind.name == "static":
@@ -1800,6 +1813,7 @@ accesslog = '-'
 errorlog = '-'
 proc_name = $proc_name
 control_socket_disable = True   # gunicorn >= 24 would share one socket in $$HOME between apps
+umask = 0o007                   # its socket: the piku user and its group (nginx), no one else
 $worker_class""")
 
 # asgi: gunicorn runs uvicorn's worker (from the uvicorn-worker package, or uvicorn's own)
@@ -1891,6 +1905,341 @@ die-on-term = true
 def render_emperor():
     return EMPEROR_TEMPLATE.substitute(config=os.path.join(UWSGI_ROOT, "uwsgi.ini"), root=UWSGI_ROOT,
                                        enabled=UWSGI_ENABLED, log_maxsize=UWSGI_LOG_MAXSIZE)
+
+
+# --- nginx ------------------------------------------------------------------------
+# With NGINX_SERVER_NAME set, piku writes ~/.piku/nginx/APP.conf, which the host's nginx
+# includes in its http block. nginx reaches the app through the same 16 slots as the front
+# (unix socket paths that piku re-links at each switch; nginx opens the path per connection),
+# so a deploy moves nginx's traffic without reloading it. nginx is reloaded only when the
+# vhost's text changes, after `nginx -t` passed on the candidate.
+
+HOST_NAME = re.compile(r"(\*\.)?(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+NGINX_SAFE_PATH = re.compile(r"/[A-Za-z0-9._~/@+,=-]*")
+NGINX_MARKER_PATH = "/.piku-vhost"
+NGINX_SECONDS = {"NGINX_CACHE_TIME": "3600", "NGINX_CACHE_CONTROL": "3600", "NGINX_CACHE_REDIRECTS": "3600",
+                 "NGINX_CACHE_ANY": "3600", "NGINX_CACHE_EXPIRY": "86400"}
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+def setting_true(env, key):
+    return env.get(key, "").strip().lower() in TRUE_WORDS
+
+
+def host_setting(name, default=""):
+    """A setting of the host, not of an app: piku's environment, else ~/.piku/piku.env (which
+    the sysadmin writes; ssh sessions do not carry an environment of their own)."""
+    if name in os.environ:
+        return os.environ[name]
+    if None not in _HOST_SETTINGS:         # read once per command
+        path = os.path.join(PIKU_ROOT, "piku.env")
+        _HOST_SETTINGS.update(parse_env_text(read_text(path), path))
+        _HOST_SETTINGS[None] = path
+    return _HOST_SETTINGS.get(name, default)
+
+
+_HOST_SETTINGS = {}
+
+
+def nginx_server_names(env):
+    names = [name for name in re.split(r"[\s,]+", env.get("NGINX_SERVER_NAME", "").strip()) if name]
+    for name in names:
+        if not HOST_NAME.fullmatch(name) or len(name) > 253:
+            raise PikuError(f"NGINX_SERVER_NAME {name!r} is not a host name",
+                            "Use names like example.com or www.example.com, separated by commas.")
+    return names
+
+
+def nginx_path(path, what):
+    """A path written into nginx's config: absolute, and nothing nginx would read as syntax."""
+    if not NGINX_SAFE_PATH.fullmatch(path):
+        raise PikuError(f"{what} {path!r} has characters piku does not write into nginx's config",
+                        "Use letters, digits and . _ - / in folder and file names.")
+    return path
+
+
+def nginx_address(env, key, default, family):
+    value = env.get(key, default).strip()
+    bare = value[1:-1] if family == socket.AF_INET6 and value.startswith("[") and value.endswith("]") else value
+    try:
+        socket.inet_pton(family, bare)
+    except OSError:
+        raise PikuError(f"{key} {value!r} is not an IPv{4 if family == socket.AF_INET else 6} address",
+                        f"Fix it with: config:set {env.get('APP', 'APP')} {key}={default}")
+    return f"[{bare}]" if family == socket.AF_INET6 else bare
+
+
+def nginx_port(name, default):
+    value = host_setting(name, default)
+    if not WHOLE_NUMBER.fullmatch(value) or not 0 < int(value) < 65536:
+        raise PikuError(f"{name}={value!r} (in piku's environment) is not a port number")
+    return value
+
+
+def nginx_listen(env):
+    """The listen lines for the HTTP port (IPv4, and IPv6 unless DISABLE_IPV6)."""
+    port = nginx_port("PIKU_NGINX_HTTP_PORT", "80")
+    lines = [f"listen {nginx_address(env, 'NGINX_IPV4_ADDRESS', '0.0.0.0', socket.AF_INET)}:{port};"]
+    if not setting_true(env, "DISABLE_IPV6"):
+        lines.append(f"listen {nginx_address(env, 'NGINX_IPV6_ADDRESS', '[::]', socket.AF_INET6)}:{port};")
+    return lines
+
+
+def nginx_upstream(app, uwsgi):
+    prefix = "uslot" if uwsgi else "slot"
+    servers = "".join(f"    server unix:{nginx_path(slot_path(app, slot, prefix), 'the socket')} max_fails=0;\n"
+                      for slot in range(1, FRONT_SLOTS + 1))
+    return f"upstream piku-{app}-{prefix} {{\n{servers}}}\n"
+
+
+# What nginx's uwsgi_params file sets (written out: a host's copy may be elsewhere or edited)
+UWSGI_PARAMS = (("QUERY_STRING", "$query_string"), ("REQUEST_METHOD", "$request_method"),
+                ("CONTENT_TYPE", "$content_type"), ("CONTENT_LENGTH", "$content_length"),
+                ("REQUEST_URI", "$request_uri"), ("PATH_INFO", "$document_uri"), ("DOCUMENT_ROOT", "$document_root"),
+                ("SERVER_PROTOCOL", "$server_protocol"), ("REQUEST_SCHEME", "$scheme"), ("HTTPS", "$https if_not_empty"),
+                ("REMOTE_ADDR", "$remote_addr"), ("REMOTE_PORT", "$remote_port"), ("SERVER_PORT", "$server_port"),
+                ("SERVER_NAME", "$server_name"), ("HTTP_X_FORWARDED_PROTO", "$scheme"))
+
+
+def nginx_pass(app, uwsgi):
+    """How nginx hands a request to the app: uwsgi_pass for uWSGI's wsgi, HTTP for the rest."""
+    if uwsgi:
+        return [*(f"uwsgi_param {name} {value};" for name, value in UWSGI_PARAMS),
+                f"uwsgi_pass piku-{app}-uslot;"]
+    return ["proxy_http_version 1.1;", "proxy_set_header Host $host;", "proxy_set_header X-Real-IP $remote_addr;",
+            "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+            "proxy_set_header X-Forwarded-Proto $scheme;", 'proxy_set_header Connection "";',
+            f"proxy_pass http://piku-{app}-slot;"]
+
+
+def nginx_block(header, lines):
+    return [f"{header} {{", *(f"    {line}" for line in lines), "}"]
+
+
+def render_nginx(release):
+    """The app's nginx vhost as text, or None when the app sets no NGINX_SERVER_NAME.
+
+    Every value is checked on the way in: a setting can add no directive and name no nginx
+    $variable, and every path is one of the release's (or piku's own)."""
+    env, app = release.env, release.app
+    names = nginx_server_names(env)
+    if not names:
+        return None
+    served = next((kind for kind in HTTP_APP_KINDS if kind in release.processes), None)
+    uwsgi = served == "wsgi" and worker_kind("wsgi", env).name == "wsgi"
+    nginx_catch_all(env)        # checked even where unused, so a bad value is never stored
+    server = [*nginx_listen(env), f"server_name {' '.join(names)};",
+              f"access_log {nginx_path(os.path.join(LOG_ROOT, app, 'nginx.access.log'), 'the log')};",
+              f"error_log {nginx_path(os.path.join(LOG_ROOT, app, 'nginx.error.log'), 'the log')};",
+              *nginx_block(f"location = {NGINX_MARKER_PATH}", [
+                  "allow 127.0.0.1;", "allow ::1;", "deny all;", "default_type text/plain;",
+                  'return 200 "$piku_vhost\\n";'])]
+    if not setting_true(env, "NGINX_ALLOW_GIT_FOLDERS"):
+        server.append("location ~ /\\.git { deny all; }")
+    for prefix, folder in static_paths(env, release.root):
+        server += nginx_block(f"location {prefix}", [f"alias {nginx_path(folder, 'NGINX_STATIC_PATHS folder')};",
+                                                     "add_header X-Served-By nginx-static;", "try_files $uri $uri/ =404;"])
+    server += nginx_root_location(release, served, uwsgi)
+    server += nginx_include(release)
+    text = f"# written by piku for {app}; nginx -t checked it before it replaced the previous one\n"
+    text += nginx_upstream(app, uwsgi) if served else ""
+    return text + "\n".join(nginx_block("server", server)) + "\n"
+
+
+def nginx_root_location(release, served, uwsgi):
+    env = release.env
+    static = release.processes.get("static")
+    if not static:
+        return nginx_block("location /", nginx_pass(release.app, uwsgi)) if served else []
+    folder = nginx_path(static_folder(static.command, static.line, release.root), "the static: folder")
+    if served:          # files first, then the app (as uWSGI's static-map does)
+        return [*nginx_block("location /", [f"root {folder};", "add_header X-Served-By nginx-static;",
+                                            "try_files $uri $uri/index.html @app;"]),
+                *nginx_block("location @app", nginx_pass(release.app, uwsgi))]
+    return nginx_block("location /", [f"root {folder};", "index index.html;", "add_header X-Served-By nginx-static;",
+                                      f"try_files $uri $uri/ {nginx_catch_all(env)}=404;"])
+
+
+def nginx_catch_all(env):
+    """NGINX_CATCH_ALL: the file a static site answers unknown paths with (a single-page app)."""
+    value = env.get("NGINX_CATCH_ALL", "").strip()
+    if not value:
+        return ""
+    if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", value) or ".." in value.split("/"):
+        raise PikuError(f"NGINX_CATCH_ALL {value!r} is not a path in the site", "Use a path like /index.html")
+    return value + " "
+
+
+# Directives an NGINX_INCLUDE_FILE may use: they shape responses and requests, and none of them
+# names a file, a socket or another server, so a pushed file cannot serve what is not its own.
+NGINX_INCLUDE_DIRECTIVES = frozenset({
+    "location", "add_header", "expires", "etag", "gzip", "gzip_types", "gzip_min_length", "gzip_vary",
+    "gzip_comp_level", "gzip_proxied", "client_max_body_size", "client_body_timeout", "keepalive_timeout",
+    "send_timeout", "proxy_read_timeout", "proxy_send_timeout", "proxy_connect_timeout",
+    "proxy_buffering", "proxy_set_header", "proxy_hide_header", "uwsgi_read_timeout", "uwsgi_send_timeout",
+    "uwsgi_buffering", "uwsgi_param", "return", "rewrite", "allow", "deny", "if", "set", "default_type",
+    "charset", "limit_except", "autoindex", "internal", "error_page", "server_tokens", "if_modified_since",
+    "add_trailer", "sub_filter", "sub_filter_once", "sub_filter_types",
+})
+NGINX_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|[{};]|[^\s{};"\']+')
+
+
+def nginx_include(release):
+    """NGINX_INCLUDE_FILE, a file of the release, checked and written into the server block."""
+    name = release.env.get("NGINX_INCLUDE_FILE", "").strip()
+    if not name:
+        return []
+    text = read_pushed_text(release.root, name)
+    if not text and not os.path.isfile(os.path.join(release.root, name)):
+        raise PikuError(f"NGINX_INCLUDE_FILE {name!r} is not in the pushed code", "Commit it, or unset the setting.")
+    expect_directive = True
+    for token in NGINX_TOKEN.findall(re.sub(r"#[^\n]*", "", text)):
+        if token in ("{", "}", ";"):
+            expect_directive = True
+            continue
+        if expect_directive and token not in NGINX_INCLUDE_DIRECTIVES:
+            raise PikuError(f"NGINX_INCLUDE_FILE {name}: the directive {token!r} is not allowed there",
+                            "It may use: " + ", ".join(sorted(NGINX_INCLUDE_DIRECTIVES)) +
+                            ". Files, sockets and upstreams are piku's to set.")
+        expect_directive = False
+    return [f"# from {name}", *text.strip().splitlines()]
+
+
+def nginx_vhost_hash(text):
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def finish_vhost(text):
+    """The vhost with the marker that tells a deploy this text is the one nginx serves."""
+    return text.replace("$piku_vhost", nginx_vhost_hash(text)) if text else text
+
+
+def nginx_vhost_file(app):
+    return os.path.join(NGINX_ROOT, f"{app}.conf")
+
+
+NGINX_TEST_CONFIG = string.Template("""\
+pid $temp/nginx.pid;
+events { worker_connections 64; }
+http {
+    include /etc/nginx/mime.types;
+    client_body_temp_path $temp/body;
+    proxy_temp_path $temp/proxy;
+    uwsgi_temp_path $temp/uwsgi;
+    fastcgi_temp_path $temp/fastcgi;
+    scgi_temp_path $temp/scgi;
+    include $candidate;
+}
+""")
+
+
+def nginx_binary():
+    return host_setting("PIKU_NGINX") or shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+
+
+def check_vhost(app, text):
+    """nginx -t on the candidate, in a config of its own: nginx's own message on failure."""
+    nginx = nginx_binary()
+    if not nginx:
+        raise PikuError("NGINX_SERVER_NAME is set, but nginx is not installed",
+                        f"Install it (apt-get install nginx) or unset it: config:unset {app} NGINX_SERVER_NAME")
+    with tempfile.TemporaryDirectory(prefix="piku-nginx-") as temp:
+        candidate = os.path.join(temp, f"{app}.conf")
+        # the real logs may belong to nginx's root master: nginx -t writes its own
+        write_atomic(candidate, re.sub(r"^(\s*(?:access|error)_log) [^;]+;", rf"\1 {temp}/log;", text, flags=re.M))
+        write_atomic(os.path.join(temp, "nginx.conf"), NGINX_TEST_CONFIG.substitute(temp=temp, candidate=candidate))
+        result = subprocess.run([nginx, "-t", "-q", "-e", "stderr", "-p", temp, "-c", os.path.join(temp, "nginx.conf")],
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        for line in result.stderr.replace(candidate, f"nginx/{app}.conf").splitlines():
+            if line.strip():
+                notice(line)
+        raise PikuError("nginx refused the new vhost (nginx -t above); nothing was changed",
+                        "Fix the setting or NGINX_INCLUDE_FILE it names, and try again.")
+
+
+def reload_nginx(app, text):
+    """Make nginx load the vhost just written (PIKU_NGINX_RELOAD, or the host's path unit),
+    and wait until it serves this text."""
+    since = uptime()
+    command = host_setting("PIKU_NGINX_RELOAD").strip()
+    if command:
+        result = subprocess.run(shlex.split(command), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            warning(f"reloading nginx failed ({command}): {result.stderr.strip()[:200]}")
+    if text is None:
+        return
+    host = nginx_server_names_from(text)
+    address = re.search(r"listen ([0-9.]+):([0-9]+);", text)
+    if not address:
+        return
+    ip = "127.0.0.1" if address.group(1) == "0.0.0.0" else address.group(1)
+    wanted = nginx_vhost_hash_in(text)
+    deadline = time.monotonic() + NGINX_RELOAD_SECONDS
+    while time.monotonic() < deadline:
+        # the new workers answer first; nginx tells the old ones to stop accepting 100 ms later
+        if nginx_marker(ip, int(address.group(2)), host) == wanted and not nginx_workers_older_than(since):
+            return
+        time.sleep(PROBE_INTERVAL)
+    warning(f"nginx did not serve the new vhost of {app} within {NGINX_RELOAD_SECONDS:.0f} s; "
+            "check that it includes ~/.piku/nginx/*.conf and is reloaded (docs/NGINX.md)")
+
+
+NGINX_RELOAD_SECONDS = 10.0
+
+
+def uptime():
+    """Seconds since boot, the clock /proc/PID/stat start times count in."""
+    try:
+        return float(read_text("/proc/uptime").split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def nginx_workers_older_than(since):
+    """nginx workers that started before since and still accept connections (an old
+    configuration's). Workers that were told to stop are titled '... is shutting down'."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    old = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if handle.read().rstrip(b"\0").replace(b"\0", b" ").strip() != b"nginx: worker process":
+                    continue
+            started = int(read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[19]) / ticks
+        except (OSError, ValueError, IndexError):
+            continue        # gone meanwhile, or not ours to read
+        old += started < since - 0.02
+    return old
+
+
+def nginx_server_names_all(text):
+    match = re.search(r"server_name ([^;]+);", text)
+    return match.group(1).split() if match else []
+
+
+def nginx_server_names_from(text):
+    return (nginx_server_names_all(text) or ["localhost"])[0]
+
+
+def nginx_vhost_hash_in(text):
+    match = re.search(r'return 200 "([0-9a-f]{16})\\n"', text)
+    return match.group(1) if match else None
+
+
+def nginx_marker(ip, port, host):
+    import http.client
+    connection = http.client.HTTPConnection(ip, port, timeout=2)
+    try:
+        connection.request("GET", NGINX_MARKER_PATH, headers={"Host": host})
+        response = connection.getresponse()
+        return response.read().decode(errors="replace").strip() if response.status == 200 else None
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+
 
 
 ##############################################################################
@@ -2049,6 +2398,7 @@ def plan_release(app, rev, root, ref="refs/heads/main", config=None):
     saved = live["scaling"] if live else load_scaling(app)
     release = Release(app, rev, root, processes, env, scaling_for(processes, saved), dict(repo_env), dict(config), ref)
     plan_generation(release, 0, release.scaling)        # every worker config renders: refused now, not after a build
+    render_nginx(release)                               # and the vhost (nginx -t runs before the switch)
     return release
 
 
@@ -2293,7 +2643,7 @@ def render_instance(generation, instance, wsgi_extra):
     env, root = release.env, release.root
     kind = worker_kind(instance.kind, env)
     worker_env = env
-    if kind.http and len(instance.socket) > UNIX_PATH_MAX:
+    if kind.http and len(max(instance.socket, instance.uwsgi_socket, key=len)) > UNIX_PATH_MAX:
         raise PikuError(f"the socket path {instance.socket} is longer than Linux allows ({UNIX_PATH_MAX})",
                         "Use a shorter app name or a shorter PIKU_ROOT.")
     if kind.name == "web":
@@ -2321,6 +2671,12 @@ def start_generation(generation):
         wake_emperor()
 
 
+def uwsgi_sockets(app, gen, scaling, env):
+    """The uwsgi-protocol sockets nginx's uwsgi_pass reaches (wsgi workers on uWSGI)."""
+    return [Instance(app, gen, "wsgi", index).uwsgi_socket for index in range(1, scaling.get("wsgi", 0) + 1)
+            if worker_kind("wsgi", env).name == "wsgi"]
+
+
 def http_sockets(app, gen, scaling, env):
     """The sockets the front sends traffic to: the instances of the one HTTP kind."""
     return [Instance(app, gen, kind, index).socket for kind, count in sorted(scaling.items())
@@ -2340,19 +2696,53 @@ def activate(release, commit):
     moves, so a failure before it changes nothing live and a crash after it is finished by
     the next command (reconcile)."""
     app = release.app
+    vhost = finish_vhost(render_nginx(release))
+    vhost_changed = vhost != read_text(nginx_vhost_file(app), None)
+    if vhost and vhost_changed:
+        check_vhost(app, vhost)
     generation = plan_generation(release, next_generation(app), release.scaling)
     first = not any(front_alive(app, None, unit) for unit in front_units(app))
     start_generation(generation)
     check_generation(generation)
     sockets = http_sockets(app, generation.gen, release.scaling, release.env)
+    usockets = uwsgi_sockets(app, generation.gen, release.scaling, release.env)
     if first:
         point_slots(app, sockets)
     front = start_front(release, generation) if sockets else None
     commit(generation.gen)
     release.committed = True
     point_slots(app, sockets)
+    if usockets:                # left as they are otherwise: nginx uses them until it reloads
+        point_slots(app, usockets, "uslot")
     link_logs(app, generation.instances)
+    if vhost_changed:
+        install_vhost(app, vhost)
     drain_old(app, generation.gen, front)
+
+
+def restore_vhost(app, record):
+    """After an interrupted command: the live release's vhost, if another one is in place."""
+    if not record["env"].get("NGINX_SERVER_NAME") and not os.path.exists(nginx_vhost_file(app)):
+        return
+    try:
+        vhost = finish_vhost(render_nginx(release_from_record(app, record)))
+        if vhost != read_text(nginx_vhost_file(app), None):
+            install_vhost(app, vhost)
+    except PikuError as error:
+        warning(f"the vhost of v{record['version']} could not be put back: {error.message}")
+
+
+def install_vhost(app, text):
+    """Put the checked vhost (None: none) in place and have nginx serve it."""
+    path = nginx_vhost_file(app)
+    if text is None:
+        if os.path.exists(path):
+            os.unlink(path)
+            reload_nginx(app, None)
+        return
+    write_atomic(path, text)
+    step(f"nginx: {app} answers for {' '.join(nginx_server_names_all(text))}")
+    reload_nginx(app, text)
 
 
 def start_front(release, generation):
@@ -2400,7 +2790,7 @@ def drain_old(app, gen, front):
            if (unit_generation(unit) is not None and unit_generation(unit) != gen)
            or (unit_generation(unit) is None and unit != front)]
     if old:
-        wait_for_empty_queues([unit_runtime(app, unit, "sock") for unit in old])
+        wait_for_empty_queues([unit_runtime(app, unit, suffix) for unit in old for suffix in ("sock", "uws")])
         stop_units(app, old, graceful=True)
 
 
@@ -2428,12 +2818,12 @@ def queued_connections(sockets):
     return waiting
 
 
-def point_slots(app, sockets):
-    """Re-link the front's slots to sockets (slot k -> socket k mod N). Each rename is atomic:
-    the front connects per connection, so new connections go to the new sockets at once."""
+def point_slots(app, sockets, prefix="slot"):
+    """Re-link the slots to sockets (slot k -> socket k mod N). Each rename is atomic: the
+    front and nginx connect per connection, so new connections go to the new sockets at once."""
     os.makedirs(runtime_dir(app), exist_ok=True)
     for slot in range(1, FRONT_SLOTS + 1):
-        path = slot_path(app, slot)
+        path = slot_path(app, slot, prefix)
         if not sockets:
             if os.path.lexists(path):
                 os.unlink(path)
@@ -2742,6 +3132,10 @@ def reconcile(app):
     if live["gen"] in running:
         sockets = http_sockets(app, live["gen"], live["scaling"], live["env"])
         point_slots(app, sockets)
+        usockets = uwsgi_sockets(app, live["gen"], live["scaling"], live["env"])
+        if usockets:
+            point_slots(app, usockets, "uslot")
+        restore_vhost(app, live)
         drain_old(app, live["gen"], front_unit(live["env"]) if sockets else None)
         write_live_files(app, live)
     elif running:
@@ -3200,6 +3594,7 @@ def cmd_destroy(app):
     """Remove the app (its data/APP folder is kept)."""
     require_app(app)
     with AppLock(app):
+        install_vhost(app, None)
         stop_app(app)
         for path in (app_path(app), repo_path(app), env_dir(app), os.path.join(LOG_ROOT, app),
                      os.path.join(RELEASE_ROOT, app), os.path.join(CACHE_ROOT, app), runtime_dir(app)):

@@ -332,6 +332,78 @@ class Emperor:
         psutil.wait_procs(family, timeout=5)
 
 
+NGINX_CONFIG = """\
+# the test's own nginx: loopback only, run in the foreground by the test, as its user
+daemon off;
+user root;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    include /etc/nginx/mime.types;
+    access_log {prefix}/access.log;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    uwsgi_temp_path {prefix}/uwsgi;
+    fastcgi_temp_path {prefix}/fastcgi;
+    scgi_temp_path {prefix}/scgi;
+    include {piku_root}/nginx/*.conf;
+}}
+"""
+
+
+class Nginx:
+    """A real nginx on a free loopback port that includes piku's vhosts, as a host's nginx
+    does; piku reloads it with PIKU_NGINX_RELOAD and finds its port in PIKU_NGINX_HTTP_PORT."""
+
+    def __init__(self, prefix, piku):
+        import socket
+        self.prefix = Path(prefix)
+        self.prefix.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.config = self.prefix / "nginx.conf"
+        self.config.write_text(NGINX_CONFIG.format(prefix=self.prefix, piku_root=piku.root))
+        self.command = ["nginx", "-p", str(self.prefix), "-c", str(self.config), "-e", str(self.prefix / "error.log")]
+        piku.env.update(PIKU_NGINX_HTTP_PORT=str(self.port), PIKU_NGINX_RELOAD=" ".join([*self.command, "-s", "reload"]))
+        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_until(lambda: (self.prefix / "nginx.pid").exists(), message="nginx started")
+
+    def url(self, path="/"):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def get(self, path="/", host="localhost"):
+        """(status, headers, body) of one GET with the given Host."""
+        import http.client
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            connection.request("GET", path, headers={"Host": host})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read().decode(errors="replace")
+        finally:
+            connection.close()
+
+    def stop(self):
+        self.process.send_signal(signal.SIGQUIT)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def nginx(piku, tmp_path):
+    if not shutil.which("nginx"):
+        pytest.skip("nginx is not installed (make deps installs it)")
+    running = Nginx(tmp_path / "nginx", piku)
+    yield running
+    running.stop()
+
+
 @pytest.fixture
 def piku(tmp_path, toolchain):
     tool = Piku(tmp_path / "piku", toolchain)

@@ -152,3 +152,38 @@ def test_static_paths_are_served_beside_wsgi_and_kept_inside_the_release(tmp_pat
     for bad in ("/static/:escape", "/x/:../other", "static:staticfiles", "/a/../b/:x", "/static/", "/s p/:x"):
         with pytest.raises(PikuError):
             piku.static_paths({"NGINX_STATIC_PATHS": bad}, root)
+
+
+def nginx_release(tmp_path, procfile, **settings):
+    root = tmp_path / "release"
+    (root / "public").mkdir(parents=True, exist_ok=True)
+    env = {**ENV, "NGINX_SERVER_NAME": "shop.example.com www.shop.example.com", "NGINX_IPV4_ADDRESS": "127.0.0.1",
+           **settings}
+    return piku.Release("shop", "0" * 40, str(root), piku.parse_procfile(procfile), env)
+
+
+def stable(vhost, tmp_path):
+    """The vhost without what differs between runs: the temporary folder, and its hash."""
+    import re
+    return re.sub(r'return 200 "[0-9a-f]{16}', 'return 200 "HASH', vhost.replace(str(tmp_path), "/RELEASES"))
+
+
+def test_nginx_vhosts_match_their_golden_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIKU_NGINX_HTTP_PORT", "8080")
+    wsgi = nginx_release(tmp_path, "wsgi: shop.wsgi:app\n")
+    text = piku.finish_vhost(piku.render_nginx(wsgi))
+    check_golden("nginx-wsgi.conf", stable(text, tmp_path))
+    assert "uwsgi_pass piku-shop-uslot;" in text and "listen [::]:8080;" in text
+    web = nginx_release(tmp_path, "web: gunicorn app:app\n", NGINX_STATIC_PATHS="/media/:public", DISABLE_IPV6="yes")
+    text = piku.finish_vhost(piku.render_nginx(web))
+    check_golden("nginx-web.conf", stable(text, tmp_path))
+    assert "proxy_pass http://piku-shop-slot;" in text and "[::]" not in text
+    assert piku.render_nginx(nginx_release(tmp_path, "web: x\n", NGINX_SERVER_NAME="")) is None
+
+
+def test_no_setting_reaches_nginx_as_syntax(tmp_path):
+    for key, value in (("NGINX_SERVER_NAME", "a.example.com;include /etc/passwd"), ("NGINX_SERVER_NAME", "$host"),
+                       ("NGINX_IPV4_ADDRESS", "127.0.0.1:80 default_server"), ("NGINX_IPV6_ADDRESS", "[::1];"),
+                       ("NGINX_STATIC_PATHS", "/x/:public/$uri"), ("NGINX_CATCH_ALL", "/$uri")):
+        with pytest.raises(PikuError):
+            piku.render_nginx(nginx_release(tmp_path, "web: x\n", **{key: value}))

@@ -92,3 +92,16 @@ def test_forced_command_never_hands_the_client_command_to_a_shell():
     for bad in ("not a key", 'ssh-ed25519 AAAA" evil', "ssh-ed25519 AAAA\ncommand=x"):
         with pytest.raises(PikuError):
             piku.authorized_keys_line(bad, "SHA256:x")
+
+
+def test_host_settings_come_from_the_environment_or_piku_env(tmp_path, monkeypatch):
+    import piku
+    monkeypatch.setattr(piku, "PIKU_ROOT", str(tmp_path))
+    monkeypatch.setattr(piku, "_HOST_SETTINGS", {})
+    monkeypatch.delenv("PIKU_NGINX_HTTP_PORT", raising=False)
+    (tmp_path / "piku.env").write_text("PIKU_NGINX_HTTP_PORT=8080\nPIKU_NGINX_RELOAD='sudo -n /usr/sbin/nginx -s reload'\n")
+    assert piku.host_setting("PIKU_NGINX_HTTP_PORT") == "8080"
+    assert piku.host_setting("PIKU_NGINX_RELOAD") == "sudo -n /usr/sbin/nginx -s reload"
+    assert piku.host_setting("PIKU_NGINX", "nginx") == "nginx"
+    monkeypatch.setenv("PIKU_NGINX_HTTP_PORT", "9090")
+    assert piku.nginx_port("PIKU_NGINX_HTTP_PORT", "80") == "9090"

@@ -8,6 +8,7 @@ accesslog = '-'
 errorlog = '-'
 proc_name = 'shop:asgi.1'
 control_socket_disable = True   # gunicorn >= 24 would share one socket in $HOME between apps
+umask = 0o007                   # its socket: the piku user and its group (nginx), no one else
 try:                            # asgi: gunicorn runs uvicorn's worker class
     import uvicorn_worker
     worker_class = 'uvicorn_worker.UvicornWorker'

@@ -8,3 +8,4 @@ accesslog = '-'
 errorlog = '-'
 proc_name = 'shop:wsgi.1'
 control_socket_disable = True   # gunicorn >= 24 would share one socket in $HOME between apps
+umask = 0o007                   # its socket: the piku user and its group (nginx), no one else
