@@ -2879,8 +2879,8 @@ def live_release(app):
 
 
 def who_deploys():
-    """Who asked: over SSH, the key's name (setup:ssh names every key 'default' for now, so its
-    fingerprint then); on the host itself, the user."""
+    """Who asked: over SSH, the key's name (its fingerprint for keys added before keys had
+    names, which are all 'default'); on the host itself, the user."""
     name, fingerprint = os.environ.get("NAME", ""), os.environ.get("FINGERPRINT", "")
     if fingerprint:
         return name if name and name != "default" else fingerprint
@@ -3486,7 +3486,10 @@ def cli():
 @cli.command("apps")
 def cmd_apps():
     """List apps (* marks the running ones)."""
+    allowed = key_apps()
     for app in list_apps():
+        if allowed is not None and app not in allowed:
+            continue
         click.echo(("* " if app_units(app) else "  ") + app)
 
 
@@ -3803,51 +3806,166 @@ def cmd_setup():
 
 
 AUTHORIZED_KEY = re.compile(r"((?:sk-)?(?:ssh|ecdsa)-[A-Za-z0-9@.-]+) ([A-Za-z0-9+/]+={0,3})(?: ([^\r\n]*))?")
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+HOST_COMMANDS = frozenset({"setup", "setup:ssh", "keys", "keys:remove"})   # keys without --apps only
 
 
-def authorized_keys_line(key_text, fingerprint):
+@dataclass
+class Key:
+    name: str
+    fingerprint: str
+    apps: list          # None: every app
+    line: str
+
+
+def authorized_keys_line(key_text, fingerprint, name="default", apps=None):
     """The forced-command authorized_keys entry for one public key."""
     match = AUTHORIZED_KEY.fullmatch(key_text.strip())
     if not match:
         raise PikuError("that is not an SSH public key",
                         "Pass the .pub file, for example: setup:ssh ~/.ssh/id_ed25519.pub")
-    command = ["env", f"FINGERPRINT={fingerprint}", "NAME=default"]
+    command = ["env", f"FINGERPRINT={fingerprint}", f"NAME={name}"]
+    if apps is not None:
+        command.append(f"APPS={','.join(apps)}")
     if os.environ.get("PIKU_ROOT"):
         command.append(f"PIKU_ROOT={PIKU_ROOT}")
     command += [sys.executable, PIKU_SCRIPT, "ssh-command"]
     forced = " ".join(shlex.quote(part) for part in command).replace("\\", "\\\\").replace('"', '\\"')
+    # a pty is allowed (`run` needs one for an interactive shell); nothing is forwarded
     options = "no-agent-forwarding,no-user-rc,no-X11-forwarding,no-port-forwarding"
     return f'command="{forced}",{options} {match.group(1)} {match.group(2)}'
 
 
+def authorized_keys_file():
+    return os.path.join(os.path.expanduser("~"), ".ssh", "authorized_keys")
+
+
+FORCED_COMMAND = re.compile(r'^command="((?:[^"\\]|\\.)*)"')
+
+
+def read_keys():
+    """The piku keys in authorized_keys (lines without piku's forced command are left alone)."""
+    keys = []
+    for line in read_text(authorized_keys_file()).splitlines():
+        match = FORCED_COMMAND.match(line)
+        if not match:
+            continue
+        try:
+            words = shlex.split(re.sub(r"\\(.)", r"\1", match.group(1)))
+        except ValueError:
+            continue
+        if "ssh-command" not in words:
+            continue
+        settings = dict(word.split("=", 1) for word in words if "=" in word and not word.startswith("/"))
+        apps = settings.get("APPS")
+        keys.append(Key(settings.get("NAME", "default"), settings.get("FINGERPRINT", "?"),
+                        None if apps is None else [app for app in apps.split(",") if app], line))
+    return keys
+
+
+def default_key_name(comment, fingerprint):
+    """A name for a key added without --name: its comment (alice@laptop), else its fingerprint."""
+    candidate = re.sub(r"[^A-Za-z0-9._@-]", "-", (comment or "").strip())[:64].strip("-.")
+    return candidate if candidate and KEY_NAME.fullmatch(candidate) else "key-" + fingerprint.split(":")[-1][:12]
+
+
+def key_apps():
+    """The apps the ssh key in use may touch (None: all, as for a key without --apps or on the host)."""
+    apps = os.environ.get("APPS") if os.environ.get("FINGERPRINT") else None
+    return None if apps is None else {app for app in apps.split(",") if app}
+
+
+def command_app(args):
+    """The app a command line names (None when it names none)."""
+    name = args[0]
+    if name in ("git-receive-pack", "git-upload-pack"):
+        return git_path_to_app(args[1]) if len(args) > 1 else None
+    command = cli.commands.get(name)
+    if command is None or not any(param.name == "app" for param in command.params):
+        return None
+    try:
+        context = command.make_context(name, list(args[1:]), resilient_parsing=True)
+    except click.ClickException:
+        return None
+    return context.params.get("app")
+
+
+def check_key_access(args, allowed):
+    """Refuse, before any work, what a key restricted to some apps may not do. An app it may not
+    see gets the same answer as one that does not exist."""
+    if args[0] in HOST_COMMANDS:
+        raise PikuError(f"'{args[0]}' needs a key that may manage the whole host",
+                        "Ask the host's administrator; this key may use: " + (", ".join(sorted(allowed)) or "no app"))
+    app = command_app(args)
+    if app is not None and app not in allowed:
+        raise PikuError(f"app '{app}' not found", "This key's apps: " + (", ".join(sorted(allowed)) or "none"))
+
+
 @cli.command("setup:ssh")
 @click.argument("public_key_file")
-def cmd_setup_ssh(public_key_file):
+@click.option("--name", help="The key's name (in `keys` and in releases); default: the key's comment.")
+@click.option("--apps", help="Comma-separated apps this key may push to and manage; default: every app.")
+def cmd_setup_ssh(public_key_file, name, apps):
     """Allow an SSH public key (- reads it from stdin)."""
     text = sys.stdin.read() if public_key_file == "-" else read_text(public_key_file, None)
     if text is None:
         raise PikuError(f"public key file '{public_key_file}' not found")
     key = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    fingerprint = key_fingerprint(key)
+    match = AUTHORIZED_KEY.fullmatch(key)
+    name = name if name is not None else default_key_name(match.group(3) if match else "", fingerprint)
+    if not KEY_NAME.fullmatch(name):
+        raise PikuError(f"invalid key name {name!r}", "Use letters, digits, '.', '_', '@' and '-' (at most 64).")
+    app_list = None if apps is None else [validate_app_name(app.strip()) for app in apps.split(",") if app.strip()]
+    keys = read_keys()
+    if any(other.name == name and other.fingerprint != fingerprint for other in keys):
+        raise PikuError(f"another key is already named {name!r}", "Pick another name with --name, or remove it "
+                        f"first: keys:remove {name}")
+    line = authorized_keys_line(key, fingerprint, name, app_list)
+    old = next((other for other in keys if other.fingerprint == fingerprint), None)
+    lines = [existing for existing in read_text(authorized_keys_file()).splitlines()
+             if old is None or existing != old.line]
+    if old is not None and old.line == line:
+        step(f"Key {fingerprint} is already set up")
+        return
+    os.makedirs(os.path.dirname(authorized_keys_file()), mode=0o700, exist_ok=True)
+    write_atomic(authorized_keys_file(), "\n".join([*lines, line]) + "\n", mode=0o600)
+    scope = f"apps: {', '.join(app_list) or 'none'}" if app_list is not None else "every app"
+    step(f"{'Updated' if old else 'Added'} key {fingerprint} as {name!r} ({scope})")
+
+
+def key_fingerprint(key):
     with tempfile.NamedTemporaryFile("w", suffix=".pub") as temp:
         temp.write(key + "\n")
         temp.flush()
         try:
-            fingerprint = run_command(["ssh-keygen", "-lf", temp.name], capture=True,
-                                      what="ssh-keygen").stdout.split()[1]
+            return run_command(["ssh-keygen", "-lf", temp.name], capture=True, what="ssh-keygen").stdout.split()[1]
         except PikuError:
             raise PikuError("that is not a valid SSH public key",
                             "Pass the .pub file, for example: setup:ssh ~/.ssh/id_ed25519.pub")
-    line = authorized_keys_line(key, fingerprint)
-    ssh_dir = os.path.join(os.path.expanduser("~"), ".ssh")
-    os.makedirs(ssh_dir, mode=0o700, exist_ok=True)
-    keys_file = os.path.join(ssh_dir, "authorized_keys")
-    existing = read_text(keys_file)
-    if line in existing.splitlines():
-        step(f"Key {fingerprint} is already set up")
-        return
-    write_atomic(keys_file, existing + ("" if not existing or existing.endswith("\n") else "\n") + line + "\n",
-                 mode=0o600)
-    step(f"Added key {fingerprint}")
+
+
+@cli.command("keys")
+def cmd_keys():
+    """List the SSH keys piku lets in: name, fingerprint, apps."""
+    keys = read_keys()
+    if not keys:
+        notice("no keys yet; add one with: setup:ssh KEYFILE [--name NAME] [--apps a,b]")
+    for key in keys:
+        click.echo(f"{key.name:24} {key.fingerprint}  {'(all apps)' if key.apps is None else ','.join(key.apps)}")
+
+
+@cli.command("keys:remove")
+@click.argument("name")
+def cmd_keys_remove(name):
+    """Remove the SSH key called NAME."""
+    keys = [key for key in read_keys() if key.name == name]
+    if not keys:
+        raise PikuError(f"no key is named {name!r}", "See the keys with: keys")
+    gone = {key.line for key in keys}
+    lines = [line for line in read_text(authorized_keys_file()).splitlines() if line not in gone]
+    write_atomic(authorized_keys_file(), "".join(line + "\n" for line in lines), mode=0o600)
+    step(f"Removed key {name!r} ({', '.join(key.fingerprint for key in keys)})")
 
 
 @cli.command("help")
@@ -3871,6 +3989,9 @@ def cmd_ssh_command():
         args = ["help"]
     if args[0] in INTERNAL_COMMANDS:
         raise PikuError(f"'{args[0]}' is not a command", "See the commands with: ssh piku@host help")
+    allowed = key_apps()
+    if allowed is not None:
+        check_key_access(args, allowed)
     raise SystemExit(main(args))
 
 

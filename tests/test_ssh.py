@@ -148,18 +148,18 @@ LogLevel VERBOSE
 
     # --- client side --------------------------------------------------------
 
-    def ssh_options(self):
-        return ["-i", str(self.key), "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no",
+    def ssh_options(self, key=None):
+        return ["-i", str(key or self.key), "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
                 "-o", "ConnectTimeout=10"]
 
-    def ssh(self, *words, check=False, timeout=120):
+    def ssh(self, *words, check=False, timeout=120, key=None):
         """ssh USER@127.0.0.1 -p PORT WORDS...: ssh joins the words with spaces, like a shell user's."""
-        return run(["ssh", *self.ssh_options(), "-p", str(self.port), f"{self.user}@127.0.0.1", *words],
+        return run(["ssh", *self.ssh_options(key), "-p", str(self.port), f"{self.user}@127.0.0.1", *words],
                    check=check, timeout=timeout, env=clean_env(), stdin=subprocess.DEVNULL)
 
-    def git_env(self):
-        return clean_env(GIT_SSH_COMMAND=shlex.join(["ssh", *self.ssh_options()]),
+    def git_env(self, key=None):
+        return clean_env(GIT_SSH_COMMAND=shlex.join(["ssh", *self.ssh_options(key)]),
                          GIT_AUTHOR_NAME="dev", GIT_AUTHOR_EMAIL="dev@example.com",
                          GIT_COMMITTER_NAME="dev", GIT_COMMITTER_EMAIL="dev@example.com")
 
@@ -309,10 +309,11 @@ def test_git_push_over_ssh_deploys_and_serves_the_app(host, deployed):
     listing = host.ssh("apps")
     assert listing.returncode == 0, listing.stderr
     assert f"* {APP}" in listing.stdout.splitlines(), listing.stdout
-    # The release records which key pushed it (its fingerprint, as setup:ssh names keys 'default').
+    # The release records which key pushed it: its name, from the key's comment.
     releases = host.ssh("releases", APP)
     assert releases.returncode == 0, releases.stderr
-    assert "push (by SHA256:" in releases.stdout.splitlines()[0] and "[live" in releases.stdout, releases.stdout
+    assert "push (by piku-ssh-test)" in releases.stdout.splitlines()[0] and "[live" in releases.stdout, \
+        releases.stdout
 
 
 def test_config_set_over_ssh_redeploys_with_the_new_value(host, deployed):
@@ -418,3 +419,86 @@ def test_a_logs_follower_ends_when_its_client_disconnects(host, deployed):
         client.kill()
         client.wait()
     wait_until(lambda: not followers(), timeout=15, message="the follower to end after its client went")
+
+
+# --- per-key access ------------------------------------------------------------------
+
+OTHER = "otherapp"
+
+
+@pytest.fixture(scope="module")
+def bob(host, deployed, tmp_path_factory):
+    """A second key that may use APP only, and a second app it must not see."""
+    assert deployed.returncode == 0, deployed.output
+    key = host.client / "bob"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bob@laptop", "-f", str(key)])
+    added = host.piku("setup:ssh", str(key) + ".pub", "--name", "bob", "--apps", APP)
+    assert "as 'bob' (apps: sshapp)" in added.stdout, added.stdout
+    work = tmp_path_factory.mktemp("other") / OTHER
+    shutil.copytree(WEB, work)
+    env = host.git_env()
+    run(["git", "init", "--quiet", "--initial-branch", "main"], cwd=work, env=env)
+    run(["git", "add", "--all"], cwd=work, env=env)
+    run(["git", "commit", "--quiet", "-m", "other"], cwd=work, env=env)
+    run(["git", "push", host.url(OTHER), "HEAD:main"], cwd=work, env=env, timeout=300)
+    return key
+
+
+def test_keys_lists_names_fingerprints_and_apps(host, bob):
+    listing = host.ssh("keys")
+    assert listing.returncode == 0, listing.stderr
+    lines = {line.split()[0]: line for line in listing.stdout.splitlines()}
+    assert lines["bob"].endswith(" sshapp") and "SHA256:" in lines["bob"]
+    assert lines["piku-ssh-test"].endswith("(all apps)")
+
+
+def test_a_restricted_key_pushes_and_manages_its_app_only(host, deployed, bob):
+    assert host.ssh("apps", key=bob).stdout.split() == ["*", APP]
+    assert OTHER in host.ssh("apps").stdout
+    work = deployed.work
+    env = host.git_env(bob)
+    run(["git", "commit", "--quiet", "--allow-empty", "-m", "pushed by bob"], cwd=work, env=env)
+    pushed = run(["git", "push", host.url(APP), "HEAD:main"], check=False, cwd=work, env=env, timeout=300)
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    assert "push (by bob)" in host.ssh("releases", APP, key=bob).stdout.splitlines()[0]
+    assert host.ssh("config:set", APP, "FROM=bob", key=bob).returncode == 0
+
+    for words in (["config", OTHER], ["config:set", OTHER, "X=1"], ["logs", OTHER, "-n", "1"], ["ps", OTHER],
+                  ["releases", OTHER], ["run", OTHER, "true"], ["destroy", OTHER], ["ps:scale", OTHER, "web=2"]):
+        refused = host.ssh(*words, key=bob)
+        ghost = host.ssh(*[("ghostapp" if word == OTHER else word) for word in words], key=bob)
+        assert refused.returncode == 1 and f" !     app '{OTHER}' not found" in refused.stderr, (words, refused.stderr)
+        assert refused.stderr.replace(OTHER, "X") == ghost.stderr.replace("ghostapp", "X"), \
+            "an app the key may not see looks like one that does not exist"
+        assert "This key's apps: sshapp" in refused.stderr
+    attempt = run(["git", "push", host.url(OTHER), "HEAD:main"], check=False, cwd=work, env=env, timeout=120)
+    assert attempt.returncode != 0 and f"app '{OTHER}' not found" in attempt.stderr, attempt.stderr
+    clone = run(["git", "clone", "-q", host.url(OTHER), str(work.parent / "stolen")], check=False, env=env)
+    assert clone.returncode != 0 and not (work.parent / "stolen" / "app.py").exists()
+    for words in (["keys"], ["setup:ssh", "-"], ["keys:remove", "bob"], ["setup"]):
+        refused = host.ssh(*words, key=bob)
+        assert refused.returncode == 1 and "needs a key that may manage the whole host" in refused.stderr, words
+    assert "FROM" not in (host.root / "envs" / OTHER / "LIVE_ENV").read_text()
+
+
+@pytest.mark.parametrize("template", ["config {other}; touch {target}", "config $(touch {target})",
+                                      "config `touch {target}`", "config sshapp\ntouch {target}",
+                                      "apps && touch {target}"])
+def test_a_restricted_keys_command_line_runs_nothing_else(host, bob, template):
+    target = Path("/tmp") / f"piku-ssh-pwned-{secrets.token_hex(6)}"
+    try:
+        result = host.ssh(template.format(other=OTHER, target=target), key=bob)
+        assert result.returncode not in (0, 255), result.stdout + result.stderr
+        assert not target.exists()
+        assert "Traceback" not in result.stderr
+    finally:
+        if target.exists():
+            target.unlink()
+
+
+def test_a_removed_key_is_let_in_no_more(host, bob):
+    assert host.ssh("apps", key=bob).returncode == 0
+    removed = host.ssh("keys:remove", "bob")
+    assert removed.returncode == 0 and "Removed key 'bob'" in removed.stdout, removed.stderr
+    assert host.ssh("apps", key=bob).returncode == 255, "sshd refuses the key"
+    assert "bob" not in host.ssh("keys").stdout
