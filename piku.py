@@ -42,6 +42,7 @@ if sys.version_info < (3, 10):
     sys.exit(1)
 
 import contextlib
+import difflib
 import errno
 import fcntl
 import glob
@@ -3473,7 +3474,55 @@ def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack):
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(context_settings=CONTEXT)
+# What the common commands look like, for the messages about the mistakes people make with them.
+EXAMPLES = {
+    "config": "config myapp", "config:get": "config:get myapp PYTHON_VERSION",
+    "config:set": "config:set myapp PYTHON_VERSION=3.12", "config:unset": "config:unset myapp PYTHON_VERSION",
+    "config:live": "config:live myapp", "deploy": "deploy myapp", "destroy": "destroy myapp",
+    "logs": "logs myapp -n 50", "ps": "ps myapp", "ps:scale": "ps:scale myapp web=2",
+    "releases": "releases myapp", "rollback": "rollback myapp v3", "run": "run myapp -- python manage.py shell",
+    "restart": "restart myapp", "stop": "stop myapp", "setup:ssh": "setup:ssh ~/alice.pub --name alice",
+    "keys:remove": "keys:remove alice",
+}
+
+
+class PikuGroup(click.Group):
+    """click's group, with messages for the mistakes people make instead of usage dumps."""
+
+    def resolve_command(self, context, args):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(context, name) is None:
+            visible = [command for command, value in self.commands.items() if not value.hidden]
+            close = difflib.get_close_matches(name, visible, n=1, cutoff=0.6)
+            raise PikuError(f"'{name}' is not a piku command" + (f"; did you mean '{close[0]}'?" if close else ""),
+                            "See the commands with: help" + (f" (for example: {EXAMPLES[close[0]]})"
+                                                               if close and close[0] in EXAMPLES else ""))
+        return super().resolve_command(context, args)
+
+
+def usage_problem(error):
+    """A click usage error (a missing or extra argument) as piku's two lines."""
+    context = error.ctx
+    name = context.info_name if context and context.parent else None
+    if name is None:
+        return PikuError(error.format_message(), "See the commands with: help")
+    args = [value for value in (context.params or {}).values() if isinstance(value, str)]
+    mixed_up = next((value for value in args if "=" in value and SETTING_KEY.fullmatch(value.split("=", 1)[0])), None)
+    usage = context.get_usage().replace("Usage: piku ", "", 1).replace("[OPTIONS] ", "")
+    example = f"for example: {EXAMPLES[name]}" if name in EXAMPLES else f"see: {name} --help"
+    hint = f"Write it as '{usage}', {example}." + (apps_hint() if "APP" in usage else "")
+    if mixed_up and "APP" in usage:
+        return PikuError(f"{name} needs the app's name first; {mixed_up!r} looks like a setting", hint)
+    return PikuError(f"{name}: {error.format_message().rstrip('.')}", hint)
+
+
+def apps_hint():
+    allowed = key_apps()
+    apps = [app for app in list_apps() if allowed is None or app in allowed]
+    return f" Your apps: {', '.join(apps)}." if apps else ""
+
+
+@click.group(cls=PikuGroup, context_settings=CONTEXT)
 @click.version_option(PIKU_VERSION, prog_name="piku")
 def cli():
     """piku: git push deploys for one Linux host.
@@ -3548,7 +3597,7 @@ def changed_keys(before, after):
 
 @cli.command("config:set")
 @click.argument("app")
-@click.argument("settings", nargs=-1, required=True)
+@click.argument("settings", nargs=-1, required=True, metavar="KEY=VALUE...")
 def cmd_config_set(app, settings):
     """Set KEY=VALUE settings and redeploy."""
     require_app(app)
@@ -3563,7 +3612,7 @@ def cmd_config_set(app, settings):
 
 @cli.command("config:unset")
 @click.argument("app")
-@click.argument("settings", nargs=-1, required=True)
+@click.argument("settings", nargs=-1, required=True, metavar="KEY...")
 def cmd_config_unset(app, settings):
     """Remove settings and redeploy."""
     require_app(app)
@@ -3700,7 +3749,7 @@ def cmd_ps(app):
 
 @cli.command("ps:scale")
 @click.argument("app")
-@click.argument("settings", nargs=-1, required=True)
+@click.argument("settings", nargs=-1, required=True, metavar="KIND=N...")
 def cmd_ps_scale(app, settings):
     """Set worker counts: ps:scale APP web=2 worker=0."""
     require_app(app)
@@ -3897,7 +3946,8 @@ def check_key_access(args, allowed):
         raise PikuError(f"'{args[0]}' needs a key that may manage the whole host",
                         "Ask the host's administrator; this key may use: " + (", ".join(sorted(allowed)) or "no app"))
     app = command_app(args)
-    if app is not None and app not in allowed:
+    # An invalid name (or a setting typed where the name goes) is no app's: the command refuses it.
+    if app is not None and APP_NAME.fullmatch(app) and app not in allowed:
         raise PikuError(f"app '{app}' not found", "This key's apps: " + (", ".join(sorted(allowed)) or "none"))
 
 
@@ -4055,6 +4105,11 @@ def main(args=None):
         return 1
     except click.exceptions.Exit as done:
         return done.exit_code
+    except click.UsageError as error:
+        problem_lines = usage_problem(error)
+        problem(problem_lines.message)
+        problem(problem_lines.hint)
+        return 2
     except click.ClickException as error:
         error.show()
         return error.exit_code

@@ -48,3 +48,19 @@ def test_logs_and_run_on_a_deployed_app(piku, emperor, make_app):
     logs = piku("logs", "hello", "web", "--no-follow")
     assert "web.1 | " in logs.stdout
     assert "GET / HTTP/1.1" in logs.stdout
+
+
+def test_common_mistakes_say_the_form_with_an_example_not_a_usage_dump(piku, tmp_path):
+    for args, first, second in (
+            (["config:set", "PYTHON_VERSION=3.10"], "config:set needs the app's name first",
+             "Write it as 'config:set APP KEY=VALUE...', for example: config:set myapp PYTHON_VERSION=3.12."),
+            (["config:set", "shop"], "config:set: Missing argument 'KEY=VALUE...'", "Write it as 'config:set APP"),
+            (["ps:scale", "shop"], "ps:scale: Missing argument 'KIND=N...'", "for example: ps:scale myapp web=2"),
+            (["confg", "shop"], "'confg' is not a piku command; did you mean 'config'?", "See the commands with: help"),
+            (["releasez", "shop"], "did you mean 'releases'?", "for example: releases myapp"),
+            (["frobnicate"], "'frobnicate' is not a piku command", "See the commands with: help")):
+        result = piku(*args, check=False)
+        lines = result.stderr.splitlines()
+        assert result.returncode in (1, 2) and len(lines) == 2, (args, result.stderr)
+        assert lines[0].startswith(" !     ") and first in lines[0], (args, lines)
+        assert second in lines[1], (args, lines)

@@ -354,7 +354,7 @@ def test_shell_metacharacters_never_reach_a_shell(host, template):
         assert result.returncode != 0, result.stdout
         # 255 is ssh's own failure (no connection, key refused): that would prove nothing.
         assert result.returncode != 255, f"ssh failed:\n{result.stderr}\n{host.diagnostics()}"
-        assert "No such command" in result.stderr or "unexpected extra argument" in result.stderr, \
+        assert "is not a piku command" in result.stderr or "unexpected extra argument" in result.stderr, \
             result.stderr
     finally:
         if target.exists():
@@ -496,9 +496,21 @@ def test_a_restricted_keys_command_line_runs_nothing_else(host, bob, template):
             target.unlink()
 
 
+def test_the_commands_people_type_first_get_the_form_they_need(host, bob):
+    """`ssh piku@host config:set PYTHON_VERSION=3.10` -- the form people type first."""
+    result = host.ssh("config:set", "PYTHON_VERSION=3.10", key=bob)
+    assert result.returncode == 2 and "Usage:" not in result.stderr, result.stderr
+    assert "config:set needs the app's name first; 'PYTHON_VERSION=3.10' looks like a setting" in result.stderr
+    assert "Write it as 'config:set APP KEY=VALUE...'" in result.stderr and f"Your apps: {APP}." in result.stderr
+    assert OTHER not in result.stderr, "a key's hint names its own apps only"
+    typo = host.ssh("confg:set", APP, "A=1", key=bob)
+    assert "'confg:set' is not a piku command; did you mean 'config:set'?" in typo.stderr
+
+
 def test_a_removed_key_is_let_in_no_more(host, bob):
     assert host.ssh("apps", key=bob).returncode == 0
     removed = host.ssh("keys:remove", "bob")
     assert removed.returncode == 0 and "Removed key 'bob'" in removed.stdout, removed.stderr
     assert host.ssh("apps", key=bob).returncode == 255, "sshd refuses the key"
     assert "bob" not in host.ssh("keys").stdout
+
