@@ -507,6 +507,92 @@ def test_the_commands_people_type_first_get_the_form_they_need(host, bob):
     assert "'confg:set' is not a piku command; did you mean 'config:set'?" in typo.stderr
 
 
+CLIENT = PIKU_PY.parent / "piku_client.py"
+
+
+def client(host, cwd, *args, home, stdin=subprocess.DEVNULL, **env):
+    """The laptop client, as a developer runs it in a checkout (its own HOME for ssh's socket)."""
+    return run([PYTHON, str(CLIENT), *args], check=False, cwd=cwd, stdin=stdin, timeout=120,
+               env=dict(host.git_env(), HOME=str(home), **env))
+
+
+def short_home():
+    """A HOME whose ~/.ssh/piku-%C fits a unix socket path, as a laptop's does."""
+    return Path(tempfile.mkdtemp(prefix="pk", dir="/tmp"))
+
+
+def test_the_laptop_client_runs_server_commands_for_the_checkouts_app(host, deployed, tmp_path):
+    import statistics
+    work, home = deployed.work, short_home()
+    nowhere = client(host, tmp_path, "releases", home=home)
+    assert nowhere.returncode == 1 and "piku remote piku@yourhost" in nowhere.stderr, nowhere.stderr
+    added = client(host, work, "remote", f"ssh://{host.user}@127.0.0.1:{host.port}", home=home)
+    assert added.returncode == 0 and f"/{APP}" in added.stdout, added.stderr
+    try:
+        timings = []
+        for _ in range(3):
+            started = time.monotonic()
+            listed = client(host, work, "releases", home=home)
+            timings.append(time.monotonic() - started)
+            assert listed.returncode == 0 and "[live" in listed.stdout, listed.stderr
+        changed = client(host, work, "config:set", "CLIENT_SAYS=hello there", home=home)
+        assert changed.returncode == 0, changed.stderr
+        assert host.live_env(APP)["CLIENT_SAYS"] == "hello there"
+        env = client(host, work, "run", "--", "env", home=home)
+        assert "CLIENT_SAYS=hello there" in env.stdout and f"APP={APP}" in env.stdout, env.stderr
+        other = client(host, work, "--app", "ghostapp", "ps", home=home)
+        assert other.returncode == 1 and "app 'ghostapp' not found" in other.stderr
+        # the first call opened the shared connection; the next ones skip the handshake
+        print(f"client: first call {timings[0]:.3f} s, then {statistics.median(timings[1:]):.3f} s")
+        assert list((home / ".ssh").glob("piku-*")), "a ControlMaster socket is kept for the next call"
+    finally:
+        for socket_path in (home / ".ssh").glob("piku-*"):
+            run(["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "dummy"], check=False)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_piku_run_gets_a_terminal_when_the_developer_has_one(host, deployed, tmp_path):
+    import pty
+    home = tmp_path / "home"
+    home.mkdir()
+    client(host, deployed.work, "remote", f"ssh://{host.user}@127.0.0.1:{host.port}", home=home)
+    env = dict(host.git_env(), HOME=str(home))
+    env["GIT_SSH_COMMAND"] += " -o ControlMaster=no"
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(deployed.work)
+        os.execve(PYTHON, [PYTHON, str(CLIENT), "run", "--", "tty"], env)
+    output = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.waitpid(pid, 0)
+    assert b"/dev/pts/" in output, output
+
+
+def test_piku_init_writes_a_starter_procfile_for_the_project_it_finds(tmp_path):
+    project = tmp_path / "shop"
+    project.mkdir()
+    (project / "pyproject.toml").write_text("[project]\nname = 'shop'\ndependencies = ['flask']\n")
+    (project / "app.py").write_text("from flask import Flask\napp = Flask(__name__)\n")
+    made = run([PYTHON, str(CLIENT), "init"], cwd=project, env=clean_env(HOME=str(tmp_path)))
+    assert (project / "Procfile").read_text() == "wsgi: app:app\n"
+    assert re.fullmatch(r"3\.[0-9]+\n", (project / ".python-version").read_text())
+    assert (project / "ENV").exists() and "wrote Procfile" in made.stdout
+    (project / "main.py").write_text("from fastapi import FastAPI\napp = FastAPI()\n")
+    (project / "app.py").unlink()
+    (project / "Procfile").unlink()
+    run([PYTHON, str(CLIENT), "init"], cwd=project, env=clean_env(HOME=str(tmp_path)))
+    assert (project / "Procfile").read_text() == "asgi: main:app\n"
+
+
 def test_a_removed_key_is_let_in_no_more(host, bob):
     assert host.ssh("apps", key=bob).returncode == 0
     removed = host.ssh("keys:remove", "bob")
