@@ -84,11 +84,12 @@ LOG_ROOT = os.path.join(PIKU_ROOT, "logs")
 NGINX_ROOT = os.path.join(PIKU_ROOT, "nginx")
 RELEASE_ROOT = os.path.join(PIKU_ROOT, "releases")
 LOCK_ROOT = os.path.join(PIKU_ROOT, "locks")
+ACME_WWW = os.path.join(PIKU_ROOT, "acme")        # http-01 answers: ACME_WWW/.well-known/acme-challenge/
 UWSGI_ROOT = os.path.join(PIKU_ROOT, "uwsgi")
 UWSGI_AVAILABLE = os.path.join(PIKU_ROOT, "uwsgi-available")
 UWSGI_ENABLED = os.path.join(PIKU_ROOT, "uwsgi-enabled")
 PIKU_DIRS = (APP_ROOT, CACHE_ROOT, DATA_ROOT, ENV_ROOT, GIT_ROOT, LOG_ROOT, NGINX_ROOT,
-             RELEASE_ROOT, LOCK_ROOT, UWSGI_ROOT, UWSGI_AVAILABLE, UWSGI_ENABLED)
+             RELEASE_ROOT, LOCK_ROOT, UWSGI_ROOT, UWSGI_AVAILABLE, UWSGI_ENABLED, ACME_WWW)
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 UWSGI_LOG_MAXSIZE = "1048576"
@@ -1977,12 +1978,13 @@ def nginx_port(name, default):
     return value
 
 
-def nginx_listen(env):
-    """The listen lines for the HTTP port (IPv4, and IPv6 unless DISABLE_IPV6)."""
-    port = nginx_port("PIKU_NGINX_HTTP_PORT", "80")
-    lines = [f"listen {nginx_address(env, 'NGINX_IPV4_ADDRESS', '0.0.0.0', socket.AF_INET)}:{port};"]
+def nginx_listen(env, https=False):
+    """The listen lines for the HTTP (or HTTPS) port: IPv4, and IPv6 unless DISABLE_IPV6."""
+    port = nginx_port("PIKU_NGINX_HTTPS_PORT", "443") if https else nginx_port("PIKU_NGINX_HTTP_PORT", "80")
+    suffix = " ssl" if https else ""
+    lines = [f"listen {nginx_address(env, 'NGINX_IPV4_ADDRESS', '0.0.0.0', socket.AF_INET)}:{port}{suffix};"]
     if not setting_true(env, "DISABLE_IPV6"):
-        lines.append(f"listen {nginx_address(env, 'NGINX_IPV6_ADDRESS', '[::]', socket.AF_INET6)}:{port};")
+        lines.append(f"listen {nginx_address(env, 'NGINX_IPV6_ADDRESS', '[::]', socket.AF_INET6)}:{port}{suffix};")
     return lines
 
 
@@ -2029,22 +2031,40 @@ def render_nginx(release):
     served = next((kind for kind in HTTP_APP_KINDS if kind in release.processes), None)
     uwsgi = served == "wsgi" and worker_kind("wsgi", env).name == "wsgi"
     nginx_catch_all(env)        # checked even where unused, so a bad value is never stored
-    server = [*nginx_listen(env), f"server_name {' '.join(names)};",
+    acme_directory(env), acme_email(env)
+    crt, key = certificate_files(app)
+    common = [f"server_name {' '.join(names)};",
               f"access_log {nginx_path(os.path.join(LOG_ROOT, app, 'nginx.access.log'), 'the log')};",
               f"error_log {nginx_path(os.path.join(LOG_ROOT, app, 'nginx.error.log'), 'the log')};",
               *nginx_block(f"location = {NGINX_MARKER_PATH}", [
                   "allow 127.0.0.1;", "allow ::1;", "deny all;", "default_type text/plain;",
-                  'return 200 "$piku_vhost\\n";'])]
+                  'return 200 "$piku_vhost\\n";']),
+              *nginx_block("location ^~ /.well-known/acme-challenge/", [
+                  f"root {nginx_path(ACME_WWW, 'the ACME folder')};", "default_type text/plain;",
+                  "try_files $uri =404;"])]
+    tls = [*nginx_listen(env, https=True), f"ssl_certificate {nginx_path(crt, 'the certificate')};",
+           f"ssl_certificate_key {nginx_path(key, 'the key')};"]
+    site = nginx_site(release, served, uwsgi)
+    text = f"# written by piku for {app}; nginx -t checked it before it replaced the previous one\n"
+    text += nginx_upstream(app, uwsgi) if served else ""
+    if setting_true(env, "NGINX_HTTPS_ONLY"):
+        redirect = nginx_block("location /", ["return 301 https://$host$request_uri;"])
+        servers = [[*nginx_listen(env), *common, *redirect], [*tls, *common, *site]]
+    else:
+        servers = [[*nginx_listen(env), *tls, *common, *site]]
+    return text + "".join("\n".join(nginx_block("server", server)) + "\n" for server in servers)
+
+
+def nginx_site(release, served, uwsgi):
+    """The locations that serve the app: static paths, the app or its folder, the include."""
+    env, server = release.env, []
     if not setting_true(env, "NGINX_ALLOW_GIT_FOLDERS"):
         server.append("location ~ /\\.git { deny all; }")
     for prefix, folder in static_paths(env, release.root):
         server += nginx_block(f"location {prefix}", [f"alias {nginx_path(folder, 'NGINX_STATIC_PATHS folder')};",
                                                      "add_header X-Served-By nginx-static;", "try_files $uri $uri/ =404;"])
     server += nginx_root_location(release, served, uwsgi)
-    server += nginx_include(release)
-    text = f"# written by piku for {app}; nginx -t checked it before it replaced the previous one\n"
-    text += nginx_upstream(app, uwsgi) if served else ""
-    return text + "\n".join(nginx_block("server", server)) + "\n"
+    return server + nginx_include(release)
 
 
 def nginx_root_location(release, served, uwsgi):
@@ -2117,6 +2137,11 @@ def finish_vhost(text):
 
 def nginx_vhost_file(app):
     return os.path.join(NGINX_ROOT, f"{app}.conf")
+
+
+def certificate_files(app):
+    """The app's certificate and key (upstream's names): issued over ACME, or self-signed."""
+    return os.path.join(NGINX_ROOT, f"{app}.crt"), os.path.join(NGINX_ROOT, f"{app}.key")
 
 
 NGINX_TEST_CONFIG = string.Template("""\
@@ -2241,6 +2266,194 @@ def nginx_marker(ip, port, host):
     finally:
         connection.close()
 
+
+
+# --- HTTPS: certificates over ACME --------------------------------------------------
+# An app with NGINX_SERVER_NAME gets a certificate from an ACME CA (http-01: the CA fetches a
+# token that nginx serves from ACME_WWW) with lego, Debian's ACME client, or with acme.sh where
+# a host already has it (as upstream piku uses). Until one is issued -- or when issuing fails --
+# a self-signed certificate lets nginx start, and the deploy says so.
+
+ACME_CAS = {"letsencrypt.org": "https://acme-v02.api.letsencrypt.org/directory",
+            "letsencrypt": "https://acme-v02.api.letsencrypt.org/directory",
+            "letsencrypt_test": "https://acme-staging-v02.api.letsencrypt.org/directory",
+            "zerossl": "https://acme.zerossl.com/v2/DV90", "zerossl.com": "https://acme.zerossl.com/v2/DV90"}
+ACME_URL = re.compile(r"https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/%-]*)?")
+ACME_TIMEOUT = 180
+EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+
+
+def acme_directory(env):
+    """ACME_ROOT_CA (upstream's key): a known CA's name or a directory URL."""
+    value = env.get("ACME_ROOT_CA", "").strip() or "letsencrypt.org"
+    url = ACME_CAS.get(value.lower(), value)
+    if not ACME_URL.fullmatch(url):
+        raise PikuError(f"ACME_ROOT_CA {value!r} is neither a known CA nor an https:// directory URL",
+                        "Use letsencrypt.org, letsencrypt_test, zerossl or the CA's directory URL.")
+    return url
+
+
+def acme_email(env):
+    value = env.get("ACME_EMAIL", "").strip()
+    if value and not EMAIL.fullmatch(value):
+        raise PikuError(f"ACME_EMAIL {value!r} is not an e-mail address", "Set one like ops@example.com")
+    return value
+
+
+def certificate_state(app):
+    try:
+        return json.loads(read_text(os.path.join(NGINX_ROOT, f"{app}.acme")) or "{}")
+    except ValueError:
+        return {}
+
+
+def save_certificate_state(app, state):
+    write_atomic(os.path.join(NGINX_ROOT, f"{app}.acme"), json.dumps(state, sort_keys=True) + "\n")
+
+
+def ensure_certificate(app, names):
+    """A certificate nginx can start with for names: the issued one, else a new self-signed one."""
+    crt, key = certificate_files(app)
+    if os.path.exists(crt) and os.path.exists(key) and certificate_state(app).get("names") == names:
+        return
+    with tempfile.TemporaryDirectory(prefix="piku-tls-") as temp:
+        run_command(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                     "-days", "90", "-subj", f"/CN={names[0]}",
+                     "-addext", "subjectAltName=" + ",".join(f"DNS:{name}" for name in names),
+                     "-keyout", os.path.join(temp, "key"), "-out", os.path.join(temp, "crt")],
+                    capture=True, what="openssl (a self-signed certificate)")
+        install_certificate(app, os.path.join(temp, "crt"), os.path.join(temp, "key"))
+    save_certificate_state(app, {"names": names, "issued": False})
+
+
+def install_certificate(app, crt_source, key_source):
+    crt, key = certificate_files(app)
+    write_atomic(key, read_text(key_source), mode=0o600)
+    write_atomic(crt, read_text(crt_source))
+
+
+def acme_client():
+    """('acme.sh', path) where a host has acme.sh, else ('lego', path), else (None, None)."""
+    acme_sh = os.path.join(os.environ.get("ACME_ROOT") or os.path.join(os.path.expanduser("~"), ".acme.sh"),
+                           "acme.sh")
+    if os.access(acme_sh, os.X_OK):
+        return "acme.sh", acme_sh
+    lego = host_setting("PIKU_LEGO") or shutil.which("lego")
+    return ("lego", lego) if lego else (None, None)
+
+
+def obtain_certificate(app, env, names):
+    """After the vhost is live: an ACME certificate for names, unless one is held already."""
+    state, ca = certificate_state(app), acme_directory(env)
+    if state.get("issued") and state.get("names") == names and state.get("ca") == ca:
+        return
+    if any(name.startswith("*.") for name in names):
+        warning("a wildcard name needs a DNS-01 challenge, which piku does not do: nginx keeps a self-signed "
+                "certificate; put your own in ~/.piku/nginx/APP.crt and .key")
+        return
+    kind, client = acme_client()
+    if not client:
+        warning(f"no ACME client (apt-get install lego): {app} serves HTTPS with a self-signed certificate")
+        return
+    step(f"HTTPS: asking {ca} for a certificate for {', '.join(names)} ({kind})")
+    started = time.monotonic()
+    os.makedirs(ACME_WWW, exist_ok=True)
+    try:
+        issued = (acme_sh_issue if kind == "acme.sh" else lego_issue)(app, client, ca, acme_email(env), names)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        issued, why = False, str(error)
+    else:
+        why = "" if issued is True else issued
+        issued = issued is True
+    if not issued:
+        save_certificate_state(app, dict(state, names=names, issued=False, error=why[-500:]))
+        warning(f"no certificate was issued ({why.strip().splitlines()[-1][:200] if why.strip() else 'no reason given'});"
+                " nginx keeps serving HTTPS with a self-signed certificate")
+        warning(f"check that {names[0]} resolves to this host and port 80 reaches nginx, then run: deploy {app}")
+        return
+    save_certificate_state(app, {"names": names, "issued": True, "ca": ca, "client": kind,
+                                 "when": time.strftime("%Y-%m-%d %H:%M:%S")})
+    reload_nginx(app, read_text(nginx_vhost_file(app), None))
+    step(f"HTTPS: certificate issued and installed in {time.monotonic() - started:.1f} s")
+
+
+def lego_path():
+    return os.path.join(ACME_WWW, "lego")       # not under .well-known: nginx never serves it
+
+
+def lego_args(lego, ca, email, names):
+    return [lego, "--accept-tos", "--server", ca, "--path", lego_path(), "--http", "--http.webroot", ACME_WWW,
+            *(["--email", email] if email else []), *(word for name in names for word in ("--domains", name))]
+
+
+def lego_issue(app, lego, ca, email, names):
+    """True, or what went wrong."""
+    result = subprocess.run([*lego_args(lego, ca, email, names), "run"], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=ACME_TIMEOUT)
+    if result.returncode != 0:
+        return result.stderr or result.stdout
+    return lego_install(app, names)
+
+
+def lego_install(app, names):
+    base = os.path.join(lego_path(), "certificates", names[0].replace("*", "_"))
+    if not os.path.exists(base + ".crt"):
+        return f"lego wrote no certificate at {base}.crt"
+    install_certificate(app, base + ".crt", base + ".key")
+    return True
+
+
+def acme_sh_issue(app, acme_sh, ca, email, names):
+    domains = [word for name in names for word in ("-d", name)]
+    crt, key = certificate_files(app)
+    for args in ([acme_sh, "--issue", *domains, "-w", ACME_WWW, "--server", ca,
+                  *(["--accountemail", email] if email else [])],
+                 [acme_sh, "--install-cert", *domains, "--key-file", key, "--fullchain-file", crt]):
+        result = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=ACME_TIMEOUT)
+        if result.returncode not in (0, 2):     # 2: acme.sh skipped, the certificate is still fresh
+            return result.stderr or result.stdout
+    return True
+
+
+def renew_certificates():
+    """Renew the lego-issued certificates due within 30 days, install them, reload nginx.
+    (acme.sh renews its own from its cron job.)"""
+    kind, lego = acme_client()
+    for app in list_apps():
+        state = certificate_state(app)
+        if not state.get("issued") or state.get("client") != "lego" or kind != "lego":
+            continue
+        before = read_text(os.path.join(lego_path(), "certificates", state["names"][0] + ".crt"))
+        result = subprocess.run([*lego_args(lego, state["ca"], "", state["names"]), "renew", "--days", "30"],
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=ACME_TIMEOUT)
+        if result.returncode != 0:
+            warning(f"{app}: renewing its certificate failed: {(result.stderr or result.stdout).strip()[-300:]}")
+            continue
+        if read_text(os.path.join(lego_path(), "certificates", state["names"][0] + ".crt")) != before:
+            lego_install(app, state["names"])
+            reload_nginx(app, read_text(nginx_vhost_file(app), None))
+            step(f"{app}: certificate renewed")
+
+
+RENEW_VASSAL = string.Template("""\
+[uwsgi]
+; written by piku: renews ACME certificates every day at $hour:$minute (piku.py acme:renew)
+master = true
+procname-prefix = piku:acme:
+logto = $log
+log-maxsize = 1048576
+cron = $minute $hour -1 -1 -1 $command
+""")
+
+
+def write_renewal_job():
+    """The daily renewal, as a uWSGI cron vassal (no app name lacks an '@', so it is no app's)."""
+    command = " ".join(shlex.quote(part) for part in (sys.executable, PIKU_SCRIPT, "acme:renew"))
+    text = RENEW_VASSAL.substitute(hour=3, minute=17, log=os.path.join(LOG_ROOT, "acme-renew.log"),
+                                   command=uwsgi_escape(f"env PIKU_ROOT={shlex.quote(PIKU_ROOT)} {command}"))
+    path = os.path.join(UWSGI_ENABLED, "acme-renew.ini")
+    if read_text(path, None) != text:
+        write_atomic(path, text)
 
 
 ##############################################################################
@@ -2699,6 +2912,8 @@ def activate(release, commit):
     app = release.app
     vhost = finish_vhost(render_nginx(release))
     vhost_changed = vhost != read_text(nginx_vhost_file(app), None)
+    if vhost:
+        ensure_certificate(app, nginx_server_names(release.env))
     if vhost and vhost_changed:
         check_vhost(app, vhost)
     generation = plan_generation(release, next_generation(app), release.scaling)
@@ -2719,6 +2934,9 @@ def activate(release, commit):
     if vhost_changed:
         install_vhost(app, vhost)
     drain_old(app, generation.gen, front)
+    if vhost:
+        obtain_certificate(app, release.env, nginx_server_names(release.env))
+        write_renewal_job()
 
 
 def restore_vhost(app, record):
@@ -3647,6 +3865,9 @@ def cmd_destroy(app):
     require_app(app)
     with AppLock(app):
         install_vhost(app, None)
+        for path in (*certificate_files(app), os.path.join(NGINX_ROOT, f"{app}.acme")):
+            if os.path.exists(path):
+                os.unlink(path)
         stop_app(app)
         for path in (app_path(app), repo_path(app), env_dir(app), os.path.join(LOG_ROOT, app),
                      os.path.join(RELEASE_ROOT, app), os.path.join(CACHE_ROOT, app), runtime_dir(app)):
@@ -3856,7 +4077,7 @@ def cmd_setup():
 
 AUTHORIZED_KEY = re.compile(r"((?:sk-)?(?:ssh|ecdsa)-[A-Za-z0-9@.-]+) ([A-Za-z0-9+/]+={0,3})(?: ([^\r\n]*))?")
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
-HOST_COMMANDS = frozenset({"setup", "setup:ssh", "keys", "keys:remove"})   # keys without --apps only
+HOST_COMMANDS = frozenset({"setup", "setup:ssh", "keys", "keys:remove", "acme:renew"})   # keys without --apps only
 
 
 @dataclass
@@ -3993,6 +4214,12 @@ def key_fingerprint(key):
         except PikuError:
             raise PikuError("that is not a valid SSH public key",
                             "Pass the .pub file, for example: setup:ssh ~/.ssh/id_ed25519.pub")
+
+
+@cli.command("acme:renew", hidden=True)
+def cmd_acme_renew():
+    """Renew ACME certificates due within 30 days (run daily by the acme-renew vassal)."""
+    renew_certificates()
 
 
 @cli.command("keys")

@@ -332,6 +332,13 @@ class Emperor:
         psutil.wait_procs(family, timeout=5)
 
 
+def free_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 NGINX_CONFIG = """\
 # the test's own nginx: loopback only, run in the foreground by the test, as its user
 daemon off;
@@ -358,16 +365,14 @@ class Nginx:
     does; piku reloads it with PIKU_NGINX_RELOAD and finds its port in PIKU_NGINX_HTTP_PORT."""
 
     def __init__(self, prefix, piku):
-        import socket
         self.prefix = Path(prefix)
         self.prefix.mkdir(parents=True, exist_ok=True)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port, self.https_port = free_port(), free_port()
         self.config = self.prefix / "nginx.conf"
         self.config.write_text(NGINX_CONFIG.format(prefix=self.prefix, piku_root=piku.root))
         self.command = ["nginx", "-p", str(self.prefix), "-c", str(self.config), "-e", str(self.prefix / "error.log")]
-        piku.env.update(PIKU_NGINX_HTTP_PORT=str(self.port), PIKU_NGINX_RELOAD=" ".join([*self.command, "-s", "reload"]))
+        piku.env.update(PIKU_NGINX_HTTP_PORT=str(self.port), PIKU_NGINX_HTTPS_PORT=str(self.https_port),
+                        PIKU_NGINX_RELOAD=" ".join([*self.command, "-s", "reload"]))
         self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
         wait_until(lambda: (self.prefix / "nginx.pid").exists(), message="nginx started")
@@ -400,6 +405,76 @@ def nginx(piku, tmp_path):
     if not shutil.which("nginx"):
         pytest.skip("nginx is not installed (make deps installs it)")
     running = Nginx(tmp_path / "nginx", piku)
+    yield running
+    running.stop()
+
+
+class Pebble:
+    """Debian's pebble, the ACME test CA, on loopback: its ACME server over TLS (a CA of the
+    test's own), its http-01 checks sent to the test's nginx, and names resolved by
+    pebble-challtestsrv's DNS to 127.0.0.1. Validation is real (no always-valid switch)."""
+
+    def __init__(self, prefix, nginx, piku):
+        self.prefix = Path(prefix)
+        self.prefix.mkdir(parents=True)
+        self.ca = self.prefix / "ca.crt"
+        self.make_tls()
+        self.port, self.management, dns = free_port(), free_port(), free_port()
+        config = {"pebble": {"listenAddress": f"127.0.0.1:{self.port}",
+                             "managementListenAddress": f"127.0.0.1:{self.management}",
+                             "certificate": str(self.prefix / "tls.crt"), "privateKey": str(self.prefix / "tls.key"),
+                             "httpPort": nginx.port, "tlsPort": nginx.https_port, "ocspResponderURL": "",
+                             "externalAccountBindingRequired": False}}
+        import json
+        (self.prefix / "pebble.json").write_text(json.dumps(config))
+        quiet = dict(stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        self.dns = subprocess.Popen(["pebble-challtestsrv", "-dns01", f"127.0.0.1:{dns}", "-http01", "", "-https01", "",
+                                     "-tlsalpn01", "", "-management", f"127.0.0.1:{free_port()}",
+                                     "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
+                                    stdout=open(self.prefix / "dns.log", "w"), **quiet)
+        self.pebble = subprocess.Popen(["pebble", "-config", str(self.prefix / "pebble.json"), "-dnsserver",
+                                        f"127.0.0.1:{dns}"], stdout=open(self.prefix / "pebble.log", "w"),
+                                       env=dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0"), **quiet)
+        self.directory = f"https://127.0.0.1:{self.port}/dir"
+        piku.env["LEGO_CA_CERTIFICATES"] = str(self.ca)       # lego trusts the CA pebble's own TLS is from
+        wait_until(lambda: "ACME directory available" in (self.prefix / "pebble.log").read_text(),
+                   message="pebble to listen")
+
+    def make_tls(self):
+        def openssl(*args):
+            subprocess.run(["openssl", *args], check=True, capture_output=True)
+        key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+        openssl("req", "-x509", *key, "-days", "2", "-subj", "/CN=piku test CA", "-keyout",
+                str(self.prefix / "ca.key"), "-out", str(self.ca))
+        openssl("req", *key, "-subj", "/CN=127.0.0.1", "-keyout", str(self.prefix / "tls.key"),
+                "-out", str(self.prefix / "tls.csr"))
+        (self.prefix / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        openssl("x509", "-req", "-in", str(self.prefix / "tls.csr"), "-CA", str(self.ca), "-CAkey",
+                str(self.prefix / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile", str(self.prefix / "san.cnf"),
+                "-out", str(self.prefix / "tls.crt"))
+
+    def root(self):
+        """The root pebble signs certificates with (new at every start), as PEM."""
+        import ssl
+        context = ssl.create_default_context(cafile=str(self.ca))
+        with urllib.request.urlopen(f"https://127.0.0.1:{self.management}/roots/0", context=context) as response:
+            return response.read().decode()
+
+    def stop(self):
+        for process in (self.pebble, self.dns):
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def pebble(nginx, piku, tmp_path):
+    if not (shutil.which("pebble") and shutil.which("pebble-challtestsrv") and shutil.which("lego")):
+        pytest.skip("pebble and lego are not installed (make deps installs them)")
+    running = Pebble(tmp_path / "pebble", nginx, piku)
     yield running
     running.stop()
 

@@ -134,3 +134,58 @@ def test_redeploys_through_nginx_fail_no_request(server, piku, emperor, nginx, m
     assert not load.failures, load.report()
     assert load.served("Second") and load.served("Third"), load.report()
     assert load.count > 100, load.report()
+
+
+def https_get(port, name, cafile=None, path="/"):
+    """GET over TLS to 127.0.0.1:port with SNI and Host name -> (status line, peer certificate, body)."""
+    import socket
+    import ssl
+    context = ssl.create_default_context(cadata=cafile) if cafile else ssl._create_unverified_context()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=name) as tls:
+            tls.sendall(f"GET {path} HTTP/1.0\r\nHost: {name}\r\n\r\n".encode())
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            certificate = tls.getpeercert(binary_form=True)
+    head, _, body = data.decode(errors="replace").partition("\r\n\r\n")
+    return head.splitlines()[0], certificate, body
+
+
+def test_https_certificate_from_an_acme_ca_over_http_01(piku, emperor, nginx, pebble, make_app, toolchain):
+    import re
+    toolchain.require("3.11")
+    app = front_with_nginx(piku, make_app, TEST_APPS / "wsgi-plain", "tls",
+                           f"ACME_ROOT_CA={pebble.directory}", "ACME_EMAIL=ops@example.com")
+    pushed = app.push()
+    assert "HTTPS: asking https://127.0.0.1:" in pushed.output and "for a certificate for tls.test, www.tls.test" \
+        in pushed.output, pushed.output
+    issued = re.search(r"HTTPS: certificate issued and installed in ([0-9.]+) s", pushed.output)
+    assert issued, pushed.output
+    print(f"issuance against pebble: {issued.group(1)} s")
+    status, _, body = https_get(nginx.https_port, "www.tls.test", cafile=pebble.root())
+    assert status.endswith(" 200 OK") and body.startswith("wsgi 3.11"), (status, body)
+    again = piku("deploy", "tls")
+    assert "HTTPS: asking" not in again.stdout, "a certificate held for these names is not asked for again"
+    renewal = (piku.root / "uwsgi-enabled" / "acme-renew.ini").read_text()
+    assert "cron = 17 3 -1 -1 -1 " in renewal and "acme:renew" in renewal, "renewal is scheduled daily"
+    renewed = piku("acme:renew")
+    assert renewed.returncode == 0 and "renewed" not in renewed.stdout, "not due for 30 days: nothing to do"
+
+
+def test_without_the_ca_a_self_signed_certificate_keeps_nginx_serving(piku, emperor, nginx, make_app, toolchain):
+    import ssl
+    toolchain.require("3.11")
+    closed = f"https://127.0.0.1:{__import__('conftest').free_port()}/dir"
+    app = front_with_nginx(piku, make_app, TEST_APPS / "wsgi-plain", "selfie", f"ACME_ROOT_CA={closed}",
+                           "NGINX_HTTPS_ONLY=1")
+    pushed = app.push()
+    assert "no certificate was issued" in pushed.output and "self-signed certificate" in pushed.output
+    assert "then run: deploy selfie" in pushed.output
+    status, certificate, body = https_get(nginx.https_port, "selfie.test")
+    assert status.endswith(" 200 OK") and body.startswith("wsgi 3.11")
+    subject = ssl.DER_cert_to_PEM_cert(certificate)
+    assert subject.startswith("-----BEGIN CERTIFICATE-----")
+    redirect = nginx.get("/some/page?x=1", host="selfie.test")
+    assert redirect[0] == 301 and redirect[1]["Location"] == "https://selfie.test/some/page?x=1"
+    assert nginx.get("/.well-known/acme-challenge/nothing", host="selfie.test")[0] == 404, "not redirected"
