@@ -1717,7 +1717,7 @@ UWSGI_NUMBERS = {"UWSGI_PROCESSES": "1", "UWSGI_THREADS": "4", "UWSGI_MAX_REQUES
 # The most a number setting may ask for: beyond these a host runs out of processes or memory
 # long before the app benefits (listen: the kernel's somaxconn ceiling).
 NUMBER_LIMITS = {"UWSGI_PROCESSES": 1024, "UWSGI_THREADS": 1024, "GUNICORN_WORKERS": 1024,
-                 "WEB_CONCURRENCY": 1024, "UWSGI_LISTEN": 65535}
+                 "WEB_CONCURRENCY": 1024, "UWSGI_LISTEN": 65535, "NGINX_CACHE_SIZE": 1024}
 
 
 def setting_number(env, keys, default):
@@ -1919,8 +1919,6 @@ def render_emperor():
 HOST_NAME = re.compile(r"(\*\.)?(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 NGINX_SAFE_PATH = re.compile(r"/[A-Za-z0-9._~/@+,=-]*")
 NGINX_MARKER_PATH = "/.piku-vhost"
-NGINX_SECONDS = {"NGINX_CACHE_TIME": "3600", "NGINX_CACHE_CONTROL": "3600", "NGINX_CACHE_REDIRECTS": "3600",
-                 "NGINX_CACHE_ANY": "3600", "NGINX_CACHE_EXPIRY": "86400"}
 TRUE_WORDS = ("1", "true", "yes", "on")
 
 
@@ -2040,13 +2038,15 @@ def render_nginx(release):
                   "allow 127.0.0.1;", "allow ::1;", "deny all;", "default_type text/plain;",
                   'return 200 "$piku_vhost\\n";']),
               *nginx_block("location ^~ /.well-known/acme-challenge/", [
-                  f"root {nginx_path(ACME_WWW, 'the ACME folder')};", "default_type text/plain;",
+                  f"root {nginx_path(ACME_WWW, 'the ACME folder')};", "allow all;", "default_type text/plain;",
                   "try_files $uri =404;"])]
     tls = [*nginx_listen(env, https=True), f"ssl_certificate {nginx_path(crt, 'the certificate')};",
            f"ssl_certificate_key {nginx_path(key, 'the key')};"]
-    site = nginx_site(release, served, uwsgi)
+    zone, cached = nginx_cache(app, env, uwsgi) if served else ([], [])
+    site = cached + nginx_site(release, served, uwsgi)
     text = f"# written by piku for {app}; nginx -t checked it before it replaced the previous one\n"
     text += nginx_upstream(app, uwsgi) if served else ""
+    text += "".join(line + "\n" for line in zone)
     if setting_true(env, "NGINX_HTTPS_ONLY"):
         redirect = nginx_block("location /", ["return 301 https://$host$request_uri;"])
         servers = [[*nginx_listen(env), *common, *redirect], [*tls, *common, *site]]
@@ -2055,9 +2055,95 @@ def render_nginx(release):
     return text + "".join("\n".join(nginx_block("server", server)) + "\n" for server in servers)
 
 
+# Upstream's NGINX_CACHE_* keys: responses under NGINX_CACHE_PREFIXES are cached by nginx.
+NGINX_CACHE_SECONDS = {"NGINX_CACHE_TIME": 3600, "NGINX_CACHE_REDIRECTS": 3600, "NGINX_CACHE_ANY": 3600,
+                       "NGINX_CACHE_CONTROL": 3600, "NGINX_CACHE_EXPIRY": 86400}
+CACHE_PREFIX = re.compile(r"/?[A-Za-z0-9._~/-]+")
+
+
+def nginx_cache(app, env, uwsgi):
+    """(the http-level cache zone, the location that caches) for NGINX_CACHE_PREFIXES, or ([], [])."""
+    prefixes = comma_list(env.get("NGINX_CACHE_PREFIXES"))
+    if not prefixes:
+        return [], []
+    for prefix in prefixes:
+        if not CACHE_PREFIX.fullmatch(prefix):
+            raise PikuError(f"NGINX_CACHE_PREFIXES entry {prefix!r} is not a URL path prefix",
+                            "Write it like: NGINX_CACHE_PREFIXES=/api,/static")
+    seconds = {key: setting_number(env, (key,), default) for key, default in NGINX_CACHE_SECONDS.items()}
+    size = setting_number(env, ("NGINX_CACHE_SIZE",), 1)
+    path = env.get("NGINX_CACHE_PATH", "").strip() or os.path.join(CACHE_ROOT, app)
+    if not inside(os.path.realpath(path), os.path.realpath(os.path.join(CACHE_ROOT, app))):
+        raise PikuError(f"NGINX_CACHE_PATH {path!r} is not the app's cache folder",
+                        f"Leave it unset ({os.path.join(CACHE_ROOT, app)}) or use a folder below it.")
+    cache = "uwsgi_cache" if uwsgi else "proxy_cache"
+    zone = [f"{cache}_path {nginx_path(path, 'NGINX_CACHE_PATH')} levels=1:2 keys_zone=piku-{app}:10m "
+            f"max_size={size}g inactive={seconds['NGINX_CACHE_EXPIRY']}s use_temp_path=off;"]
+    pattern = "|".join(re.escape(prefix.strip("/")) for prefix in prefixes)
+    location = nginx_block(f"location ~* ^/({pattern})", [
+        *nginx_pass(app, uwsgi), f"{cache} piku-{app};",
+        f"{cache}_key $scheme$host$request_uri;",
+        f"{cache}_valid 200 304 {seconds['NGINX_CACHE_TIME']}s;",
+        f"{cache}_valid 301 302 307 308 {seconds['NGINX_CACHE_REDIRECTS']}s;",
+        f"{cache}_valid any {seconds['NGINX_CACHE_ANY']}s;",
+        f"{cache}_use_stale error timeout updating;",
+        f"add_header Cache-Control \"public, max-age={seconds['NGINX_CACHE_CONTROL']}\";",
+        "add_header X-Cache-Status $upstream_cache_status;"])
+    return zone, location
+
+
+CLOUDFLARE_IPS = "https://api.cloudflare.com/client/v4/ips"
+
+
+def cloudflare_acl(env):
+    """NGINX_CLOUDFLARE_ACL: only Cloudflare's addresses (and this host, and the deploying ssh
+    client, as upstream) may connect; the app sees the visitor's address (CF-Connecting-IP)."""
+    if not setting_true(env, "NGINX_CLOUDFLARE_ACL"):
+        return []
+    import ipaddress
+    networks = cloudflare_networks()
+    allowed = [*networks, "127.0.0.1", "::1"]
+    client = os.environ.get("SSH_CLIENT", "").split()[:1]
+    if client:
+        try:
+            allowed.append(str(ipaddress.ip_address(client[0])))
+        except ValueError:
+            pass
+    return [*(f"allow {network};" for network in allowed), "deny all;",
+            *(f"set_real_ip_from {network};" for network in networks), "real_ip_header CF-Connecting-IP;"]
+
+
+def cloudflare_networks():
+    """Cloudflare's published ranges, fetched (and kept in cache/ for when the API is away)."""
+    import ipaddress
+    import urllib.request
+    cached = os.path.join(CACHE_ROOT, ".cloudflare-ips.json")
+    if os.path.exists(cached) and time.time() - os.stat(cached).st_mtime < 86400:
+        try:
+            return [str(ipaddress.ip_network(cidr)) for cidr in json.loads(read_text(cached))]
+        except (ValueError, TypeError):
+            pass        # fetch them again
+    try:
+        with urllib.request.urlopen(host_setting("PIKU_CLOUDFLARE_IPS_URL", CLOUDFLARE_IPS), timeout=5) as response:
+            result = json.loads(response.read().decode())["result"]
+        networks = [str(ipaddress.ip_network(cidr)) for cidr in result["ipv4_cidrs"] + result["ipv6_cidrs"]]
+        write_atomic(cached, json.dumps(networks) + "\n")
+        return networks
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        try:
+            networks = [str(ipaddress.ip_network(cidr)) for cidr in json.loads(read_text(cached) or "null")]
+        except (ValueError, TypeError):
+            networks = []
+        if not networks:
+            raise PikuError(f"NGINX_CLOUDFLARE_ACL is set, but Cloudflare's addresses could not be fetched ({error})",
+                            "Try again when api.cloudflare.com can be reached, or unset NGINX_CLOUDFLARE_ACL.")
+        warning(f"Cloudflare's addresses could not be fetched ({error}); using the ones fetched before")
+        return networks
+
+
 def nginx_site(release, served, uwsgi):
     """The locations that serve the app: static paths, the app or its folder, the include."""
-    env, server = release.env, []
+    env, server = release.env, cloudflare_acl(release.env)
     if not setting_true(env, "NGINX_ALLOW_GIT_FOLDERS"):
         server.append("location ~ /\\.git { deny all; }")
     for prefix, folder in static_paths(env, release.root):
@@ -4060,6 +4146,23 @@ def cmd_rollback(app, version):
         rollback_app(app, number)
 
 
+NGINX_PATH_UNIT = string.Template("""\
+# written by piku setup: reload nginx when piku writes a vhost or a certificate (docs/NGINX.md)
+[Path]
+PathChanged=$nginx_root
+
+[Install]
+WantedBy=multi-user.target
+""")
+NGINX_SERVICE_UNIT = string.Template("""\
+# written by piku setup: started by piku-nginx.path
+[Service]
+Type=oneshot
+ExecStart=$nginx -t -q
+ExecStart=/usr/bin/systemctl reload nginx
+""")
+
+
 @cli.command("setup")
 def cmd_setup():
     """Create the ~/.piku folders and the uWSGI emperor config."""
@@ -4073,6 +4176,13 @@ def cmd_setup():
         if not shutil.which(tool):
             warning(f"'{tool}' is not installed; deploys need it (apt-get install {tool})")
     notice(f"start the emperor with: uwsgi --ini {config}")
+    units = os.path.join(PIKU_ROOT, "systemd")
+    os.makedirs(units, exist_ok=True)
+    for name, text in (("piku-nginx.path", NGINX_PATH_UNIT.substitute(nginx_root=NGINX_ROOT)),
+                       ("piku-nginx.service", NGINX_SERVICE_UNIT.substitute(nginx=nginx_binary() or "/usr/sbin/nginx"))):
+        write_atomic(os.path.join(units, name), text)
+    notice(f"nginx reloads when a vhost changes once root installs: cp {units}/piku-nginx.* /etc/systemd/system/ "
+           "&& systemctl enable --now piku-nginx.path  (docs/NGINX.md)")
 
 
 AUTHORIZED_KEY = re.compile(r"((?:sk-)?(?:ssh|ecdsa)-[A-Za-z0-9@.-]+) ([A-Za-z0-9+/]+={0,3})(?: ([^\r\n]*))?")

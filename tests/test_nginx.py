@@ -131,6 +131,7 @@ def test_redeploys_through_nginx_fail_no_request(server, piku, emperor, nginx, m
         piku("ps:scale", "live", f"{'wsgi' if server == 'wsgi-uwsgi' else 'web'}=2")
         piku("rollback", "live")
     load.stop()
+    print(f"through nginx, {server}: {load.report()}")
     assert not load.failures, load.report()
     assert load.served("Second") and load.served("Third"), load.report()
     assert load.count > 100, load.report()
@@ -189,3 +190,56 @@ def test_without_the_ca_a_self_signed_certificate_keeps_nginx_serving(piku, empe
     redirect = nginx.get("/some/page?x=1", host="selfie.test")
     assert redirect[0] == 301 and redirect[1]["Location"] == "https://selfie.test/some/page?x=1"
     assert nginx.get("/.well-known/acme-challenge/nothing", host="selfie.test")[0] == 404, "not redirected"
+
+
+def test_responses_under_cache_prefixes_are_cached_by_nginx(piku, emperor, nginx, make_app, toolchain):
+    toolchain.require("3.11")
+    app = front_with_nginx(piku, make_app, EXAMPLES / "flask-uwsgi", "cached", "NGINX_CACHE_PREFIXES=/env",
+                           "NGINX_CACHE_TIME=60", "NGINX_CACHE_CONTROL=30")
+    app.push()
+    first = nginx.get("/env/APP", host="cached.test")
+    second = nginx.get("/env/APP", host="cached.test")
+    assert first[0] == 200 and first[1]["X-Cache-Status"] == "MISS" and first[2] == "cached\n"
+    assert second[1]["X-Cache-Status"] == "HIT" and second[1]["Cache-Control"] == "public, max-age=30"
+    assert "X-Cache-Status" not in nginx.get("/", host="cached.test")[1], "only the prefixes are cached"
+    assert list((piku.root / "cache" / "cached").iterdir()), "the cache lives in the app's cache folder"
+    for bad in ("NGINX_CACHE_PREFIXES=/a;b", "NGINX_CACHE_SIZE=0", "NGINX_CACHE_PATH=/tmp"):
+        assert piku("config:set", "cached", bad, check=False).returncode == 1, bad
+
+
+def test_cloudflare_acl_lets_in_only_cloudflare_this_host_and_the_deployer(piku, emperor, nginx, make_app,
+                                                                           toolchain, tmp_path):
+    import http.server
+    import json
+    import socket
+    import threading
+    toolchain.require("3.11")
+    ranges = json.dumps({"success": True, "result": {"ipv4_cidrs": ["127.0.0.3/32"], "ipv6_cidrs": ["2400:cb00::/32"]}})
+
+    class Api(http.server.BaseHTTPRequestHandler):      # stands in for api.cloudflare.com/client/v4/ips
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(ranges.encode())
+
+        def log_message(self, *args):
+            pass
+    api = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    piku.env["PIKU_CLOUDFLARE_IPS_URL"] = f"http://127.0.0.1:{api.server_address[1]}/client/v4/ips"
+    try:
+        app = front_with_nginx(piku, make_app, TEST_APPS / "wsgi-plain", "cf", "NGINX_CLOUDFLARE_ACL=1")
+        app.push()
+    finally:
+        api.shutdown()
+        api.server_close()
+    vhost = (piku.root / "nginx" / "cf.conf").read_text()
+    assert "allow 127.0.0.3/32;" in vhost and "allow 2400:cb00::/32;" in vhost and "deny all;" in vhost
+
+    def status_from(source):
+        with socket.create_connection(("127.0.0.1", nginx.port), timeout=5, source_address=(source, 0)) as conn:
+            conn.sendall(b"GET / HTTP/1.0\r\nHost: cf.test\r\n\r\n")
+            return conn.recv(64).split()[1]
+    assert status_from("127.0.0.1") == b"200", "this host"
+    assert status_from("127.0.0.3") == b"200", "Cloudflare"
+    assert status_from("127.0.0.2") == b"403", "anyone else"
