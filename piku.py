@@ -3979,29 +3979,87 @@ def output_gone():
         return False
 
 
+class LogFollower:
+    """One log (followed by its path, usually the symlink to the live instance's file): prints
+    what is new, and when the file is replaced -- uWSGI's log-maxsize renames it to .old, a
+    redeploy re-links the symlink -- finishes the old file before it reads the new one."""
+
+    def __init__(self, path, prefix, lines):
+        self.path, self.prefix = path, prefix
+        self.handle = open(path, errors="replace")
+        history = self.handle.readlines()
+        for line in history[-lines:] if lines else []:
+            click.echo(f"{prefix} | {line.rstrip()}")
+        self.inode = os.fstat(self.handle.fileno()).st_ino
+
+    def read(self):
+        for line in self.handle:
+            click.echo(f"{self.prefix} | {line.rstrip()}")
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return          # between a rename and the new file: the next event brings it
+        if stat.st_ino != self.inode or stat.st_size < self.handle.tell():
+            for line in self.handle:        # what reached the old file before the writer moved
+                click.echo(f"{self.prefix} | {line.rstrip()}")
+            self.handle.close()
+            self.handle = open(self.path, errors="replace")
+            self.inode = os.fstat(self.handle.fileno()).st_ino
+            self.read()
+
+    def close(self):
+        self.handle.close()
+
+
 def follow_logs(paths, lines, follow):
-    """Print the last lines of each log, prefixed with its worker, then follow them."""
+    """Print the last lines of each log, prefixed with its worker, then follow them: inotify
+    (watchdog) says when a log changed, so a new line is shown at once, with no polling."""
     width = max(len(os.path.basename(path)[:-4]) for path in paths)
-    handles = {}
-    for path in paths:
-        prefix = os.path.basename(path)[:-4].ljust(width)
-        with open(path, errors="replace") as handle:
-            for line in handle.readlines()[-lines:] if lines else []:
-                click.echo(f"{prefix} | {line.rstrip()}")
-            handles[path] = (prefix, handle.tell(), os.stat(path).st_ino)
-    while follow and not output_gone():
-        time.sleep(0.5)
-        for path, (prefix, offset, inode) in list(handles.items()):
-            if not os.path.exists(path):
-                continue
-            stat = os.stat(path)
-            if stat.st_ino != inode or stat.st_size < offset:
-                offset, inode = 0, stat.st_ino
-            with open(path, errors="replace") as handle:
-                handle.seek(offset)
-                for line in handle:
-                    click.echo(f"{prefix} | {line.rstrip()}")
-                handles[path] = (prefix, handle.tell(), inode)
+    followers = [LogFollower(path, os.path.basename(path)[:-4].ljust(width), lines) for path in paths]
+    if not follow:
+        return
+    import threading
+    changed = threading.Event()
+    observer = watch_folders({os.path.dirname(os.path.realpath(path)) for path in paths}
+                             | {os.path.dirname(path) for path in paths}, changed)
+    try:
+        while not output_gone():
+            changed.wait(1.0 if observer else 0.5)      # the timeout only notices a client that left
+            changed.clear()
+            for follower in followers:
+                follower.read()
+            if observer:        # a redeploy links a new generation's folder: watch it too
+                watch_more(observer, {os.path.dirname(os.path.realpath(path)) for path in paths}, changed)
+    finally:
+        if observer:
+            observer.stop()
+        for follower in followers:
+            follower.close()
+
+
+def watch_folders(folders, changed):
+    """A watchdog observer that sets changed on any change in folders (None without watchdog)."""
+    try:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+    except ImportError:
+        return None     # the 0.5 s loop in follow_logs reads the files instead
+
+    class Changed(FileSystemEventHandler):
+        def on_any_event(self, event):
+            changed.set()
+    observer = Observer()
+    observer.piku_handler, observer.piku_folders = Changed(), set()
+    watch_more(observer, folders, changed)
+    observer.daemon = True
+    observer.start()
+    return observer
+
+
+def watch_more(observer, folders, changed):
+    for folder in folders - observer.piku_folders:
+        observer.schedule(observer.piku_handler, folder, recursive=False)
+        observer.piku_folders.add(folder)
 
 
 @cli.command("logs")
