@@ -4081,10 +4081,60 @@ def cmd_logs(app, process, lines, follow):
         pass
 
 
+RESTART_MARKERS = re.compile(r"\[uwsgi-daemons\] respawning|Respawned uWSGI worker")
+
+
+def instance_status(instance, record, psutil):
+    """What `ps` shows of one worker instance (its uWSGI master and everything under it)."""
+    status = {"worker": instance.name, "pid": None, "state": "stopped", "cpu_percent": 0.0, "rss_bytes": 0,
+              "uptime_seconds": 0, "restarts": 0, "release": f"v{record['version']}",
+              "processes": []}
+    pid = pidfile_pid(instance.runtime("pid"))
+    if not (pid and pid_alive(pid) and os.path.exists(instance.vassal)):
+        return status, []
+    log = "".join(read_text(path, "") for path in (instance.log + ".old", instance.log) if os.path.exists(path))
+    status.update(pid=pid, state="running", restarts=len(RESTART_MARKERS.findall(log)))
+    try:
+        master = psutil.Process(pid)
+        family = [master, *master.children(recursive=True)]
+        status["uptime_seconds"] = int(time.time() - master.create_time())
+    except psutil.Error:
+        return status, []
+    return status, family
+
+
+def measure_processes(statuses, psutil):
+    """CPU % over a 0.2 s window and the memory of every process, summed per instance."""
+    for _, family in statuses:
+        for process in family:
+            with contextlib.suppress(psutil.Error):
+                process.cpu_percent(None)
+    time.sleep(0.2)
+    for status, family in statuses:
+        for process in family:
+            with contextlib.suppress(psutil.Error):      # it ended meanwhile: not counted
+                status["cpu_percent"] += process.cpu_percent(None)
+                status["rss_bytes"] += process.memory_info().rss
+                status["processes"].append(process.pid)
+        status["cpu_percent"] = round(status["cpu_percent"], 1)
+
+
+def format_duration(seconds):
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 @cli.command("ps")
 @click.argument("app")
-def cmd_ps(app):
-    """Show the app's workers and their processes."""
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def cmd_ps(app, as_json):
+    """Show the app's workers: PID, state, CPU, memory, uptime, restarts, release."""
     require_app(app)
     record = live_release(app)
     if not record:
@@ -4092,24 +4142,21 @@ def cmd_ps(app):
     try:
         import psutil
     except ImportError:
-        psutil = None
+        raise PikuError("ps needs psutil", "Install it on the server: apt-get install python3-psutil")
+    statuses = [instance_status(Instance(app, record["gen"], kind, index), record, psutil)
+                for kind, count in sorted(record["scaling"].items()) for index in range(1, count + 1)]
+    measure_processes(statuses, psutil)
+    rows = [status for status, _ in statuses]
+    if as_json:
+        click.echo(json.dumps({"app": app, "release": f"v{record['version']}", "rev": record["rev"],
+                               "generation": record["gen"], "workers": rows}, indent=1))
+        return
     click.echo(f"{app} v{record['version']} ({record['rev'][:12]}), generation {record['gen']}")
-    for kind, count in sorted(record["scaling"].items()):
-        click.echo(f"{kind}:{count}")
-        for index in range(1, count + 1):
-            instance = Instance(app, record["gen"], kind, index)
-            pid = pidfile_pid(instance.runtime("pid"))
-            if not (pid and pid_alive(pid) and os.path.exists(instance.vassal)):
-                click.echo(f"  {instance.name}  stopped")
-                continue
-            children = []
-            if psutil:
-                try:
-                    children = [child.pid for child in psutil.Process(pid).children(recursive=True)]
-                except psutil.Error:
-                    pass        # it ended between the two looks: shown without its children
-            extra = f" (processes {', '.join(map(str, children))})" if children else ""
-            click.echo(f"  {instance.name}  running, uWSGI pid {pid}{extra}")
+    click.echo(f"{'WORKER':<16} {'PID':>8} {'STATE':<8} {'CPU%':>6} {'RSS':>9} {'UPTIME':>8} {'RESTARTS':>8} RELEASE")
+    for row in rows:
+        click.echo(f"{row['worker']:<16} {row['pid'] or '-':>8} {row['state']:<8} {row['cpu_percent']:>6.1f} "
+                   f"{row['rss_bytes'] / 2**20:>7.1f}MB {format_duration(row['uptime_seconds']):>8} "
+                   f"{row['restarts']:>8} {row['release']}")
 
 
 @cli.command("ps:scale")

@@ -77,7 +77,8 @@ def test_ps_scale_runs_two_vassals_and_two_processes(piku, emperor, make_app):
     piku("ps:scale", "hello", "web=2")
     assert piku.workers("hello") == ["web.1", "web.2"]
     wait_until(lambda: len(web_processes(piku.master_pids("hello"))) == 2, message="two web processes")
-    assert "web:2" in piku("ps", "hello").stdout
+    listing = piku("ps", "hello").stdout
+    assert re.search(r"^web\.1 .* running ", listing, re.M) and re.search(r"^web\.2 .* running ", listing, re.M)
     wait_for_body(url, "Hello from hello")
     piku("ps:scale", "hello", "web=1")
     assert piku.workers("hello") == ["web.1"]

@@ -35,3 +35,34 @@ def test_logs_follow_shows_new_lines_at_once_and_keeps_following_across_rotation
     median, worst = latencies[len(latencies) // 2], latencies[-1]
     print(f"logs --follow: {len(counts)} lines, median latency {median * 1000:.0f} ms, worst {worst * 1000:.0f} ms")
     assert median < 0.5, (median, worst)
+
+
+def test_ps_shows_each_workers_real_processes_cpu_memory_and_restarts(piku, emperor, make_app, toolchain):
+    import json
+    import os
+    import signal
+
+    import psutil
+    from conftest import EXAMPLES
+    toolchain.require("3.11")
+    app = make_app(EXAMPLES / "requirements", "psapp")     # web: gunicorn, under a uWSGI vassal
+    app.push()
+    piku("ps:scale", "psapp", "web=2")
+    report = json.loads(piku("ps", "psapp", "--json").stdout)
+    workers = {row["worker"]: row for row in report["workers"]}
+    assert sorted(workers) == ["web.1", "web.2"] and report["release"] == f"v{piku.releases('psapp')[-1]['version']}"
+    masters = sorted(int(path.read_text()) for path in (piku.root / "uwsgi" / "psapp").glob("g*/web.*.pid"))
+    assert sorted(row["pid"] for row in workers.values()) == masters and all(map(psutil.pid_exists, masters))
+    for row in workers.values():
+        assert row["state"] == "running" and row["rss_bytes"] > 10 * 2**20 and row["restarts"] == 0
+        gunicorn = [pid for pid in row["processes"] if "gunicorn" in " ".join(psutil.Process(pid).cmdline())]
+        assert len(gunicorn) >= 2, "gunicorn's master and its workers are counted with the instance"
+
+    victim = min(pid for pid in workers["web.1"]["processes"][1:]
+                 if "gunicorn" in " ".join(psutil.Process(pid).cmdline()))
+    os.kill(victim, signal.SIGKILL)         # the uWSGI vassal respawns its daemon
+    wait_until(lambda: json.loads(piku("ps", "psapp", "--json").stdout)["workers"][0]["restarts"] == 1,
+               message="the restart to be counted")
+    table = piku("ps", "psapp").stdout.splitlines()
+    assert table[1].split() == ["WORKER", "PID", "STATE", "CPU%", "RSS", "UPTIME", "RESTARTS", "RELEASE"]
+    assert table[2].split()[0] == "web.1" and table[2].split()[-2:] == ["1", report["release"]]
