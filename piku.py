@@ -94,6 +94,7 @@ PIKU_DIRS = (APP_ROOT, CACHE_ROOT, DATA_ROOT, ENV_ROOT, GIT_ROOT, LOG_ROOT, NGIN
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 UWSGI_LOG_MAXSIZE = "1048576"
 KEEP_RELEASES = "5"       # PIKU_KEEP_RELEASES: releases kept with their code and environment
+KEEP_DEPLOYS = "20"       # deploy records (output, steps, outcome) kept per app
 ZERO_REV = "0" * 40
 
 
@@ -144,6 +145,10 @@ def releases_file(app):
     return os.path.join(ENV_ROOT, app, "releases.json")
 
 
+def deploys_dir(app):
+    return os.path.join(ENV_ROOT, app, "deploys")
+
+
 ##############################################################################
 # Errors and output
 ##############################################################################
@@ -159,6 +164,8 @@ class PikuError(Exception):
 
 def step(message):
     click.echo(f"-----> {message}")
+    for record in DeployRecord.active:
+        record.step(message)
 
 
 def notice(message):
@@ -172,6 +179,90 @@ def problem(message):
 
 def warning(message):
     problem(f"warning: {message}")
+
+
+class Tee(io.TextIOBase):
+    """A text stream that writes to the stream it replaces and keeps a copy."""
+
+    def __init__(self, stream, copy):
+        self.stream, self.copy = stream, copy
+
+    @property
+    def encoding(self):         # what click checks before it writes to a stream as it is
+        return self.stream.encoding
+
+    @property
+    def errors(self):
+        return self.stream.errors
+
+    def write(self, text):
+        if isinstance(text, (bytes, bytearray)):       # click writes bytes to a stream's buffer
+            self.copy.append(bytes(text).decode(errors="replace"))
+            return self.stream.buffer.write(text)
+        self.copy.append(text)
+        return self.stream.write(text)
+
+    @property
+    def buffer(self):
+        return self
+
+    def flush(self):
+        self.stream.flush()
+
+    def isatty(self):
+        return self.stream.isatty()
+
+    def fileno(self):
+        return self.stream.fileno()
+
+
+class DeployRecord:
+    """What one deploy attempt showed the user, its steps' durations, its outcome and who
+    started it, kept in envs/APP/deploys/ID.json (the last PIKU_KEEP_DEPLOYS, default 20).
+    Everything a deploy prints goes through step/notice/problem, so a copy of sys.stdout and
+    sys.stderr is what the user saw."""
+    active = []
+
+    def __init__(self, app, cause):
+        self.app, self.cause, self.output, self.steps = app, cause, [], []
+
+    def step(self, message):
+        self.steps.append([message, time.monotonic()])
+
+    def __enter__(self):
+        self.started, self.when = time.monotonic(), time.strftime("%Y-%m-%d %H:%M:%S")
+        self.streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = Tee(sys.stdout, self.output), Tee(sys.stderr, self.output)
+        DeployRecord.active.append(self)
+        return self
+
+    def __exit__(self, kind, error, trace):
+        DeployRecord.active.remove(self)
+        sys.stdout, sys.stderr = self.streams
+        if isinstance(error, PikuError):     # the lines main() is about to print
+            self.output += [f" !     {line}\n" for line in (error.message, error.hint) if line]
+        elif error is not None:
+            self.output.append(f" !     {'interrupted' if isinstance(error, KeyboardInterrupt) else repr(error)}\n")
+        try:
+            self.save("ok" if error is None else "failed")
+        except OSError:
+            pass        # a full disk: the deploy's own outcome matters more than its record
+        return False
+
+    def save(self, outcome):
+        ended = time.monotonic()
+        times = [start for _, start in self.steps] + [ended]
+        record = {"app": self.app, "when": self.when, "cause": self.cause, "by": who_deploys(), "outcome": outcome,
+                  "seconds": round(ended - self.started, 2), "output": "".join(self.output),
+                  "steps": [[message, round(times[i + 1] - start, 2)] for i, (message, start) in enumerate(self.steps)]}
+        folder = deploys_dir(self.app)
+        os.makedirs(folder, exist_ok=True)
+        ids = sorted(int(name[:-5]) for name in os.listdir(folder) if re.fullmatch(r"[0-9]+\.json", name))
+        record["id"] = (ids[-1] + 1) if ids else 1
+        write_atomic(os.path.join(folder, f"{record['id']}.json"), json.dumps(record, indent=1) + "\n", mode=0o600)
+        keep = int(KEEP_DEPLOYS)
+        for old in ids[:max(0, len(ids) + 1 - keep)]:
+            os.unlink(os.path.join(folder, f"{old}.json"))
 
 
 def run_command(args, *, cwd=None, env=None, capture=False, what=None):
@@ -1256,16 +1347,33 @@ UV_FAILURES = (
 )
 
 
+def stream_command(args, cwd, env, secrets=()):
+    """Run args, showing each line of its output (stdout and stderr) indented as it comes,
+    secrets masked. -> (exit code, the output)"""
+    lines = []
+    with subprocess.Popen(args, cwd=cwd, env=env, text=True, errors="replace", stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+        for line in process.stdout:
+            lines.append(line)
+            notice(mask_secrets(line.rstrip("\n"), secrets))
+    return process.returncode, "".join(lines)
+
+
 def run_build_tool(args, cwd, env, show=True, failures=()):
-    """Run a build tool (uv, pip, poetry, pipenv) with no terminal to ask on; show its output
-    indented, with secrets masked, and turn a failure into an actionable error. -> its stdout"""
-    result = subprocess.run(args, cwd=cwd, env=env, text=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE if not show else subprocess.STDOUT)
-    output = result.stdout if show else result.stderr
+    """Run a build tool (uv, pip, poetry, pipenv) with no terminal to ask on; stream its output
+    indented as it comes, with secrets masked (or keep its stdout, when show is False), and turn
+    a failure into an actionable error. -> its stdout"""
     secrets = secret_values(env)
-    if show or result.returncode != 0:
-        for line in (output or "").splitlines():
-            notice(mask_secrets(line, secrets))
+    if show:
+        returncode, output = stream_command(args, cwd, env, secrets)
+        result = subprocess.CompletedProcess(args, returncode, "", "")
+    else:
+        result = subprocess.run(args, cwd=cwd, env=env, text=True, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        output = result.stderr
+        if result.returncode != 0:
+            for line in (output or "").splitlines():
+                notice(mask_secrets(line, secrets))
     if result.returncode != 0:
         for needle, message, hint in (*failures, *UV_FAILURES):
             if needle in (output or "") or needle in result.stdout:
@@ -2717,11 +2825,11 @@ def run_phase(release, kind):
     step(f"Running {kind}: {process.command}")
     env = dict(release.env, PWD=release.root)
     try:
-        result = subprocess.run(["/bin/sh", "-c", process.command], cwd=release.root, env=env)
+        returncode, _ = stream_command(["/bin/sh", "-c", process.command], release.root, env)
     except OSError as error:
         raise PikuError(f"the {kind} command could not be started: {error.strerror}; nothing was changed")
-    if result.returncode != 0:
-        raise PikuError(f"the {kind} command failed (exit code {result.returncode}); nothing was changed",
+    if returncode != 0:
+        raise PikuError(f"the {kind} command failed (exit code {returncode}); nothing was changed",
                         f"Fix Procfile line {process.line} or the code it runs, commit, and push again.")
 
 
@@ -3298,7 +3406,13 @@ def auto_restart(env):
 
 
 def deploy_app(app, rev, ref="refs/heads/main", cause="push", config=None, state="live"):
-    """Build rev of app and make it live. The caller holds the app's lock."""
+    """Build rev of app and make it live, keeping a record of the attempt. The caller holds
+    the app's lock."""
+    with DeployRecord(app, cause):
+        build_and_go_live(app, rev, ref, cause, config, state)
+
+
+def build_and_go_live(app, rev, ref, cause, config, state):
     started = time.monotonic()
     step(f"Deploying {app} at {rev[:12]}")
     for folder in (DATA_ROOT, LOG_ROOT):
@@ -3356,6 +3470,11 @@ def announce(release, seconds):
 
 def rollback_app(app, version=None):
     """Run a kept release again -- no build -- and move the branch back to its revision."""
+    with DeployRecord(app, f"rollback to v{version}" if version else "rollback"):
+        run_kept_release(app, version)
+
+
+def run_kept_release(app, version):
     started = time.monotonic()
     records = load_releases(app)
     if len(records) < 1 or (version is None and len(records) < 2):
@@ -3786,7 +3905,7 @@ EXAMPLES = {
     "logs": "logs myapp -n 50", "ps": "ps myapp", "ps:scale": "ps:scale myapp web=2",
     "releases": "releases myapp", "rollback": "rollback myapp v3", "run": "run myapp -- python manage.py shell",
     "restart": "restart myapp", "stop": "stop myapp", "setup:ssh": "setup:ssh ~/alice.pub --name alice",
-    "keys:remove": "keys:remove alice",
+    "keys:remove": "keys:remove alice", "deploys": "deploys myapp 12",
 }
 
 
@@ -4233,6 +4352,42 @@ def cmd_releases(app):
             "live, branch pending" if record is records[-1] else ""
         click.echo(f"v{record['version']:<4} {record['rev'][:7]}  {record['created']}  {record['cause']}"
                    f" (by {record.get('by') or '?'})" + (f"  [{mark}]" if mark else ""))
+
+
+def load_deploys(app):
+    folder = deploys_dir(app)
+    records = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if re.fullmatch(r"[0-9]+\.json", name):
+            try:
+                records.append(json.loads(read_text(os.path.join(folder, name))))
+            except ValueError:
+                continue        # a record cut short by a full disk: the others still count
+    return sorted(records, key=lambda record: record.get("id", 0))
+
+
+@cli.command("deploys")
+@click.argument("app")
+@click.argument("deploy_id", required=False, metavar="[ID]")
+def cmd_deploys(app, deploy_id):
+    """List the app's deploy attempts, newest first, or show one: its output and step times."""
+    require_app(app)
+    records = load_deploys(app)
+    if not deploy_id:
+        if not records:
+            raise PikuError(f"{app} has no deploy records yet", "Push to deploy it.")
+        for record in reversed(records):
+            click.echo(f"{record['id']:>4}  {record['when']}  {record['outcome']:<6}  {record['seconds']:>7.1f} s  "
+                       f"{record['cause']} (by {record.get('by') or '?'})")
+        return
+    record = next((record for record in records if str(record.get("id")) == deploy_id.lstrip("#")), None)
+    if record is None:
+        raise PikuError(f"{app} has no deploy {deploy_id!r}", f"See them with: deploys {app}")
+    click.echo(f"deploy {record['id']} of {app}: {record['cause']} (by {record.get('by') or '?'}), {record['when']}, "
+               f"{record['outcome']} in {record['seconds']:.1f} s")
+    for message, seconds in record.get("steps", []):
+        click.echo(f"  {seconds:>6.2f} s  {message}")
+    click.echo(record.get("output", ""), nl=False)
 
 
 @cli.command("rollback")

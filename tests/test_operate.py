@@ -66,3 +66,30 @@ def test_ps_shows_each_workers_real_processes_cpu_memory_and_restarts(piku, empe
     table = piku("ps", "psapp").stdout.splitlines()
     assert table[1].split() == ["WORKER", "PID", "STATE", "CPU%", "RSS", "UPTIME", "RESTARTS", "RELEASE"]
     assert table[2].split()[0] == "web.1" and table[2].split()[-2:] == ["1", report["release"]]
+
+
+def test_deploys_keeps_what_each_attempt_showed_with_its_steps_and_outcome(piku, emperor, make_app, toolchain):
+    from conftest import EXAMPLES
+    toolchain.require("3.11")
+    app = make_app(EXAMPLES / "flask-uwsgi", "rec")
+    app.push()
+    app.write("Procfile", "wsgi: wsgi:app\nrelease: echo migrating now && exit 3\n")
+    app.commit("a release phase that fails")
+    failed = app.push(check=False)
+    assert failed.returncode != 0
+    piku("config:set", "rec", "UV_INDEX_CORP_PASSWORD=pa55-never-shown-3321")
+    listing = piku("deploys", "rec").stdout.splitlines()
+    assert [line.split()[3] for line in listing] == ["ok", "failed", "ok"], listing      # newest first
+    assert "config: UV_INDEX_CORP_PASSWORD" in listing[0] and listing[1].rstrip().endswith("push (by root)")
+    shown = piku("deploys", "rec", listing[1].split()[0]).stdout
+    assert "failed in" in shown.splitlines()[0]
+    assert "migrating now" in shown, "the release command's own output is kept"
+    assert " !     the release command failed (exit code 3); nothing was changed" in shown
+    assert "Running release: echo migrating now" in shown and " s  Building with" not in shown
+    timings = [line for line in shown.splitlines() if line.startswith("  ") and " s  " in line]
+    assert any("Running release" in line for line in timings), shown
+    first = piku("deploys", "rec", listing[2].split()[0]).stdout
+    assert "Running uv sync" in first and "is live at http://" in first
+    for record in (piku.root / "envs" / "rec" / "deploys").glob("*.json"):
+        assert "pa55-never-shown-3321" not in record.read_text()
+    assert piku("deploys", "rec", "99", check=False).returncode == 1
