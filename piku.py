@@ -3891,6 +3891,216 @@ def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack):
 
 
 ##############################################################################
+# Doctor
+##############################################################################
+# One small function per check, registered in order. A check yields Findings; every problem
+# says the command that fixes it. `doctor` runs the host's checks and every app's, `doctor APP`
+# one app's (with its health check).
+
+@dataclass
+class Finding:
+    level: str          # OK, WARN or FAIL
+    message: str
+    fix: str = ""
+
+
+HOST_CHECKS, APP_CHECKS = [], []
+
+
+def host_check(function):
+    HOST_CHECKS.append(function)
+    return function
+
+
+def app_check(function):
+    APP_CHECKS.append(function)
+    return function
+
+
+@host_check
+def check_folders():
+    for folder in PIKU_DIRS:
+        if not os.path.isdir(folder):
+            yield Finding("FAIL", f"{folder} is missing", "Run: piku.py setup")
+        elif not os.access(folder, os.W_OK | os.X_OK):
+            yield Finding("FAIL", f"{folder} is not writable by {pwd.getpwuid(os.getuid()).pw_name}",
+                          f"As root: chown -R {pwd.getpwuid(os.getuid()).pw_name}: {PIKU_ROOT}")
+    yield Finding("OK", f"piku's folders under {PIKU_ROOT}")
+
+
+@host_check
+def check_uv():
+    uv = find_uv(build_tool_env(base_env("doctor")), required=False)
+    if not uv:
+        yield Finding("WARN", "uv is not installed for this user: apps with a pyproject.toml cannot build",
+                      "curl -LsSf https://astral.sh/uv/install.sh | sh  (or: pipx install uv)")
+        return
+    yield Finding("OK", f"{tool_version(uv)} at {uv}")
+    pythons = available_pythons(uv, build_tool_env(base_env("doctor")))
+    yield Finding("OK" if pythons else "WARN", "Pythons uv can find: " + (", ".join(pythons) or "none"),
+                  "" if pythons else "uv python install 3.12  (or apt-get install python3)")
+
+
+@host_check
+def check_uwsgi():
+    if not shutil.which("uwsgi"):
+        yield Finding("FAIL", "uWSGI is not installed", "As root: apt-get install uwsgi uwsgi-plugin-python3")
+        return
+    embedded = probe_uwsgi_python()
+    yield (Finding("OK", f"uWSGI's python3 plugin embeds Python {embedded}") if embedded else
+           Finding("WARN", "uWSGI has no Python plugin: wsgi: apps are served by gunicorn",
+                   "As root: apt-get install uwsgi-plugin-python3"))
+
+
+@host_check
+def check_emperor():
+    pid = pidfile_pid(os.path.join(UWSGI_ROOT, "emperor.pid"))
+    config = os.path.join(UWSGI_ROOT, "uwsgi.ini")
+    if not (pid and pid_alive(pid)):
+        yield Finding("FAIL", "the uWSGI emperor is not running: no worker starts or stops",
+                      f"Start it: uwsgi --ini {config}  (or: systemctl start uwsgi-piku, docs/INSTALL.md)")
+        return
+    watched = read_text(os.path.join(UWSGI_ROOT, "uwsgi.ini"))
+    if f"emperor = {UWSGI_ENABLED}" not in watched:
+        yield Finding("FAIL", f"the emperor's config does not watch {UWSGI_ENABLED}", "Run: piku.py setup, "
+                      "then restart the emperor")
+        return
+    yield Finding("OK", f"the uWSGI emperor runs (pid {pid}) and watches {UWSGI_ENABLED}")
+
+
+@host_check
+def check_nginx():
+    vhosts = sorted(glob.glob(os.path.join(NGINX_ROOT, "*.conf")))
+    if not vhosts:
+        yield Finding("OK", "no app uses nginx (no NGINX_SERVER_NAME)")
+        return
+    if not nginx_binary():
+        yield Finding("FAIL", f"{len(vhosts)} vhost(s) but nginx is not installed", "As root: apt-get install nginx")
+        return
+    for path in vhosts:
+        app = os.path.basename(path)[:-5]
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                check_vhost(app, read_text(path))
+        except PikuError:
+            yield Finding("FAIL", f"nginx refuses the vhost of {app} ({path})", f"Redeploy it: deploy {app}")
+            continue
+        yield Finding("OK", f"nginx accepts the vhost of {app}")
+    reload = host_setting("PIKU_NGINX_RELOAD") or (
+        "the path unit" if subprocess.run(["systemctl", "is-active", "--quiet", "piku-nginx.path"],
+                                          capture_output=True).returncode == 0 else "")
+    yield (Finding("OK", f"nginx is reloaded by {reload}") if reload else
+           Finding("WARN", "nothing reloads nginx when a vhost changes",
+                   "Install piku's path unit or set PIKU_NGINX_RELOAD (docs/NGINX.md)"))
+
+
+@host_check
+def check_keys():
+    lines = [line for line in read_text(authorized_keys_file()).splitlines() if line.strip()
+             and not line.startswith("#")]
+    keys = read_keys()
+    if not keys:
+        yield Finding("WARN", "no SSH key is set up: nobody can push", "piku.py setup:ssh ~/alice.pub --name alice")
+    for line in lines:
+        if "ssh-command" in line and not any(key.line == line for key in keys):
+            yield Finding("WARN", f"a malformed piku entry in authorized_keys: {line[:60]}...",
+                          "Remove it and add the key again with setup:ssh")
+    yield Finding("OK", f"{len(keys)} SSH key(s): " + ", ".join(key.name for key in keys))
+
+
+@host_check
+def check_disk():
+    stat = os.statvfs(PIKU_ROOT)
+    free = stat.f_bavail * stat.f_frsize
+    inodes = stat.f_favail / stat.f_files if stat.f_files else 1.0
+    level = "FAIL" if free < 200 * 2**20 else "WARN" if free < 2 * 2**30 or inodes < 0.05 else "OK"
+    yield Finding(level, f"{free / 2**30:.1f} GiB and {inodes:.0%} of inodes free for builds",
+                  "" if level == "OK" else "Free space: piku.py prune happens per deploy; remove old apps or logs")
+
+
+@app_check
+def check_app_settings(app, record):
+    try:
+        plan_release(app, record["rev"], record["root"], record.get("ref") or "refs/heads/main", record["config"])
+    except PikuError as error:
+        yield Finding("FAIL", f"{app}: {error.message}", error.hint)
+        return
+    yield Finding("OK", f"{app}: Procfile and settings are valid")
+
+
+@app_check
+def check_app_logs(app, record):
+    folder = os.path.join(LOG_ROOT, app)
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
+        yield Finding("FAIL", f"{app}: its log folder {folder} is not a writable folder: its workers cannot start",
+                      f"rm -f {folder} && mkdir -p {folder}  (as the piku user)")
+
+
+@app_check
+def check_app_workers(app, record):
+    down = [f"{kind}.{index}" for kind, count in sorted(record["scaling"].items()) for index in range(1, count + 1)
+            if not pid_alive(pidfile_pid(Instance(app, record["gen"], kind, index).runtime("pid")))]
+    yield (Finding("FAIL", f"{app}: not running: {', '.join(down)}", f"Start them: restart {app}") if down else
+           Finding("OK", f"{app}: v{record['version']}'s {sum(record['scaling'].values())} worker(s) run"))
+
+
+@app_check
+def check_app_python(app, record):
+    env = record["env"]
+    venv = env.get("VIRTUAL_ENV")
+    if not venv or "wsgi" not in record["scaling"] or env.get("WSGI_SERVER", "uwsgi") != "uwsgi":
+        return
+    embedded = probe_uwsgi_python()
+    try:
+        have = interpreter_version(os.path.join(venv, "bin", "python"))
+    except PikuError:
+        return          # the environment check below says so
+    if not embedded or minor(embedded) != minor(have):
+        yield Finding("FAIL", f"{app}: its environment runs Python {have} but uWSGI now embeds "
+                      f"{embedded or 'no Python'}: its wsgi worker cannot import its packages",
+                      f"Rebuild on uWSGI's Python: deploy {app}  (or config:set {app} WSGI_SERVER=gunicorn)")
+    else:
+        yield Finding("OK", f"{app}: Python {have}, as uWSGI embeds")
+
+
+@app_check
+def check_app_environments(app, record):
+    for kept in load_releases(app):
+        venv = kept["env"].get("VIRTUAL_ENV")
+        if venv and not os.path.exists(os.path.join(venv, ENV_MARKER)):
+            live = kept["version"] == record["version"]
+            yield Finding("FAIL" if live else "WARN", f"{app}: the Python environment of v{kept['version']} is "
+                          f"gone ({venv})" + ("; the live workers use it" if live else "; it cannot be rolled back to"),
+                          f"Build it again: deploy {app}")
+
+
+def run_doctor(apps, health):
+    findings = []
+    for check in (HOST_CHECKS if not health else []):
+        findings += list(check())
+    for app in apps:
+        record = live_release(app)
+        if record is None:
+            findings.append(Finding("WARN", f"{app}: not deployed yet", "Push to deploy it."))
+            continue
+        for check in APP_CHECKS:
+            findings += list(check(app, record))
+        if health:
+            findings += list(check_app_health(app, record))
+    return findings
+
+
+def check_app_health(app, record):
+    env = record["env"]
+    if not any(worker_kind(kind, env).http for kind in record["scaling"]):
+        return
+    if answers_http(env["BIND_ADDRESS"], int(env["PORT"]), env):
+        yield Finding("OK", f"{app}: {health_setting(env, 'PIKU_HEALTHCHECK_PATH')} answers on {bind_address(env)}")
+    else:
+        yield Finding("FAIL", f"{app}: nothing answers on {bind_address(env)}", f"See: logs {app} --no-follow")
+
+
+##############################################################################
 # CLI
 ##############################################################################
 
@@ -3905,7 +4115,7 @@ EXAMPLES = {
     "logs": "logs myapp -n 50", "ps": "ps myapp", "ps:scale": "ps:scale myapp web=2",
     "releases": "releases myapp", "rollback": "rollback myapp v3", "run": "run myapp -- python manage.py shell",
     "restart": "restart myapp", "stop": "stop myapp", "setup:ssh": "setup:ssh ~/alice.pub --name alice",
-    "keys:remove": "keys:remove alice", "deploys": "deploys myapp 12",
+    "keys:remove": "keys:remove alice", "deploys": "deploys myapp 12", "doctor": "doctor myapp",
 }
 
 
@@ -4366,6 +4576,24 @@ def load_deploys(app):
     return sorted(records, key=lambda record: record.get("id", 0))
 
 
+@cli.command("doctor")
+@click.argument("app", required=False)
+def cmd_doctor(app):
+    """Check the host (and every app), or one app with its health check: OK / WARN / FAIL."""
+    if app:
+        require_app(app)
+    findings = run_doctor([app] if app else list_apps(), health=bool(app))
+    for finding in findings:
+        click.echo(f"{finding.level:<4}  {finding.message}")
+        if finding.fix and finding.level != "OK":
+            click.echo(f"      fix: {finding.fix}")
+    failed = sum(finding.level == "FAIL" for finding in findings)
+    warned = sum(finding.level == "WARN" for finding in findings)
+    click.echo(f"{len(findings)} checks: {failed} FAIL, {warned} WARN")
+    if failed:
+        raise SystemExit(1)     # the report is the message; no ' !' lines to add
+
+
 @cli.command("deploys")
 @click.argument("app")
 @click.argument("deploy_id", required=False, metavar="[ID]")
@@ -4533,7 +4761,7 @@ def command_app(args):
 def check_key_access(args, allowed):
     """Refuse, before any work, what a key restricted to some apps may not do. An app it may not
     see gets the same answer as one that does not exist."""
-    if args[0] in HOST_COMMANDS:
+    if args[0] in HOST_COMMANDS or (args[0] == "doctor" and command_app(args) is None):
         raise PikuError(f"'{args[0]}' needs a key that may manage the whole host",
                         "Ask the host's administrator; this key may use: " + (", ".join(sorted(allowed)) or "no app"))
     app = command_app(args)

@@ -28,7 +28,7 @@ import sys
 
 VERSION = "0.1.0"
 # Server commands that take the app as their first argument: the client puts it there.
-APP_COMMANDS = frozenset({"config", "config:get", "config:set", "config:unset", "config:live", "deploy", "deploys",
+APP_COMMANDS = frozenset({"config", "config:get", "config:set", "config:unset", "config:live", "deploy", "deploys", "doctor",
                           "destroy", "logs", "ps", "ps:scale", "releases", "rollback", "run", "restart", "stop"})
 SCP_LIKE = re.compile(r"^(?:(?P<user>[^@/]+)@)?(?P<host>[^:/]+):(?P<path>.+)$")
 SSH_URL = re.compile(r"^ssh://(?:(?P<user>[^@/]+)@)?(?P<host>[^:/]+)(?::(?P<port>[0-9]+))?/(?P<path>.+)$")

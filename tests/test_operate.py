@@ -93,3 +93,59 @@ def test_deploys_keeps_what_each_attempt_showed_with_its_steps_and_outcome(piku,
     for record in (piku.root / "envs" / "rec" / "deploys").glob("*.json"):
         assert "pa55-never-shown-3321" not in record.read_text()
     assert piku("deploys", "rec", "99", check=False).returncode == 1
+
+
+def doctor(piku, *args):
+    result = piku("doctor", *args, check=False)
+    return result.returncode, result.stdout
+
+
+def test_doctor_passes_a_healthy_host_and_finds_each_seeded_fault(piku, emperor, make_app, toolchain, tmp_path):
+    import json
+    import os
+    import shutil
+    from conftest import EXAMPLES
+    toolchain.require("3.11", "3.12")
+    app = make_app(EXAMPLES / "flask-uwsgi", "doc")
+    app.push()
+    code, report = doctor(piku)
+    assert code == 0, report
+    assert not re.search(r"^FAIL", report, re.M) and "uWSGI emperor runs" in report, report
+    assert "doc: v1's 1 worker(s) run" in report and "WARN  no SSH key is set up" in report
+    code, report = doctor(piku, "doc")
+    assert code == 0 and "doc: / answers on 127.0.0.1:" in report, report
+
+    # a release whose environment was deleted (an older one: WARN; then a FAIL for the live one below)
+    piku("config:set", "doc", "PYTHON_VERSION=3.12", "WSGI_SERVER=gunicorn")
+    old_env = piku.releases("doc")[0]["env"]["VIRTUAL_ENV"]
+    shutil.rmtree(old_env)
+    code, report = doctor(piku)
+    assert code == 0 and f"doc: the Python environment of v1 is gone ({old_env})" in report, report
+
+    # an app served by uWSGI whose environment has another Python than uWSGI embeds
+    records = piku.releases("doc")
+    records[-1]["env"]["WSGI_SERVER"] = "uwsgi"
+    (piku.root / "envs" / "doc" / "releases.json").write_text(json.dumps(records))
+    code, report = doctor(piku, "doc")
+    assert code == 1 and "doc: its environment runs Python 3.12" in report and "uWSGI now embeds 3.11" in report, report
+
+    # a broken vhost, an unwritable log folder, uv missing from PATH, the emperor not running
+    (piku.root / "nginx" / "doc.conf").write_text("server { listen 127.0.0.1:1; bogus_directive on; }\n")
+    logs = piku.root / "logs" / "doc"
+    shutil.rmtree(logs)
+    logs.write_text("not a folder\n")
+    path = piku.env["PATH"]
+    piku.env["PATH"] = "/usr/bin:/bin"
+    emperor.stop()
+    code, report = doctor(piku)
+    piku.env["PATH"] = path
+    assert code == 1
+    for expected in ("FAIL  nginx refuses the vhost of doc", "FAIL  doc: its log folder", "WARN  uv is not installed",
+                     "FAIL  the uWSGI emperor is not running", "FAIL  doc: not running: wsgi.1"):
+        assert expected in report, (expected, report)
+    lines = report.splitlines()
+    findings = [line for line in lines if re.match(r"(OK|WARN|FAIL) ", line)]
+    assert all(lines[lines.index(line) + 1].startswith("      fix: ") for line in findings if not line.startswith("OK"))
+    assert lines[-1] == f"{len(findings)} checks: {report.count(chr(10) + 'FAIL')} FAIL, " \
+                        f"{report.count(chr(10) + 'WARN') + report.startswith('WARN')} WARN"
+    assert os.path.isfile(logs)
