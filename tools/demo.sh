@@ -1,15 +1,30 @@
 #!/bin/sh
-# make demo: a throwaway PIKU_ROOT, a real uWSGI emperor, a real `git push` of
-# examples/web, and the app's answer over HTTP. Stops what it started unless DEMO_KEEP=1.
+# make demo: the main job of piku, for real -- a throwaway PIKU_ROOT, a real uWSGI emperor and
+# real `git push`es of a uv app (examples/flask-uwsgi: pyproject.toml + uv.lock, `wsgi:`):
+#   1. the first push picks the Python and builds the environment with uv;
+#   2. a code-only push skips `uv sync` and serves the new code;
+#   3. config:set PYTHON_VERSION switches Python, when this machine has a second one.
+# Stops what it started unless DEMO_KEEP=1.
 set -eu
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-/usr/bin/python3}
 WORK=$(mktemp -d /tmp/piku-demo.XXXXXX)
 export PIKU_ROOT="$WORK/piku"
 PIKU="$PYTHON $HERE/piku.py"
+# uv from the checkout's .venv (make deps installs it) when it is not on PATH
+[ -x "$HERE/.venv/bin/uv" ] && mkdir -p "$WORK/bin" && ln -s "$HERE/.venv/bin/uv" "$WORK/bin/uv" && PATH="$WORK/bin:$PATH"
+# pyenv builds on this machine image, offered to uv as managed Pythons (nothing is downloaded)
+export UV_PYTHON_INSTALL_DIR="$WORK/pythons" UV_PYTHON_DOWNLOADS=never
+mkdir -p "$UV_PYTHON_INSTALL_DIR"
+SECOND=""
+for build in /root/.pyenv/versions/3.1[02-9].*; do
+  [ -x "$build/bin/python3" ] || continue
+  cp -al "$build" "$UV_PYTHON_INSTALL_DIR/cpython-$(basename "$build")-linux-x86_64-gnu" 2>/dev/null || continue
+  SECOND=$(basename "$build" | cut -d. -f1,2)
+done
 
 echo "== piku demo in $WORK"
-$PIKU setup
+$PIKU setup >/dev/null
 uwsgi --ini "$PIKU_ROOT/uwsgi/uwsgi.ini" >/dev/null 2>&1 &
 EMPEROR=$!
 stop() {
@@ -17,30 +32,48 @@ stop() {
     echo "== left running: stop with  kill $EMPEROR; rm -rf $WORK"
   else
     echo "== stopping the uWSGI emperor (pid $EMPEROR) and removing $WORK"
-    kill "$EMPEROR" 2>/dev/null || true
+    kill -INT "$EMPEROR" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$EMPEROR" 2>/dev/null || break; sleep 0.2; done
     rm -rf "$WORK"
   fi
 }
 trap stop EXIT
 
-cp -r "$HERE/examples/web" "$WORK/hello"
-cd "$WORK/hello"
-git init -q -b main
-git add -A
-git -c user.name=demo -c user.email=demo@example.com commit -qm "hello, piku"
-echo "== git push (local transport into piku's git-receive-pack)"
-git push --receive-pack="env PIKU_ROOT=$PIKU_ROOT $PYTHON $HERE/piku.py git-receive-pack" hello main
+answer() {   # the app's answer on PORT, once it has one that contains $1
+  URL=$(sed -n "s/^PORT='\([0-9]*\)'/http:\/\/127.0.0.1:\1\//p" "$PIKU_ROOT/envs/shop/LIVE_ENV")
+  for _ in $(seq 150); do
+    if ANSWER=$($PYTHON -c "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode(), end='')" "$URL" 2>/dev/null) \
+       && printf '%s' "$ANSWER" | grep -q "$1"; then
+      echo "== $URL answers: $ANSWER"
+      return 0
+    fi
+    sleep 0.2
+  done
+  echo "the app did not answer with '$1'; its logs:" >&2
+  cat "$PIKU_ROOT/logs/shop/"*.log >&2
+  exit 1
+}
+push() {
+  git -c user.name=demo -c user.email=demo@example.com commit -qam "$1"
+  echo "== git push: $1"
+  git push -q --receive-pack="env PIKU_ROOT=$PIKU_ROOT $PYTHON $HERE/piku.py git-receive-pack" shop HEAD:main 2>&1 \
+    | sed -n 's/^remote: //p' | sed 's/ *$//'
+}
 
-URL=$(sed -n "s/^PORT='\([0-9]*\)'/http:\/\/127.0.0.1:\1\//p" "$PIKU_ROOT/envs/hello/LIVE_ENV")
-echo "== $URL answers:"
-for _ in $(seq 100); do
-  if ANSWER=$($PYTHON -c "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode(), end='')" "$URL" 2>/dev/null); then
-    printf '%s\n' "$ANSWER"
-    exit 0
-  fi
-  sleep 0.2
-done
-echo "the app did not answer; its log:" >&2
-cat "$PIKU_ROOT/logs/hello/"*.log >&2
-exit 1
+cp -r "$HERE/examples/flask-uwsgi" "$WORK/shop"
+cd "$WORK/shop"
+git init -q -b main && git add -A
+push "a uv app: pyproject.toml + uv.lock, wsgi: wsgi:app"
+answer "Hello from shop"
+
+sed -i 's/Hello from/Howdy from/' wsgi.py
+push "a code-only change: uv sync is skipped"
+answer "Howdy from shop"
+
+if [ -n "$SECOND" ]; then
+  echo "== config:set shop PYTHON_VERSION=$SECOND (this machine has Python $SECOND besides Debian's 3.11)"
+  $PIKU config:set shop "PYTHON_VERSION=$SECOND"
+  answer "on Python $SECOND"
+else
+  echo "== (this machine has no second Python, so the PYTHON_VERSION switch is not shown)"
+fi
