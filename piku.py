@@ -19,16 +19,19 @@ deploys, settings can never inject lines into generated configs, and a new relea
 traffic only after a health check.
 
 Code map -- one push, and the section that holds each step:
-  git push -> sshd -> `ssh-command`, `git-receive-pack` (CLI, Git plumbing)
+  git push -> sshd -> `ssh-command` (CLI: a key limited to some apps is checked here),
+     `git-receive-pack` (Git plumbing)
   -> pre-receive hook `git-hook` (CLI): lock the app and finish what an interrupted command
      left (AppLock: The app; reconcile: Deploy pipeline)
-  -> deploy_app (Deploy pipeline): checkout -> plan_release (Parsers) -> preflight
+  -> deploy_app (Deploy pipeline, inside a DeployRecord of what it prints): checkout -> plan_release (Parsers) -> preflight
      -> build_release (Buildpacks, Interpreters: the first manifest in PYTHON_MANIFESTS picks
         uv, Poetry, Pipenv or requirements; dependencies go into a shared environment keyed by
         its fingerprint, the app's own packages into RELEASE.site) -> release
-  -> activate: plan_generation (Config writers render every file) -> start_generation beside
-     the live workers -> check_generation (health check) -> start_front -> record_release
-     -> point_slots (the switch) -> drain_old (Process control)
+  -> activate: render_nginx + check_vhost (nginx -t) and plan_generation (Config writers
+     render every file) -> start_generation beside the live workers -> check_generation
+     (health check) -> start_front -> record_release -> point_slots (the switch, for the front
+     and nginx alike) -> install_vhost (only when its text changed) -> drain_old (Process
+     control) -> obtain_certificate (ACME, when none is held for the names)
   -> keep_lock_until_branch_moves: the lock is held until git has moved the branch.
 `config:set`, `ps:scale`, `restart` and `rollback` take the same path from plan or activate on.
 """
