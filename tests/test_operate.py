@@ -38,6 +38,7 @@ def test_logs_follow_shows_new_lines_at_once_and_keeps_following_across_rotation
 
 
 def test_ps_shows_each_workers_real_processes_cpu_memory_and_restarts(piku, emperor, make_app, toolchain):
+    import contextlib
     import json
     import os
     import signal
@@ -58,11 +59,23 @@ def test_ps_shows_each_workers_real_processes_cpu_memory_and_restarts(piku, empe
         gunicorn = [pid for pid in row["processes"] if "gunicorn" in " ".join(psutil.Process(pid).cmdline())]
         assert len(gunicorn) >= 2, "gunicorn's master and its workers are counted with the instance"
 
-    victim = min(pid for pid in workers["web.1"]["processes"][1:]
-                 if "gunicorn" in " ".join(psutil.Process(pid).cmdline()))
-    os.kill(victim, signal.SIGKILL)         # the uWSGI vassal respawns its daemon
-    wait_until(lambda: json.loads(piku("ps", "psapp", "--json").stdout)["workers"][0]["restarts"] == 1,
-               message="the restart to be counted")
+    def gunicorn_masters():
+        return [process for process in psutil.Process(workers["web.1"]["pid"]).children(recursive=True)
+                if process.cmdline()[1:2] and process.cmdline()[1].endswith("bin/gunicorn")
+                and not process.parent().cmdline()[1:2] == process.cmdline()[1:2]]
+    master = gunicorn_masters()[0]
+    orphans = master.children()             # its workers outlive a SIGKILLed master: this test ends them
+    try:
+        os.kill(master.pid, signal.SIGKILL)     # the server crashes; the uWSGI vassal respawns its daemon
+        wait_until(lambda: json.loads(piku("ps", "psapp", "--json").stdout)["workers"][0]["restarts"] == 1,
+                   message="the restart to be counted")
+        wait_until(lambda: any(len(new.children()) >= 2 for new in gunicorn_masters() if new.pid != master.pid),
+                   message="the new gunicorn to boot its workers (the emperor then stops them all)")
+    finally:
+        for orphan in orphans:
+            with contextlib.suppress(psutil.Error):
+                orphan.kill()
+        psutil.wait_procs(orphans, timeout=5)
     table = piku("ps", "psapp").stdout.splitlines()
     assert table[1].split() == ["WORKER", "PID", "STATE", "CPU%", "RSS", "UPTIME", "RESTARTS", "RELEASE"]
     assert table[2].split()[0] == "web.1" and table[2].split()[-2:] == ["1", report["release"]]
