@@ -1154,7 +1154,7 @@ class ExportedLockBuildpack(PythonBuildpack):
 class PoetryBuildpack(ExportedLockBuildpack):
     """poetry.lock (Poetry 1.x [tool.poetry] or Poetry 2 [project] projects)."""
     name = "python-poetry"
-    files = ("poetry.lock",)
+    files = ("poetry.lock", "pyproject.toml")   # its own detect() decides which pyproject.toml is Poetry's
     inputs = ("pyproject.toml", "poetry.lock")
     tool, lock, manifest = "poetry", "poetry.lock", "pyproject.toml"
     install_hint = "uv tool install poetry --with poetry-plugin-export"
@@ -1227,8 +1227,7 @@ def select_buildpack(root, processes):
 def describe_detection(pack, root):
     """What the push says about the files it chose by, and those it ignored."""
     found = python_manifests(root)
-    own = [name for name in found if name in getattr(pack, "files", ()) or
-           (name == "pyproject.toml" and pack.name in ("python-uv", "python-poetry"))]
+    own = [name for name in found if name in getattr(pack, "files", ())]
     ignored = [name for name in found if name not in own]
     step(f"Found {', '.join(own)}: building with the {pack.name} buildpack" if own
          else f"Building with the {pack.name} buildpack")
@@ -1236,11 +1235,16 @@ def describe_detection(pack, root):
         notice(f"ignored: {', '.join(ignored)} ({found[0]} comes first; the order is in docs/PYTHON.md)")
 
 
-def find_tool(name, env, install_hint):
-    """A build tool on the app's PATH or where its installers put it."""
+def locate_tool(name, env, folders=(".local/bin",)):
+    """A tool on the app's PATH, else in the piku user's folders its installers use, or None."""
     home = os.path.expanduser("~")
-    found = shutil.which(name, path=env.get("PATH")) or next(
-        (path for path in (os.path.join(home, ".local", "bin", name),) if os.access(path, os.X_OK)), None)
+    return shutil.which(name, path=env.get("PATH")) or next(
+        (path for path in (os.path.join(home, folder, name) for folder in folders) if os.access(path, os.X_OK)), None)
+
+
+def find_tool(name, env, install_hint):
+    """A build tool a lock file needs (poetry, pipenv); refused with how to install it."""
+    found = locate_tool(name, env)
     if not found:
         raise PikuError(f"{name} is not installed for the piku user; this app's lock file needs it",
                         f"Install it as that user: '{install_hint}', then push again.")
@@ -1556,11 +1560,8 @@ def resolve_python_request(context):
 
 
 def find_uv(env, required=True):
-    """uv on the app's PATH, or where its installers put it."""
-    home = os.path.expanduser("~")
-    found = shutil.which("uv", path=env.get("PATH")) or next(
-        (path for path in (os.path.join(home, ".local", "bin", "uv"), os.path.join(home, ".cargo", "bin", "uv"))
-         if os.access(path, os.X_OK)), None)
+    """uv on the app's PATH, or where its installers put it (None when not required)."""
+    found = locate_tool("uv", env, (".local/bin", ".cargo/bin"))
     if not found and required:
         raise PikuError("uv is not installed for the piku user; it builds apps with a pyproject.toml",
                         "Install it as that user: 'curl -LsSf https://astral.sh/uv/install.sh | sh' "

@@ -244,15 +244,21 @@ def host():
         server.close()
 
 
-@pytest.fixture(scope="module")
-def deployed(host, tmp_path_factory):
-    """The example web app, committed in a fresh working copy and pushed over ssh as APP."""
-    work = tmp_path_factory.mktemp("ssh-work") / APP
+def working_copy(host, work, message):
+    """The example web app, committed in a fresh git working copy at work."""
     shutil.copytree(WEB, work)
     env = host.git_env()
     run(["git", "init", "--quiet", "--initial-branch", "main"], cwd=work, env=env)
     run(["git", "add", "--all"], cwd=work, env=env)
-    run(["git", "commit", "--quiet", "-m", "first version"], cwd=work, env=env)
+    run(["git", "commit", "--quiet", "-m", message], cwd=work, env=env)
+    return work
+
+
+@pytest.fixture(scope="module")
+def deployed(host, tmp_path_factory):
+    """The example web app, committed in a fresh working copy and pushed over ssh as APP."""
+    work = working_copy(host, tmp_path_factory.mktemp("ssh-work") / APP, "first version")
+    env = host.git_env()
     started = time.monotonic()
     result = run(["git", "push", host.url(APP), "HEAD:main"], check=False, timeout=300, cwd=work, env=env)
     result.output = result.stdout + result.stderr
@@ -370,12 +376,8 @@ def test_ssh_without_a_command_shows_help_not_a_shell(host):
 # --- app names are checked before git sees them ----------------------------------
 
 def test_push_to_an_invalid_app_name_is_refused(host, tmp_path):
-    work = tmp_path / "evil"
-    shutil.copytree(WEB, work)
+    work = working_copy(host, tmp_path / "evil", "evil")
     env = host.git_env()
-    run(["git", "init", "--quiet", "--initial-branch", "main"], cwd=work, env=env)
-    run(["git", "add", "--all"], cwd=work, env=env)
-    run(["git", "commit", "--quiet", "-m", "evil"], cwd=work, env=env)
     result = run(["git", "push", host.url("../evil"), "HEAD:main"], check=False, timeout=120, cwd=work, env=env)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
@@ -434,12 +436,8 @@ def bob(host, deployed, tmp_path_factory):
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bob@laptop", "-f", str(key)])
     added = host.piku("setup:ssh", str(key) + ".pub", "--name", "bob", "--apps", APP)
     assert "as 'bob' (apps: sshapp)" in added.stdout, added.stdout
-    work = tmp_path_factory.mktemp("other") / OTHER
-    shutil.copytree(WEB, work)
+    work = working_copy(host, tmp_path_factory.mktemp("other") / OTHER, "other")
     env = host.git_env()
-    run(["git", "init", "--quiet", "--initial-branch", "main"], cwd=work, env=env)
-    run(["git", "add", "--all"], cwd=work, env=env)
-    run(["git", "commit", "--quiet", "-m", "other"], cwd=work, env=env)
     run(["git", "push", host.url(OTHER), "HEAD:main"], cwd=work, env=env, timeout=300)
     return key
 
