@@ -165,17 +165,54 @@ class PikuError(Exception):
         self.hint = hint
 
 
-def step(message):
-    click.echo(f"-----> {message}")
+def step(message, timed=True):
+    """A `-----> ` line. In a deploy, a timed step's line stays open until the step ends and
+    then gets its duration: `-----> Starting wsgi.1 (0.4 s)`; when output came in between,
+    the duration follows that output (`       done in 2.1 s`, from 0.1 s on)."""
+    end_step()
     for record in DeployRecord.active:
         record.step(message)
+    if timed and DeployRecord.active:
+        click.echo(f"-----> {message}", nl=False)
+        OpenStep.current = OpenStep(time.monotonic())
+    else:
+        click.echo(f"-----> {message}")
+
+
+@dataclass
+class OpenStep:
+    """The step a deploy is in: when it began, and whether its line is still open."""
+    started: float
+    line_open: bool = True
+    current = None      # the one OpenStep being shown (a class attribute, like DeployRecord.active)
+
+
+def end_step():
+    """Close the step being shown with its duration."""
+    current, OpenStep.current = OpenStep.current, None
+    if current is None:
+        return
+    seconds = time.monotonic() - current.started
+    if current.line_open:
+        click.echo(f" ({seconds:.1f} s)")
+    elif seconds >= 0.1:
+        click.echo(f"       done in {seconds:.1f} s")
+
+
+def _break_step_line():
+    """End the open step line before other output appears under it."""
+    if OpenStep.current is not None and OpenStep.current.line_open:
+        OpenStep.current.line_open = False
+        click.echo("")
 
 
 def notice(message):
+    _break_step_line()
     click.echo(f"       {message}")
 
 
 def problem(message):
+    _break_step_line()
     for line in str(message).splitlines() or [""]:
         click.echo(f" !     {line}", err=True)
 
@@ -240,6 +277,7 @@ class DeployRecord:
         return self
 
     def __exit__(self, kind, error, trace):
+        end_step()
         DeployRecord.active.remove(self)
         sys.stdout, sys.stderr = self.streams
         if isinstance(error, PikuError):     # the lines main() is about to print
@@ -2993,7 +3031,7 @@ def check_generation(generation):
         time.sleep(PROBE_INTERVAL)
     if generation.instances:
         names = ", ".join(instance.name for instance in generation.instances)
-        step(f"Health check passed in {time.monotonic() - started:.2f} s ({names})")
+        step(f"Health check passed ({names})", timed=False)      # the Starting step shows how long
 
 
 LOG_TAIL_LINES = 20
@@ -3116,6 +3154,9 @@ def activate(release, commit):
         check_vhost(app, vhost)
     generation = plan_generation(release, next_generation(app), release.scaling)
     first = not any(front_alive(app, None, unit) for unit in front_units(app))
+    if generation.instances:
+        step(f"Starting {', '.join(instance.name for instance in generation.instances)}"
+             + ("" if first else " beside the live workers"))
     start_generation(generation)
     check_generation(generation)
     sockets = http_sockets(app, generation.gen, release.scaling, release.env)
@@ -3131,6 +3172,8 @@ def activate(release, commit):
     link_logs(app, generation.instances)
     if vhost_changed:
         install_vhost(app, vhost)
+    if not first:
+        step("Traffic moved to the new workers; stopping the old ones once their queues are empty")
     drain_old(app, generation.gen, front)
     if vhost:
         obtain_certificate(app, release.env, nginx_server_names(release.env))
@@ -3464,12 +3507,12 @@ def announce(release, seconds):
     record = live_release(release.app)
     version = f"v{record['version']}, " if record else ""
     workers = ", ".join(f"{kind}={count}" for kind, count in sorted(release.scaling.items())) or "none"
-    step(f"Workers: {workers}")
+    step(f"Workers: {workers}", timed=False)
     if serves_http(release.processes):
         host = f"[{env['BIND_ADDRESS']}]" if ":" in env["BIND_ADDRESS"] else env["BIND_ADDRESS"]
-        step(f"{release.app} is live at http://{host}:{env['PORT']}/ ({version}{seconds:.1f} s)")
+        step(f"{release.app} is live at http://{host}:{env['PORT']}/ ({version}{seconds:.1f} s)", timed=False)
     else:
-        step(f"{release.app} is live ({version}{seconds:.1f} s)")
+        step(f"{release.app} is live ({version}{seconds:.1f} s)", timed=False)
 
 
 def rollback_app(app, version=None):

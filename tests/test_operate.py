@@ -103,6 +103,10 @@ def test_deploys_keeps_what_each_attempt_showed_with_its_steps_and_outcome(piku,
     assert any("Running release" in line for line in timings), shown
     first = piku("deploys", "rec", listing[2].split()[0]).stdout
     assert "Running uv sync" in first and "is live at http://" in first
+    # each step's line shows its duration; a step with output under it says it after that output
+    assert re.search(r"^-----> Deploying rec at [0-9a-f]{12} \([0-9]+\.[0-9] s\)$", first, re.M), first
+    assert re.search(r"^-----> Starting wsgi\.1 \([0-9]+\.[0-9] s\)$", first, re.M), first
+    assert re.search(r"Running uv sync[^\n]*\n(       [^\n]*\n)+       done in [0-9]+\.[0-9] s\n-----> Starting", first)
     for record in (piku.root / "envs" / "rec" / "deploys").glob("*.json"):
         assert "pa55-never-shown-3321" not in record.read_text()
     assert piku("deploys", "rec", "99", check=False).returncode == 1
