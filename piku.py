@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """piku.py: the smallest PaaS you can trust, in one file.
 
-Copy this file onto a Linux host, run `piku.py setup`, start the uWSGI emperor it
-configures, add your SSH key with `piku.py setup:ssh KEYFILE`, and `git push
-piku@host:APP main` deploys APP. The deploy runs in git's pre-receive hook: a deploy
+Copy this file onto a Debian or Ubuntu host and run `python3 piku.py install --key KEY.pub`
+as root (or by hand: `piku.py setup`, start the uWSGI emperor it configures, `piku.py
+setup:ssh KEYFILE`), and `git push piku@host:APP main` deploys APP. The deploy runs in git's pre-receive hook: a deploy
 that fails rejects the push, and the branch on the server stays at the release that is
 live.
 
@@ -49,6 +49,7 @@ import difflib
 import errno
 import fcntl
 import glob
+import grp
 import hashlib
 import io
 import json
@@ -67,7 +68,24 @@ import time
 from dataclasses import dataclass, field
 from stat import S_ISREG
 
-import click
+try:
+    import click
+except ImportError:
+    # A fresh host: `piku.py install` (as root) installs click with the rest; nothing else runs without it.
+    if sys.argv[1:2] != ["install"] or os.geteuid() != 0:
+        sys.stderr.write(" !     piku.py needs click (Debian's python3-click).\n"
+                         " !     As root, run: python3 piku.py install  (or: apt-get install python3-click "
+                         "python3-dotenv python3-psutil python3-watchdog)\n")
+        sys.exit(1)
+    subprocess.run(["apt-get", "update", "-qq"], check=False)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "python3-click"],
+                   env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"), check=False)
+    try:
+        import click
+    except ImportError:
+        sys.stderr.write(f" !     click is not importable by {sys.executable}.\n"
+                         " !     Run the installer with Debian's Python: /usr/bin/python3 piku.py install\n")
+        sys.exit(1)
 
 PIKU_VERSION = "0.1.0"
 
@@ -4033,9 +4051,10 @@ def check_nginx():
             yield Finding("FAIL", f"nginx refuses the vhost of {app} ({path})", f"Redeploy it: deploy {app}")
             continue
         yield Finding("OK", f"nginx accepts the vhost of {app}")
+    path_unit = f"{pwd.getpwuid(os.getuid()).pw_name}-nginx.path"       # as `install` names it
     reload = host_setting("PIKU_NGINX_RELOAD") or (
-        "the path unit" if subprocess.run(["systemctl", "is-active", "--quiet", "piku-nginx.path"],
-                                          capture_output=True).returncode == 0 else "")
+        f"systemd's {path_unit}" if subprocess.run(["systemctl", "is-active", "--quiet", path_unit],
+                                                   capture_output=True).returncode == 0 else "")
     yield (Finding("OK", f"nginx is reloaded by {reload}") if reload else
            Finding("WARN", "nothing reloads nginx when a vhost changes",
                    "Install piku's path unit or set PIKU_NGINX_RELOAD (docs/NGINX.md)"))
@@ -4145,6 +4164,335 @@ def check_app_health(app, record):
         yield Finding("OK", f"{app}: {health_setting(env, 'PIKU_HEALTHCHECK_PATH')} answers on {bind_address(env)}")
     else:
         yield Finding("FAIL", f"{app}: nothing answers on {bind_address(env)}", f"See: logs {app} --no-follow")
+
+
+##############################################################################
+# Install and update
+##############################################################################
+# `install` (as root) turns a fresh Debian or Ubuntu host into a piku host. Each step is one
+# small function, registered in order, that looks first and does only what is missing, and
+# returns what it changed (None: nothing) -- so a second run changes nothing and says so.
+# `update FILE` swaps piku.py for a new one only after that one passed a self-check.
+
+INSTALL_PACKAGES = ("git", "uwsgi", "uwsgi-plugin-python3", "iproute2", "nginx", "openssl", "openssh-server",
+                    "ca-certificates", "python3", "python3-venv", "python3-click", "python3-dotenv",
+                    "python3-psutil", "python3-watchdog")
+SYSTEM_PYTHON = "/usr/bin/python3"
+SYSTEMD_UNITS = "/etc/systemd/system"
+NGINX_CONF_D = "/etc/nginx/conf.d"
+# What the installer passes on to the downloads it makes as the piku user (pip, uv): your
+# proxy and certificate settings, nothing else of root's environment.
+PASSED_ON = re.compile(r"(?i)(https?|no|all)_proxy|SSL_CERT_(FILE|DIR)|REQUESTS_CA_BUNDLE|PIP_[A-Z_]+|"
+                       r"UV_[A-Z_]+|LANG|LC_[A-Z]+")
+EMPEROR_UNIT = string.Template("""\
+# written by piku.py install: the uWSGI emperor that runs $user's apps (docs/INSTALL.md)
+[Unit]
+Description=uWSGI emperor for piku ($user)
+After=network.target
+
+[Service]
+User=$user
+Group=$group
+WorkingDirectory=$home
+ExecStart=$uwsgi --ini $config
+Restart=always
+KillSignal=SIGTERM
+Type=simple
+
+[Install]
+WantedBy=multi-user.target
+""")
+
+
+@dataclass
+class InstallTarget:
+    user: str
+    home: str               # the user's home (known once the user exists)
+    key: str = None         # the first SSH public key's text
+    key_name: str = None
+
+    @property
+    def piku_py(self):
+        return os.path.join(self.home, "piku.py")
+
+    @property
+    def root(self):
+        return os.path.join(self.home, ".piku")
+
+    def units(self):
+        """systemd unit names: uwsgi-piku.service, piku-nginx.path/.service for the user piku."""
+        return f"uwsgi-{self.user}.service", f"{self.user}-nginx.path", f"{self.user}-nginx.service"
+
+
+INSTALL_STEPS = []
+
+
+def install_step(function):
+    INSTALL_STEPS.append(function)
+    return function
+
+
+def as_user(target, args, input=None):
+    """Run args as the target user, in its home, with its own HOME and PATH."""
+    env = {key: value for key, value in os.environ.items() if PASSED_ON.fullmatch(key)}
+    env.update(HOME=target.home, USER=target.user, LOGNAME=target.user,
+               PATH=f"{os.path.join(target.home, '.local', 'bin')}:{DEFAULT_PATH}")
+    runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+    result = subprocess.run([runuser, "-u", target.user, "--", *args], env=env, cwd=target.home, input=input,
+                            text=True, capture_output=True)
+    if result.returncode != 0:
+        raise PikuError(f"{' '.join(os.path.basename(arg) for arg in args[:3])} failed as {target.user} "
+                        f"(exit code {result.returncode}):\n{(result.stderr or result.stdout).strip()}")
+    return result
+
+
+def dpkg_installed(package):
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
+    return result.returncode == 0 and result.stdout.startswith("install ok installed")
+
+
+def apt_install(packages):
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run_command(["apt-get", "update", "-qq"], env=env, capture=True, what="apt-get update")
+    run_command(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages], env=env, capture=True,
+                what="apt-get install")
+
+
+def systemd_running():
+    return os.path.isdir("/run/systemd/system")
+
+
+def file_digest(*paths):
+    """What a set of files holds (missing ones included), to tell whether a step changed them."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path}\0{read_text(path, None)}\0".encode())
+    return digest.hexdigest()
+
+
+@install_step
+def install_debian_packages(target):
+    missing = [package for package in INSTALL_PACKAGES if not dpkg_installed(package)]
+    if missing:
+        apt_install(missing)
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import tomllib"], capture_output=True)
+    if probe.returncode != 0 and not dpkg_installed("python3-tomli"):     # Ubuntu 22.04's Python 3.10
+        apt_install(["python3-tomli"])
+        missing.append("python3-tomli")
+    return f"installed {', '.join(missing)}" if missing else None
+
+
+@install_step
+def install_user(target):
+    changes = []
+    try:
+        account = pwd.getpwnam(target.user)
+    except KeyError:
+        run_command(["useradd", "--create-home", "--home-dir", target.home, "--shell", "/bin/bash",
+                     "--user-group", "-K", "HOME_MODE=0750", target.user], capture=True, what="useradd")
+        account = pwd.getpwnam(target.user)
+        changes.append(f"created the user {target.user}")
+    target.home = account.pw_dir
+    shadow = next((line.split(":") for line in read_text("/etc/shadow").splitlines()
+                   if line.split(":")[0] == target.user), None)
+    if shadow and shadow[1].startswith("!"):    # locked: sshd without PAM refuses it; '*' is no password either
+        run_command(["usermod", "-p", "*", target.user], capture=True, what="usermod")
+        changes.append("unlocked it for ssh keys (no password)")
+    mode = os.stat(target.home).st_mode & 0o777
+    if mode & 0o050 != 0o050:       # nginx reaches sockets and static files through the user's group
+        os.chmod(target.home, (mode | 0o050) & ~0o007)
+        changes.append(f"{target.home} is now mode {(mode | 0o050) & ~0o007:o}")
+    group = grp.getgrgid(account.pw_gid)
+    if "www-data" in {entry.pw_name for entry in pwd.getpwall()} and "www-data" not in group.gr_mem:
+        run_command(["usermod", "-aG", group.gr_name, "www-data"], capture=True, what="usermod")
+        changes.append(f"nginx (www-data) joined the group {group.gr_name}")
+    return "; ".join(changes) or None
+
+
+@install_step
+def install_piku_file(target):
+    if os.path.realpath(target.piku_py) == PIKU_SCRIPT:
+        return None
+    current = read_bytes(target.piku_py)
+    if current == read_bytes(PIKU_SCRIPT):
+        return None
+    if current is not None:
+        warning(f"{target.piku_py} differs from this piku.py and was left as it is; to replace it: "
+                f"python3 {target.piku_py} update {PIKU_SCRIPT}")
+        return None
+    account = pwd.getpwnam(target.user)
+    shutil.copyfile(PIKU_SCRIPT, target.piku_py)
+    os.chown(target.piku_py, account.pw_uid, account.pw_gid)
+    os.chmod(target.piku_py, 0o755)
+    return f"copied piku.py to {target.piku_py}"
+
+
+def read_bytes(path):
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+@install_step
+def install_uv(target):
+    for path in (os.path.join(target.home, ".local", "bin", "uv"), "/usr/local/bin/uv", "/usr/bin/uv"):
+        if os.access(path, os.X_OK):
+            return None
+    venv = os.path.join(target.home, ".local", "share", "piku", "uv")
+    as_user(target, [SYSTEM_PYTHON, "-m", "venv", venv])
+    as_user(target, [os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check", "uv"])
+    link = os.path.join(target.home, ".local", "bin", "uv")
+    as_user(target, ["mkdir", "-p", os.path.dirname(link)])
+    as_user(target, ["ln", "-sfn", os.path.join(venv, "bin", "uv"), link])
+    return f"installed {as_user(target, [link, '--version']).stdout.strip()} as {link} (from PyPI)"
+
+
+@install_step
+def install_setup(target):
+    written = [os.path.join(target.root, "uwsgi", "uwsgi.ini"),
+               *(os.path.join(target.root, "systemd", name) for name in ("piku-nginx.path", "piku-nginx.service"))]
+    before = file_digest(*written), [os.path.isdir(os.path.join(target.root, os.path.relpath(folder, PIKU_ROOT)))
+                                     for folder in PIKU_DIRS]
+    as_user(target, [SYSTEM_PYTHON, target.piku_py, "setup"])
+    after = file_digest(*written), [True] * len(PIKU_DIRS)
+    return None if before == after else f"ran setup: {target.root} and its emperor config"
+
+
+@install_step
+def install_units(target):
+    emperor, nginx_path, nginx_service = target.units()
+    group = grp.getgrgid(pwd.getpwnam(target.user).pw_gid).gr_name
+    texts = {emperor: EMPEROR_UNIT.substitute(user=target.user, group=group, home=target.home,
+                                              uwsgi=shutil.which("uwsgi") or "/usr/bin/uwsgi",
+                                              config=os.path.join(target.root, "uwsgi", "uwsgi.ini")),
+             nginx_path: read_text(os.path.join(target.root, "systemd", "piku-nginx.path")),
+             nginx_service: read_text(os.path.join(target.root, "systemd", "piku-nginx.service"))}
+    written = [name for name, text in texts.items()
+               if read_text(os.path.join(SYSTEMD_UNITS, name), None) != text]
+    for name in written:
+        write_atomic(os.path.join(SYSTEMD_UNITS, name), texts[name])
+    changes = [f"wrote {', '.join(written)} in {SYSTEMD_UNITS}"] if written else []
+    if not systemd_running():
+        notice(f"systemd is not running here: start the emperor as its unit would: runuser -u {target.user} -- "
+               f"uwsgi --ini {os.path.join(target.root, 'uwsgi', 'uwsgi.ini')}")
+        return "; ".join(changes) or None
+    if written:
+        run_command(["systemctl", "daemon-reload"], capture=True)
+    for unit in (emperor, nginx_path):
+        active = subprocess.run(["systemctl", "is-active", "--quiet", unit]).returncode == 0
+        enabled = subprocess.run(["systemctl", "is-enabled", "--quiet", unit]).returncode == 0
+        if not (active and enabled):
+            run_command(["systemctl", "enable", "--now", unit], capture=True)
+            changes.append(f"enabled and started {unit}")
+        elif unit == emperor and emperor in written:
+            run_command(["systemctl", "restart", unit], capture=True)
+            changes.append(f"restarted {unit}")
+    return "; ".join(changes) or None
+
+
+@install_step
+def install_nginx_include(target):
+    path = os.path.join(NGINX_CONF_D, f"{target.user}.conf")
+    text = (f"# written by piku.py install: the vhosts of {target.user}'s apps (docs/NGINX.md)\n"
+            f"include {os.path.join(target.root, 'nginx')}/*.conf;\n")
+    if read_text(path, None) == text:
+        return None
+    old = read_text(path, None)
+    write_atomic(path, text)
+    checked = subprocess.run([nginx_binary() or "/usr/sbin/nginx", "-t", "-q"], capture_output=True, text=True)
+    if checked.returncode != 0:
+        if old is None:
+            os.unlink(path)
+        else:
+            write_atomic(path, old)
+        raise PikuError(f"nginx refuses its config with {path}: {checked.stderr.strip()}",
+                        "Fix the nginx config (nginx -t), then run install again.")
+    if systemd_running() and subprocess.run(["systemctl", "is-active", "--quiet", "nginx"]).returncode == 0:
+        run_command(["systemctl", "reload", "nginx"], capture=True)
+    return f"nginx includes {target.user}'s vhosts ({path})"
+
+
+@install_step
+def install_key(target):
+    keys = os.path.join(target.home, ".ssh", "authorized_keys")
+    if target.key is None:
+        if "ssh-command" not in read_text(keys):
+            notice(f"no SSH key yet: add one with  python3 {PIKU_SCRIPT} install --key KEY.pub  (or, as "
+                   f"{target.user}: python3 ~/piku.py setup:ssh KEY.pub)")
+        return None
+    before = read_text(keys, None)
+    as_user(target, [SYSTEM_PYTHON, target.piku_py, "setup:ssh", "-",
+                     *(["--name", target.key_name] if target.key_name else [])], input=target.key)
+    return None if read_text(keys, None) == before else "added the SSH key"
+
+
+def install_host(target):
+    """Run every install step; -> the list of (step, what it changed)."""
+    if os.geteuid() != 0:
+        raise PikuError("install needs root", f"Run: sudo python3 {PIKU_SCRIPT} install")
+    if not shutil.which("apt-get"):
+        raise PikuError("install knows Debian and Ubuntu hosts only (no apt-get here)",
+                        "Follow the manual steps in docs/INSTALL.md.")
+    changes = []
+    for install in INSTALL_STEPS:
+        name = install.__name__.removeprefix("install_").replace("_", " ")
+        change = install(target)
+        step(f"{name}: {change or 'nothing to change'}")
+        if change:
+            changes.append((name, change))
+    return changes
+
+
+def self_check(candidate):
+    """Refuse a piku.py that does not import, whose --version fails, or whose doctor finds a
+    FAIL that this one does not. -> its version"""
+    version = subprocess.run([sys.executable, candidate, "--version"], capture_output=True, text=True)
+    if version.returncode != 0 or not version.stdout.startswith("piku, version "):
+        raise PikuError(f"the new piku.py does not run: {(version.stderr or version.stdout).strip()[-500:]}",
+                        "Nothing was replaced. Check the file you passed.")
+    fails = {}
+    for script in (PIKU_SCRIPT, candidate):
+        report = subprocess.run([sys.executable, script, "doctor"], capture_output=True, text=True).stdout
+        fails[script] = {line for line in report.splitlines() if line.startswith("FAIL ")}
+    new = sorted(fails[candidate] - fails[PIKU_SCRIPT])
+    if new:
+        raise PikuError("the new piku.py's doctor finds what this one does not:\n" + "\n".join(new),
+                        "Nothing was replaced. Fix that (or report it), then update again.")
+    return version.stdout.split()[-1]
+
+
+def update_script(new_file):
+    """Replace the running piku.py with new_file after its self-check, keeping the old one."""
+    text = read_bytes(new_file)
+    if text is None:
+        raise PikuError(f"{new_file} not found")
+    folder, info = os.path.dirname(PIKU_SCRIPT), os.stat(PIKU_SCRIPT)
+    handle, candidate = tempfile.mkstemp(dir=folder, prefix=".piku-candidate-", suffix=".py")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(text)
+        os.chmod(candidate, info.st_mode & 0o777)
+        if os.geteuid() == 0:
+            os.chown(candidate, info.st_uid, info.st_gid)
+        version = self_check(candidate)
+        shutil.copy2(PIKU_SCRIPT, PIKU_SCRIPT + ".previous")
+        os.replace(candidate, PIKU_SCRIPT)
+    finally:
+        if os.path.exists(candidate):
+            os.unlink(candidate)
+    return version
+
+
+def revert_script():
+    previous = PIKU_SCRIPT + ".previous"
+    if not os.path.exists(previous):
+        raise PikuError(f"there is no {previous} to go back to", "It is kept by `update`.")
+    swap = PIKU_SCRIPT + ".swap"
+    shutil.copy2(PIKU_SCRIPT, swap)
+    os.replace(previous, PIKU_SCRIPT)
+    os.replace(swap, previous)
 
 
 ##############################################################################
@@ -4720,6 +5068,53 @@ def cmd_setup():
            "&& systemctl enable --now piku-nginx.path  (docs/NGINX.md)")
 
 
+@cli.command("install")
+@click.option("--user", "user", default="piku", show_default=True, help="The user that owns ~/.piku and runs the apps.")
+@click.option("--home", help="Its home when the user is created (default: /home/USER).")
+@click.option("--key", "key_file", help="A developer's SSH public key to let in (- reads it from stdin).")
+@click.option("--key-name", help="That key's name (default: its comment).")
+def cmd_install(user, home, key_file, key_name):
+    """As root: make this Debian/Ubuntu host a piku host (packages, user, uv, systemd units, nginx, first
+    key). Running it again changes nothing."""
+    if not APP_NAME.fullmatch(user) or "." in user:
+        raise PikuError(f"invalid user name {user!r}", "Use letters, digits, '_' and '-'.")
+    key = None
+    if key_file is not None:
+        key = sys.stdin.read() if key_file == "-" else read_text(key_file, None)
+        if key is None:
+            raise PikuError(f"public key file '{key_file}' not found")
+    started = time.monotonic()
+    target = InstallTarget(user, os.path.abspath(home or os.path.join("/home", user)), key, key_name)
+    changes = install_host(target)
+    seconds = time.monotonic() - started
+    if not changes:
+        step(f"Nothing changed: this host was already set up for piku ({target.user}, {target.root}) -- {seconds:.1f} s")
+        return
+    step(f"piku is installed for {target.user} in {seconds:.1f} s ({len(changes)} step(s) changed something). "
+         f"From a laptop: git remote add piku {target.user}@{socket.getfqdn()}:APP && git push piku main")
+
+
+@cli.command("update")
+@click.argument("new_file", required=False)
+@click.option("--revert", is_flag=True, help="Go back to the piku.py the last update replaced.")
+def cmd_update(new_file, revert):
+    """Replace this piku.py with NEW_FILE once it passes a self-check (imports, --version, no new doctor
+    FAIL); the old one is kept as piku.py.previous."""
+    if revert:
+        revert_script()
+        step(f"Back to the previous piku.py; the one it replaced is now {PIKU_SCRIPT}.previous "
+             "(update --revert swaps them again)")
+        return
+    if not new_file:
+        raise PikuError("which file?", "Run: update /path/to/new/piku.py  (or: update --revert)")
+    version = update_script(new_file)
+    step(f"Updated {PIKU_SCRIPT} to piku {version}; the old one is {PIKU_SCRIPT}.previous")
+    result = subprocess.run([sys.executable, PIKU_SCRIPT, "setup"], capture_output=True, text=True)
+    if result.returncode != 0:
+        warning(f"setup with the new piku.py failed: {(result.stderr or result.stdout).strip()}")
+    notice(f"Ran setup with it. Go back with: {os.path.basename(sys.executable)} {PIKU_SCRIPT} update --revert")
+
+
 AUTHORIZED_KEY = re.compile(r"((?:sk-)?(?:ssh|ecdsa)-[A-Za-z0-9@.-]+) ([A-Za-z0-9+/]+={0,3})(?: ([^\r\n]*))?")
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 HOST_COMMANDS = frozenset({"setup", "setup:ssh", "keys", "keys:remove", "acme:renew"})   # keys without --apps only
@@ -4911,6 +5306,9 @@ def cmd_ssh_command():
         args = ["help"]
     if args[0] in INTERNAL_COMMANDS:
         raise PikuError(f"'{args[0]}' is not a command", "See the commands with: ssh piku@host help")
+    if args[0] in SERVER_ONLY_COMMANDS:
+        raise PikuError(f"'{args[0]}' runs on the server itself, not over ssh", "Log in to the server as root "
+                        "(install) or as the piku user (update) and run it there.")
     allowed = key_apps()
     if allowed is not None:
         check_key_access(args, allowed)
@@ -4920,6 +5318,7 @@ def cmd_ssh_command():
 # Hidden commands that only piku itself runs (hooks, the forced command): never over ssh.
 # git-receive-pack and git-upload-pack are what `git push` and `git clone` ask for.
 INTERNAL_COMMANDS = frozenset({"ssh-command", "git-hook"})
+SERVER_ONLY_COMMANDS = frozenset({"install", "update"})     # typed on the server itself, never over ssh
 
 
 @cli.command("git-receive-pack", hidden=True)

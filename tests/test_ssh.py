@@ -400,6 +400,12 @@ def test_internal_commands_cannot_be_reached_over_ssh(host, deployed):
         assert f"'{words[0]}' is not a command" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
     assert victim.read_text() == "untouched\n"
+    # what only a sysadmin types on the server: never over ssh, not even for a key of every app
+    piku_py = host.piku_py.read_bytes()
+    for words in (["update", str(victim)], ["install", "--user", host.user]):
+        result = host.ssh(*words)
+        assert result.returncode == 1 and f"'{words[0]}' runs on the server itself" in result.stderr, result.stderr
+    assert host.piku_py.read_bytes() == piku_py
     head = run(["git", "--git-dir", str(host.root / "repos" / APP), "symbolic-ref", "HEAD"]).stdout.strip()
     assert head == "refs/heads/main"
 
