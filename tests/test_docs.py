@@ -30,3 +30,30 @@ def test_every_command_the_docs_name_exists():
         result = subprocess.run([PYTHON, str(PIKU_PY), command, "--help"], capture_output=True, text=True,
                                 env={"PIKU_ROOT": "/nonexistent/piku", "PATH": "/usr/bin:/bin"})
         assert result.returncode == 0 and "Usage:" in result.stdout, (command, result.stderr)
+
+
+def commands_named_in(text):
+    """Commands after `piku.py` or `ssh piku@HOST` in a doc's code (spans and blocks, comments left out)."""
+    blocks = re.findall(r"```.*?```", text, re.S)
+    spans = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    code = [re.sub(r"(^|\s)#[^\n]*", r"\1", block) for block in blocks] + spans
+    return {match for snippet in code
+            for match in re.findall(r"(?:piku\.py|ssh piku@[\w.-]+)[ \t]+([a-z][a-z:-]*)", snippet)}
+
+
+def test_every_command_named_anywhere_in_the_docs_exists():
+    named = {}
+    for doc in [*DOCS.glob("*.md"), REPO / "README.md"]:
+        for command in commands_named_in(doc.read_text()):
+            named.setdefault(command, set()).add(doc.name)
+    assert {"install", "update", "doctor", "setup:ssh", "rollback"} <= set(named), sorted(named)
+    for command, where in sorted(named.items()):
+        result = subprocess.run([PYTHON, str(PIKU_PY), command, "--help"], capture_output=True, text=True,
+                                env={"PIKU_ROOT": "/nonexistent/piku", "PATH": "/usr/bin:/bin"})
+        assert result.returncode == 0 and "Usage:" in result.stdout, (command, sorted(where), result.stderr)
+
+
+def test_the_docs_tour_links_every_doc():
+    tour = (DOCS / "README.md").read_text()
+    missing = sorted(doc.name for doc in DOCS.glob("*.md") if doc.name != "README.md" and f"({doc.name})" not in tour)
+    assert not missing, f"docs/README.md does not lead to: {missing}"
