@@ -24,6 +24,7 @@ from test_ssh import SshHost, run
 
 SYSTEMD = Path("/etc/systemd/system")
 NGINX_CONF_D = Path("/etc/nginx/conf.d")
+REMOVED_PACKAGE = "python3-watchdog"
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"     # what a unit runs with
 
 
@@ -85,12 +86,19 @@ def installed():
     base.chmod(0o755)
     (base / "home").mkdir(mode=0o755)
     host = InstalledHost(base)
+    # One of the packages the installer installs is removed first, so its package step installs
+    # it for real (python3-watchdog: nothing depends on it; the finally below puts it back anyway).
+    run(["dpkg", "-r", REMOVED_PACKAGE])
     try:
         host.make_keys()
         host.first = host.install()
         host.second = host.install() if host.first.returncode == 0 else None
         yield host
     finally:
+        if subprocess.run(["dpkg-query", "-W", "-f=${Status}", REMOVED_PACKAGE], capture_output=True,
+                          text=True).stdout != "install ok installed":
+            run(["apt-get", "install", "-y", "-qq", REMOVED_PACKAGE], timeout=600,
+                env=clean_env(DEBIAN_FRONTEND="noninteractive"))
         host.close()
 
 
@@ -98,7 +106,7 @@ def test_install_sets_up_a_fresh_user_units_nginx_and_the_first_key(installed):
     host, first = installed, installed.first
     assert first.returncode == 0, first.stdout + first.stderr
     print(f"install: first run {first.seconds:.1f} s, second run {installed.second.seconds:.1f} s")
-    for expected in (f"user: created the user {host.user}", "unlocked it for ssh keys",
+    for expected in (f"debian packages: installed {REMOVED_PACKAGE}", f"user: created the user {host.user}", "unlocked it for ssh keys",
                      f"nginx (www-data) joined the group {host.user}", f"piku file: copied piku.py to {host.piku_py}",
                      "uv: installed uv ", "setup: ran setup", f"units: wrote uwsgi-{host.user}.service",
                      "nginx include: nginx includes", "key: added the SSH key", "piku is installed for"):
