@@ -119,6 +119,11 @@ KEEP_DEPLOYS = "20"       # deploy records (output, steps, outcome) kept per app
 ZERO_REV = "0" * 40
 
 
+def current_user():
+    """The name of the user piku runs as (the piku user, or root for `install`)."""
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
 def app_path(app):
     return os.path.join(APP_ROOT, app)
 
@@ -734,7 +739,7 @@ def base_env(app):
     return {
         "APP": app,
         "HOME": home,
-        "USER": pwd.getpwuid(os.getuid()).pw_name,
+        "USER": current_user(),
         "PATH": clean_path(os.environ.get("PATH") or DEFAULT_PATH),
         "LOG_ROOT": LOG_ROOT,
         "DATA_ROOT": os.path.join(DATA_ROOT, app),
@@ -3362,7 +3367,7 @@ def who_deploys():
     name, fingerprint = os.environ.get("NAME", ""), os.environ.get("FINGERPRINT", "")
     if fingerprint:
         return name if name and name != "default" else fingerprint
-    return pwd.getpwuid(os.getuid()).pw_name
+    return current_user()
 
 
 def record_release(release, cause, gen, state="live"):
@@ -3982,14 +3987,19 @@ def app_check(function):
     return function
 
 
+def systemd_units(user):
+    """The units `install` writes for user: uwsgi-piku.service, piku-nginx.path, piku-nginx.service."""
+    return f"uwsgi-{user}.service", f"{user}-nginx.path", f"{user}-nginx.service"
+
+
 @host_check
 def check_folders():
     for folder in PIKU_DIRS:
         if not os.path.isdir(folder):
             yield Finding("FAIL", f"{folder} is missing", "Run: piku.py setup")
         elif not os.access(folder, os.W_OK | os.X_OK):
-            yield Finding("FAIL", f"{folder} is not writable by {pwd.getpwuid(os.getuid()).pw_name}",
-                          f"As root: chown -R {pwd.getpwuid(os.getuid()).pw_name}: {PIKU_ROOT}")
+            yield Finding("FAIL", f"{folder} is not writable by {current_user()}",
+                          f"As root: chown -R {current_user()}: {PIKU_ROOT}")
     yield Finding("OK", f"piku's folders under {PIKU_ROOT}")
 
 
@@ -4023,7 +4033,8 @@ def check_emperor():
     config = os.path.join(UWSGI_ROOT, "uwsgi.ini")
     if not (pid and pid_alive(pid)):
         yield Finding("FAIL", "the uWSGI emperor is not running: no worker starts or stops",
-                      f"Start it: uwsgi --ini {config}  (or: systemctl start uwsgi-piku, docs/INSTALL.md)")
+                      f"Start it: uwsgi --ini {config}  (or: systemctl start {systemd_units(current_user())[0]}, "
+                      "docs/INSTALL.md)")
         return
     watched = read_text(os.path.join(UWSGI_ROOT, "uwsgi.ini"))
     if f"emperor = {UWSGI_ENABLED}" not in watched:
@@ -4051,7 +4062,7 @@ def check_nginx():
             yield Finding("FAIL", f"nginx refuses the vhost of {app} ({path})", f"Redeploy it: deploy {app}")
             continue
         yield Finding("OK", f"nginx accepts the vhost of {app}")
-    path_unit = f"{pwd.getpwuid(os.getuid()).pw_name}-nginx.path"       # as `install` names it
+    path_unit = systemd_units(current_user())[1]
     reload = host_setting("PIKU_NGINX_RELOAD") or (
         f"systemd's {path_unit}" if subprocess.run(["systemctl", "is-active", "--quiet", path_unit],
                                                    capture_output=True).returncode == 0 else "")
@@ -4220,8 +4231,7 @@ class InstallTarget:
         return os.path.join(self.home, ".piku")
 
     def units(self):
-        """systemd unit names: uwsgi-piku.service, piku-nginx.path/.service for the user piku."""
-        return f"uwsgi-{self.user}.service", f"{self.user}-nginx.path", f"{self.user}-nginx.service"
+        return systemd_units(self.user)
 
 
 INSTALL_STEPS = []
@@ -4300,8 +4310,9 @@ def install_user(target):
         changes.append("unlocked it for ssh keys (no password)")
     mode = os.stat(target.home).st_mode & 0o777
     if mode & 0o050 != 0o050:       # nginx reaches sockets and static files through the user's group
-        os.chmod(target.home, (mode | 0o050) & ~0o007)
-        changes.append(f"{target.home} is now mode {(mode | 0o050) & ~0o007:o}")
+        mode = (mode | 0o050) & ~0o007
+        os.chmod(target.home, mode)
+        changes.append(f"{target.home} is now mode {mode:o}")
     group = grp.getgrgid(account.pw_gid)
     if "www-data" in {entry.pw_name for entry in pwd.getpwall()} and "www-data" not in group.gr_mem:
         run_command(["usermod", "-aG", group.gr_name, "www-data"], capture=True, what="usermod")
@@ -4353,11 +4364,13 @@ def install_uv(target):
 def install_setup(target):
     written = [os.path.join(target.root, "uwsgi", "uwsgi.ini"),
                *(os.path.join(target.root, "systemd", name) for name in ("piku-nginx.path", "piku-nginx.service"))]
-    before = file_digest(*written), [os.path.isdir(os.path.join(target.root, os.path.relpath(folder, PIKU_ROOT)))
-                                     for folder in PIKU_DIRS]
+    folders = [os.path.join(target.root, os.path.relpath(folder, PIKU_ROOT)) for folder in PIKU_DIRS]
+
+    def snapshot():
+        return file_digest(*written), [os.path.isdir(folder) for folder in folders]
+    before = snapshot()
     as_user(target, [SYSTEM_PYTHON, target.piku_py, "setup"])
-    after = file_digest(*written), [True] * len(PIKU_DIRS)
-    return None if before == after else f"ran setup: {target.root} and its emperor config"
+    return None if snapshot() == before else f"ran setup: {target.root} and its emperor config"
 
 
 @install_step
@@ -5112,7 +5125,9 @@ def cmd_update(new_file, revert):
     result = subprocess.run([sys.executable, PIKU_SCRIPT, "setup"], capture_output=True, text=True)
     if result.returncode != 0:
         warning(f"setup with the new piku.py failed: {(result.stderr or result.stdout).strip()}")
-    notice(f"Ran setup with it. Go back with: {os.path.basename(sys.executable)} {PIKU_SCRIPT} update --revert")
+    else:
+        notice("Ran setup with it.")
+    notice(f"Go back with: {os.path.basename(sys.executable)} {PIKU_SCRIPT} update --revert")
 
 
 AUTHORIZED_KEY = re.compile(r"((?:sk-)?(?:ssh|ecdsa)-[A-Za-z0-9@.-]+) ([A-Za-z0-9+/]+={0,3})(?: ([^\r\n]*))?")
