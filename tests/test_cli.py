@@ -16,11 +16,21 @@ def test_version(piku):
 
 def test_mistakes_give_messages_not_tracebacks(piku, tmp_path):
     for args in (["nosuch"], ["config"], ["logs", "ghost"], ["ps", "ghost"], ["run", "ghost", "ls"],
-                 ["setup:ssh", str(tmp_path / "missing.pub")], ["deploy", "../x"], ["ps:scale", "ghost", "web=1"]):
+                 ["setup:ssh", str(tmp_path / "missing.pub")], ["deploy", "../x"], ["ps:scale", "ghost", "web=1"],
+                 ["update"], ["update", str(tmp_path / "missing.py")], ["install", "--user", "bad name"]):
         result = piku(*args, check=False)
         assert result.returncode in (1, 2), args
         assert "Traceback" not in result.stderr, args
         assert result.stderr.strip(), args
+
+
+def test_a_host_without_click_gets_the_command_that_installs_it(piku):
+    import subprocess
+    from conftest import PIKU_PY, PYTHON
+    # python -S leaves out site-packages, where Debian's click lives: a host without python3-click
+    result = subprocess.run([PYTHON, "-S", str(PIKU_PY), "apps"], capture_output=True, text=True, env=piku.env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "piku.py needs click" in result.stderr and "python3 piku.py install" in result.stderr
 
 
 def test_setup_ssh_refuses_a_non_key(piku, tmp_path):
