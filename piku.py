@@ -66,7 +66,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from stat import S_ISREG
+import stat
 
 try:
     import click
@@ -111,6 +111,97 @@ UWSGI_AVAILABLE = os.path.join(PIKU_ROOT, "uwsgi-available")
 UWSGI_ENABLED = os.path.join(PIKU_ROOT, "uwsgi-enabled")
 PIKU_DIRS = (APP_ROOT, CACHE_ROOT, DATA_ROOT, ENV_ROOT, GIT_ROOT, LOG_ROOT, NGINX_ROOT,
              RELEASE_ROOT, LOCK_ROOT, UWSGI_ROOT, UWSGI_AVAILABLE, UWSGI_ENABLED, ACME_WWW)
+
+# Who may enter piku's folders. nginx (www-data, in the piku user's group) walks through the
+# group's folders to what it serves -- the apps' sockets, release files, ACME answers -- and
+# writes its cache; its root master opens vhosts, certificates and logs itself. Nothing else
+# is the group's (settings, repos, data, records), and nothing is anyone else's. A folder
+# below one of these gets its mode; GROUP_WRITES lists the exceptions nginx writes into.
+FOLDER_MODES = {PIKU_ROOT: 0o750, RELEASE_ROOT: 0o750, UWSGI_ROOT: 0o750, ACME_WWW: 0o750, CACHE_ROOT: 0o750,
+                APP_ROOT: 0o700, DATA_ROOT: 0o700, ENV_ROOT: 0o700, GIT_ROOT: 0o700, LOG_ROOT: 0o700,
+                NGINX_ROOT: 0o700, LOCK_ROOT: 0o700, UWSGI_AVAILABLE: 0o700, UWSGI_ENABLED: 0o700}
+GROUP_WRITES = (CACHE_ROOT,)        # cache/APP: nginx's proxy and uwsgi caches
+UMASK = 0o027                       # files piku (and what it runs) creates: the group reads, others nothing
+
+# piku's own files in folders that also hold an entry per app. Each is registered here, and no
+# app may be named so that one of its entries would be one of these (reserved_app_names).
+HOST_FILES = {}
+# How each shared folder names an app's entry: '' the app's name itself, '.conf' APP.conf, ...
+APP_ENTRIES = {APP_ROOT: ("",), CACHE_ROOT: ("",), DATA_ROOT: ("",), ENV_ROOT: ("",), GIT_ROOT: ("",),
+               LOG_ROOT: ("",), RELEASE_ROOT: ("",), UWSGI_ROOT: ("",), LOCK_ROOT: (".lock",),
+               NGINX_ROOT: (".conf", ".crt", ".key", ".acme"), UWSGI_ENABLED: ("@",)}
+
+
+def host_file(folder, name):
+    """The path of one of piku's own files in folder, registered so no app can be named like it."""
+    HOST_FILES.setdefault(folder, set()).add(name)
+    return os.path.join(folder, name)
+
+
+EMPEROR_CONFIG = host_file(UWSGI_ROOT, "uwsgi.ini")
+EMPEROR_PID = host_file(UWSGI_ROOT, "emperor.pid")
+EMPEROR_LOG = host_file(UWSGI_ROOT, "uwsgi.log")
+EMPEROR_OLD_LOG = host_file(UWSGI_ROOT, "uwsgi.old.log")
+DAILY_VASSAL = host_file(UWSGI_ENABLED, "acme-renew.ini")
+DAILY_LOG = host_file(LOG_ROOT, "acme-renew.log")
+DAILY_OLD_LOG = host_file(LOG_ROOT, "acme-renew.log.old")
+PROBES_CACHE = host_file(CACHE_ROOT, ".probes.json")
+CLOUDFLARE_CACHE = host_file(CACHE_ROOT, ".cloudflare-ips.json")
+NAMES_LOCK = host_file(LOCK_ROOT, ".names.lock")
+NGINX_RELOAD_TRIGGER = host_file(NGINX_ROOT, ".reload")     # not *.conf: nginx never reads it
+HOST_ENV = os.path.join(PIKU_ROOT, "piku.env")
+SYSTEMD_FOLDER = os.path.join(PIKU_ROOT, "systemd")
+
+
+def reserved_app_names():
+    """The names an app may not have: one of its entries would be one of piku's own files."""
+    reserved = set()
+    for folder, names in HOST_FILES.items():
+        for name in names:
+            for suffix in APP_ENTRIES.get(folder, ()):
+                if suffix == "@":
+                    reserved.update([name.split("@", 1)[0]] if "@" in name else [])
+                elif name.endswith(suffix) and len(name) > len(suffix):
+                    reserved.add(name[:len(name) - len(suffix)])
+    return reserved
+
+
+def folder_mode(path):
+    """The mode of a folder of piku's: that of the registered folder it is (or lies below)."""
+    for root in sorted(FOLDER_MODES, key=len, reverse=True):
+        if path == root or path.startswith(root + os.sep):
+            if path != root and any(path.startswith(base + os.sep) for base in GROUP_WRITES):
+                return 0o770
+            return FOLDER_MODES[root]
+    return None
+
+
+def make_folder(path):
+    """Create path (and its missing parents) with the mode its place in PIKU_ROOT gives it,
+    whatever the umask; folders outside PIKU_ROOT are created as os.makedirs would."""
+    path = os.path.abspath(path)
+    if os.path.islink(path) and any(path.startswith(root + os.sep) for root in APP_WRITABLE):
+        os.unlink(path)         # a link app code put where piku's folder goes: never followed
+    if os.path.isdir(path):
+        return path
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.isdir(parent):
+        make_folder(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return path
+    mode = folder_mode(path)
+    os.chmod(path, mode if mode is not None else 0o777 & ~current_umask())
+    return path
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 UWSGI_LOG_MAXSIZE = "1048576"
@@ -244,10 +335,12 @@ def warning(message):
     problem(f"warning: {message}")
 
 
-class Tee(io.TextIOBase):
-    """A text stream that writes to the stream it replaces and keeps a copy."""
+class Output(io.TextIOBase):
+    """stdout or stderr as piku writes to them: through to the real stream, keeping a copy when
+    asked (what a deploy showed), and a reader that has gone (EPIPE) ends the command the way
+    a hang-up does (ClientWatch) instead of failing a write half-way through a switch."""
 
-    def __init__(self, stream, copy):
+    def __init__(self, stream, copy=None):
         self.stream, self.copy = stream, copy
 
     @property
@@ -260,23 +353,104 @@ class Tee(io.TextIOBase):
 
     def write(self, text):
         if isinstance(text, (bytes, bytearray)):       # click writes bytes to a stream's buffer
-            self.copy.append(bytes(text).decode(errors="replace"))
-            return self.stream.buffer.write(text)
-        self.copy.append(text)
-        return self.stream.write(text)
+            if self.copy is not None:
+                self.copy.append(bytes(text).decode(errors="replace"))
+            return self._guarded(lambda: self.stream.buffer.write(text), len(text))
+        if self.copy is not None:
+            self.copy.append(text)
+        return self._guarded(lambda: self.stream.write(text), len(text))
+
+    def _guarded(self, action, size):
+        try:
+            return action()
+        except BrokenPipeError:
+            ClientWatch.left()
+            return size
 
     @property
     def buffer(self):
         return self
 
     def flush(self):
-        self.stream.flush()
+        self._guarded(self.stream.flush, 0)
 
     def isatty(self):
         return self.stream.isatty()
 
     def fileno(self):
         return self.stream.fileno()
+
+
+class ClientGone(BaseException):
+    """The client that asked for this command went away (ssh hung up, git's channel closed)."""
+
+
+class ClientWatch:
+    """Ends a command whose client has gone: a thread notices that the reader of our output
+    closed its end (git's side-band and sshd close it when the client disconnects; git sends a
+    keepalive every few seconds, so a silent hook notices too), and SIGHUP means the same. The
+    main thread then gets ClientGone, which unwinds the command (new workers stopped, its
+    release: command killed, the lock released) -- except inside shielded(): a release that
+    is already committed finishes its switch, with its output going nowhere."""
+    shields = 0
+    thread = None
+
+    @classmethod
+    def start(cls):
+        signal.signal(signal.SIGHUP, cls._hung_up)
+        try:
+            kind = os.fstat(sys.stdout.fileno()).st_mode
+        except (OSError, ValueError):
+            return
+        if stat.S_ISFIFO(kind) or stat.S_ISSOCK(kind):
+            import threading
+            cls.thread = threading.Thread(target=cls._watch, name="client-watch", daemon=True)
+            cls.thread.start()
+
+    @classmethod
+    def _watch(cls):
+        while not output_gone():
+            time.sleep(0.5)
+        silence_output()
+        os.kill(os.getpid(), signal.SIGHUP)         # handled in the main thread, between two steps
+
+    @classmethod
+    def _hung_up(cls, signum, frame):
+        cls.left()
+
+    @classmethod
+    def left(cls):
+        silence_output()
+        if not cls.shields:
+            raise ClientGone()
+
+    @classmethod
+    @contextlib.contextmanager
+    def shielded(cls):
+        cls.shields += 1
+        try:
+            yield
+        finally:
+            cls.shields -= 1
+
+
+def output_gone():
+    """Has the reader of our output gone (an ssh client that disconnected)?"""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)     # error events are always reported
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def silence_output():
+    """The reader of our output has gone: write nothing more, not even at exit."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            os.dup2(null, fd)
+    os.close(null)
 
 
 class DeployRecord:
@@ -294,9 +468,12 @@ class DeployRecord:
 
     def __enter__(self):
         self.started, self.when = time.monotonic(), time.strftime("%Y-%m-%d %H:%M:%S")
+        self.id = self.allocate()
         self.streams = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = Tee(sys.stdout, self.output), Tee(sys.stderr, self.output)
+        sys.stdout, sys.stderr = Output(sys.stdout, self.output), Output(sys.stderr, self.output)
         DeployRecord.active.append(self)
+        with contextlib.suppress(OSError):      # a full disk: the deploy itself matters more
+            self.save("running")                # what a deploy killed with SIGKILL leaves
         return self
 
     def __exit__(self, kind, error, trace):
@@ -305,28 +482,51 @@ class DeployRecord:
         sys.stdout, sys.stderr = self.streams
         if isinstance(error, PikuError):     # the lines main() is about to print
             self.output += [f" !     {line}\n" for line in (error.message, error.hint) if line]
+        elif isinstance(error, ClientGone):
+            self.output.append(" !     the client disconnected: the deploy was stopped, nothing live changed\n")
         elif error is not None:
             self.output.append(f" !     {'interrupted' if isinstance(error, KeyboardInterrupt) else repr(error)}\n")
-        try:
-            self.save("ok" if error is None else "failed")
-        except OSError:
-            pass        # a full disk: the deploy's own outcome matters more than its record
+        outcome = "ok" if error is None else "interrupted" if isinstance(error, (KeyboardInterrupt, ClientGone)) \
+            else "failed"
+        with contextlib.suppress(OSError):      # a full disk: the deploy's own outcome matters more
+            self.save(outcome)
         return False
+
+    def allocate(self):
+        """The next record's id; the oldest records beyond PIKU_KEEP_DEPLOYS go."""
+        folder = make_folder(deploys_dir(self.app))
+        ids = sorted(int(name[:-5]) for name in os.listdir(folder) if re.fullmatch(r"[0-9]+\.json", name))
+        for old in ids[:max(0, len(ids) + 1 - int(KEEP_DEPLOYS))]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, f"{old}.json"))
+        return (ids[-1] + 1) if ids else 1
 
     def save(self, outcome):
         ended = time.monotonic()
         times = [start for _, start in self.steps] + [ended]
-        record = {"app": self.app, "when": self.when, "cause": self.cause, "by": who_deploys(), "outcome": outcome,
-                  "seconds": round(ended - self.started, 2), "output": "".join(self.output),
-                  "steps": [[message, round(times[i + 1] - start, 2)] for i, (message, start) in enumerate(self.steps)]}
-        folder = deploys_dir(self.app)
-        os.makedirs(folder, exist_ok=True)
-        ids = sorted(int(name[:-5]) for name in os.listdir(folder) if re.fullmatch(r"[0-9]+\.json", name))
-        record["id"] = (ids[-1] + 1) if ids else 1
-        write_atomic(os.path.join(folder, f"{record['id']}.json"), json.dumps(record, indent=1) + "\n", mode=0o600)
-        keep = int(KEEP_DEPLOYS)
-        for old in ids[:max(0, len(ids) + 1 - keep)]:
-            os.unlink(os.path.join(folder, f"{old}.json"))
+        record = {"id": self.id, "app": self.app, "when": self.when, "cause": self.cause, "by": who_deploys(),
+                  "outcome": outcome, "seconds": round(ended - self.started, 2), "output": "".join(self.output),
+                  "steps": [[message, round(times[i + 1] - start, 2)] for i, (message, start) in enumerate(self.steps)],
+                  "process": process_identity(os.getpid())}
+        write_atomic(os.path.join(deploys_dir(self.app), f"{self.id}.json"), json.dumps(record, indent=1) + "\n",
+                     mode=0o600)
+
+
+def process_identity(pid):
+    """[pid, its start time]: names one process, even after the PID is used again."""
+    try:
+        return [pid, int(read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[19])]
+    except (OSError, ValueError, IndexError):
+        return [pid, None]
+
+
+def deploy_outcome(record):
+    """A record's outcome; one still 'running' whose process is gone was interrupted (SIGKILL,
+    a reboot)."""
+    if record.get("outcome") == "running" and process_identity((record.get("process") or [0])[0]) != \
+            record.get("process"):
+        return "interrupted"
+    return record.get("outcome", "?")
 
 
 def run_command(args, *, cwd=None, env=None, capture=False, what=None):
@@ -398,6 +598,10 @@ def validate_app_name(name):
         raise PikuError(f"invalid app name {name!r}",
                         "App names start with a letter or digit and use only letters, digits, "
                         "'.', '_' and '-' (at most 64 characters).")
+    if name in reserved_app_names():
+        raise PikuError(f"the app name {name!r} is taken by one of piku's own files",
+                        "Pick another name: " + ", ".join(sorted(n for n in reserved_app_names() if APP_NAME.fullmatch(n)))
+                        + " are piku's.")
     return name
 
 
@@ -549,7 +753,10 @@ def static_paths(env, root):
         if not sep or not STATIC_PREFIX.fullmatch(prefix) or ".." in prefix.split("/") or not folder.strip():
             raise PikuError(f"NGINX_STATIC_PATHS entry {entry!r} is not '/url/prefix/:folder'",
                             "Write it like: NGINX_STATIC_PATHS=/static/:staticfiles,/media/:media")
-        resolved = os.path.realpath(os.path.join(root, folder.strip().lstrip("/")))
+        if folder.strip().startswith("/"):
+            raise PikuError(f"NGINX_STATIC_PATHS folder {folder.strip()!r} is an absolute path",
+                            "Name a folder of the app, relative to its root: /static/:staticfiles")
+        resolved = os.path.realpath(os.path.join(root, folder.strip()))
         if not NGINX_SAFE_PATH.fullmatch(resolved):
             raise PikuError(f"NGINX_STATIC_PATHS folder {folder!r} has characters piku does not write into "
                             "a web server's config", "Use letters, digits and . _ - / in folder names.")
@@ -681,12 +888,111 @@ def read_pushed_bytes(root, name, limit):
     except OSError as error:
         raise PikuError(f"{name} in the pushed code cannot be read: {error.strerror}")
     with os.fdopen(fd, "rb") as handle:
-        stat = os.fstat(fd)
-        if not S_ISREG(stat.st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise PikuError(f"{name} in the pushed code is not a regular file", f"Commit {name} as a plain file.")
-        if stat.st_size > limit:
-            raise PikuError(f"{name} in the pushed code is {stat.st_size} bytes; piku reads at most {limit}")
+        if info.st_size > limit:
+            raise PikuError(f"{name} in the pushed code is {info.st_size} bytes; piku reads at most {limit}")
         return handle.read(limit + 1)[:limit]
+
+
+# --- files in folders app code can write --------------------------------------------
+# An app's processes write into logs/APP/, uwsgi/APP/ (sockets, pidfiles, FIFOs) and data/APP/,
+# so they can put a symlink (or a FIFO, a socket) where piku expects its own file. Everything
+# piku opens, reads, signals or connects to there goes through open_app_file or
+# app_socket_path: no component below piku's own folder is followed if it is a link, and
+# the file must be of the kind piku expects.
+
+APP_WRITABLE = (LOG_ROOT, UWSGI_ROOT, DATA_ROOT)
+
+
+def split_app_path(path):
+    """(piku's own folder, the components below it) of a path in a folder app code writes."""
+    for root in APP_WRITABLE:
+        if path.startswith(root + os.sep):
+            return root, [part for part in path[len(root) + 1:].split(os.sep) if part]
+    raise ValueError(f"{path} is not in a folder app code writes")
+
+
+def _open_parent_nofollow(path):
+    """An fd of path's folder, reached without following a link below piku's own folder."""
+    root, parts = split_app_path(path)
+    folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+            os.close(folder)
+            folder = inner
+    except BaseException:
+        os.close(folder)
+        raise
+    return folder, parts[-1]
+
+
+def open_app_file(path, flags=os.O_RDONLY, kind=stat.S_ISREG):
+    """Open path, in a folder app code writes, without following any link on the way and
+    only if it is of kind (a regular file, a FIFO). -> fd. OSError otherwise (ELOOP for a
+    link, EINVAL for another kind of file)."""
+    folder, name = _open_parent_nofollow(path)
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+    finally:
+        os.close(folder)
+    if not kind(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not the kind of file piku expects there", path)
+    return fd
+
+
+def read_app_file(path, limit=1024 * 1024):
+    """The text of a small file in a folder app code writes ('' when it cannot be read so)."""
+    try:
+        fd = open_app_file(path)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read(limit).decode(errors="replace")
+
+
+@contextlib.contextmanager
+def app_socket_path(path):
+    """A path to connect to the unix socket at path (in a folder app code writes) that leads
+    through piku's own folders only: /proc/self/fd/N/NAME, N being that folder reached without
+    following links, NAME checked to be a socket. OSError when it is not one."""
+    folder, name = _open_parent_nofollow(path)
+    try:
+        if not stat.S_ISSOCK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+            raise OSError(errno.ENOTSOCK, "not a socket", path)
+        yield f"/proc/self/fd/{folder}/{name}"
+    finally:
+        os.close(folder)
+
+
+def log_tail(path, count):
+    """The last count lines of a log in a folder app code writes ([] when it cannot be read so)."""
+    try:
+        fd = open_app_file(path)
+    except OSError:
+        return []
+    try:
+        return tail_lines(fd, count)[0]
+    finally:
+        os.close(fd)
+
+
+def tail_lines(fd, count, most=8 * 1024 * 1024):
+    """The last count lines of the file open at fd, read from its end: a 1 GiB log costs the
+    lines asked for, not the file (at most `most` bytes are read). -> (lines, the end offset)"""
+    end = os.lseek(fd, 0, os.SEEK_END)
+    data, position = b"", end
+    while position > 0 and data.count(b"\n") <= count and end - position < most:
+        size = min(65536, position)
+        position -= size
+        data = os.pread(fd, size, position) + data
+    lines = data.decode(errors="replace").splitlines()
+    if position > 0 and lines:
+        lines = lines[1:]       # the first one is cut
+    return (lines[-count:] if count else []), end
 
 
 def read_pushed_text(root, name, limit=PUSHED_TEXT_MAX):
@@ -705,7 +1011,7 @@ def read_pushed_text(root, name, limit=PUSHED_TEXT_MAX):
 def write_atomic(path, text, mode=0o644, mtime=None):
     """Write text to path through a temporary file and a rename (with mtime, if given)."""
     directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
+    make_folder(directory)
     handle, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
@@ -770,7 +1076,7 @@ class AppLock:
         self.handed_over = False
 
     def __enter__(self):
-        os.makedirs(LOCK_ROOT, exist_ok=True)
+        make_folder(LOCK_ROOT)
         self.handle = open(self.path, "a")
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1415,16 +1721,54 @@ UV_FAILURES = (
 )
 
 
-def stream_command(args, cwd, env, secrets=()):
-    """Run args, showing each line of its output (stdout and stderr) indented as it comes,
-    secrets masked. -> (exit code, the output)"""
-    lines = []
-    with subprocess.Popen(args, cwd=cwd, env=env, text=True, errors="replace", stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
-        for line in process.stdout:
-            lines.append(line)
-            notice(mask_secrets(line.rstrip("\n"), secrets))
+class CommandTimeout(Exception):
+    """A command piku streamed ran past its time and was stopped."""
+
+
+def stream_command(args, cwd, env, secrets=(), timeout=None):
+    """Run args in a session of its own, showing each line of its output (stdout and stderr)
+    indented as it comes, secrets masked. -> (exit code, the output). Past timeout seconds, or
+    when anything stops piku meanwhile (the client went, ^C), the command and everything it
+    started are killed: nothing it runs outlives the deploy that ran it. CommandTimeout then."""
+    process = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    lines, pending = [], b""
+    def show(raw):
+        line = raw.decode(errors="replace")
+        lines.append(line + "\n")
+        notice(mask_secrets(line, secrets))
+    try:
+        while True:
+            if deadline is not None:
+                wait = deadline - time.monotonic()
+                if wait <= 0 or not select.select([process.stdout], [], [], wait)[0]:
+                    raise CommandTimeout(f"{args[0]} ran for more than {timeout:g} s")
+            chunk = os.read(process.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            *complete, pending = (pending + chunk).split(b"\n")
+            for raw in complete:
+                show(raw)
+        if pending:
+            show(pending)
+        process.wait()
+    except BaseException:
+        kill_session(process)
+        raise
+    finally:
+        process.stdout.close()
     return process.returncode, "".join(lines)
+
+
+def kill_session(process):
+    """Kill a command -- and, when it was started in a session of its own, everything in it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+    process.wait()
 
 
 def run_build_tool(args, cwd, env, show=True, failures=()):
@@ -1692,7 +2036,7 @@ def stat_key(path):
 def cached_probe(key, compute, keep=64):
     """compute(), remembered in cache/.probes.json while key -- what the answer depends on --
     stays the same. Answers naming a file are dropped once that file is gone."""
-    path = os.path.join(CACHE_ROOT, ".probes.json")       # no app name starts with '.'
+    path = PROBES_CACHE
     try:
         table = json.loads(read_text(path) or "{}")
     except ValueError:
@@ -1846,6 +2190,7 @@ VASSAL_TEMPLATES = {
 plugin = rawrouter
 rawrouter = $socket
 rawrouter-to = $private
+rawrouter-timeout = $idle
 attach-daemon = $command
 """),
     "worker": string.Template("attach-daemon = $command\n"),
@@ -1889,8 +2234,11 @@ UWSGI_NUMBERS = {"UWSGI_PROCESSES": "1", "UWSGI_THREADS": "4", "UWSGI_MAX_REQUES
 
 # The most a number setting may ask for: beyond these a host runs out of processes or memory
 # long before the app benefits (listen: the kernel's somaxconn ceiling).
+NGINX_PROXY_READ_TIMEOUT = 3600        # seconds a WebSocket or an event stream may stay quiet
+RELEASE_TIMEOUT = 600                   # seconds preflight: and release: may run (PIKU_RELEASE_TIMEOUT)
 NUMBER_LIMITS = {"UWSGI_PROCESSES": 1024, "UWSGI_THREADS": 1024, "GUNICORN_WORKERS": 1024,
-                 "WEB_CONCURRENCY": 1024, "UWSGI_LISTEN": 65535, "NGINX_CACHE_SIZE": 1024}
+                 "WEB_CONCURRENCY": 1024, "UWSGI_LISTEN": 65535, "NGINX_CACHE_SIZE": 1024,
+                 "NGINX_PROXY_READ_TIMEOUT": 7 * 86400, "PIKU_RELEASE_TIMEOUT": 86400}
 
 
 def setting_number(env, keys, default):
@@ -1931,6 +2279,7 @@ def vassal_values(instance, command, env, root):
         values["usocket"] = instance.uwsgi_socket
     if kind.name == "web":
         values["private"] = f"127.0.0.1:{env['PORT']}"
+        values["idle"] = idle_timeout(env)
     if kind.name == "static":
         values["folder"] = static_path(command, root)   # planning checked it stays inside the app
     if kind.template == "gunicorn":
@@ -1955,7 +2304,8 @@ def render_vassal(instance, command, env, root, extra=()):
     text += VASSAL_TEMPLATES[worker_kind(instance.kind, env).template].substitute(values)
     for key, value in extra:
         text += f"{key} = {uwsgi_escape(value)}\n"
-    check_option_references(text, env)
+    check_option_references(text, {f"the {instance.kind} command": command,
+                                   **{f"the value of {key}": value for key, value in env.items()}})
     for key in sorted(env):
         text += f"env = {key}={uwsgi_escape(env[key])}\n"
     return text
@@ -1964,16 +2314,18 @@ def render_vassal(instance, command, env, root, extra=()):
 OPTION_REFERENCE = re.compile(r"%\(([^)]*)\)")
 
 
-def check_option_references(text, env):
+def check_option_references(text, values):
     """uWSGI replaces %(NAME) with the value of the option NAME wherever the config sets one,
-    and no escape stops it. Refuse a value that names an option of its own vassal; anything
-    else (%(asctime)s, say) reaches the app byte for byte."""
+    and no escape stops it (uwsgi --get shows '%%(chdir)' read back as the folder). Refuse a
+    value -- a setting, a Procfile command -- that names an option of its own vassal; anything
+    else (%(asctime)s, say) reaches the app byte for byte. values: {what it is: its text}."""
     options = {line.split("=", 1)[0].strip() for line in text.splitlines() if "=" in line}
     options |= {"env", "piku_dollar", "piku_at"}
-    for key, value in sorted(env.items()):
+    options |= {name.replace("-", "_") for name in options} | {name.replace("_", "-") for name in options}
+    for what, value in sorted(values.items()):
         for name in OPTION_REFERENCE.findall(value):
             if name in options:
-                raise PikuError(f"the value of {key} contains '%({name})', which uWSGI would replace with "
+                raise PikuError(f"{what} contains '%({name})', which uWSGI would replace with "
                                 f"its own {name!r} option", "Write it another way (for example '%%' + '(...)' "
                                 "built by the app); piku cannot pass it through uWSGI unchanged.")
 
@@ -2041,6 +2393,7 @@ log-maxsize = $log_maxsize
 die-on-term = true
 rawrouter = $bind
 rawrouter-gracetime = 1
+rawrouter-timeout = $idle
 $slots""")
 
 
@@ -2055,8 +2408,15 @@ def render_front(app, env):
     slots = "".join(f"rawrouter-to = {uwsgi_escape(slot_path(app, slot))}\n" for slot in range(1, FRONT_SLOTS + 1))
     values = {"app": app, "bind": uwsgi_escape(bind_address(env)), "log": uwsgi_escape(log), "slots": slots,
               "pidfile": uwsgi_escape(os.path.join(runtime_dir(app), unit + ".pid")),
-              "log_maxsize": uwsgi_number(env, "UWSGI_LOG_MAXSIZE")}
+              "log_maxsize": uwsgi_number(env, "UWSGI_LOG_MAXSIZE"), "idle": idle_timeout(env)}
     return FRONT_TEMPLATE.substitute(values)
+
+
+def idle_timeout(env):
+    """Seconds a connection may stay quiet -- a WebSocket, an event stream -- before nginx or the
+    app's relays (the front, a web worker's) close it: NGINX_PROXY_READ_TIMEOUT. (uWSGI's relays
+    close a connection after 60 quiet seconds unless told otherwise.)"""
+    return setting_number(env, ("NGINX_PROXY_READ_TIMEOUT",), NGINX_PROXY_READ_TIMEOUT)
 
 
 EMPEROR_TEMPLATE = string.Template("""\
@@ -2069,17 +2429,18 @@ emperor-freq = 1
 emperor-throttle = 1
 emperor-graceful-shutdown = true
 ; piku wakes the emperor with SIGWINCH when it adds or removes a vassal
-emperor-pidfile = $root/emperor.pid
-logto = $root/uwsgi.log
-log-backupname = $root/uwsgi.old.log
+emperor-pidfile = $pidfile
+logto = $log
+log-backupname = $old_log
 log-maxsize = $log_maxsize
 die-on-term = true
 """)
 
 
 def render_emperor():
-    return EMPEROR_TEMPLATE.substitute(config=os.path.join(UWSGI_ROOT, "uwsgi.ini"), root=UWSGI_ROOT,
-                                       enabled=UWSGI_ENABLED, log_maxsize=UWSGI_LOG_MAXSIZE)
+    return EMPEROR_TEMPLATE.substitute(config=EMPEROR_CONFIG, root=UWSGI_ROOT, enabled=UWSGI_ENABLED,
+                                       pidfile=EMPEROR_PID, log=EMPEROR_LOG, old_log=EMPEROR_OLD_LOG,
+                                       log_maxsize=UWSGI_LOG_MAXSIZE)
 
 
 # --- nginx ------------------------------------------------------------------------
@@ -2105,9 +2466,8 @@ def host_setting(name, default=""):
     if name in os.environ:
         return os.environ[name]
     if None not in _HOST_SETTINGS:         # read once per command
-        path = os.path.join(PIKU_ROOT, "piku.env")
-        _HOST_SETTINGS.update(parse_env_text(read_text(path), path))
-        _HOST_SETTINGS[None] = path
+        _HOST_SETTINGS.update(parse_env_text(read_text(HOST_ENV), HOST_ENV))
+        _HOST_SETTINGS[None] = HOST_ENV
     return _HOST_SETTINGS.get(name, default)
 
 
@@ -2175,14 +2535,34 @@ UWSGI_PARAMS = (("QUERY_STRING", "$query_string"), ("REQUEST_METHOD", "$request_
                 ("SERVER_NAME", "$server_name"), ("HTTP_X_FORWARDED_PROTO", "$scheme"))
 
 
-def nginx_pass(app, uwsgi):
-    """How nginx hands a request to the app: uwsgi_pass for uWSGI's wsgi, HTTP for the rest."""
+def nginx_connection_variable(app):
+    """The variable of the app's Upgrade map: nginx's variables are one namespace for every
+    vhost, so the name is the app's (and unique: a digest tells 'a.b' from 'a_b')."""
+    digest = hashlib.sha256(app.encode()).hexdigest()[:8]
+    return f"$piku_connection_{re.sub(r'[^A-Za-z0-9]', '_', app)}_{digest}"
+
+
+def nginx_upgrade_map(app):
+    """Connection: upgrade when the request asks for an upgrade (WebSockets), none otherwise."""
+    return [*nginx_block(f"map $http_upgrade {nginx_connection_variable(app)}", ["default upgrade;", "'' '';"])]
+
+
+def nginx_pass(app, uwsgi, env, buffering=False):
+    """How nginx hands a request to the app: uwsgi_pass for uWSGI's wsgi, HTTP for the rest.
+    Responses are passed on as they come (an event stream's first event arrives before the
+    response ends) unless they are cached, WebSockets are upgraded, and a connection may stay
+    quiet for NGINX_PROXY_READ_TIMEOUT seconds before nginx closes it."""
+    timeout = idle_timeout(env)
+    flow = "on" if buffering else "off"
     if uwsgi:
         return [*(f"uwsgi_param {name} {value};" for name, value in UWSGI_PARAMS),
+                f"uwsgi_read_timeout {timeout}s;", f"uwsgi_send_timeout {timeout}s;", f"uwsgi_buffering {flow};",
                 f"uwsgi_pass piku-{app}-uslot;"]
     return ["proxy_http_version 1.1;", "proxy_set_header Host $host;", "proxy_set_header X-Real-IP $remote_addr;",
             "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
-            "proxy_set_header X-Forwarded-Proto $scheme;", 'proxy_set_header Connection "";',
+            "proxy_set_header X-Forwarded-Proto $scheme;", "proxy_set_header Upgrade $http_upgrade;",
+            f"proxy_set_header Connection {nginx_connection_variable(app)};",
+            f"proxy_read_timeout {timeout}s;", f"proxy_send_timeout {timeout}s;", f"proxy_buffering {flow};",
             f"proxy_pass http://piku-{app}-slot;"]
 
 
@@ -2219,6 +2599,7 @@ def render_nginx(release):
     site = cached + nginx_site(release, served, uwsgi)
     text = f"# written by piku for {app}; nginx -t checked it before it replaced the previous one\n"
     text += nginx_upstream(app, uwsgi) if served else ""
+    text += "".join(line + "\n" for line in nginx_upgrade_map(app)) if served and not uwsgi else ""
     text += "".join(line + "\n" for line in zone)
     if setting_true(env, "NGINX_HTTPS_ONLY"):
         redirect = nginx_block("location /", ["return 301 https://$host$request_uri;"])
@@ -2254,7 +2635,7 @@ def nginx_cache(app, env, uwsgi):
             f"max_size={size}g inactive={seconds['NGINX_CACHE_EXPIRY']}s use_temp_path=off;"]
     pattern = "|".join(re.escape(prefix.strip("/")) for prefix in prefixes)
     location = nginx_block(f"location ~* ^/({pattern})", [
-        *nginx_pass(app, uwsgi), f"{cache} piku-{app};",
+        *nginx_pass(app, uwsgi, env, buffering=True), f"{cache} piku-{app};",
         f"{cache}_key $scheme$host$request_uri;",
         f"{cache}_valid 200 304 {seconds['NGINX_CACHE_TIME']}s;",
         f"{cache}_valid 301 302 307 308 {seconds['NGINX_CACHE_REDIRECTS']}s;",
@@ -2290,7 +2671,7 @@ def cloudflare_networks():
     """Cloudflare's published ranges, fetched (and kept in cache/ for when the API is away)."""
     import ipaddress
     import urllib.request
-    cached = os.path.join(CACHE_ROOT, ".cloudflare-ips.json")
+    cached = CLOUDFLARE_CACHE
     if os.path.exists(cached) and time.time() - os.stat(cached).st_mtime < 86400:
         try:
             return [str(ipaddress.ip_network(cidr)) for cidr in json.loads(read_text(cached))]
@@ -2330,12 +2711,12 @@ def nginx_root_location(release, served, uwsgi):
     env = release.env
     static = release.processes.get("static")
     if not static:
-        return nginx_block("location /", nginx_pass(release.app, uwsgi)) if served else []
+        return nginx_block("location /", nginx_pass(release.app, uwsgi, env)) if served else []
     folder = nginx_path(static_folder(static.command, static.line, release.root), "the static: folder")
     if served:          # files first, then the app (as uWSGI's static-map does)
         return [*nginx_block("location /", [f"root {folder};", "add_header X-Served-By nginx-static;",
                                             "try_files $uri $uri/index.html @app;"]),
-                *nginx_block("location @app", nginx_pass(release.app, uwsgi))]
+                *nginx_block("location @app", nginx_pass(release.app, uwsgi, env))]
     return nginx_block("location /", [f"root {folder};", "index index.html;", "add_header X-Served-By nginx-static;",
                                       f"try_files $uri $uri/ {nginx_catch_all(env)}=404;"])
 
@@ -2361,28 +2742,163 @@ NGINX_INCLUDE_DIRECTIVES = frozenset({
     "charset", "limit_except", "autoindex", "internal", "error_page", "server_tokens", "if_modified_since",
     "add_trailer", "sub_filter", "sub_filter_once", "sub_filter_types",
 })
-NGINX_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|[{};]|[^\s{};"\']+')
+NGINX_BLOCKS = frozenset({"location", "if", "limit_except"})     # the allowed directives that open a block
+NGINX_SPACE = " \t\r\n"
+NGINX_BARE_WORD = re.compile(r"[A-Za-z0-9_./:=,@+*^~!%?&|()<>\[\]$-]+")
+
+
+class NginxSyntaxError(ValueError):
+    """What nginx's config reader would refuse, in its words."""
+
+
+def nginx_statements(text):
+    """Split text into statements exactly as nginx's config reader (ngx_conf_read_token in
+    nginx 1.22) does: -> [(words, end, line)], end being ';', '{' or '}' (a '}' has no words).
+    '#' starts a comment only where a word could start, a quote opens a string only there too
+    (inside a word it is a letter), '\\' makes the next character a letter, '$' followed by '{'
+    keeps the '{' in the word, and each word is unescaped as nginx does.
+    NginxSyntaxError where nginx would refuse the text, and for a text that ends inside a
+    statement or a string: what follows it in the vhost is piku's own."""
+    statements, words = [], []
+    state = {}
+
+    def reset():
+        state.update(start=0, found=False, need_space=False, last_space=True, sharp_comment=False,
+                     quoted=False, s_quoted=False, d_quoted=False, variable=False)
+
+    def finish(end, line):
+        nonlocal words
+        statements.append((words, end, line))
+        words = []
+        reset()
+
+    reset()
+    line, index = 1, 0
+    while index < len(text):
+        ch = text[index]
+        index += 1
+        if ch == "\n":
+            line += 1
+            state["sharp_comment"] = False
+        if state["sharp_comment"]:
+            continue
+        if state["quoted"]:
+            state["quoted"] = False
+            continue
+        if state["need_space"]:
+            if ch in NGINX_SPACE:
+                state.update(last_space=True, need_space=False)
+            elif ch in ";{":
+                finish(ch, line)
+            else:
+                raise NginxSyntaxError(f'unexpected "{ch}" on line {line}')
+            continue
+        if state["last_space"]:
+            if ch in NGINX_SPACE:
+                continue
+            state["start"] = index - 1
+            if ch in ";{":
+                if not words:
+                    raise NginxSyntaxError(f'unexpected "{ch}" on line {line}')
+                finish(ch, line)
+            elif ch == "}":
+                if words:
+                    raise NginxSyntaxError(f'unexpected "}}" on line {line}')
+                finish("}", line)
+            elif ch == "#":
+                state["sharp_comment"] = True
+            else:
+                state.update(last_space=False, quoted=ch == "\\", d_quoted=ch == '"', s_quoted=ch == "'",
+                             variable=ch == "$")
+                state["start"] += ch in "\"'"
+            continue
+        if ch == "{" and state["variable"]:
+            continue
+        state["variable"] = False
+        if ch == "\\":
+            state["quoted"] = True
+            continue
+        if ch == "$":
+            state["variable"] = True
+            continue
+        if state["d_quoted"] or state["s_quoted"]:
+            if ch == ('"' if state["d_quoted"] else "'"):
+                state.update(d_quoted=False, s_quoted=False, need_space=True, found=True)
+        elif ch in NGINX_SPACE or ch in ";{":
+            state.update(last_space=True, found=True)
+        if state["found"]:
+            words.append(nginx_unescape(text[state["start"]:index - 1]))
+            state["found"] = False
+            if ch in ";{":
+                finish(ch, line)
+    if words or not state["last_space"] or state["quoted"]:
+        raise NginxSyntaxError(f"the text ends inside a statement (line {line}): every directive ends with ';' "
+                               "and every string is closed")
+    return statements
+
+
+def nginx_unescape(raw):
+    """A word as nginx keeps it: \\" \\' \\\\ stand for the character, \\t \\r \\n for tab,
+    CR and LF; any other backslash stays."""
+    out, index = [], 0
+    while index < len(raw):
+        ch = raw[index]
+        if ch == "\\" and index + 1 < len(raw):
+            following = raw[index + 1]
+            if following in "\"'\\":
+                index += 1
+                ch = following
+            elif following in "trn":
+                out.append({"t": "\t", "r": "\r", "n": "\n"}[following])
+                index += 2
+                continue
+        out.append(ch)
+        index += 1
+    return "".join(out)
+
+
+def nginx_word(word):
+    """A word written so that nginx reads back exactly word."""
+    if NGINX_BARE_WORD.fullmatch(word) and "${" not in word:
+        return word
+    escaped = word.replace("\\", "\\\\").replace("'", "\\'")
+    return "'" + escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") + "'"
 
 
 def nginx_include(release):
-    """NGINX_INCLUDE_FILE, a file of the release, checked and written into the server block."""
+    """NGINX_INCLUDE_FILE, a file of the release: read as nginx reads it, checked statement by
+    statement against NGINX_INCLUDE_DIRECTIVES, and written into the server block from what was
+    checked -- one statement a line, each word quoted so nginx reads it back as it was read here
+    -- never from the file's own text."""
     name = release.env.get("NGINX_INCLUDE_FILE", "").strip()
     if not name:
         return []
     text = read_pushed_text(release.root, name)
     if not text and not os.path.isfile(os.path.join(release.root, name)):
         raise PikuError(f"NGINX_INCLUDE_FILE {name!r} is not in the pushed code", "Commit it, or unset the setting.")
-    expect_directive = True
-    for token in NGINX_TOKEN.findall(re.sub(r"#[^\n]*", "", text)):
-        if token in ("{", "}", ";"):
-            expect_directive = True
+    lines, depth = [f"# from {name}"], 0
+    try:
+        statements = nginx_statements(text)
+    except NginxSyntaxError as error:
+        raise PikuError(f"NGINX_INCLUDE_FILE {name}: nginx cannot read it: {error}", "Fix the file, commit, push again.")
+    for words, end, line in statements:
+        if end == "}":
+            depth -= 1
+            if depth < 0:
+                raise PikuError(f"NGINX_INCLUDE_FILE {name} line {line}: '}}' closes a block the file did not open",
+                                "Keep the file's blocks balanced: it is written inside piku's server block.")
+            lines.append("    " * depth + "}")
             continue
-        if expect_directive and token not in NGINX_INCLUDE_DIRECTIVES:
-            raise PikuError(f"NGINX_INCLUDE_FILE {name}: the directive {token!r} is not allowed there",
+        allowed = NGINX_BLOCKS if end == "{" else NGINX_INCLUDE_DIRECTIVES - NGINX_BLOCKS
+        if words[0] not in allowed:
+            raise PikuError(f"NGINX_INCLUDE_FILE {name} line {line}: the directive {words[0]!r} is not allowed there",
                             "It may use: " + ", ".join(sorted(NGINX_INCLUDE_DIRECTIVES)) +
                             ". Files, sockets and upstreams are piku's to set.")
-        expect_directive = False
-    return [f"# from {name}", *text.strip().splitlines()]
+        lines.append("    " * depth + " ".join(nginx_word(word) for word in words) + (" {" if end == "{" else ";"))
+        depth += end == "{"
+    if depth:
+        raise PikuError(f"NGINX_INCLUDE_FILE {name}: a block is not closed", "Close every '{' with a '}'.")
+    return lines
 
 
 def nginx_vhost_hash(text):
@@ -2591,14 +3107,45 @@ def install_certificate(app, crt_source, key_source):
     write_atomic(crt, read_text(crt_source))
 
 
+@dataclass
+class AcmeClient:
+    kind: str               # lego or acme.sh
+    command: list           # the command line that runs it (PIKU_LEGO may be 'env X=1 lego')
+    env: dict               # its environment: piku's, with the host's LEGO_* settings from piku.env
+
+
 def acme_client():
-    """('acme.sh', path) where a host has acme.sh, else ('lego', path), else (None, None)."""
+    """acme.sh where a host has it, else lego (PIKU_LEGO, split like a shell would but never run
+    by one), else None."""
     acme_sh = os.path.join(os.environ.get("ACME_ROOT") or os.path.join(os.path.expanduser("~"), ".acme.sh"),
                            "acme.sh")
     if os.access(acme_sh, os.X_OK):
-        return "acme.sh", acme_sh
-    lego = host_setting("PIKU_LEGO") or shutil.which("lego")
-    return ("lego", lego) if lego else (None, None)
+        return AcmeClient("acme.sh", [acme_sh], dict(os.environ))
+    try:
+        command = shlex.split(host_setting("PIKU_LEGO")) or ["lego"]
+    except ValueError as error:
+        raise PikuError(f"PIKU_LEGO cannot be split into words: {error}", f"Fix it in {HOST_ENV}.")
+    if not shutil.which(command[0]):
+        return None
+    return AcmeClient("lego", command, lego_env())
+
+
+def lego_env():
+    """lego's environment: piku's own, and the LEGO_* settings of the host (piku.env), such as
+    LEGO_CA_CERTIFICATES for a private or test CA -- the daily renewal runs from the emperor,
+    which has no environment of the sysadmin's."""
+    env = dict(os.environ)
+    host_setting("PIKU_LEGO")       # loads piku.env
+    for key, value in _HOST_SETTINGS.items():
+        if isinstance(key, str) and key.startswith("LEGO_"):
+            env.setdefault(key, value)
+    return env
+
+
+def http_port_hint(names):
+    port = nginx_port("PIKU_NGINX_HTTP_PORT", "80")
+    where = "port 80 reaches nginx" if port == "80" else f"port 80 reaches nginx (which listens on {port} here)"
+    return f"check that {names[0]} resolves to this host and that {where}"
 
 
 def obtain_certificate(app, env, names):
@@ -2610,109 +3157,207 @@ def obtain_certificate(app, env, names):
         warning("a wildcard name needs a DNS-01 challenge, which piku does not do: nginx keeps a self-signed "
                 "certificate; put your own in ~/.piku/nginx/APP.crt and .key")
         return
-    kind, client = acme_client()
+    client = acme_client()
     if not client:
         warning(f"no ACME client (apt-get install lego): {app} serves HTTPS with a self-signed certificate")
         return
-    step(f"HTTPS: asking {ca} for a certificate for {', '.join(names)} ({kind})")
-    started = time.monotonic()
-    os.makedirs(ACME_WWW, exist_ok=True)
-    try:
-        issued = (acme_sh_issue if kind == "acme.sh" else lego_issue)(app, client, ca, acme_email(env), names)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        issued, why = False, str(error)
-    else:
-        why = "" if issued is True else issued
-        issued = issued is True
-    if not issued:
-        save_certificate_state(app, dict(state, names=names, issued=False, error=why[-500:]))
-        warning(f"no certificate was issued ({why.strip().splitlines()[-1][:200] if why.strip() else 'no reason given'});"
-                " nginx keeps serving HTTPS with a self-signed certificate")
-        warning(f"check that {names[0]} resolves to this host and port 80 reaches nginx, then run: deploy {app}")
+    email = acme_email(env)
+    if client.kind == "lego" and not email:
+        save_certificate_state(app, dict(state, names=names, issued=False, error="ACME_EMAIL is not set"))
+        warning("no certificate was requested: the CA's account needs a contact address and ACME_EMAIL is "
+                "not set; nginx serves HTTPS with a self-signed certificate")
+        warning(f"set it, and piku asks for one: config:set {app} ACME_EMAIL=you@example.com")
         return
-    save_certificate_state(app, {"names": names, "issued": True, "ca": ca, "client": kind,
+    step(f"HTTPS: asking {ca} for a certificate for {', '.join(names)} ({client.kind})")
+    started = time.monotonic()
+    make_folder(ACME_WWW)
+    try:
+        issued = (acme_sh_issue if client.kind == "acme.sh" else lego_issue)(app, client, ca, email, names)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        issued = str(error)
+    if issued is not True:
+        save_certificate_state(app, dict(state, names=names, issued=False, error=issued[-500:]))
+        warning(f"no certificate was issued ({last_line(issued)}); nginx keeps serving HTTPS with a "
+                "self-signed certificate")
+        warning(f"{http_port_hint(names)}, then run: deploy {app}")
+        return
+    save_certificate_state(app, {"names": names, "issued": True, "ca": ca, "client": client.kind, "email": email,
                                  "when": time.strftime("%Y-%m-%d %H:%M:%S")})
     reload_nginx(app, read_text(nginx_vhost_file(app), None))
     step(f"HTTPS: certificate issued and installed in {time.monotonic() - started:.1f} s")
 
 
-def lego_path():
-    return os.path.join(ACME_WWW, "lego")       # not under .well-known: nginx never serves it
+def last_line(text):
+    lines = [line for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "no reason given"
 
 
-def lego_args(lego, ca, email, names):
-    return [lego, "--accept-tos", "--server", ca, "--path", lego_path(), "--http", "--http.webroot", ACME_WWW,
-            *(["--email", email] if email else []), *(word for name in names for word in ("--domains", name))]
+def lego_path(app):
+    """lego's account and certificates for one app: in its own settings folder, so no app's
+    certificate or account can overwrite another's (and destroy takes them with it)."""
+    return os.path.join(env_dir(app), "acme")
 
 
-def lego_issue(app, lego, ca, email, names):
+def lego_args(app, client, ca, email, names):
+    return [*client.command, "--accept-tos", "--server", ca, "--path", lego_path(app), "--http",
+            "--http.webroot", ACME_WWW, *(["--email", email] if email else []),
+            *(word for name in names for word in ("--domains", name))]
+
+
+def lego_certificate(app, names):
+    return os.path.join(lego_path(app), "certificates", names[0].replace("*", "_"))
+
+
+def lego_issue(app, client, ca, email, names):
     """True, or what went wrong."""
-    result = subprocess.run([*lego_args(lego, ca, email, names), "run"], capture_output=True, text=True,
-                            stdin=subprocess.DEVNULL, timeout=ACME_TIMEOUT)
+    make_folder(lego_path(app))
+    result = subprocess.run([*lego_args(app, client, ca, email, names), "run"], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=ACME_TIMEOUT, env=client.env)
     if result.returncode != 0:
         return result.stderr or result.stdout
     return lego_install(app, names)
 
 
 def lego_install(app, names):
-    base = os.path.join(lego_path(), "certificates", names[0].replace("*", "_"))
+    base = lego_certificate(app, names)
     if not os.path.exists(base + ".crt"):
         return f"lego wrote no certificate at {base}.crt"
     install_certificate(app, base + ".crt", base + ".key")
     return True
 
 
-def acme_sh_issue(app, acme_sh, ca, email, names):
+def acme_sh_issue(app, client, ca, email, names):
     domains = [word for name in names for word in ("-d", name)]
     crt, key = certificate_files(app)
-    for args in ([acme_sh, "--issue", *domains, "-w", ACME_WWW, "--server", ca,
+    for args in ([*client.command, "--issue", *domains, "-w", ACME_WWW, "--server", ca,
                   *(["--accountemail", email] if email else [])],
-                 [acme_sh, "--install-cert", *domains, "--key-file", key, "--fullchain-file", crt]):
-        result = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=ACME_TIMEOUT)
+                 [*client.command, "--install-cert", *domains, "--key-file", key, "--fullchain-file", crt]):
+        result = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=ACME_TIMEOUT,
+                                env=client.env)
         if result.returncode not in (0, 2):     # 2: acme.sh skipped, the certificate is still fresh
             return result.stderr or result.stdout
     return True
 
 
-def renew_certificates():
-    """Renew the lego-issued certificates due within 30 days, install them, reload nginx.
-    (acme.sh renews its own from its cron job.)"""
-    kind, lego = acme_client()
+RENEW_DAYS = 30
+
+
+def renew_certificates(days=RENEW_DAYS, spread=False):
+    """Renew the lego-issued certificates that expire within days, with the account, CA and
+    settings they were issued with; install them and reload nginx. (acme.sh renews its own from
+    its cron job.) -> the apps whose renewal failed. spread: let lego wait a random while first,
+    as a daily job should, so the CA does not get every host's renewals at the same minute."""
+    client = acme_client()
+    failed = []
     for app in list_apps():
         state = certificate_state(app)
-        if not state.get("issued") or state.get("client") != "lego" or kind != "lego":
+        if not state.get("issued") or state.get("client") != "lego":
             continue
-        before = read_text(os.path.join(lego_path(), "certificates", state["names"][0] + ".crt"))
-        result = subprocess.run([*lego_args(lego, state["ca"], "", state["names"]), "renew", "--days", "30"],
-                                capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=ACME_TIMEOUT)
-        if result.returncode != 0:
-            warning(f"{app}: renewing its certificate failed: {(result.stderr or result.stdout).strip()[-300:]}")
+        if client is None or client.kind != "lego":
+            failed.append(app)
+            problem(f"{app}: its certificate was issued with lego, which is not installed (apt-get install lego)")
             continue
-        if read_text(os.path.join(lego_path(), "certificates", state["names"][0] + ".crt")) != before:
-            lego_install(app, state["names"])
-            reload_nginx(app, read_text(nginx_vhost_file(app), None))
-            step(f"{app}: certificate renewed")
+        error = renew_certificate(app, client, state, days, spread)
+        save_certificate_state(app, dict(state, renewal={"when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                         "error": error[-500:] if error else ""}))
+        if error:
+            failed.append(app)
+            problem(f"{app}: renewing its certificate failed: {last_line(error)}")
+    return failed
 
 
-RENEW_VASSAL = string.Template("""\
+def renew_certificate(app, client, state, days, spread):
+    """'' when the certificate is fresh or was renewed, else what went wrong."""
+    names, base = state["names"], lego_certificate(app, state["names"])
+    before = read_text(base + ".crt")
+    email = state.get("email") or acme_email((live_release(app) or {}).get("env", {}))
+    if not email:
+        return f"no contact address for its ACME account: config:set {app} ACME_EMAIL=you@example.com"
+    # a certificate issued before lego's state was kept per app is not in lego_path: issue it anew
+    action = ["renew", "--days", str(days), *([] if spread else ["--no-random-sleep"])] if before else ["run"]
+    make_folder(lego_path(app))
+    try:
+        result = subprocess.run([*lego_args(app, client, state["ca"], email, names), *action], capture_output=True,
+                                text=True, stdin=subprocess.DEVNULL, timeout=ACME_TIMEOUT + (600 if spread else 0),
+                                env=client.env)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return str(error)
+    if result.returncode != 0:
+        return result.stderr or result.stdout or f"lego exited {result.returncode}"
+    if read_text(base + ".crt") != before:
+        installed = lego_install(app, names)
+        if installed is not True:
+            return installed
+        reload_nginx(app, read_text(nginx_vhost_file(app), None))
+        step(f"{app}: certificate renewed")
+    return ""
+
+
+CERTIFICATE_WARN_DAYS = 21
+
+
+def certificate_expiry(path):
+    """When the certificate at path expires (seconds since the epoch), or None."""
+    import ssl
+    result = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", path], capture_output=True, text=True)
+    try:
+        return ssl.cert_time_to_seconds(result.stdout.strip().split("=", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+DAILY_JOB = string.Template("""\
 [uwsgi]
-; written by piku: renews ACME certificates every day at $hour:$minute (piku.py acme:renew)
+; written by piku: every day at $hour:$minute, renews ACME certificates and rotates the nginx logs
+; of the apps (piku.py daily)
 master = true
-procname-prefix = piku:acme:
+procname-prefix = piku:daily:
 logto = $log
+log-backupname = $old_log
 log-maxsize = 1048576
 cron = $minute $hour -1 -1 -1 $command
 """)
 
 
-def write_renewal_job():
-    """The daily renewal, as a uWSGI cron vassal (no app name lacks an '@', so it is no app's)."""
-    command = " ".join(shlex.quote(part) for part in (sys.executable, PIKU_SCRIPT, "acme:renew"))
-    text = RENEW_VASSAL.substitute(hour=3, minute=17, log=os.path.join(LOG_ROOT, "acme-renew.log"),
-                                   command=uwsgi_escape(f"env PIKU_ROOT={shlex.quote(PIKU_ROOT)} {command}"))
-    path = os.path.join(UWSGI_ENABLED, "acme-renew.ini")
-    if read_text(path, None) != text:
-        write_atomic(path, text)
+def write_daily_job():
+    """The daily job, as a uWSGI cron vassal (its name has no '@', so it is no app's)."""
+    command = " ".join(shlex.quote(part) for part in (sys.executable, PIKU_SCRIPT, "daily"))
+    text = DAILY_JOB.substitute(hour=3, minute=17, log=DAILY_LOG, old_log=DAILY_OLD_LOG,
+                                command=uwsgi_escape(f"env PIKU_ROOT={shlex.quote(PIKU_ROOT)} {command}"))
+    if read_text(DAILY_VASSAL, None) != text:
+        write_atomic(DAILY_VASSAL, text)
+
+
+NGINX_LOG_MAXSIZE = str(16 * 2**20)     # PIKU_NGINX_LOG_MAXSIZE: bytes before a log is rotated
+
+
+def rotate_nginx_logs():
+    """nginx writes logs/APP/nginx.access.log and nginx.error.log; piku keeps each below
+    PIKU_NGINX_LOG_MAXSIZE: a bigger one becomes NAME.1 (the one before is dropped) and nginx,
+    reloaded, reopens its logs. -> the apps whose logs were rotated"""
+    value = host_setting("PIKU_NGINX_LOG_MAXSIZE", NGINX_LOG_MAXSIZE)
+    if not WHOLE_NUMBER.fullmatch(value):
+        raise PikuError(f"PIKU_NGINX_LOG_MAXSIZE={value!r} is not a number of bytes", f"Fix it in {HOST_ENV}.")
+    rotated = []
+    for app in list_apps():
+        moved = False
+        for name in ("nginx.access.log", "nginx.error.log"):
+            path = os.path.join(LOG_ROOT, app, name)
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode) and info.st_size > int(value):
+                os.replace(path, path + ".1")
+                moved = True
+        if moved:
+            rotated.append(app)
+    if rotated:                 # nginx reopens its logs when it reloads
+        if host_setting("PIKU_NGINX_RELOAD").strip():
+            reload_nginx(rotated[0], None)
+        else:                   # the path unit reloads nginx when a file in nginx/ changes
+            write_atomic(NGINX_RELOAD_TRIGGER, time.strftime("%Y-%m-%d %H:%M:%S\n"))
+    return rotated
 
 
 ##############################################################################
@@ -2735,9 +3380,17 @@ class Release:
 
 
 def new_release_dir(app, rev):
-    parent = os.path.join(RELEASE_ROOT, app)
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(dir=parent, prefix=time.strftime("%Y%m%d%H%M%S-") + rev[:12] + "-")
+    parent = make_folder(os.path.join(RELEASE_ROOT, app))
+    root = tempfile.mkdtemp(dir=parent, prefix=time.strftime("%Y%m%d%H%M%S-") + rev[:12] + "-")
+    os.chmod(root, folder_mode(root))       # mkdtemp makes it 0700: nginx serves static files from it
+    return root
+
+
+def release_folder_readable(root):
+    """Releases made by earlier versions are 0700: nginx could not serve their static files."""
+    mode = folder_mode(root)
+    if mode is not None and root.startswith(RELEASE_ROOT + os.sep) and os.path.isdir(root):
+        os.chmod(root, mode)
 
 
 def remove_release_dir(root):
@@ -2786,11 +3439,8 @@ def assign_port(app, env, processes, live_env):
     if int(port) < 1024:
         raise PikuError(f"PORT {port} is a privileged port; apps listen on ports above 1023",
                         f"Pick one with: config:set {app} PORT=8000 (nginx serves ports 80 and 443).")
-    owner = next((other for other, used in ports_in_use_by_other_apps(app).items() if used == port), None)
-    if owner:
-        raise PikuError(f"PORT {port} is already used by the app '{owner}'",
-                        f"Pick another one (config:set {app} PORT=...) or unset PORT to get a free one.")
     env = dict(env, PORT=port)
+    check_shared_names(app, env, processes)         # another app's PORT: named as such, before the bind test
     if not front_current(app, env) and not legacy_vassals(app, processes):
         check_bindable(app, address, int(port))
     return env
@@ -2812,19 +3462,84 @@ def check_bindable(app, address, port):
             raise PikuError(f"cannot listen on {address}:{port}: {error.strerror}")
 
 
-def ports_in_use_by_other_apps(app):
-    ports = {}
+# --- names in shared namespaces ----------------------------------------------------
+# A PORT and an nginx server name belong to one app on the host. Each change checks them
+# against what the other apps hold -- their live releases and the vhosts nginx serves -- when
+# it is planned (a refusal costs nothing), when its workers are about to start (a rollback or
+# restart of an old release), and once more under one host-wide lock at the moment it commits,
+# so two changes racing cannot both win. Names are compared the way their consumer compares
+# them: server names without case or a final dot, a wildcard covering every name below it.
+
+@contextlib.contextmanager
+def host_lock(path):
+    """An flock on one of piku's own lock files, for what all apps share; held for a moment."""
+    make_folder(os.path.dirname(path))
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def server_name_key(name):
+    """A server name as nginx compares it: without case or a final dot."""
+    return name.lower().rstrip(".")
+
+
+def server_names_overlap(first, second):
+    """Would nginx send a request for some host name to both? (*.example.com covers every name
+    below example.com, other wildcards below it included; not example.com itself.)"""
+    first, second = server_name_key(first), server_name_key(second)
+    if first == second:
+        return True
+    return any(wild.startswith("*.") and other.endswith(wild[1:]) for wild, other in ((first, second), (second, first)))
+
+
+def shared_claims(app):
+    """{other app: (its PORT or None, its server names)}: what its live release and its
+    installed vhost hold (a change in flight holds both until it is done)."""
+    claims = {}
     for other in list_apps():
-        if other != app:
-            try:
-                ports[other] = load_live_env(other).get("PORT")
-            except PikuError:
-                continue
-    return ports
+        if other == app:
+            continue
+        try:
+            record = live_release(other)
+            env = record["env"] if record else load_live_env(other)
+        except PikuError:
+            env = {}
+        names = set(nginx_server_names_all(read_text(nginx_vhost_file(other))))
+        with contextlib.suppress(PikuError):
+            names.update(nginx_server_names(env))
+        claims[other] = (env.get("PORT"), names)
+    return claims
+
+
+def visible_to_key(app):
+    """May the key in use learn that app exists?"""
+    allowed = key_apps()
+    return allowed is None or app in allowed
+
+
+def check_shared_names(app, env, processes):
+    """Refuse a PORT or a server name another app holds; the owner is named only to a key that
+    may see it."""
+    claims = shared_claims(app)
+    port = env.get("PORT") if serves_http(processes) else None
+    for other, (used, names) in sorted(claims.items()):
+        who = f"the app '{other}'" if visible_to_key(other) else "another app"
+        if port and used == port:
+            raise PikuError(f"PORT {port} is already used by {who}",
+                            f"Pick another one (config:set {app} PORT=...) or unset PORT to get a free one.")
+        for name in nginx_server_names(env):
+            clash = next((held for held in sorted(names) if server_names_overlap(name, held)), None)
+            if clash:
+                raise PikuError(f"NGINX_SERVER_NAME {name} is already served by {who}"
+                                + ("" if clash == name else f" (as {clash})"),
+                                "Use another name" + (f", or remove it from {other}'s NGINX_SERVER_NAME first "
+                                                      f"(config:set {other} NGINX_SERVER_NAME=...)"
+                                                      if visible_to_key(other) else "."))
 
 
 def free_port(address, app):
-    taken = set(ports_in_use_by_other_apps(app).values())
+    taken = {port for port, _ in shared_claims(app).values()}
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     for _ in range(50):
         with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -2866,6 +3581,8 @@ def plan_release(app, rev, root, ref="refs/heads/main", config=None):
     live = live_release(app)
     env = expand_settings(config, expand_settings(repo_env, base_env(app)))
     env = assign_port(app, env, processes, live["env"] if live else load_live_env(app))
+    if not serves_http(processes):                  # assign_port checked those of the others
+        check_shared_names(app, env, processes)
     check_environment_size(app, env)
     check_health_settings(app, env)
     saved = live["scaling"] if live else load_scaling(app)
@@ -2889,10 +3606,16 @@ def run_phase(release, kind):
         return
     step(f"Running {kind}: {process.command}")
     env = dict(release.env, PWD=release.root)
+    timeout = setting_number(release.env, ("PIKU_RELEASE_TIMEOUT",), RELEASE_TIMEOUT)
     try:
-        returncode, _ = stream_command(["/bin/sh", "-c", process.command], release.root, env)
+        returncode, _ = stream_command(["/bin/sh", "-c", process.command], release.root, env,
+                                       secret_values(release.env), timeout)
     except OSError as error:
         raise PikuError(f"the {kind} command could not be started: {error.strerror}; nothing was changed")
+    except CommandTimeout:
+        raise PikuError(f"the {kind} command did not finish within {timeout} s (PIKU_RELEASE_TIMEOUT); it was "
+                        "stopped and nothing was changed", f"Make it faster, or allow it longer: config:set "
+                        f"{release.app} PIKU_RELEASE_TIMEOUT={timeout * 2}")
     if returncode != 0:
         raise PikuError(f"the {kind} command failed (exit code {returncode}); nothing was changed",
                         f"Fix Procfile line {process.line} or the code it runs, commit, and push again.")
@@ -2906,9 +3629,10 @@ def build_release(release):
     release.env.update(result.env)
     check_environment_size(release.app, release.env)
     served = next((kind for kind in HTTP_APP_KINDS if kind in release.processes), None)
-    if release.env.get("NGINX_STATIC_PATHS") and served and worker_kind(served, release.env).name != "wsgi":
-        warning(f"NGINX_STATIC_PATHS is served by uWSGI beside a wsgi app; the {served} worker here "
-                "does not serve it: serve those files from the app (for Django: whitenoise)")
+    if release.env.get("NGINX_STATIC_PATHS") and served and worker_kind(served, release.env).name != "wsgi" \
+            and not nginx_server_names(release.env):
+        warning(f"NGINX_STATIC_PATHS is served by nginx (with NGINX_SERVER_NAME) or by uWSGI beside a wsgi app; "
+                f"here neither serves it: serve those files from the {served} worker (for Django: whitenoise)")
 
 
 # --- health checks ------------------------------------------------------------
@@ -2917,6 +3641,7 @@ HEALTH_DEFAULTS = {"PIKU_HEALTHCHECK_PATH": "/", "PIKU_HEALTHCHECK_TIMEOUT": "30
 SECONDS = re.compile(r"[0-9]{1,5}(\.[0-9]{1,3})?")
 HEALTH_PATH = re.compile(r"/[\x21-\x7e]*")
 PROBE_INTERVAL = 0.02
+HEALTH_MOST_SECONDS = 600   # a health check (or settle time) longer than this would outlast any push
 
 
 def health_setting(env, key):
@@ -2933,6 +3658,10 @@ def check_health_settings(app, env):
         if not SECONDS.fullmatch(value) or (key == "PIKU_HEALTHCHECK_TIMEOUT" and float(value) <= 0):
             raise PikuError(f"{key} must be a number of seconds, not {value!r}",
                             f"Fix it with: config:set {app} {key}={HEALTH_DEFAULTS[key]}")
+        if float(value) > HEALTH_MOST_SECONDS:
+            raise PikuError(f"{key}={value} is more than a push can wait ({HEALTH_MOST_SECONDS} s)",
+                            f"Fix it with: config:set {app} {key}={HEALTH_DEFAULTS[key]}")
+    setting_number(env, ("PIKU_RELEASE_TIMEOUT",), RELEASE_TIMEOUT)
 
 
 def health_host(env):
@@ -2948,12 +3677,15 @@ def probe_http(socket_path, path, host, timeout):
     try:
         connection.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         connection.sock.settimeout(timeout)
-        connection.sock.connect(socket_path)
+        with app_socket_path(socket_path) as reachable:
+            connection.sock.connect(reachable)
         connection.request("GET", path, headers={"Host": host, "User-Agent": "piku-healthcheck"})
         response = connection.getresponse()
         response.read()
         return response.status
     except (OSError, http.client.HTTPException) as error:
+        # EPIPE or a reset: the worker went away while the probe talked to it; the next
+        # round sees why (it exited) instead of piku being killed by SIGPIPE
         return str(error) or type(error).__name__
     finally:
         connection.close()
@@ -2997,11 +3729,7 @@ def observe(instance, watch, kind):
 def daemon_exited(instance):
     """Did an attach-daemon of this (new) instance exit? uWSGI logs each respawn, and the
     instance's log is its own, so this sees commands that die between two looks at /proc."""
-    try:
-        with open(instance.log, "rb") as log:
-            return b'[uwsgi-daemons] respawning "' in log.read()
-    except OSError:
-        return False
+    return '[uwsgi-daemons] respawning "' in read_app_file(instance.log)
 
 
 def check_instance(instance, watch, kind, generation, deadline):
@@ -3048,7 +3776,7 @@ def check_generation(generation):
             instance, watch = next((i, w) for i, w in watches.items() if not w.passed)
             why = watch.last if watch.master else (
                 "it never started -- is the uWSGI emperor running? "
-                f"(uwsgi --ini {os.path.join(UWSGI_ROOT, 'uwsgi.ini')}, or the service in docs/INSTALL.md)")
+                f"(uwsgi --ini {EMPEROR_CONFIG}, or the service in docs/INSTALL.md)")
             fail_generation(generation, instance, f"{instance.name} was not ready after "
                             f"{deadline - started:g} s (PIKU_HEALTHCHECK_TIMEOUT): {why}")
         time.sleep(PROBE_INTERVAL)
@@ -3063,7 +3791,7 @@ LOG_TAIL_LINES = 20
 def fail_generation(generation, instance, why):
     """Stop the new instances (nothing live changed) and explain, ending with the log tail."""
     stop_units(generation.release.app, [i.unit for i in generation.instances], graceful=False)
-    tail = read_text(instance.log).splitlines()[-LOG_TAIL_LINES:]
+    tail = log_tail(instance.log, LOG_TAIL_LINES)
     raise PikuError(f"the new release did not start: {why}. Nothing live changed; the previous release "
                     f"keeps serving.\nThe last lines of {instance.name}'s log ({instance.log}):\n"
                     + "\n".join("  " + line for line in tail or ["(empty)"]))
@@ -3084,7 +3812,7 @@ class Generation:
 def next_generation(app):
     path = os.path.join(runtime_dir(app), "generation")
     try:
-        gen = int(read_text(path).strip() or 0) + 1
+        gen = int(read_app_file(path, 64).strip() or 0) + 1
     except ValueError:
         gen = 1
     gen = max([gen, *(number + 1 for number in running_generations(app))])
@@ -3133,8 +3861,8 @@ def render_instance(generation, instance, wsgi_extra):
 def start_generation(generation):
     """Write the prepared files and let the emperor start the new instances beside the live ones."""
     release = generation.release
-    os.makedirs(generation_dir(release.app, generation.gen), exist_ok=True)
-    os.makedirs(os.path.join(LOG_ROOT, release.app, f"g{generation.gen}"), exist_ok=True)
+    make_folder(generation_dir(release.app, generation.gen))
+    make_folder(os.path.join(LOG_ROOT, release.app, f"g{generation.gen}"))
     meta = {"root": release.root, "virtualenv": release.env.get("VIRTUAL_ENV")}
     write_atomic(os.path.join(generation_dir(release.app, generation.gen), "generation.json"),
                  json.dumps(meta) + "\n")
@@ -3169,6 +3897,8 @@ def activate(release, commit):
     moves, so a failure before it changes nothing live and a crash after it is finished by
     the next command (reconcile)."""
     app = release.app
+    check_shared_names(app, release.env, release.processes)      # a rollback's PORT may be taken since
+    release_folder_readable(release.root)
     vhost = finish_vhost(render_nginx(release))
     vhost_changed = vhost != read_text(nginx_vhost_file(app), None)
     if vhost:
@@ -3180,27 +3910,46 @@ def activate(release, commit):
     if generation.instances:
         step(f"Starting {', '.join(instance.name for instance in generation.instances)}"
              + ("" if first else " beside the live workers"))
-    start_generation(generation)
-    check_generation(generation)
-    sockets = http_sockets(app, generation.gen, release.scaling, release.env)
+    front = None
+    try:
+        start_generation(generation)
+        check_generation(generation)
+        sockets = http_sockets(app, generation.gen, release.scaling, release.env)
+        if first:
+            point_slots(app, sockets)
+        front = start_front(release, generation) if sockets else None
+        with ClientWatch.shielded(), host_lock(NAMES_LOCK):     # from here on it goes live, client or not
+            check_shared_names(app, release.env, release.processes)
+            commit(generation.gen)
+            release.committed = True
+            if vhost_changed:
+                write_vhost(app, vhost)
+    except BaseException:       # refused, failed, or the client went: nothing live changed
+        if not release.committed:
+            stop_units(app, [instance.unit for instance in generation.instances]
+                       + ([front] if first and front else []), graceful=False)
+        raise
+    with ClientWatch.shielded():
+        switch_traffic(release, generation, front, first, vhost, vhost_changed)
+        if vhost:
+            obtain_certificate(app, release.env, nginx_server_names(release.env))
+            write_daily_job()
+
+
+def switch_traffic(release, generation, front, first, vhost, vhost_changed):
+    """The committed release gets the traffic: slots, logs, the vhost nginx serves (written at
+    the commit); then the old workers drain."""
+    app = release.app
+    point_slots(app, http_sockets(app, generation.gen, release.scaling, release.env))
     usockets = uwsgi_sockets(app, generation.gen, release.scaling, release.env)
-    if first:
-        point_slots(app, sockets)
-    front = start_front(release, generation) if sockets else None
-    commit(generation.gen)
-    release.committed = True
-    point_slots(app, sockets)
     if usockets:                # left as they are otherwise: nginx uses them until it reloads
         point_slots(app, usockets, "uslot")
     link_logs(app, generation.instances)
     if vhost_changed:
-        install_vhost(app, vhost)
+        serve_vhost(app, vhost)
     if not first:
         step("Traffic moved to the new workers; stopping the old ones once their queues are empty")
     drain_old(app, generation.gen, front)
-    if vhost:
-        obtain_certificate(app, release.env, nginx_server_names(release.env))
-        write_renewal_job()
 
 
 def restore_vhost(app, record):
@@ -3217,14 +3966,25 @@ def restore_vhost(app, record):
 
 def install_vhost(app, text):
     """Put the checked vhost (None: none) in place and have nginx serve it."""
-    path = nginx_vhost_file(app)
-    if text is None:
-        if os.path.exists(path):
-            os.unlink(path)
-            reload_nginx(app, None)
+    if text is None and not os.path.exists(nginx_vhost_file(app)):
         return
-    write_atomic(path, text)
-    step(f"nginx: {app} answers for {' '.join(nginx_server_names_all(text))}")
+    write_vhost(app, text)
+    serve_vhost(app, text)
+
+
+def write_vhost(app, text):
+    """The app's vhost file (None: none) -- nginx serves it once reloaded (serve_vhost)."""
+    if text is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(nginx_vhost_file(app))
+    else:
+        write_atomic(nginx_vhost_file(app), text)
+
+
+def serve_vhost(app, text):
+    """nginx serves the vhost just written (reloaded, and checked to serve it), or none."""
+    if text is not None:
+        step(f"nginx: {app} answers for {' '.join(nginx_server_names_all(text))}")
     reload_nginx(app, text)
 
 
@@ -3238,7 +3998,7 @@ def start_front(release, generation):
     previous = read_text(vassal_file(app, unit), None)      # BIND_ADDRESS changed, PORT did not:
     if previous is not None:                                # the old front must let go of the port
         stop_units(app, [unit], graceful=True, wait=10)
-    os.makedirs(os.path.join(LOG_ROOT, app), exist_ok=True)
+    make_folder(os.path.join(LOG_ROOT, app))
     write_atomic(vassal_file(app, unit), render_front(app, env), mode=0o600)
     wake_emperor()
     deadline = time.monotonic() + 10
@@ -3304,7 +4064,7 @@ def queued_connections(sockets):
 def point_slots(app, sockets, prefix="slot"):
     """Re-link the slots to sockets (slot k -> socket k mod N). Each rename is atomic: the
     front and nginx connect per connection, so new connections go to the new sockets at once."""
-    os.makedirs(runtime_dir(app), exist_ok=True)
+    make_folder(runtime_dir(app))
     for slot in range(1, FRONT_SLOTS + 1):
         path = slot_path(app, slot, prefix)
         if not sockets:
@@ -3323,8 +4083,7 @@ def point_slots(app, sockets, prefix="slot"):
 
 def link_logs(app, instances):
     """logs/APP/KIND.N.log always names the live instance's log (in logs/APP/gGEN/)."""
-    folder = os.path.join(LOG_ROOT, app)
-    os.makedirs(folder, exist_ok=True)
+    folder = make_folder(os.path.join(LOG_ROOT, app))
     wanted = {f"{i.name}.log": os.path.relpath(i.log, folder) for i in instances}
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
@@ -3439,7 +4198,7 @@ def prune(app):
     running = running_generations(app)
     for gen in running:
         try:
-            meta = json.loads(read_text(os.path.join(generation_dir(app, gen), "generation.json")) or "{}")
+            meta = json.loads(read_app_file(os.path.join(generation_dir(app, gen), "generation.json")) or "{}")
         except ValueError:
             continue
         roots.add(meta.get("root"))
@@ -3486,7 +4245,7 @@ def build_and_go_live(app, rev, ref, cause, config, state):
     started = time.monotonic()
     step(f"Deploying {app} at {rev[:12]}")
     for folder in (DATA_ROOT, LOG_ROOT):
-        os.makedirs(os.path.join(folder, app), exist_ok=True)
+        make_folder(os.path.join(folder, app))
     root = new_release_dir(app, rev)
     release = Release(app, rev, root)
     try:
@@ -3685,8 +4444,17 @@ def locked(app):
     """`with locked(app) as lock:` -- take the app's lock, then finish what an interrupted
     command left, so every change starts from one consistent release."""
     with AppLock(app) as lock:
+        still_there(app)
         reconcile(app)
         yield lock
+
+
+def still_there(app):
+    """A command that waited for the app's lock behind `destroy` finds the app gone and stops,
+    so it cannot bring back a destroyed app's settings or records for a new app to inherit."""
+    if not os.path.isdir(repo_path(app)) and not os.path.exists(app_path(app)):
+        raise PikuError(f"app '{app}' no longer exists: it was destroyed while this command waited",
+                        "Nothing was changed. Push to create it again.")
 
 
 ##############################################################################
@@ -3744,16 +4512,15 @@ def legacy_vassals(app, processes):
 
 
 def pidfile_pid(path):
-    try:
-        text = read_text(path).strip()
-    except OSError:
-        return 0
+    """The PID a uWSGI pidfile names (0: none). Pidfiles lie where app code writes: read
+    without following links."""
+    text = read_app_file(path, 64).strip()
     return int(text) if WHOLE_NUMBER.fullmatch(text) else 0
 
 
 def wake_emperor():
     """Ask the emperor to scan uwsgi-enabled now instead of at its next one-second tick."""
-    pid = pidfile_pid(os.path.join(UWSGI_ROOT, "emperor.pid"))
+    pid = pidfile_pid(EMPEROR_PID)
     if pid:
         try:
             os.kill(pid, signal.SIGWINCH)
@@ -3764,18 +4531,16 @@ def wake_emperor():
 def fifo_command(path, command):
     """Write a master FIFO command; False when no master reads that FIFO."""
     try:
-        fifo = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        fifo = open_app_file(path, os.O_WRONLY, stat.S_ISFIFO)     # a link planted there is not followed
     except OSError:
         return False
-    previous = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     try:
         os.write(fifo, command)
         return True
-    except OSError:
+    except OSError:             # EPIPE: its master went away meanwhile
         return False
     finally:
         os.close(fifo)
-        signal.signal(signal.SIGPIPE, previous)
 
 
 def stop_units(app, units, graceful=True, wait=0.0):
@@ -3883,8 +4648,8 @@ def install_hooks(app):
 
 def ensure_repo(app):
     path = repo_path(app)
-    if not os.path.isdir(path):
-        os.makedirs(GIT_ROOT, exist_ok=True)
+    if not os.path.exists(os.path.join(path, "HEAD")):
+        make_folder(path)           # 0700, and what git writes in it follows piku's umask: no one else reads it
         git("init", "--quiet", "--bare", path)
     install_hooks(app)
     return path
@@ -4029,14 +4794,14 @@ def check_uwsgi():
 
 @host_check
 def check_emperor():
-    pid = pidfile_pid(os.path.join(UWSGI_ROOT, "emperor.pid"))
-    config = os.path.join(UWSGI_ROOT, "uwsgi.ini")
+    pid = pidfile_pid(EMPEROR_PID)
+    config = EMPEROR_CONFIG
     if not (pid and pid_alive(pid)):
         yield Finding("FAIL", "the uWSGI emperor is not running: no worker starts or stops",
                       f"Start it: uwsgi --ini {config}  (or: systemctl start {systemd_units(current_user())[0]}, "
                       "docs/INSTALL.md)")
         return
-    watched = read_text(os.path.join(UWSGI_ROOT, "uwsgi.ini"))
+    watched = read_text(EMPEROR_CONFIG)
     if f"emperor = {UWSGI_ENABLED}" not in watched:
         yield Finding("FAIL", f"the emperor's config does not watch {UWSGI_ENABLED}", "Run: piku.py setup, "
                       "then restart the emperor")
@@ -4069,6 +4834,40 @@ def check_nginx():
     yield (Finding("OK", f"nginx is reloaded by {reload}") if reload else
            Finding("WARN", "nothing reloads nginx when a vhost changes",
                    "Install piku's path unit or set PIKU_NGINX_RELOAD (docs/NGINX.md)"))
+
+
+@host_check
+def check_certificates():
+    """Each app's HTTPS certificate: expired is FAIL, expiring within 21 days WARN, and a failed
+    renewal or a self-signed stand-in says why."""
+    for app in list_apps():
+        crt, _ = certificate_files(app)
+        if not os.path.exists(crt):
+            continue
+        state = certificate_state(app)
+        expires = certificate_expiry(crt)
+        if expires is None:
+            yield Finding("FAIL", f"{app}: its certificate {crt} cannot be read", f"Get a new one: deploy {app}")
+            continue
+        days = (expires - time.time()) / 86400
+        what = "certificate" if state.get("issued") else "self-signed certificate"
+        renewal = (state.get("renewal") or {}).get("error")
+        if days <= 0:
+            yield Finding("FAIL", f"{app}: its {what} expired {-days:.0f} day(s) ago: browsers refuse the site",
+                          "Renew it: acme:renew" if state.get("issued") else f"deploy {app}")
+        elif days < CERTIFICATE_WARN_DAYS:
+            yield Finding("WARN", f"{app}: its {what} expires in {days:.0f} day(s)"
+                          + (f"; the last renewal failed: {last_line(renewal)}" if renewal else ""),
+                          "Renew it: acme:renew" if state.get("issued") else f"deploy {app}")
+        elif renewal:
+            yield Finding("WARN", f"{app}: the last renewal of its certificate failed: {last_line(renewal)}",
+                          "Fix the cause, then run: acme:renew")
+        elif not state.get("issued"):
+            yield Finding("WARN", f"{app}: HTTPS uses a self-signed certificate"
+                          + (f" ({last_line(state['error'])})" if state.get("error") else ""),
+                          f"Fix the cause, then: deploy {app}")
+        else:
+            yield Finding("OK", f"{app}: its certificate is valid for {days:.0f} more days")
 
 
 @host_check
@@ -4687,13 +5486,19 @@ def cmd_destroy(app):
     """Remove the app (its data/APP folder is kept)."""
     require_app(app)
     with AppLock(app):
+        still_there(app)
         install_vhost(app, None)
-        for path in (*certificate_files(app), os.path.join(NGINX_ROOT, f"{app}.acme")):
-            if os.path.exists(path):
+        legacy = [os.path.join(ACME_WWW, "lego", "certificates", name.replace("*", "_") + suffix)
+                  for name in certificate_state(app).get("names", []) for suffix in (".crt", ".key", ".issuer.crt",
+                                                                                      ".json")]
+        for path in (*certificate_files(app), os.path.join(NGINX_ROOT, f"{app}.acme"), *legacy):
+            if os.path.lexists(path):
                 os.unlink(path)
         stop_app(app)
-        for path in (app_path(app), repo_path(app), env_dir(app), os.path.join(LOG_ROOT, app),
-                     os.path.join(RELEASE_ROOT, app), os.path.join(CACHE_ROOT, app), runtime_dir(app)):
+        # the repo and apps/APP last: while either is there the app exists, and a destroy that was
+        # stopped half-way can be run again; nothing of it is left for a new app of that name
+        for path in (env_dir(app), os.path.join(LOG_ROOT, app), os.path.join(RELEASE_ROOT, app),
+                     os.path.join(CACHE_ROOT, app), runtime_dir(app), app_path(app), repo_path(app)):
             if os.path.islink(path):
                 os.unlink(path)
             elif os.path.isdir(path):
@@ -4705,60 +5510,85 @@ def cmd_destroy(app):
     step(f"{app} destroyed")
 
 
-def output_gone():
-    """Has the reader of our output gone (an ssh client that disconnected)? Without this, a
-    `logs` follower with no new lines to write would never notice and run forever."""
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), 0)     # error events are always reported
-        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
-    except (OSError, ValueError):
-        return False
+LOG_LINK = re.compile(r"g[0-9]+/[A-Za-z0-9_-]+\.[0-9]+\.log")
+
+
+def log_file_of(path):
+    """The file a log name in logs/APP/ stands for. piku's own link to the live instance's log
+    (KIND.N.log -> gGEN/KIND.N.log) is read, not followed, and must name a log of the app's
+    own generations; anything else there that is a link is refused (OSError)."""
+    if os.path.islink(path):
+        target = os.readlink(path)
+        if not LOG_LINK.fullmatch(target):
+            raise OSError(errno.ELOOP, "a link piku did not make", path)
+        return os.path.join(os.path.dirname(path), target)
+    return path
 
 
 class LogFollower:
-    """One log (followed by its path, usually the symlink to the live instance's file): prints
-    what is new, and when the file is replaced -- uWSGI's log-maxsize renames it to .old, a
-    redeploy re-links the symlink -- finishes the old file before it reads the new one."""
+    """One log (followed by its name in logs/APP/, usually piku's link to the live instance's
+    file): prints what is new, and when the file is replaced -- uWSGI's log-maxsize renames it to
+    .old, a redeploy re-links the name -- finishes the old file before it reads the new one. The
+    history shown first is read from the file's end, so a huge log costs only those lines."""
 
     def __init__(self, path, prefix, lines):
-        self.path, self.prefix = path, prefix
-        self.handle = open(path, errors="replace")
-        history = self.handle.readlines()
-        for line in history[-lines:] if lines else []:
+        self.path, self.prefix, self.partial = path, prefix, b""
+        self.fd = open_app_file(log_file_of(path))
+        self.inode = os.fstat(self.fd).st_ino
+        history, self.offset = tail_lines(self.fd, lines)
+        for line in history:
             click.echo(f"{prefix} | {line.rstrip()}")
-        self.inode = os.fstat(self.handle.fileno()).st_ino
+
+    def folder(self):
+        return os.path.dirname(log_file_of(self.path))
 
     def read(self):
-        for line in self.handle:
-            click.echo(f"{self.prefix} | {line.rstrip()}")
+        self.drain()
         try:
-            stat = os.stat(self.path)
+            fd = open_app_file(log_file_of(self.path))
         except OSError:
             return          # between a rename and the new file: the next event brings it
-        if stat.st_ino != self.inode or stat.st_size < self.handle.tell():
-            for line in self.handle:        # what reached the old file before the writer moved
-                click.echo(f"{self.prefix} | {line.rstrip()}")
-            self.handle.close()
-            self.handle = open(self.path, errors="replace")
-            self.inode = os.fstat(self.handle.fileno()).st_ino
-            self.read()
+        info = os.fstat(fd)
+        if info.st_ino == self.inode and info.st_size >= self.offset:
+            os.close(fd)
+            return
+        self.drain()        # what reached the old file before the writer moved
+        if self.partial:
+            click.echo(f"{self.prefix} | {self.partial.decode(errors='replace').rstrip()}")
+        os.close(self.fd)
+        self.fd, self.inode, self.offset, self.partial = fd, info.st_ino, 0, b""
+        self.drain()
+
+    def drain(self):
+        while True:
+            chunk = os.pread(self.fd, 65536, self.offset)
+            if not chunk:
+                return
+            self.offset += len(chunk)
+            *lines, self.partial = (self.partial + chunk).split(b"\n")
+            for line in lines:
+                click.echo(f"{self.prefix} | {line.decode(errors='replace').rstrip()}")
 
     def close(self):
-        self.handle.close()
+        os.close(self.fd)
 
 
 def follow_logs(paths, lines, follow):
     """Print the last lines of each log, prefixed with its worker, then follow them: inotify
     (watchdog) says when a log changed, so a new line is shown at once, with no polling."""
     width = max(len(os.path.basename(path)[:-4]) for path in paths)
-    followers = [LogFollower(path, os.path.basename(path)[:-4].ljust(width), lines) for path in paths]
-    if not follow:
+    followers = []
+    for path in paths:
+        try:
+            followers.append(LogFollower(path, os.path.basename(path)[:-4].ljust(width), lines))
+        except OSError as error:
+            warning(f"{os.path.basename(path)} is not shown: {error.strerror}")
+    if not follow or not followers:
         return
     import threading
     changed = threading.Event()
-    observer = watch_folders({os.path.dirname(os.path.realpath(path)) for path in paths}
-                             | {os.path.dirname(path) for path in paths}, changed)
+    observer = watch_folders({follower.folder() for follower in followers} | {os.path.dirname(path) for path in paths},
+                             changed)
     try:
         while not output_gone():
             changed.wait(1.0 if observer else 0.5)      # the timeout only notices a client that left
@@ -4766,7 +5596,8 @@ def follow_logs(paths, lines, follow):
             for follower in followers:
                 follower.read()
             if observer:        # a redeploy links a new generation's folder: watch it too
-                watch_more(observer, {os.path.dirname(os.path.realpath(path)) for path in paths}, changed)
+                with contextlib.suppress(OSError):
+                    watch_more(observer, {follower.folder() for follower in followers}, changed)
     finally:
         if observer:
             observer.stop()
@@ -4829,8 +5660,9 @@ def instance_status(instance, record, psutil):
     pid = pidfile_pid(instance.runtime("pid"))
     if not (pid and pid_alive(pid) and os.path.exists(instance.vassal)):
         return status, []
-    log = "".join(read_text(path, "") for path in (instance.log + ".old", instance.log) if os.path.exists(path))
-    status.update(pid=pid, state="running", restarts=len(RESTART_MARKERS.findall(log)))
+    restarts = sum(len(RESTART_MARKERS.findall(line)) for path in (instance.log + ".old", instance.log)
+                   for line in log_tail(path, 100000))
+    status.update(pid=pid, state="running", restarts=restarts)
     try:
         master = psutil.Process(pid)
         family = [master, *master.children(recursive=True)]
@@ -4926,13 +5758,21 @@ def cmd_run(app, command):
     command = command[1:] if command[0] == "--" else command
     if not command:
         raise PikuError("no command given", "Example: run APP -- ls -la")
-    try:
-        result = subprocess.run(list(command), cwd=app_path(app), env=env)
+    terminal = sys.stdin.isatty()
+    try:        # with a terminal, ssh's hang-up reaches the command itself; without one, it is ended
+        process = subprocess.Popen(list(command), cwd=app_path(app), env=env, start_new_session=not terminal)
     except FileNotFoundError:
         raise PikuError(f"command not found: {command[0]}", "Use 'run APP -- sh -c \"...\"' for shell syntax.")
     except OSError as error:
         raise PikuError(f"cannot run {command[0]}: {error.strerror}")
-    sys.exit(result.returncode)
+    if terminal:                # ^C is the command's to handle (an interactive shell keeps running)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        returncode = process.wait()
+    except BaseException:       # the client went (ClientWatch), or ^C without a terminal
+        kill_session(process)
+        raise
+    sys.exit(returncode)
 
 
 @cli.command("restart")
@@ -5013,14 +5853,14 @@ def cmd_deploys(app, deploy_id):
         if not records:
             raise PikuError(f"{app} has no deploy records yet", "Push to deploy it.")
         for record in reversed(records):
-            click.echo(f"{record['id']:>4}  {record['when']}  {record['outcome']:<6}  {record['seconds']:>7.1f} s  "
+            click.echo(f"{record['id']:>4}  {record['when']}  {deploy_outcome(record):<11}  {record['seconds']:>7.1f} s  "
                        f"{record['cause']} (by {record.get('by') or '?'})")
         return
     record = next((record for record in records if str(record.get("id")) == deploy_id.lstrip("#")), None)
     if record is None:
         raise PikuError(f"{app} has no deploy {deploy_id!r}", f"See them with: deploys {app}")
     click.echo(f"deploy {record['id']} of {app}: {record['cause']} (by {record.get('by') or '?'}), {record['when']}, "
-               f"{record['outcome']} in {record['seconds']:.1f} s")
+               f"{deploy_outcome(record)} in {record['seconds']:.1f} s")
     for message, seconds in record.get("steps", []):
         click.echo(f"  {seconds:>6.2f} s  {message}")
     click.echo(record.get("output", ""), nl=False)
@@ -5063,17 +5903,17 @@ ExecStart=/usr/bin/systemctl reload nginx
 def cmd_setup():
     """Create the ~/.piku folders and the uWSGI emperor config."""
     step(f"Running in Python {sys.version.split()[0]}, PIKU_ROOT={PIKU_ROOT}")
-    for path in PIKU_DIRS:
-        os.makedirs(path, exist_ok=True)
-    config = os.path.join(UWSGI_ROOT, "uwsgi.ini")
+    for path in (PIKU_ROOT, *PIKU_DIRS):
+        make_folder(path)
+        os.chmod(path, FOLDER_MODES[path])      # earlier versions left them to the umask
+    config = EMPEROR_CONFIG
     write_atomic(config, render_emperor())
     step(f"Wrote {config}")
     for tool in ("git", "uwsgi"):
         if not shutil.which(tool):
             warning(f"'{tool}' is not installed; deploys need it (apt-get install {tool})")
     notice(f"start the emperor with: uwsgi --ini {config}")
-    units = os.path.join(PIKU_ROOT, "systemd")
-    os.makedirs(units, exist_ok=True)
+    units = make_folder(SYSTEMD_FOLDER)
     for name, text in (("piku-nginx.path", NGINX_PATH_UNIT.substitute(nginx_root=NGINX_ROOT)),
                        ("piku-nginx.service", NGINX_SERVICE_UNIT.substitute(nginx=nginx_binary() or "/usr/sbin/nginx"))):
         write_atomic(os.path.join(units, name), text)
@@ -5093,9 +5933,7 @@ def cmd_install(user, home, key_file, key_name):
         raise PikuError(f"invalid user name {user!r}", "Use letters, digits, '_' and '-'.")
     key = None
     if key_file is not None:
-        key = sys.stdin.read() if key_file == "-" else read_text(key_file, None)
-        if key is None:
-            raise PikuError(f"public key file '{key_file}' not found")
+        key = read_key_file(key_file)
     started = time.monotonic()
     target = InstallTarget(user, os.path.abspath(home or os.path.join("/home", user)), key, key_name)
     changes = install_host(target)
@@ -5132,7 +5970,7 @@ def cmd_update(new_file, revert):
 
 AUTHORIZED_KEY = re.compile(r"((?:sk-)?(?:ssh|ecdsa)-[A-Za-z0-9@.-]+) ([A-Za-z0-9+/]+={0,3})(?: ([^\r\n]*))?")
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
-HOST_COMMANDS = frozenset({"setup", "setup:ssh", "keys", "keys:remove", "acme:renew"})   # keys without --apps only
+KEY_COMMANDS = frozenset({"apps", "help"})     # what a limited key may run besides commands for its apps
 
 
 @dataclass
@@ -5163,6 +6001,45 @@ def authorized_keys_line(key_text, fingerprint, name="default", apps=None):
 
 def authorized_keys_file():
     return os.path.join(os.path.expanduser("~"), ".ssh", "authorized_keys")
+
+
+@contextlib.contextmanager
+def authorized_keys_lock():
+    """setup:ssh and keys:remove read authorized_keys, change it and write it back: one at a
+    time, so two of them racing lose no key and bring no removed key back."""
+    folder = os.path.dirname(authorized_keys_file())
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    with open(os.path.join(folder, ".piku-authorized_keys.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+KEY_FILE_MAX = 64 * 1024        # a public key is one line of a few kilobytes
+
+
+def read_key_file(source):
+    """The text of a public key file ('-': stdin): a regular file or stdin, at most KEY_FILE_MAX
+    bytes of UTF-8 (a device such as /dev/zero would never end)."""
+    if source == "-":
+        data = sys.stdin.buffer.read(KEY_FILE_MAX + 1)
+    else:
+        try:
+            fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise PikuError(f"public key file '{source}' not found")
+        except OSError as error:
+            raise PikuError(f"public key file '{source}' cannot be read: {error.strerror}")
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise PikuError(f"'{source}' is not a file", "Pass the .pub file, for example: setup:ssh ~/alice.pub")
+            data = handle.read(KEY_FILE_MAX + 1)
+    if len(data) > KEY_FILE_MAX:
+        raise PikuError(f"the public key is longer than {KEY_FILE_MAX} bytes", "Pass one .pub file: one line.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PikuError("that is not an SSH public key (not UTF-8 text)",
+                        "Pass the .pub file, for example: setup:ssh ~/.ssh/id_ed25519.pub")
 
 
 FORCED_COMMAND = re.compile(r'^command="((?:[^"\\]|\\.)*)"')
@@ -5200,30 +6077,53 @@ def key_apps():
     return None if apps is None else {app for app in apps.split(",") if app}
 
 
-def command_app(args):
-    """The app a command line names (None when it names none)."""
-    name = args[0]
-    if name in ("git-receive-pack", "git-upload-pack"):
-        return git_path_to_app(args[1]) if len(args) > 1 else None
-    command = cli.commands.get(name)
-    if command is None or not any(param.name == "app" for param in command.params):
-        return None
-    try:
-        context = command.make_context(name, list(args[1:]), resilient_parsing=True)
-    except click.ClickException:
-        return None
-    return context.params.get("app")
+GROUP_OPTIONS = ("--help", "-h", "--version")
 
 
-def check_key_access(args, allowed):
-    """Refuse, before any work, what a key restricted to some apps may not do. An app it may not
-    see gets the same answer as one that does not exist."""
-    if args[0] in HOST_COMMANDS or (args[0] == "doctor" and command_app(args) is None):
-        raise PikuError(f"'{args[0]}' needs a key that may manage the whole host",
+def ssh_invocation(args, allowed):
+    """Parse a command line that came over ssh exactly as the CLI runs it, check what it would
+    run, and return that very parse to be invoked: -> a click context, or None for `--help` or
+    `--version` alone. What is checked is what runs, so no spelling -- '--' or an option before
+    the command, an app named the way git names it, an app argument after '--' -- gets past it.
+
+    Nobody reaches the internal and server-only commands; a key limited to some apps (allowed
+    is their set) reaches no host command and no other app, and learns of none."""
+    if args[0].startswith("-"):
+        if len(args) == 1 and args[0] in GROUP_OPTIONS:
+            return None
+        raise PikuError(f"{args[0]!r} cannot come before the command over ssh",
+                        "Write the command first: ssh piku@host COMMAND [ARGS...]  (see: ssh piku@host help)")
+    group = click.Context(cli, info_name="piku")
+    name, command, rest = cli.resolve_command(group, list(args))
+    if name in INTERNAL_COMMANDS:
+        raise PikuError(f"'{name}' is not a command", "See the commands with: ssh piku@host help")
+    if name in SERVER_ONLY_COMMANDS:
+        raise PikuError(f"'{name}' runs on the server itself, not over ssh", "Log in to the server as root "
+                        "(install) or as the piku user (update) and run it there.")
+    context = command.make_context(name, rest, parent=group)
+    if allowed is not None:
+        check_key_access(name, command, invocation_app(name, context.params), allowed)
+    return context
+
+
+def invocation_app(name, params):
+    """The app a parsed command acts on (None: none), named as the command itself will take it."""
+    app = params.get("app")
+    if app is not None and name in ("git-receive-pack", "git-upload-pack"):
+        return git_path_to_app(app)
+    return app
+
+
+def check_key_access(name, command, app, allowed):
+    """Refuse, before any work, what a key limited to some apps may not do: a command that does
+    not act on one app is the host's (setup:ssh, keys, doctor without an app, and any such
+    command added later), unless it is one of KEY_COMMANDS. An app it may not see gets the same
+    answer as one that does not exist."""
+    takes_app = any(param.name == "app" for param in command.params)
+    if (name not in KEY_COMMANDS and not takes_app) or (takes_app and app is None):
+        raise PikuError(f"'{name}' needs a key that may manage the whole host",
                         "Ask the host's administrator; this key may use: " + (", ".join(sorted(allowed)) or "no app"))
-    app = command_app(args)
-    # An invalid name (or a setting typed where the name goes) is no app's: the command refuses it.
-    if app is not None and APP_NAME.fullmatch(app) and app not in allowed:
+    if app is not None and validate_app_name(app) not in allowed:
         raise PikuError(f"app '{app}' not found", "This key's apps: " + (", ".join(sorted(allowed)) or "none"))
 
 
@@ -5233,9 +6133,7 @@ def check_key_access(args, allowed):
 @click.option("--apps", help="Comma-separated apps this key may push to and manage; default: every app.")
 def cmd_setup_ssh(public_key_file, name, apps):
     """Allow an SSH public key (- reads it from stdin)."""
-    text = sys.stdin.read() if public_key_file == "-" else read_text(public_key_file, None)
-    if text is None:
-        raise PikuError(f"public key file '{public_key_file}' not found")
+    text = read_key_file(public_key_file)
     key = next((line.strip() for line in text.splitlines() if line.strip()), "")
     fingerprint = key_fingerprint(key)
     match = AUTHORIZED_KEY.fullmatch(key)
@@ -5243,19 +6141,19 @@ def cmd_setup_ssh(public_key_file, name, apps):
     if not KEY_NAME.fullmatch(name):
         raise PikuError(f"invalid key name {name!r}", "Use letters, digits, '.', '_', '@' and '-' (at most 64).")
     app_list = None if apps is None else [validate_app_name(app.strip()) for app in apps.split(",") if app.strip()]
-    keys = read_keys()
-    if any(other.name == name and other.fingerprint != fingerprint for other in keys):
-        raise PikuError(f"another key is already named {name!r}", "Pick another name with --name, or remove it "
-                        f"first: keys:remove {name}")
     line = authorized_keys_line(key, fingerprint, name, app_list)
-    old = next((other for other in keys if other.fingerprint == fingerprint), None)
-    lines = [existing for existing in read_text(authorized_keys_file()).splitlines()
-             if old is None or existing != old.line]
-    if old is not None and old.line == line:
-        step(f"Key {fingerprint} is already set up")
-        return
-    os.makedirs(os.path.dirname(authorized_keys_file()), mode=0o700, exist_ok=True)
-    write_atomic(authorized_keys_file(), "\n".join([*lines, line]) + "\n", mode=0o600)
+    with authorized_keys_lock():
+        keys = read_keys()
+        if any(other.name == name and other.fingerprint != fingerprint for other in keys):
+            raise PikuError(f"another key is already named {name!r}", "Pick another name with --name, or remove it "
+                            f"first: keys:remove {name}")
+        old = next((other for other in keys if other.fingerprint == fingerprint), None)
+        if old is not None and old.line == line:
+            step(f"Key {fingerprint} is already set up")
+            return
+        lines = [existing for existing in read_text(authorized_keys_file()).splitlines()
+                 if old is None or existing != old.line]
+        write_atomic(authorized_keys_file(), "\n".join([*lines, line]) + "\n", mode=0o600)
     scope = f"apps: {', '.join(app_list) or 'none'}" if app_list is not None else "every app"
     step(f"{'Updated' if old else 'Added'} key {fingerprint} as {name!r} ({scope})")
 
@@ -5271,10 +6169,29 @@ def key_fingerprint(key):
                             "Pass the .pub file, for example: setup:ssh ~/.ssh/id_ed25519.pub")
 
 
-@cli.command("acme:renew", hidden=True)
-def cmd_acme_renew():
-    """Renew ACME certificates due within 30 days (run daily by the acme-renew vassal)."""
-    renew_certificates()
+@cli.command("acme:renew")
+@click.option("--days", default=RENEW_DAYS, show_default=True, type=click.IntRange(1, 36500),
+              help="Renew the certificates that expire within this many days.")
+def cmd_acme_renew(days):
+    """Renew the apps' ACME certificates that expire soon (the daily job does this)."""
+    failed = renew_certificates(days)
+    if failed:
+        raise PikuError(f"{len(failed)} certificate(s) could not be renewed: {', '.join(failed)}",
+                        "See the reasons above; fix them, then run: acme:renew")
+    step("Certificates checked: every one is fresh or was renewed")
+
+
+@cli.command("daily", hidden=True)
+def cmd_daily():
+    """INTERNAL: what the daily job runs -- renew certificates, rotate nginx's logs of the apps."""
+    step(f"Daily job of {PIKU_ROOT}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    rotated = rotate_nginx_logs()
+    if rotated:
+        step(f"Rotated the nginx logs of {', '.join(rotated)}")
+    failed = renew_certificates(spread=True)
+    if failed:
+        raise PikuError(f"{len(failed)} certificate(s) could not be renewed: {', '.join(failed)}",
+                        "See the reasons above; fix them, then run: acme:renew")
 
 
 @cli.command("keys")
@@ -5291,12 +6208,13 @@ def cmd_keys():
 @click.argument("name")
 def cmd_keys_remove(name):
     """Remove the SSH key called NAME."""
-    keys = [key for key in read_keys() if key.name == name]
-    if not keys:
-        raise PikuError(f"no key is named {name!r}", "See the keys with: keys")
-    gone = {key.line for key in keys}
-    lines = [line for line in read_text(authorized_keys_file()).splitlines() if line not in gone]
-    write_atomic(authorized_keys_file(), "".join(line + "\n" for line in lines), mode=0o600)
+    with authorized_keys_lock():
+        keys = [key for key in read_keys() if key.name == name]
+        if not keys:
+            raise PikuError(f"no key is named {name!r}", "See the keys with: keys")
+        gone = {key.line for key in keys}
+        lines = [line for line in read_text(authorized_keys_file()).splitlines() if line not in gone]
+        write_atomic(authorized_keys_file(), "".join(line + "\n" for line in lines), mode=0o600)
     step(f"Removed key {name!r} ({', '.join(key.fingerprint for key in keys)})")
 
 
@@ -5319,20 +6237,17 @@ def cmd_ssh_command():
         raise PikuError(f"cannot parse the command: {error}")
     if not args:
         args = ["help"]
-    if args[0] in INTERNAL_COMMANDS:
-        raise PikuError(f"'{args[0]}' is not a command", "See the commands with: ssh piku@host help")
-    if args[0] in SERVER_ONLY_COMMANDS:
-        raise PikuError(f"'{args[0]}' runs on the server itself, not over ssh", "Log in to the server as root "
-                        "(install) or as the piku user (update) and run it there.")
-    allowed = key_apps()
-    if allowed is not None:
-        check_key_access(args, allowed)
-    raise SystemExit(main(args))
+    check_text_args(args)
+    context = ssh_invocation(args, key_apps())
+    if context is None:
+        raise SystemExit(main(args))        # --help or --version: nothing runs
+    with context:
+        context.command.invoke(context)
 
 
 # Hidden commands that only piku itself runs (hooks, the forced command): never over ssh.
 # git-receive-pack and git-upload-pack are what `git push` and `git clone` ask for.
-INTERNAL_COMMANDS = frozenset({"ssh-command", "git-hook"})
+INTERNAL_COMMANDS = frozenset({"ssh-command", "git-hook", "daily"})
 SERVER_ONLY_COMMANDS = frozenset({"install", "update"})     # typed on the server itself, never over ssh
 
 
@@ -5380,10 +6295,46 @@ def cmd_git_hook(app, stage):
         keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack)
 
 
+def prepare_process():
+    """What a piku process needs before it runs a command: files it creates are never anyone
+    else's (UMASK), and a write to a pipe or socket whose reader has gone -- a client that left,
+    a worker that died while the health check talked to it -- is an error piku handles (EPIPE),
+    never a signal that kills it half-way through a deploy. (Python already ignores SIGPIPE;
+    this says so where a reader looks for it, and nothing may restore SIG_DFL.)"""
+    os.umask(UMASK)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    sys.stdout, sys.stderr = Output(sys.stdout), Output(sys.stderr)
+    ClientWatch.start()
+
+
+def check_text_args(args):
+    """Every argument must be text: bytes that are not UTF-8 (a value typed as $'\\xff') reach
+    Python as lone surrogates, which no file, config or environment can hold."""
+    for index, arg in enumerate(args, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raw = arg.encode("utf-8", "backslashreplace" if not 0xdc80 <= ord(arg[error.start]) <= 0xdcff
+                             else "surrogateescape")
+            shown = raw.decode("ascii", "backslashreplace")[:60]
+            raise PikuError(f"argument {index} ({shown}) is not UTF-8 text "
+                            f"(byte 0x{ord(arg[error.start]) & 0xff:02x})",
+                            "Settings, names and commands are UTF-8 text; encode binary values (base64).")
+
+
 def main(args=None):
     """Run the CLI; turn PikuError into ' !     ' lines and exit code 1."""
     try:
+        check_text_args(sys.argv[1:] if args is None else args)
         cli.main(args=args, prog_name="piku", standalone_mode=False)
+    except ClientGone:
+        silence_output()
+        return 1
+    except BrokenPipeError:
+        if not output_gone():
+            raise               # not our reader: a pipe or socket of someone else's is a bug to see
+        silence_output()
+        return 1
     except PikuError as error:
         problem(error.message)
         if error.hint:
@@ -5412,5 +6363,5 @@ def main(args=None):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    prepare_process()
     sys.exit(main())

@@ -32,6 +32,28 @@ APP_COMMANDS = frozenset({"config", "config:get", "config:set", "config:unset", 
                           "destroy", "logs", "ps", "ps:scale", "releases", "rollback", "run", "restart", "stop"})
 SCP_LIKE = re.compile(r"^(?:(?P<user>[^@/]+)@)?(?P<host>[^:/]+):(?P<path>.+)$")
 SSH_URL = re.compile(r"^ssh://(?:(?P<user>[^@/]+)@)?(?P<host>[^:/]+)(?::(?P<port>[0-9]+))?/(?P<path>.+)$")
+# The server's rule for app names (piku.py's APP_NAME and validate_app_name), which it applies to
+# the path git sends: one leading '/' dropped, nothing else changed ('myapp.git' is the app
+# 'myapp.git' there), so `piku` and `git push` always name the same app.
+APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def app_from_path(path):
+    """The app a remote's path names, exactly as the server reads the path git sends it."""
+    name = path[1:] if path.startswith("/") else path
+    if not APP_NAME.fullmatch(name) or ".." in name:
+        raise ClientError(f"the remote's path {path!r} is not an app name the server accepts",
+                          "Use piku@host:APP, APP being letters, digits, '.', '_' and '-' (as git push sends it)")
+    return name
+
+
+def check_host(server):
+    """user@host as ssh will read it: nothing that ssh could take for an option."""
+    user, _, host = server.rpartition("@")
+    if not host or host.startswith("-") or user.startswith("-") or any(c.isspace() for c in server):
+        raise ClientError(f"{server!r} is not a server address piku can use",
+                          "Use piku@yourhost (a host name or address, not starting with '-')")
+    return server
 SSH_DIR = os.path.join(os.path.expanduser("~"), ".ssh")
 
 
@@ -64,11 +86,9 @@ def parse_remote(url):
     match = SSH_URL.match(url) or SCP_LIKE.match(url)
     if not match:
         raise ClientError(f"the remote URL {url!r} is not an ssh address", "Use piku@host:app")
-    host = (match.group("user") + "@" if match.group("user") else "") + match.group("host")
+    host = check_host((match.group("user") + "@" if match.group("user") else "") + match.group("host"))
     port = match.groupdict().get("port")
-    app = match.group("path").strip("/")
-    app = app[:-4] if app.endswith(".git") else app
-    return host, port, app
+    return host, port, app_from_path(match.group("path"))
 
 
 def find_target(remote, app):
@@ -78,7 +98,7 @@ def find_target(remote, app):
     if server and not remote:
         match = re.fullmatch(r"(?P<host>[^:]+)(?::(?P<port>[0-9]+))?", server)
         server, port = (match.group("host"), match.group("port")) if match else (server, None)
-        return server, port, app or os.environ.get("PIKU_APP")
+        return check_host(server), port, app or os.environ.get("PIKU_APP")
     name = remote or "piku"
     url = git("remote", "get-url", name)
     if not url:
@@ -97,8 +117,9 @@ def ssh_command():
 
 
 def run_on_server(server, port, words, tty=False):
-    args = [*ssh_command(), *control_options(), *(["-p", port] if port else []), *(["-t"] if tty else []), server,
-            *(shlex.quote(word) for word in words)]
+    # `--` ends ssh's options: whatever the remote says, the server is never read as one
+    args = [*ssh_command(), *control_options(), *(["-p", port] if port else []), *(["-t"] if tty else []),
+            "--", check_host(server), *(shlex.quote(word) for word in words)]
     return subprocess.call(args)
 
 
@@ -125,10 +146,11 @@ def cmd_remote(args):
     if top is None:
         raise ClientError("this folder is not a git checkout", "Run 'git init' first.")
     app = args[1] if len(args) > 1 else os.path.basename(top)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", app):
+    if not APP_NAME.fullmatch(app) or ".." in app:
         raise ClientError(f"{app!r} is not a valid app name", "Pass one: piku remote piku@host myapp")
     server = args[0]
     url = f"{server.rstrip('/')}/{app}" if server.startswith("ssh://") else f"{server}:{app}"
+    parse_remote(url)           # the same checks every later command makes
     if git("remote", "get-url", "piku"):
         git("remote", "set-url", "piku", url)
     else:

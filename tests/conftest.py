@@ -340,9 +340,11 @@ def free_port():
 
 
 NGINX_CONFIG = """\
-# the test's own nginx: loopback only, run in the foreground by the test, as its user
+# the test's own nginx: loopback only, run in the foreground by the test. Its workers run as a user
+# that owns nothing of piku's and is only in piku's group (root's group here, as www-data is in the
+# piku user's group on a host): what they serve, they serve through the group's permissions.
 daemon off;
-user root;
+user nobody root;
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log;
@@ -367,6 +369,14 @@ class Nginx:
     def __init__(self, prefix, piku):
         self.prefix = Path(prefix)
         self.prefix.mkdir(parents=True, exist_ok=True)
+        # as a host's installer makes the piku user's home 750: the group may enter the folders
+        # above PIKU_ROOT (pytest makes them 700); put back as they were at stop()
+        self.opened = []
+        for folder in piku.root.parents:
+            mode = folder.stat().st_mode & 0o7777
+            if not mode & 0o010:
+                folder.chmod(mode | 0o010)
+                self.opened.append((folder, mode))
         self.port, self.https_port = free_port(), free_port()
         self.config = self.prefix / "nginx.conf"
         self.config.write_text(NGINX_CONFIG.format(prefix=self.prefix, piku_root=piku.root))
@@ -398,6 +408,8 @@ class Nginx:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        for folder, mode in self.opened:
+            folder.chmod(mode)
 
 
 @pytest.fixture
@@ -436,7 +448,10 @@ class Pebble:
                                         f"127.0.0.1:{dns}"], stdout=open(self.prefix / "pebble.log", "w"),
                                        env=dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0"), **quiet)
         self.directory = f"https://127.0.0.1:{self.port}/dir"
-        piku.env["LEGO_CA_CERTIFICATES"] = str(self.ca)       # lego trusts the CA pebble's own TLS is from
+        # lego trusts the CA pebble's own TLS is from: a setting of the host, in piku.env, as a
+        # sysadmin with a private CA writes it (the daily job has no other environment)
+        with open(piku.root / "piku.env", "a") as host_settings:
+            host_settings.write(f"LEGO_CA_CERTIFICATES={self.ca}\n")
         wait_until(lambda: "ACME directory available" in (self.prefix / "pebble.log").read_text(),
                    message="pebble to listen")
 
@@ -499,3 +514,66 @@ def make_app(piku, tmp_path):
     def make(source, name):
         return AppRepo(piku, source, tmp_path / "work" / name, name)
     return make
+
+
+class WebSocket:
+    """A small WebSocket client (RFC 6455, text frames) over TCP or TLS, for what nginx carries."""
+
+    def __init__(self, port, host_name, path="/ws", tls=False, timeout=10):
+        import base64
+        import socket
+        import ssl
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock = ssl._create_unverified_context().wrap_socket(raw, server_hostname=host_name) if tls else raw
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host_name}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(1)
+            if not chunk:
+                break
+            head += chunk
+        self.status = int(head.split()[1]) if head else 0
+        self.head = head.decode(errors="replace")
+
+    def send(self, text):
+        data, mask = text.encode(), os.urandom(4)
+        size = bytes([0x80 | len(data)]) if len(data) < 126 else bytes([0xFE]) + len(data).to_bytes(2, "big")
+        self.sock.sendall(bytes([0x81]) + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+    def receive(self):
+        head = self._exactly(2)
+        length = head[1] & 0x7F
+        if length == 126:
+            length = int.from_bytes(self._exactly(2), "big")
+        elif length == 127:
+            length = int.from_bytes(self._exactly(8), "big")
+        return self._exactly(length).decode()
+
+    def _exactly(self, size):
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                raise ConnectionError("the WebSocket was closed")
+            data += chunk
+        return data
+
+    def close(self):
+        self.sock.close()
+
+
+def event_stream(port, host_name, path="/events"):
+    """GET an event stream through nginx: -> (seconds until the first event, seconds until the end, body)."""
+    import socket
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host_name}\r\nAccept: text/event-stream\r\n"
+                     f"Connection: close\r\n\r\n".encode())
+        data, first = b"", None
+        while chunk := conn.recv(4096):
+            data += chunk
+            if first is None and b"data: first" in data:
+                first = time.monotonic() - started
+    return first, time.monotonic() - started, data.decode(errors="replace")

@@ -1,9 +1,12 @@
 """nginx in front: vhosts from upstream piku's keys, checked with nginx -t before they replace a
 working one, and redeploys through nginx that fail no request. A real nginx on a loopback port."""
 
+import os
+import subprocess
+
 import pytest
 
-from conftest import EXAMPLES, TEST_APPS, LoadLoop, wait_for_body, wait_until
+from conftest import EXAMPLES, PIKU_PY, PYTHON, TEST_APPS, LoadLoop, wait_for_body, wait_until
 
 LOOPBACK = ("NGINX_IPV4_ADDRESS=127.0.0.1", "DISABLE_IPV6=1")
 
@@ -67,12 +70,18 @@ def test_a_bad_include_file_is_refused_with_nginxs_message_and_the_old_vhost_kee
     assert status == 200 and headers.get("X-Extra") == "yes"
     before = (piku.root / "nginx" / "inc.conf").read_text()
 
-    app.write("nginx.inc", "add_header X-Extra yes\n")       # no semicolon
+    app.write("nginx.inc", "add_header X-Extra yes\n")       # no semicolon: piku reads it as nginx would
+    app.commit("an unfinished include file")
+    unfinished = app.push(check=False)
+    assert unfinished.returncode != 0 and "NGINX_INCLUDE_FILE nginx.inc: nginx cannot read it: the text ends " \
+        "inside a statement" in unfinished.output, unfinished.output
+    app.write("nginx.inc", "add_header X-Extra;\n")          # read, allowed, but refused by nginx -t
     app.commit("a broken include file")
     broken = app.push(check=False)
     assert broken.returncode != 0
     assert "nginx refused the new vhost (nginx -t above); nothing was changed" in broken.output
-    assert '[emerg]' in broken.output and 'unexpected "}" in nginx/inc.conf' in broken.output, broken.output
+    assert '[emerg]' in broken.output and 'invalid number of arguments in "add_header" directive in ' \
+        'nginx/inc.conf' in broken.output, broken.output
     assert (piku.root / "nginx" / "inc.conf").read_text() == before
     assert nginx.get("/", host="inc.test")[1].get("X-Extra") == "yes"
 
@@ -168,10 +177,53 @@ def test_https_certificate_from_an_acme_ca_over_http_01(piku, emperor, nginx, pe
     assert status.endswith(" 200 OK") and body.startswith("wsgi 3.11"), (status, body)
     again = piku("deploy", "tls")
     assert "HTTPS: asking" not in again.stdout, "a certificate held for these names is not asked for again"
-    renewal = (piku.root / "uwsgi-enabled" / "acme-renew.ini").read_text()
-    assert "cron = 17 3 -1 -1 -1 " in renewal and "acme:renew" in renewal, "renewal is scheduled daily"
-    renewed = piku("acme:renew")
-    assert renewed.returncode == 0 and "renewed" not in renewed.stdout, "not due for 30 days: nothing to do"
+    daily = (piku.root / "uwsgi-enabled" / "acme-renew.ini").read_text()
+    assert "cron = 17 3 -1 -1 -1 " in daily and " daily" in daily, "renewal is scheduled daily"
+    fresh = piku("acme:renew")
+    assert fresh.returncode == 0 and "certificate renewed" not in fresh.stdout, "not due for 30 days: nothing to do"
+    assert (piku.root / "envs" / "tls" / "acme" / "certificates" / "tls.test.crt").exists(), "lego's state is the app's"
+    # renewal, forced: the account and settings of the issuance (LEGO_CA_CERTIFICATES from piku.env), a
+    # new certificate served
+    before = https_get(nginx.https_port, "tls.test", cafile=pebble.root())[1]
+    renewed = piku("acme:renew", "--days", "36500")
+    assert "tls: certificate renewed" in renewed.stdout, renewed.stdout + renewed.stderr
+    assert wait_until(lambda: https_get(nginx.https_port, "tls.test", cafile=pebble.root())[1] != before,
+                      message="nginx to serve the renewed certificate")
+    doctor = piku("doctor", check=False).stdout
+    assert re.search(r"OK +tls: its certificate is valid for [0-9]+ more days", doctor), doctor
+    assert_no_file_of_piku_is_an_app_name(piku)
+    # a renewal that fails: a non-zero exit, the reason, and doctor says so
+    pebble.stop()
+    failed = piku("acme:renew", "--days", "36500", check=False)
+    assert failed.returncode == 1 and " !     tls: renewing its certificate failed:" in failed.stderr, failed.stderr
+    assert "1 certificate(s) could not be renewed: tls" in failed.stderr
+    doctor = piku("doctor", check=False).stdout
+    assert "WARN  tls: the last renewal of its certificate failed" in doctor, doctor
+
+
+def assert_no_file_of_piku_is_an_app_name(piku):
+    """Walk the folders that hold an entry per app: what belongs to no app is piku's own, and
+    no app may be named so that its entry would be that file."""
+    import json
+    code = ("import json, piku; print(json.dumps({'entries': {folder: list(suffixes) for folder, suffixes in "
+            "piku.APP_ENTRIES.items()}, 'reserved': sorted(piku.reserved_app_names())}))")
+    found = json.loads(subprocess.run([PYTHON, "-c", code], env=dict(piku.env, PYTHONPATH=str(PIKU_PY.parent)),
+                                      capture_output=True, text=True, check=True).stdout)
+    apps = {path.name for path in (piku.root / "repos").iterdir()}
+    checked = 0
+    for folder, suffixes in found["entries"].items():
+        for entry in os.listdir(folder):
+            owners = {entry[:-len(suffix)] if suffix != "@" else entry.split("@")[0]
+                      for suffix in suffixes if suffix == "" or (suffix == "@" and "@" in entry)
+                      or (suffix != "@" and entry.endswith(suffix))}
+            if owners & apps or entry.startswith(".tmp-"):
+                continue
+            checked += 1
+            for owner in owners:
+                refused = piku("git-receive-pack", owner, check=False)
+                assert refused.returncode != 0 and ("invalid app name" in refused.stderr or "is taken by one "
+                                                    "of piku's own files" in refused.stderr), (folder, entry, owner)
+    assert checked >= 5, checked
 
 
 def test_without_the_ca_a_self_signed_certificate_keeps_nginx_serving(piku, emperor, nginx, make_app, toolchain):
@@ -179,10 +231,10 @@ def test_without_the_ca_a_self_signed_certificate_keeps_nginx_serving(piku, empe
     toolchain.require("3.11")
     closed = f"https://127.0.0.1:{__import__('conftest').free_port()}/dir"
     app = front_with_nginx(piku, make_app, TEST_APPS / "wsgi-plain", "selfie", f"ACME_ROOT_CA={closed}",
-                           "NGINX_HTTPS_ONLY=1")
+                           "NGINX_HTTPS_ONLY=1", "ACME_EMAIL=ops@example.com")
     pushed = app.push()
     assert "no certificate was issued" in pushed.output and "self-signed certificate" in pushed.output
-    assert "then run: deploy selfie" in pushed.output
+    assert f"port 80 reaches nginx (which listens on {nginx.port} here), then run: deploy selfie" in pushed.output
     status, certificate, body = https_get(nginx.https_port, "selfie.test")
     assert status.endswith(" 200 OK") and body.startswith("wsgi 3.11")
     subject = ssl.DER_cert_to_PEM_cert(certificate)
@@ -243,3 +295,233 @@ def test_cloudflare_acl_lets_in_only_cloudflare_this_host_and_the_deployer(piku,
     assert status_from("127.0.0.1") == b"200", "this host"
     assert status_from("127.0.0.3") == b"200", "Cloudflare"
     assert status_from("127.0.0.2") == b"403", "anyone else"
+
+
+# --- NGINX_INCLUDE_FILE: read as nginx reads it -------------------------------------------
+
+INCLUDE_TEST_CONFIG = """\
+events { worker_connections 16; }
+http {
+    server {
+        listen 127.0.0.1:1;
+%s
+    }
+}
+"""
+INCLUDE_TOKENS = ["add_header", "add_header", "alias", "root", "location", "X-A", "X-B", "a", "b#c", "a#", "#", "#c",
+                  '"', "'", "\\", '\\"', "\\'", "\\\\", ";", ";", "{", "}", "$host", "${host}", "always", "/l1",
+                  "/l2", "/etc/", '"q q"', "'s s'", 'a"b', "a'b", '"a"b', "a\\;b", "\\n", "\\t", "a}b", "{x"]
+INCLUDE_VALUES = ["a", "a#", "#a", 'a"b', "a'b", '"a b"', "'a b'", "a\\;b", '"a;b"', "'a}b'", "a}b", "${host}",
+                  "$host", '"x\\"y"', "'x\\'y'", "a\\", '"', "'", "a{", '"a"b', "\\#x", "x#y#z", "'a\nb'"]
+
+
+def nginx_accepts(text, tmp_path):
+    """nginx -t on text inside a server block."""
+    config = tmp_path / "nginx.conf"
+    config.write_text(INCLUDE_TEST_CONFIG % text)
+    result = subprocess.run(["nginx", "-t", "-q", "-p", str(tmp_path), "-c", str(config), "-e", "stderr"],
+                            capture_output=True, text=True)
+    return result.returncode == 0, result.stderr
+
+
+def predict_nginx(text):
+    """What nginx -t will say of text, from piku's reading of it (for a vocabulary whose rules
+    are simple: add_header takes 2 arguments, or 3 ending with 'always'; location /path opens a
+    block at the server level; alias takes one in a location; root one anywhere, once)."""
+    import piku
+    try:
+        statements = piku.nginx_statements(text)
+    except piku.NginxSyntaxError:
+        return False
+    depth, locations, paths = 0, set(), [set()]
+    for words, end, _ in statements:
+        if end == "}":
+            depth -= 1
+            paths.pop()
+            if depth < 0:
+                return False
+            continue
+        name, args = words[0], words[1:]
+        if name == "add_header":
+            ok = end == ";" and (len(args) == 2 or len(args) == 3 and args[2] == "always")
+        elif name == "location":
+            ok = end == "{" and depth == 0 and len(args) == 1 and args[0] in ("/l1", "/l2") and args[0] not in locations
+            locations.add(args[0] if args else None)
+        elif name in ("alias", "root"):
+            ok = end == ";" and len(args) == 1 and not paths[-1] and (name == "root" or depth == 1)
+            paths[-1].add(name)
+        else:
+            ok = False
+        if not ok:
+            return False
+        if end == "{":
+            depth += 1
+            paths.append(set())
+    return depth == 0
+
+
+def generated_includes(count, seed):
+    import random
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        if rng.random() < 0.35:
+            texts.append("".join(rng.choice(INCLUDE_TOKENS) + rng.choice([" ", " ", "\n", "\t", ""])
+                                 for _ in range(rng.randint(1, 9))))
+            continue
+        statements = []
+        for _ in range(rng.randint(1, 4)):
+            form = rng.random()
+            if form < 0.6:
+                statements.append(f"add_header X-{rng.randint(1, 9)} {rng.choice(INCLUDE_VALUES)}"
+                                  f"{rng.choice(['', ' always', ' ' + rng.choice(INCLUDE_VALUES)])};")
+            elif form < 0.8:
+                statements.append(f"location /l{rng.randint(1, 2)} {{ {rng.choice(['alias', 'root'])} "
+                                  f"{rng.choice(['/etc/', '/l/', rng.choice(INCLUDE_VALUES)])}; }}")
+            else:
+                statements.append(f"{rng.choice(['alias', 'root'])} {rng.choice(['/etc/', rng.choice(INCLUDE_VALUES)])};")
+        texts.append(rng.choice(["\n", " ", ""]).join(statements))
+    return texts
+
+
+INCLUDE_REPRODUCTIONS = ["add_header X-A a#;\nalias ~/.piku/;", "add_header X a\"b;\nalias /home/piku/.piku/nginx/;",
+                         "add_header X-A a#;\nroot /;", "add_header X 'a#';\nlocation /l1 { alias /etc/; }"]
+
+
+def test_piku_reads_an_include_file_exactly_as_nginx_does(tmp_path):
+    """Differential: for generated include files, piku's reading predicts nginx -t's verdict."""
+    import shutil
+    if not shutil.which("nginx"):
+        pytest.skip("nginx is not installed (make deps installs it)")
+    texts = INCLUDE_REPRODUCTIONS + generated_includes(700, seed=4)
+    verdicts = {True: 0, False: 0}
+    for text in texts:
+        accepted, why = nginx_accepts(text, tmp_path)
+        assert predict_nginx(text) == accepted, (text, why)
+        verdicts[accepted] += 1
+    print(f"include files: {verdicts[True]} accepted and {verdicts[False]} refused by nginx, each as predicted")
+    assert verdicts[True] > 100 and verdicts[False] > 100, verdicts
+
+
+def test_an_include_file_can_use_only_the_allowed_directives_however_it_is_spelled(tmp_path):
+    import piku
+    from piku import PikuError
+    root = tmp_path / "release"
+    root.mkdir()
+    release = piku.Release("inc", "0" * 40, str(root), {}, {"NGINX_INCLUDE_FILE": "nginx.inc"})
+    texts = INCLUDE_REPRODUCTIONS + generated_includes(700, seed=5)
+    for text in texts:
+        (root / "nginx.inc").write_text(text)
+        try:
+            lines = piku.nginx_include(release)
+        except PikuError:
+            continue
+        rendered = "\n".join(lines[1:])
+        statements = [(words, end) for words, end, _ in piku.nginx_statements(rendered)]
+        assert statements == [(words, end) for words, end, _ in piku.nginx_statements(text)], (text, rendered)
+        assert all(words[0] in piku.NGINX_INCLUDE_DIRECTIVES for words, end in statements if end != "}"), text
+    for text in INCLUDE_REPRODUCTIONS:
+        (root / "nginx.inc").write_text(text)
+        with pytest.raises(PikuError, match="is not allowed there"):
+            piku.nginx_include(release)
+
+
+# --- server names are one app's ---------------------------------------------------------
+
+def test_a_server_name_belongs_to_one_app_however_it_is_written(piku, emperor, nginx, make_app):
+    import os
+    first = front_with_nginx(piku, make_app, EXAMPLES / "web", "first")     # first.test, www.first.test
+    first.push()
+    second = make_app(EXAMPLES / "web", "second")
+    for name, clash in (("WWW.First.Test.", "the app 'first' (as www.first.test)"),
+                        ("*.first.test", "the app 'first' (as www.first.test)")):
+        second.write("ENV", f"NGINX_SERVER_NAME=second.test,{name}\n" + "\n".join(LOOPBACK) + "\n")
+        second.commit(name)
+        refused = second.push(check=False)
+        assert refused.returncode != 0, refused.output
+        assert f"NGINX_SERVER_NAME {name} is already served by {clash}" in refused.output, refused.output
+    for leftover in ("nginx/second.conf", "nginx/second.crt", "nginx/second.acme", "envs/second/acme"):
+        assert not (piku.root / leftover).exists(), leftover
+    second.write("ENV", "NGINX_SERVER_NAME=second.test\n" + "\n".join(LOOPBACK) + "\n")
+    second.commit("a name of its own")
+    second.push()
+    before = (piku.root / "nginx" / "second.conf").read_text()
+    limited = dict(piku.env, FINGERPRINT="SHA256:limited", NAME="limited", APPS="second")
+    hidden = subprocess.run([PYTHON, str(PIKU_PY), "config:set", "second", "NGINX_SERVER_NAME=first.test"],
+                            env=limited, capture_output=True, text=True)
+    assert hidden.returncode == 1 and "is already served by another app" in hidden.stderr, hidden.stderr
+    assert "first" not in hidden.stderr.replace("first.test", ""), "a key limited to second learns of no other app"
+    assert (piku.root / "nginx" / "second.conf").read_text() == before
+    assert nginx.get("/", host="www.first.test")[2].startswith("Hello from first")
+    assert nginx.get("/", host="second.test")[2].startswith("Hello from second")
+    # two apps asking for one new name at the same moment: one gets it
+    racers = [subprocess.Popen([PYTHON, str(PIKU_PY), "config:set", app, "NGINX_SERVER_NAME=race.test"],
+                               env=piku.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for app in ("first", "second")]
+    outcomes = [(racer.wait(), racer.stderr.read()) for racer in racers]
+    assert sorted(code for code, _ in outcomes) == [0, 1], outcomes
+    holders = [app for app in ("first", "second") if "race.test" in (piku.root / "nginx" / f"{app}.conf").read_text()]
+    assert len(holders) == 1, holders
+    assert nginx.get("/", host="race.test")[2].startswith(f"Hello from {holders[0]}")
+    assert os.path.isdir(piku.root / "envs" / "first"), "the loser changed nothing of its own either"
+
+
+# --- WebSockets, event streams, static files --------------------------------------------
+
+@pytest.mark.parametrize("kind", ["web", "asgi"])
+def test_websockets_and_event_streams_pass_through_nginx(kind, piku, emperor, nginx, make_app, toolchain):
+    from conftest import WebSocket, event_stream
+    toolchain.require(*(("3.11",) if kind == "asgi" else ()))
+    app = front_with_nginx(piku, make_app, TEST_APPS / f"realtime-{kind}", "rt", "EVENT_PAUSE=3")
+    app.push()
+    assert nginx.get("/", host="rt.test")[2] == f"realtime {kind} rt\n"
+    for tls, port in ((False, nginx.port), (True, nginx.https_port)):
+        socket = WebSocket(port, "rt.test", tls=tls)
+        try:
+            assert socket.status == 101, socket.head
+            for text in ("hello", "x" * 300):
+                socket.send(text)
+                assert socket.receive() == f"echo: {text}"
+        finally:
+            socket.close()
+    first, whole, body = event_stream(nginx.port, "rt.test")
+    print(f"{kind}: first event after {first:.2f} s, the response ended after {whole:.2f} s")
+    assert first is not None and first < 1.5 <= 3 <= whole, (first, whole, body)
+    assert "data: second" in body
+    # a WebSocket stays open while another app is deployed and nginx reloads for its new vhost
+    socket = WebSocket(nginx.port, "rt.test")
+    try:
+        other = front_with_nginx(piku, make_app, EXAMPLES / "web", "neighbour")
+        other.push()
+        assert nginx.get("/", host="neighbour.test")[2].startswith("Hello from neighbour")
+        socket.send("still there?")
+        assert socket.receive() == "echo: still there?"
+    finally:
+        socket.close()
+
+
+def test_static_files_are_served_by_nginx_through_the_group_and_nothing_else_is(piku, emperor, nginx, make_app,
+                                                                                 toolchain):
+    toolchain.require("3.11")
+    plain = front_with_nginx(piku, make_app, TEST_APPS / "wsgi-plain", "plain", "SECRET_TOKEN=never-served-4471")
+    plain.push()
+    status, headers, robots = nginx.get("/robots.txt", host="plain.test")
+    assert status == 200 and headers.get("X-Served-By") == "nginx-static", (status, headers)
+    wait_until(lambda: '"GET /robots.txt HTTP/1.1" 200' in (piku.root / "logs" / "plain" / "nginx.access.log").read_text(),
+               message="nginx's access log to show it served the file")
+    # nginx's workers are in the group: they enter releases, not settings, repos or data
+    def readable_by_the_group(path):
+        return subprocess.run(["runuser", "-u", "nobody", "-g", "root", "--", "test", "-r", str(path)]).returncode == 0
+    assert readable_by_the_group(next((piku.root / "releases" / "plain").glob("*/assets/robots.txt")))
+    for private in ("envs/plain/ENV", "envs/plain/LIVE_ENV", "repos/plain/config", "envs/plain/releases.json"):
+        assert not readable_by_the_group(piku.root / private), private
+    web = front_with_nginx(piku, make_app, EXAMPLES / "web", "webstatic", "NGINX_STATIC_PATHS=/files/:.")
+    pushed = web.push()
+    assert "does not serve it" not in pushed.output, "nginx serves it: no warning"
+    status, headers, body = nginx.get("/files/Procfile", host="webstatic.test")
+    assert status == 200 and headers.get("X-Served-By") == "nginx-static" and body.startswith("web:")
+    refused = piku("config:set", "webstatic", "NGINX_STATIC_PATHS=/etc/:/etc/", check=False)
+    assert refused.returncode == 1 and "NGINX_STATIC_PATHS folder '/etc/' is an absolute path" in refused.stderr
+    assert "root:" not in nginx.get("/etc/passwd", host="webstatic.test")[2]
+    unserved = piku("config:set", "webstatic", "NGINX_SERVER_NAME=")
+    assert "NGINX_STATIC_PATHS is served by nginx" in unserved.stderr and "here neither serves it" in unserved.stderr

@@ -147,9 +147,12 @@ def test_static_paths_are_served_beside_wsgi_and_kept_inside_the_release(tmp_pat
     (tmp_path / "staticfiles").mkdir()
     (tmp_path / "escape").symlink_to("/etc")
     root = str(tmp_path)
-    assert piku.static_paths({"NGINX_STATIC_PATHS": "/static/:staticfiles, /media:/media/"}, root) == [
+    assert piku.static_paths({"NGINX_STATIC_PATHS": "/static/:staticfiles, /media:media/"}, root) == [
         ("/static/", f"{root}/staticfiles/"), ("/media/", f"{root}/media/")]
-    for bad in ("/static/:escape", "/x/:../other", "static:staticfiles", "/a/../b/:x", "/static/", "/s p/:x"):
+    with pytest.raises(PikuError, match="'/media/' is an absolute path"):       # refused, not rewritten
+        piku.static_paths({"NGINX_STATIC_PATHS": "/media:/media/"}, root)
+    for bad in ("/static/:escape", "/x/:../other", "static:staticfiles", "/a/../b/:x", "/static/", "/s p/:x",
+                "/etc/:/etc", "/s/:/"):
         with pytest.raises(PikuError):
             piku.static_paths({"NGINX_STATIC_PATHS": bad}, root)
 

@@ -96,7 +96,7 @@ def test_forced_command_never_hands_the_client_command_to_a_shell():
 
 def test_host_settings_come_from_the_environment_or_piku_env(tmp_path, monkeypatch):
     import piku
-    monkeypatch.setattr(piku, "PIKU_ROOT", str(tmp_path))
+    monkeypatch.setattr(piku, "HOST_ENV", str(tmp_path / "piku.env"))
     monkeypatch.setattr(piku, "_HOST_SETTINGS", {})
     monkeypatch.delenv("PIKU_NGINX_HTTP_PORT", raising=False)
     (tmp_path / "piku.env").write_text("PIKU_NGINX_HTTP_PORT=8080\nPIKU_NGINX_RELOAD='sudo -n /usr/sbin/nginx -s reload'\n")
