@@ -287,10 +287,22 @@ def step(message, timed=True):
     for record in DeployRecord.active:
         record.step(message)
     if timed and DeployRecord.active:
-        click.echo(f"-----> {message}", nl=False)
-        OpenStep.current = OpenStep(time.monotonic())
+        shared = output_shared()
+        click.echo(f"-----> {message}", nl=not shared)
+        OpenStep.current = OpenStep(time.monotonic(), line_open=shared)
     else:
         click.echo(f"-----> {message}")
+
+
+def output_shared():
+    """Do stdout and stderr go to one place (git's side-band, a terminal)? Only then may a step's
+    line stay open for its duration: on two pipes (ssh without a terminal) a warning written to
+    stderr could reach the screen before the line's end and land on the same line."""
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
 
 
 @dataclass
@@ -394,6 +406,7 @@ class ClientWatch:
     is already committed finishes its switch, with its output going nowhere."""
     shields = 0
     thread = None
+    channel = None          # in git's hook: an fd on the pipe git writes to its client
 
     @classmethod
     def start(cls):
@@ -403,13 +416,34 @@ class ClientWatch:
         except (OSError, ValueError):
             return
         if stat.S_ISFIFO(kind) or stat.S_ISSOCK(kind):
+            cls._start_thread()
+
+    @classmethod
+    def watch_client_of(cls, pid):
+        """In git's pre-receive hook, our output goes to git, which keeps its end open even after
+        its client has gone (its side-band thread dies on EPIPE; the pipe stays). The client is at
+        the other end of git's own stdout: watch that (a pipe of sshd's or of `git push`'s)."""
+        path = f"/proc/{pid}/fd/1"
+        try:
+            if not stat.S_ISFIFO(os.stat(path).st_mode):
+                return          # a socket (some sshd builds): our own output is all there is to watch
+            cls.channel = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as error:
+            if error.errno == errno.ENXIO:      # nobody reads it: the client has gone already
+                cls.left()
+            return
+        cls._start_thread()
+
+    @classmethod
+    def _start_thread(cls):
+        if cls.thread is None:
             import threading
             cls.thread = threading.Thread(target=cls._watch, name="client-watch", daemon=True)
             cls.thread.start()
 
     @classmethod
     def _watch(cls):
-        while not output_gone():
+        while not output_gone() and not (cls.channel is not None and fd_gone(cls.channel)):
             time.sleep(0.5)
         silence_output()
         os.kill(os.getpid(), signal.SIGHUP)         # handled in the main thread, between two steps
@@ -437,11 +471,16 @@ class ClientWatch:
 def output_gone():
     """Has the reader of our output gone (an ssh client that disconnected)?"""
     try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), 0)     # error events are always reported
-        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+        return fd_gone(sys.stdout.fileno())
     except (OSError, ValueError):
         return False
+
+
+def fd_gone(fd):
+    """Has the other end of the pipe or socket fd been closed?"""
+    poller = select.poll()
+    poller.register(fd, 0)          # error events are always reported
+    return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
 
 
 def silence_output():
@@ -2311,7 +2350,7 @@ def render_vassal(instance, command, env, root, extra=()):
     return text
 
 
-OPTION_REFERENCE = re.compile(r"%\(([^)]*)\)")
+OPTION_REFERENCE = re.compile(r"(?=%\(([^)]*)\))")     # every '%(' of a value, nested ones included
 
 
 def check_option_references(text, values):
@@ -5699,11 +5738,7 @@ def format_duration(seconds):
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-@cli.command("ps")
-@click.argument("app")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def cmd_ps(app, as_json):
-    """Show the app's workers: PID, state, CPU, memory, uptime, restarts, release."""
+def ps_inputs(app):
     require_app(app)
     record = live_release(app)
     if not record:
@@ -5712,6 +5747,21 @@ def cmd_ps(app, as_json):
         import psutil
     except ImportError:
         raise PikuError("ps needs psutil", "Install it on the server: apt-get install python3-psutil")
+    return record, psutil
+
+
+@cli.command("ps")
+@click.argument("app")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def cmd_ps(app, as_json):
+    """Show the app's workers: PID, state, CPU, memory, uptime, restarts, release."""
+    try:
+        record, psutil = ps_inputs(app)
+    except PikuError as error:
+        if not as_json:
+            raise
+        click.echo(json.dumps({"app": app, "error": error.message, "hint": error.hint}, indent=1))
+        raise SystemExit(1)     # a script reads the JSON; the ' !' lines would be noise
     statuses = [instance_status(Instance(app, record["gen"], kind, index), record, psutil)
                 for kind, count in sorted(record["scaling"].items()) for index in range(1, count + 1)]
     measure_processes(statuses, psutil)
@@ -6286,6 +6336,7 @@ def cmd_git_hook(app, stage):
     for other in skipped:
         warning(f"{other} was pushed but not deployed: one branch is deployed per push")
     receive_pack = os.getppid()
+    ClientWatch.watch_client_of(receive_pack)
     with locked(app) as lock:
         current = branch_revision(app, ref) or ZERO_REV
         if current != old:

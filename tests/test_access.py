@@ -7,13 +7,9 @@ generated command lines, in one process per batch; only the leaf commands are re
 recorders, so what is observed is the command and app that *would* run."""
 
 import json
-import os
 import random
 import shlex
 import subprocess
-import sys
-
-import pytest
 
 from conftest import PIKU_PY, PYTHON, clean_env
 

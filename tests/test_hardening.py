@@ -1,13 +1,17 @@
 """Hardening: apps cannot reach each other, pushed files cannot reach outside their release,
 and no input -- typed, pushed or malformed -- gets a traceback."""
 
+import json
 import os
 import random
+import shutil
+import subprocess
+import time
 
 import pytest
 
 import piku
-from conftest import EXAMPLES, PIKU_PY, fetch, wait_for_body
+from conftest import EXAMPLES, PIKU_PY, PYTHON, fetch, pid_alive, wait_for_body
 from piku import PikuError
 
 WEB = EXAMPLES / "web"
@@ -145,3 +149,169 @@ def test_an_app_named_like_a_piku_file_is_just_an_app(piku, emperor, make_app):
     piku("destroy", "probes.json")
     assert cache.read_text() == '{"kept": "yes"}'
     assert not (piku.root / "apps" / "probes.json").exists()
+
+
+# --- Procfile commands reach their process byte for byte -----------------------------------
+
+COMMAND_PIECES = ["echo", " ", " ", "%", "%%", "(", ")", "%(chdir)", "%(nonexistent)", "%(piku_dollar)", "%(env)",
+                  "%(procname-prefix)", "%(procname_prefix)", "%(log-maxsize)", "$(HOME)", "$HOME", "@(/etc/passwd)",
+                  "@", "$", "%d", "%n", "%k", "%(", "%)", "'", '"', "\\", ";", "#", "=", "\u00e9", "%%(x)", "{", "}",
+                  "%(asctime)s", "100%", "$(", "@(", "x"]
+
+
+def uwsgi_reads(text, option, tmp_path):
+    """What uWSGI itself reads as option's value from a vassal (uwsgi --get, which parses the
+    config with every substitution and exits)."""
+    path = tmp_path / "vassal.ini"
+    path.write_text(text)
+    return subprocess.run(["uwsgi", "--ini", str(path), "--get", option], capture_output=True, text=True,
+                          timeout=10).stdout.removesuffix("\n")
+
+
+@pytest.mark.skipif(not shutil.which("uwsgi"), reason="uwsgi is not installed (make deps installs it)")
+def test_procfile_commands_reach_uwsgi_byte_for_byte_or_are_refused(tmp_path):
+    """Differential: generated worker, cron and web commands rendered into vassals and read back
+    by uWSGI: each arrives exactly as written, or piku refuses it."""
+    rng = random.Random(17)
+    env = {"APP": "shop", "PORT": "8123", "BIND_ADDRESS": "127.0.0.1", "PATH": "/usr/bin:/bin"}
+    commands = ["echo %(chdir)", "run --log %(procname-prefix)x", "printf '%d %s' 1 $(HOME) @(x)"]
+    commands += ["".join(rng.choice(COMMAND_PIECES) for _ in range(rng.randint(1, 12))).strip() for _ in range(300)]
+    verdicts = {"exact": 0, "refused": 0}
+    for command in filter(None, commands):
+        for kind, option, prefix in (("worker", "attach-daemon", ""), ("web", "attach-daemon", ""),
+                                     ("cron", "cron", "-1 -1 -1 -1 -1 ")):
+            procfile_command = f"* * * * * {command}" if kind == "cron" else command
+            instance = piku.Instance("shop", 3, kind, 1)
+            try:
+                text = piku.render_vassal(instance, procfile_command, env, "/srv/release")
+            except PikuError as error:
+                assert "which uWSGI would replace" in error.message, (command, error.message)
+                verdicts["refused"] += 1
+                continue
+            assert uwsgi_reads(text, option, tmp_path) == prefix + command, (kind, command)
+            verdicts["exact"] += 1
+    print(f"Procfile commands: {verdicts}")
+    assert verdicts["exact"] > 300 and verdicts["refused"] > 30, verdicts
+    with pytest.raises(PikuError, match=r"the worker command contains '%\(chdir\)'"):
+        piku.render_vassal(piku.Instance("shop", 3, "worker", 1), "echo %(chdir)", env, "/srv/release")
+
+
+# --- a worker that dies while piku talks to it ------------------------------------------------
+
+PROBE_DRIVER = r"""
+import json, os, socket, sys, threading, time
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+import piku
+piku.prepare_process()          # the signal dispositions of piku's own entry point
+path = os.path.join(piku.UWSGI_ROOT, "shop", "g1", "web.1.sock")
+os.makedirs(os.path.dirname(path))
+results = []
+for delay, mode, size in json.loads(sys.argv[2]):
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if os.path.exists(path):
+        os.unlink(path)
+    server.bind(path)
+    server.listen(4)
+    def die():                  # accepts, never answers, and goes away while the probe writes
+        conn, _ = server.accept()
+        if mode == "read":
+            conn.recv(100)
+        time.sleep(delay)
+        if mode == "shutdown":
+            conn.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        server.close()
+    worker = threading.Thread(target=die)
+    worker.start()
+    answer = piku.probe_http(path, "/" + "x" * size, "shop.test", 5.0)
+    worker.join()
+    results.append(answer)
+print(json.dumps(results))
+"""
+
+
+def test_a_worker_that_dies_while_the_health_probe_writes_cannot_kill_piku(tmp_path):
+    """A crash-on-import worker that goes away between the probe's connect() and send(): EPIPE,
+    in every window generated here, is "the worker died" -- piku lives on to say so."""
+    rng = random.Random(19)
+    windows = [[0.3, "close", 4 * 1024 * 1024]]         # the probe is blocked in send() when it goes
+    windows += [[rng.choice([0, 0.001, 0.01, 0.05, 0.2]), rng.choice(["close", "shutdown", "read"]),
+                 rng.choice([10, 70000, 1024 * 1024])] for _ in range(40)]
+    result = subprocess.run([PYTHON, "-c", PROBE_DRIVER, str(PIKU_PY), json.dumps(windows)], capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, PIKU_ROOT=str(tmp_path / "piku")))
+    assert result.returncode == 0, f"piku died (exit {result.returncode}): {result.stderr[-2000:]}"
+    answers = json.loads(result.stdout)
+    assert len(answers) == len(windows) and all(isinstance(answer, (int, str)) for answer in answers), answers
+    assert "Broken pipe" in answers[0], answers[0]
+
+
+# --- piku never follows a link app code can plant --------------------------------------------
+
+def test_links_planted_where_workers_write_lead_piku_nowhere(piku, emperor, make_app):
+    victim = make_app(WEB, "victim21")
+    victim.push()
+    piku("config:set", "victim21", "SECRET=hunter2-never-leaked")
+    wait_for_body(piku.url("victim21"), "Hello from victim21")
+    leaky = make_app(WEB, "leaky")
+    leaky.push()
+    logs, runtime = piku.root / "logs" / "leaky", piku.root / "uwsgi" / "leaky"
+    gen = piku.releases("leaky")[-1]["gen"]
+    victim_gen = piku.releases("victim21")[-1]["gen"]
+    secrets = piku.root / "envs" / "victim21" / "ENV"
+    # the live log replaced by a link to another app's secrets
+    (logs / f"g{gen}" / "web.1.log").unlink()
+    os.symlink(secrets, logs / f"g{gen}" / "web.1.log")
+    shown = piku("logs", "leaky", "--no-follow", check=False)
+    assert "hunter2" not in shown.stdout + shown.stderr and "web.1.log is not shown" in shown.stderr, shown
+    # piku's own link to the live log, replaced by one of the app's
+    (logs / "web.1.log").unlink()
+    os.symlink("../../envs/victim21/ENV", logs / "web.1.log")
+    shown = piku("logs", "leaky", "--no-follow", check=False)
+    assert "hunter2" not in shown.stdout + shown.stderr, shown
+    assert "hunter2" not in piku("ps", "leaky", check=False).stdout
+    # a pidfile that names another app's master, a FIFO that leads to another app's
+    victim_master = int((piku.root / "uwsgi" / "victim21" / f"g{victim_gen}" / "web.1.pid").read_text())
+    (runtime / f"g{gen}" / "web.1.pid").unlink()
+    os.symlink(piku.root / "uwsgi" / "victim21" / f"g{victim_gen}" / "web.1.pid", runtime / f"g{gen}" / "web.1.pid")
+    status = json.loads(piku("ps", "leaky", "--json").stdout)
+    assert all(worker["pid"] != victim_master for worker in status["workers"]), status
+    (runtime / f"g{gen}" / "web.1.fifo").unlink()
+    os.symlink(piku.root / "uwsgi" / "victim21" / f"g{victim_gen}" / "web.1.fifo", runtime / f"g{gen}" / "web.1.fifo")
+    piku("stop", "leaky")
+    time.sleep(2)
+    assert pid_alive(victim_master), "stopping leaky reloaded or stopped victim21"
+    assert int((piku.root / "uwsgi" / "victim21" / f"g{victim_gen}" / "web.1.pid").read_text()) == victim_master
+    assert fetch(piku.url("victim21"))[1].startswith("Hello from victim21")
+    # a socket planted as a link to another app's: the health probe does not reach through it
+    victim_socket = piku.root / "uwsgi" / "victim21" / f"g{victim_gen}" / "web.1.sock"
+    planted = runtime / f"g{gen}" / "web.1.sock"
+    planted.unlink(missing_ok=True)
+    os.symlink(victim_socket, planted)
+    probe = ("import os, sys, piku; print(piku.probe_http(sys.argv[1], '/', 'x', 2.0)); "
+             "print(piku.probe_http(sys.argv[2], '/', 'x', 2.0))")
+    answers = subprocess.run([PYTHON, "-c", probe, str(planted), str(victim_socket)], capture_output=True, text=True,
+                             env=dict(piku.env, PYTHONPATH=str(PIKU_PY.parent))).stdout.splitlines()
+    assert answers[1] == "200" and answers[0] != "200", answers     # the real one answers; the link is not followed
+
+
+def test_logs_read_only_the_tail_of_a_huge_log(piku, tmp_path):
+    """A 1 GiB nginx.access.log: `logs` reads the lines it prints from the end, within a 300 MiB
+    address space a whole-file read could never fit in."""
+    import resource
+    (piku.root / "repos" / "big").mkdir(parents=True)
+    log = piku.root / "logs" / "big" / "nginx.access.log"
+    log.parent.mkdir(parents=True)
+    with open(log, "wb") as handle:
+        handle.write(b"the first line\n")
+        handle.truncate(2**30)
+        handle.seek(2**30)
+        handle.write(b"".join(b"request %d\n" % index for index in range(50)))
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (300 * 2**20, 300 * 2**20))
+    started = time.monotonic()
+    shown = subprocess.run([PYTHON, str(PIKU_PY), "logs", "big", "nginx", "-n", "5", "--no-follow"], env=piku.env,
+                           capture_output=True, text=True, preexec_fn=limited, timeout=60)
+    print(f"logs on a 1 GiB log: {time.monotonic() - started:.2f} s")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == [f"nginx.access | request {index}" for index in range(45, 50)], shown.stdout

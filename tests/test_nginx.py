@@ -525,3 +525,65 @@ def test_static_files_are_served_by_nginx_through_the_group_and_nothing_else_is(
     assert "root:" not in nginx.get("/etc/passwd", host="webstatic.test")[2]
     unserved = piku("config:set", "webstatic", "NGINX_SERVER_NAME=")
     assert "NGINX_STATIC_PATHS is served by nginx" in unserved.stderr and "here neither serves it" in unserved.stderr
+
+
+def test_https_settings_of_the_host_and_the_app_reach_the_acme_client(piku, emperor, nginx, pebble, make_app,
+                                                                      toolchain):
+    toolchain.require("3.11")
+    app = front_with_nginx(piku, make_app, TEST_APPS / "wsgi-plain", "mail", f"ACME_ROOT_CA={pebble.directory}")
+    pushed = app.push()
+    assert "no certificate was requested: the CA's account needs a contact address and ACME_EMAIL is not set" \
+        in pushed.output and "config:set mail ACME_EMAIL=you@example.com" in pushed.output, pushed.output
+    assert "resolves to this host" not in pushed.output and "HTTPS: asking" not in pushed.output
+    # a private CA trusted through PIKU_LEGO='env LEGO_CA_CERTIFICATES=... lego' (split, never a shell)
+    host_settings = piku.root / "piku.env"
+    host_settings.write_text(f"PIKU_LEGO='env LEGO_CA_CERTIFICATES={pebble.ca} lego'\n")
+    issued = piku("config:set", "mail", "ACME_EMAIL=ops@example.com")
+    assert "HTTPS: certificate issued and installed" in issued.stdout, issued.stdout + issued.stderr
+    status, _, body = https_get(nginx.https_port, "mail.test", cafile=pebble.root())
+    assert status.endswith(" 200 OK"), status
+
+
+def test_doctor_tells_of_certificates_that_expire(piku, tmp_path):
+    import datetime
+    import json
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for app, days in (("soon", 10), ("gone", -3), ("fine", 60)):
+        (piku.root / "repos" / app).mkdir(parents=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, f"{app}.test")])
+        certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                       .serial_number(x509.random_serial_number())
+                       .not_valid_before(now - datetime.timedelta(days=90))
+                       .not_valid_after(now + datetime.timedelta(days=days)).sign(key, hashes.SHA256()))
+        (piku.root / "nginx" / f"{app}.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        (piku.root / "nginx" / f"{app}.acme").write_text(json.dumps({"names": [f"{app}.test"], "issued": True,
+                                                                      "client": "lego"}))
+    report = piku("doctor", check=False)
+    assert report.returncode == 1
+    assert "WARN  soon: its certificate expires in 10 day(s)" in report.stdout or \
+        "WARN  soon: its certificate expires in 9 day(s)" in report.stdout, report.stdout
+    assert "FAIL  gone: its certificate expired 3 day(s) ago: browsers refuse the site" in report.stdout, report.stdout
+    assert "OK    fine: its certificate is valid for" in report.stdout
+
+
+def test_the_daily_job_rotates_the_nginx_logs_of_the_apps(piku, emperor, nginx, make_app):
+    app = front_with_nginx(piku, make_app, EXAMPLES / "web", "busy")
+    app.push()
+    log = piku.root / "logs" / "busy" / "nginx.access.log"
+    for _ in range(20):
+        nginx.get("/", host="busy.test")
+    wait_until(lambda: log.exists() and log.stat().st_size > 1000, message="the access log to grow")
+    piku.env["PIKU_NGINX_LOG_MAXSIZE"] = "1000"
+    daily = piku("daily")
+    assert "Rotated the nginx logs of busy" in daily.stdout, daily.stdout
+    assert (log.parent / "nginx.access.log.1").stat().st_size > 1000
+
+    def reopened():         # the reload is asynchronous: ask until a request lands in the new file
+        nginx.get("/after-the-rotation", host="busy.test")
+        return log.exists() and "/after-the-rotation" in log.read_text()
+    wait_until(reopened, message="nginx to reopen its log")
+    assert "Rotated" not in piku("daily").stdout, "a small log is left as it is"

@@ -4,6 +4,7 @@ Every load loop here is bounded (count and time) and talks to 127.0.0.1 only.
 """
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -322,6 +323,8 @@ def test_a_deploy_killed_at_any_point_leaves_the_site_serving(moment, piku, empe
             kill_tree(hook_processes("tough"))
         finally:
             push.wait(timeout=60)
+        attempt = piku("deploys", "tough").stdout.splitlines()[0].split()
+        assert attempt[3] == "interrupted", attempt     # what the killed deploy left in its record
         assert fetch(url)[0] == 200
         if moment != "switch":
             assert piku.branch("tough") == good
@@ -481,3 +484,159 @@ def test_different_apps_deploy_in_parallel(piku, emperor, make_app):
     for app in apps:
         wait_for_body(piku.url(app.name), f"Hello from {app.name}")
     assert piku.url("north") != piku.url("south")
+
+
+# --- PORT is one app's on every path -------------------------------------------------------
+
+def test_a_rollback_into_a_port_another_app_took_is_refused(piku, emperor, make_app):
+    from conftest import free_port
+    first = make_app(WEB, "porta")
+    first.push()
+    old_port = piku.live_env("porta")["PORT"]
+    new_port = str(free_port())
+    piku("config:set", "porta", f"PORT={new_port}")                     # v2 on another port
+    second = make_app(WEB, "portb")
+    second.push()
+    piku("config:set", "portb", f"PORT={old_port}")                     # which portb now takes
+    wait_for_body(f"http://127.0.0.1:{old_port}/", "Hello from portb")
+    releases = len(piku.releases("porta"))
+    for command in (["rollback", "porta", "v1"], ["rollback", "porta"]):
+        refused = piku(*command, check=False)
+        assert refused.returncode == 1, refused.stdout
+        assert f"PORT {old_port} is already used by the app 'portb'" in refused.stderr, refused.stderr
+    assert len(piku.releases("porta")) == releases and piku.live_env("porta")["PORT"] == new_port
+    assert fetch(f"http://127.0.0.1:{new_port}/")[1].startswith("Hello from porta")
+    assert fetch(f"http://127.0.0.1:{old_port}/")[1].startswith("Hello from portb")
+    limited = dict(piku.env, FINGERPRINT="SHA256:limited", NAME="limited", APPS="porta")
+    hidden = subprocess.run([PYTHON, str(PIKU_PY), "rollback", "porta", "v1"], env=limited, capture_output=True,
+                            text=True)
+    assert f"PORT {old_port} is already used by another app" in hidden.stderr and "portb" not in hidden.stderr
+    piku("restart", "porta")                                            # its own port, still its own
+    assert fetch(f"http://127.0.0.1:{new_port}/")[1].startswith("Hello from porta")
+
+
+# --- a deploy ends with its client ------------------------------------------------------------
+
+def sleepers(marker, app):
+    """The processes running `sleep MARKER` for app (a release: command of these tests)."""
+    import psutil
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if (proc.info["cmdline"] or [])[-2:] == ["sleep", marker] and proc.environ().get("APP") == app:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_client_that_disconnects_ends_its_deploy(piku, emperor, make_app):
+    import fcntl
+    app = make_app(WEB, "gone")
+    app.push()
+    url = piku.url("gone")
+    good, workers = piku.branch("gone"), piku.vassals("gone")
+    app.write("Procfile", "web: python3 app.py\nrelease: echo releasing; sleep 301\n")
+    app.write("app.py", (WEB / "app.py").read_text().replace("Hello from", "Abandoned from"))
+    app.commit("a push whose client goes away")
+    push = subprocess.Popen(["git", "push", "--receive-pack", f"{PYTHON} {PIKU_PY} git-receive-pack", "gone",
+                             "HEAD:main"], cwd=app.path, env=piku.env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_until(lambda: sleepers("301", "gone"), message="the release command to run")
+    push.kill()                                  # the developer's laptop goes away mid-deploy
+    push.wait()
+    started = time.monotonic()
+    wait_until(lambda: not sleepers("301", "gone") and not hook_processes("gone"), timeout=30,
+               message="the deploy to notice its client left and stop")
+    print(f"deploy stopped {time.monotonic() - started:.1f} s after its client left")
+    with open(piku.root / "locks" / "gone.lock", "a") as lock:       # the lock is free at once
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert piku.vassals("gone") == workers and piku.branch("gone") == good
+    assert fetch(url)[1].startswith("Hello from gone")
+    record = piku("deploys", "gone").stdout.splitlines()[0].split()
+    assert record[3] == "interrupted", record
+    shown = piku("deploys", "gone", record[0]).stdout
+    assert "releasing" in shown and "the client disconnected: the deploy was stopped" in shown
+
+
+def test_release_commands_and_health_checks_have_an_end(piku, emperor, make_app):
+    app = make_app(WEB, "slow")
+    app.write("Procfile", "web: python3 app.py\nrelease: sleep 302\n")
+    app.write("ENV", "PIKU_RELEASE_TIMEOUT=2\n")
+    app.commit("a release phase that never ends")
+    started = time.monotonic()
+    pushed = app.push(check=False)
+    assert pushed.returncode != 0 and time.monotonic() - started < 30
+    assert "the release command did not finish within 2 s (PIKU_RELEASE_TIMEOUT); it was stopped" in pushed.output
+    assert not sleepers("302", "slow"), "the command and what it started are gone"
+    app.write("Procfile", "web: python3 app.py\n")
+    app.commit("no release phase")
+    app.push()
+    refused = piku("config:set", "slow", "PIKU_HEALTHCHECK_TIMEOUT=3600", check=False)
+    assert refused.returncode == 1 and "is more than a push can wait (600 s)" in refused.stderr
+
+
+# --- destroy is final -------------------------------------------------------------------------
+
+def test_commands_queued_behind_destroy_find_the_app_gone(piku, emperor, make_app):
+    import fcntl
+    app = make_app(WEB, "doomed")
+    app.push()
+    piku("config:set", "doomed", "OLD_SECRET=from-the-first-life")
+    lock_path = piku.root / "locks" / "doomed.lock"
+    holder = open(lock_path, "a")
+    fcntl.flock(holder, fcntl.LOCK_EX)            # the app is busy: everything below queues
+    try:
+        destroy = subprocess.Popen([PYTHON, str(PIKU_PY), "destroy", "doomed"], env=piku.env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        queued = [subprocess.Popen([PYTHON, str(PIKU_PY), *command], env=piku.env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+                  for command in (["config:set", "doomed", "LATE=1"], ["rollback", "doomed"], ["deploy", "doomed"])]
+        time.sleep(1.0)
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        holder.close()
+    assert destroy.wait(timeout=120) == 0, destroy.stderr.read()
+    for command in queued:
+        code, stderr = command.wait(timeout=120), command.stderr.read()
+        # one of them may have run before destroy took the lock; then destroy removed what it did
+        assert code == 0 or "no longer exists: it was destroyed while this command waited" in stderr, stderr
+    assert not (piku.root / "envs" / "doomed").exists() and not (piku.root / "repos" / "doomed").exists()
+    app.push()                                                         # a new app of that name
+    assert "OLD_SECRET" not in piku("config", "doomed").stdout and "LATE" not in piku("config", "doomed").stdout
+    assert len(piku("deploys", "doomed").stdout.splitlines()) == 1, "no deploy record of the first life"
+
+
+def test_release_command_output_is_masked_like_uvs(piku, emperor, make_app):
+    app = make_app(WEB, "masked")
+    app.write("Procfile", "web: python3 app.py\nrelease: echo token=$API_TOKEN; echo done\n")
+    app.write("ENV", "API_TOKEN=tok-5511-never-shown\n")
+    app.commit("a release phase that prints a secret")
+    pushed = app.push()
+    assert "token=****" in pushed.output and "tok-5511" not in pushed.output, pushed.output
+    for record in (piku.root / "envs" / "masked" / "deploys").glob("*.json"):
+        assert "tok-5511" not in record.read_text()
+    assert "tok-5511" not in piku("deploys", "masked", "1").stdout
+
+
+def test_lesser_promises_of_the_review(piku, emperor, make_app):
+    """A warning never lands on a step's line; ps --json answers errors in JSON; repos and
+    settings are no one else's."""
+    import json
+    import stat
+    app = make_app(WEB, "tidy")
+    app.push()
+    for private in ("repos/tidy", "repos/tidy/config", "envs/tidy", "envs/tidy/ENV", "envs/tidy/releases.json"):
+        mode = (piku.root / private).stat().st_mode
+        assert not mode & (stat.S_IRWXO), (private, oct(mode))
+    missing = piku("ps", "nothere", "--json", check=False)
+    assert missing.returncode == 1 and json.loads(missing.stdout)["error"] == "app 'nothere' not found"
+    undeployed = subprocess.run([PYTHON, str(PIKU_PY), "ps", "tidy", "--json"], env=piku.env, capture_output=True,
+                                text=True)
+    assert json.loads(undeployed.stdout)["app"] == "tidy"
+    # stdout and stderr as two pipes (ssh without a terminal): every step line is complete before
+    # a warning can be written to the other pipe
+    changed = piku("config:set", "tidy", "NGINX_STATIC_PATHS=/files/:.")
+    assert "NGINX_STATIC_PATHS is served by nginx" in changed.stderr
+    assert re.search(r"^-----> Starting web\.1 beside the live workers$", changed.stdout, re.M), changed.stdout

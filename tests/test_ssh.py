@@ -597,10 +597,99 @@ def test_piku_init_writes_a_starter_procfile_for_the_project_it_finds(tmp_path):
     assert (project / "Procfile").read_text() == "asgi: main:app\n"
 
 
+def test_options_before_the_command_give_a_limited_key_nothing(host, bob):
+    """The review's reproductions: '--' (or any option) before the command once ran it unchecked."""
+    assert host.ssh("config:set", OTHER, "SECRET_TOKEN=other-secret-8812").returncode == 0
+    keys_file = host.home / ".ssh" / "authorized_keys"
+    keys, piku_py = keys_file.read_text(), host.piku_py.read_bytes()
+    evil = host.client / "evil"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "evil", "-f", str(evil)])
+    attempts = [["--", "--", "config:get", OTHER, "SECRET_TOKEN"], ["--", "config:get", OTHER, "SECRET_TOKEN"],
+                ["config:get", "--", OTHER, "SECRET_TOKEN"], ["--", "--", "update", str(host.piku_py)],
+                ["--", "git-upload-pack", f"/{OTHER}"], ["-x", "config", OTHER], ["--help", "config", OTHER]]
+    for words in attempts:
+        result = host.ssh(*words, key=bob)
+        assert "other-secret-8812" not in result.stdout + result.stderr, words
+        assert result.returncode != 0 or "Usage:" in result.stdout, (words, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
+    added = run(["ssh", *host.ssh_options(bob), "-p", str(host.port), f"{host.user}@127.0.0.1", "--", "--",
+                 "setup:ssh", "-", "--name", "evil"], check=False, input=(evil.with_suffix(".pub")).read_text(),
+                env=clean_env())
+    assert added.returncode == 1 and "'--' cannot come before the command over ssh" in added.stderr, added.stderr
+    assert keys_file.read_text() == keys and host.piku_py.read_bytes() == piku_py
+
+
+def test_run_without_a_terminal_ends_when_its_client_goes(host, deployed):
+    import psutil
+    assert deployed.returncode == 0, deployed.output
+
+    def sleepers():
+        return [proc for proc in psutil.process_iter(["username", "cmdline"])
+                if proc.info["username"] == host.user and proc.info["cmdline"] == ["sleep", "304"]]
+    client = subprocess.Popen(["ssh", *host.ssh_options(), "-p", str(host.port), f"{host.user}@127.0.0.1", "run",
+                               APP, "--", "sleep", "304"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=clean_env())
+    try:
+        wait_until(sleepers, message="the command to run on the server")
+    finally:
+        client.kill()
+        client.wait()
+    wait_until(lambda: not sleepers(), timeout=20, message="the command to end after its client went")
+
+
+def test_a_push_whose_ssh_client_disconnects_stops_and_frees_the_app(host, deployed):
+    import fcntl
+    import psutil
+    assert deployed.returncode == 0, deployed.output
+    work, env = deployed.work, host.git_env()
+    (work / "Procfile").write_text("web: python3 app.py\nrelease: sleep 305\n")
+    run(["git", "commit", "--quiet", "-am", "a release that waits"], cwd=work, env=env)
+    before = sorted(p.name for p in (host.root / "uwsgi-enabled").glob(f"{APP}@*.ini"))
+
+    def sleepers():
+        return [proc for proc in psutil.process_iter(["username", "cmdline"])
+                if proc.info["username"] == host.user and proc.info["cmdline"] == ["sleep", "305"]]
+    push = subprocess.Popen(["git", "push", host.url(APP), "HEAD:main"], cwd=work, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(sleepers, message="the release command to run")
+    finally:
+        push.kill()
+        push.wait()
+    wait_until(lambda: not sleepers(), timeout=30, message="the deploy to stop after its client went")
+    with open(host.root / "locks" / f"{APP}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert sorted(p.name for p in (host.root / "uwsgi-enabled").glob(f"{APP}@*.ini")) == before
+    run(["git", "reset", "--quiet", "--hard", "HEAD~1"], cwd=work, env=env)
+
+
+def test_the_client_never_hands_ssh_an_option_and_names_the_app_git_names(host, deployed, tmp_path):
+    work, home = deployed.work, short_home()
+    pwned = work / "PWNED"          # what the review's remote would create, ssh running `touch PWNED` here
+    try:
+        for url in ("-oProxyCommand=touch PWNED:myapp", "ssh://-oProxyCommand=touch PWNED@h/myapp"):
+            run(["git", "remote", "remove", "piku"], cwd=work, check=False)
+            run(["git", "remote", "add", "piku", "--", url], cwd=work)
+            refused = client(host, work, "ps", home=home)
+            assert refused.returncode == 1 and "is not a server address piku can use" in refused.stderr, refused.stderr
+        refused = client(host, work, "ps", home=home, PIKU_SERVER="-oProxyCommand=touch PWNED", PIKU_APP=APP)
+        assert refused.returncode == 1 and "is not a server address piku can use" in refused.stderr
+        assert not pwned.exists(), "ssh ran a local command"
+        # a remote ending in .git names the app 'APP.git' for git push; the client targets the same one
+        run(["git", "remote", "set-url", "piku", f"ssh://{host.user}@127.0.0.1:{host.port}/{APP}.git"], cwd=work)
+        same = client(host, work, "config", home=home)
+        assert same.returncode == 1 and f"app '{APP}.git' not found" in same.stderr, same.stderr
+    finally:
+        run(["git", "remote", "set-url", "piku", f"ssh://{host.user}@127.0.0.1:{host.port}/{APP}"], cwd=work,
+            check=False)
+        for socket_path in (home / ".ssh").glob("piku-*"):
+            run(["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "dummy"], check=False)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def test_a_removed_key_is_let_in_no_more(host, bob):
     assert host.ssh("apps", key=bob).returncode == 0
     removed = host.ssh("keys:remove", "bob")
     assert removed.returncode == 0 and "Removed key 'bob'" in removed.stdout, removed.stderr
     assert host.ssh("apps", key=bob).returncode == 255, "sshd refuses the key"
     assert "bob" not in host.ssh("keys").stdout
-
