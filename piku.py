@@ -19,21 +19,38 @@ deploys, settings can never inject lines into generated configs, and a new relea
 traffic only after a health check.
 
 Code map -- one push, and the section that holds each step:
-  git push -> sshd -> `ssh-command` (CLI: a key limited to some apps is checked here),
+  git push -> sshd -> `ssh-command` (CLI: the command line is parsed once, exactly as it will
+     run; a key limited to some apps is checked on that parse: ssh_invocation),
      `git-receive-pack` (Git plumbing)
-  -> pre-receive hook `git-hook` (CLI): lock the app and finish what an interrupted command
-     left (AppLock: The app; reconcile: Deploy pipeline)
-  -> deploy_app (Deploy pipeline, inside a DeployRecord of what it prints): checkout -> plan_release (Parsers) -> preflight
+  -> pre-receive hook `git-hook` (CLI): watch the client (ClientWatch: Errors and output), lock
+     the app and finish what an interrupted command left (AppLock: The app; reconcile)
+  -> deploy_app (Deploy pipeline, inside a DeployRecord of what it prints): checkout -> plan_release
+     (Parsers; PORT and server names checked against the other apps) -> preflight
      -> build_release (Buildpacks, Interpreters: the first manifest in PYTHON_MANIFESTS picks
         uv, Poetry, Pipenv or requirements; dependencies go into a shared environment keyed by
         its fingerprint, the app's own packages into RELEASE.site) -> release
-  -> activate: render_nginx + check_vhost (nginx -t) and plan_generation (Config writers
-     render every file) -> start_generation beside the live workers -> check_generation
-     (health check) -> start_front -> record_release -> point_slots (the switch, for the front
-     and nginx alike) -> install_vhost (only when its text changed) -> drain_old (Process
-     control) -> obtain_certificate (ACME, when none is held for the names)
+  -> activate: checked_vhost (render_nginx + nginx -t) and plan_generation (Config writers
+     render every file) -> start_beside (start_generation beside the live workers,
+     check_generation, start_front) -> under the names lock: check_shared_names, record_release,
+     write_vhost -> switch_traffic (point_slots for the front and nginx alike, serve_vhost,
+     drain_old: Process control) -> obtain_certificate (ACME, when none is held for the names)
   -> keep_lock_until_branch_moves: the lock is held until git has moved the branch.
 `config:set`, `ps:scale`, `restart` and `rollback` take the same path from plan or activate on.
+
+Sections, in order (search for the banner):
+  Paths            every path derived from PIKU_ROOT; piku's own files (HOST_FILES); folder modes
+  Errors and output  PikuError, step/notice/problem, DeployRecord, ClientWatch (a client that left)
+  Parsers          Procfile, ENV, SCALING, names and settings: pure functions
+  The app          an app's files and lock; files in folders app code writes, opened without links
+  Buildpacks       uv, Poetry, Pipenv, requirements, static, generic
+  Interpreters     which Python an app gets, which one uWSGI embeds
+  Config writers   uWSGI vassals, gunicorn, the front, the emperor, nginx vhosts (NginxReader), ACME
+  Deploy pipeline  plan, build, release, start beside, check, switch; shared names; releases, rollback
+  Process control  the emperor's vassals: start, stop, scale
+  Git plumbing     hooks, receive-pack, the keeper of the lock
+  Doctor           host and app checks
+  Install and update  `install` as root, `update` with a self-check
+  CLI              click commands: thin
 """
 
 import sys
@@ -151,6 +168,8 @@ NAMES_LOCK = host_file(LOCK_ROOT, ".names.lock")
 NGINX_RELOAD_TRIGGER = host_file(NGINX_ROOT, ".reload")     # not *.conf: nginx never reads it
 HOST_ENV = os.path.join(PIKU_ROOT, "piku.env")
 SYSTEMD_FOLDER = os.path.join(PIKU_ROOT, "systemd")
+NGINX_LOGS = host_file(NGINX_ROOT, "logs")      # nginx's logs of the apps: its root master opens them, so
+APP_ENTRIES[NGINX_LOGS] = (".access.log", ".error.log")     # they live where no app process writes
 
 
 def reserved_app_names():
@@ -165,43 +184,6 @@ def reserved_app_names():
                     reserved.add(name[:len(name) - len(suffix)])
     return reserved
 
-
-def folder_mode(path):
-    """The mode of a folder of piku's: that of the registered folder it is (or lies below)."""
-    for root in sorted(FOLDER_MODES, key=len, reverse=True):
-        if path == root or path.startswith(root + os.sep):
-            if path != root and any(path.startswith(base + os.sep) for base in GROUP_WRITES):
-                return 0o770
-            return FOLDER_MODES[root]
-    return None
-
-
-def make_folder(path):
-    """Create path (and its missing parents) with the mode its place in PIKU_ROOT gives it,
-    whatever the umask; folders outside PIKU_ROOT are created as os.makedirs would."""
-    path = os.path.abspath(path)
-    if os.path.islink(path) and any(path.startswith(root + os.sep) for root in APP_WRITABLE):
-        os.unlink(path)         # a link app code put where piku's folder goes: never followed
-    if os.path.isdir(path):
-        return path
-    parent = os.path.dirname(path)
-    if parent != path and not os.path.isdir(parent):
-        make_folder(parent)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise
-        return path
-    mode = folder_mode(path)
-    os.chmod(path, mode if mode is not None else 0o777 & ~current_umask())
-    return path
-
-
-def current_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 UWSGI_LOG_MAXSIZE = "1048576"
@@ -256,6 +238,11 @@ def slot_path(app, slot, prefix="slot"):
 def vassal_file(app, unit, folder=UWSGI_ENABLED):
     """uwsgi-enabled/APP@UNIT.ini: '@' is in no app name, so one app's glob never matches another's."""
     return os.path.join(folder, f"{app}@{unit}.ini")
+
+
+def nginx_log(app, kind):
+    """nginx's access or error log of the app, in piku's own nginx/logs/ (never an app's folder)."""
+    return os.path.join(NGINX_LOGS, f"{app}.{kind}.log")
 
 
 def releases_file(app):
@@ -438,13 +425,23 @@ class ClientWatch:
     def _start_thread(cls):
         if cls.thread is None:
             import threading
+            cls.stopping = threading.Event()
             cls.thread = threading.Thread(target=cls._watch, name="client-watch", daemon=True)
             cls.thread.start()
 
     @classmethod
+    def stop(cls):
+        """No more watching (before a fork: the child must not start with a second thread)."""
+        if cls.thread is not None:
+            cls.stopping.set()
+            cls.thread.join()
+            cls.thread = None
+
+    @classmethod
     def _watch(cls):
         while not output_gone() and not (cls.channel is not None and fd_gone(cls.channel)):
-            time.sleep(0.5)
+            if cls.stopping.wait(0.5):
+                return
         silence_output()
         os.kill(os.getpid(), signal.SIGHUP)         # handled in the main thread, between two steps
 
@@ -452,10 +449,15 @@ class ClientWatch:
     def _hung_up(cls, signum, frame):
         cls.left()
 
+    gone = False
+
     @classmethod
     def left(cls):
+        """The client went: say nothing more, and end the command once (a second hang-up must
+        not interrupt the cleanup the first one started)."""
         silence_output()
-        if not cls.shields:
+        if not cls.shields and not cls.gone:
+            cls.gone = True
             raise ClientGone()
 
     @classmethod
@@ -553,10 +555,15 @@ class DeployRecord:
 
 def process_identity(pid):
     """[pid, its start time]: names one process, even after the PID is used again."""
+    return [pid, process_started(pid)]
+
+
+def process_started(pid):
+    """When process pid started, in clock ticks since boot (/proc/PID/stat), or None when it is gone."""
     try:
-        return [pid, int(read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[19])]
+        return int(read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[19])
     except (OSError, ValueError, IndexError):
-        return [pid, None]
+        return None
 
 
 def deploy_outcome(record):
@@ -946,8 +953,9 @@ APP_WRITABLE = (LOG_ROOT, UWSGI_ROOT, DATA_ROOT)
 
 
 def split_app_path(path):
-    """(piku's own folder, the components below it) of a path in a folder app code writes."""
-    for root in APP_WRITABLE:
+    """(piku's own folder, the components below it) of a path in a folder app code writes (or
+    nginx's logs, which piku reads the same careful way)."""
+    for root in (*APP_WRITABLE, NGINX_LOGS):
         if path.startswith(root + os.sep):
             return root, [part for part in path[len(root) + 1:].split(os.sep) if part]
     raise ValueError(f"{path} is not in a folder app code writes")
@@ -970,14 +978,16 @@ def _open_parent_nofollow(path):
 
 def open_app_file(path, flags=os.O_RDONLY, kind=stat.S_ISREG):
     """Open path, in a folder app code writes, without following any link on the way and
-    only if it is of kind (a regular file, a FIFO). -> fd. OSError otherwise (ELOOP for a
-    link, EINVAL for another kind of file)."""
+    only if it is of kind (a regular file, a FIFO) and has no other name (a hard link to a file
+    elsewhere is a link too). -> fd. OSError otherwise (ELOOP for a link, EINVAL for another
+    kind of file or a second name)."""
     folder, name = _open_parent_nofollow(path)
     try:
         fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
     finally:
         os.close(folder)
-    if not kind(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not kind(info.st_mode) or (stat.S_ISREG(info.st_mode) and info.st_nlink != 1):
         os.close(fd)
         raise OSError(errno.EINVAL, "not the kind of file piku expects there", path)
     return fd
@@ -988,7 +998,7 @@ def read_app_file(path, limit=1024 * 1024):
     try:
         fd = open_app_file(path)
     except OSError:
-        return ""
+        return ""       # missing (not written yet, or gone) or not ours to read: callers take '' as nothing
     with os.fdopen(fd, "rb") as handle:
         return handle.read(limit).decode(errors="replace")
 
@@ -1012,7 +1022,7 @@ def log_tail(path, count):
     try:
         fd = open_app_file(path)
     except OSError:
-        return []
+        return []       # as read_app_file: no log to show is shown as none
     try:
         return tail_lines(fd, count)[0]
     finally:
@@ -1045,6 +1055,40 @@ def read_pushed_text(root, name, limit=PUSHED_TEXT_MAX):
         line = data[:error.start].count(b"\n") + 1
         raise PikuError(f"{name} line {line} is not UTF-8 text (byte 0x{data[error.start]:02x})",
                         f"Save {name} as UTF-8, commit, and push again.")
+
+
+def folder_mode(path):
+    """The mode of a folder of piku's: that of the registered folder it is (or lies below)."""
+    for root in sorted(FOLDER_MODES, key=len, reverse=True):
+        if path == root or path.startswith(root + os.sep):
+            if path != root and any(path.startswith(base + os.sep) for base in GROUP_WRITES):
+                return 0o770
+            return FOLDER_MODES[root]
+    return None
+
+
+def make_folder(path):
+    """Create path and its missing parents. Below PIKU_ROOT each gets the mode its place gives it
+    (FOLDER_MODES, whatever the umask), and a link found where one of piku's folders goes in a
+    folder app code writes is removed, never followed -- for every component, not only the last.
+    Outside PIKU_ROOT, as os.makedirs."""
+    path = os.path.abspath(path)
+    if folder_mode(path) is None:
+        os.makedirs(path, exist_ok=True)
+        return path
+    parent = os.path.dirname(path)
+    if folder_mode(parent) is not None:
+        make_folder(parent)
+    if os.path.islink(path) and any(path.startswith(root + os.sep) for root in APP_WRITABLE):
+        os.unlink(path)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return path
+    os.chmod(path, folder_mode(path))
+    return path
 
 
 def write_atomic(path, text, mode=0o644, mtime=None):
@@ -1100,6 +1144,16 @@ def clean_path(path):
         if entry and entry not in entries and not entry.rstrip("/").endswith("/git-core"):
             entries.append(entry)
     return ":".join(entries)
+
+
+@contextlib.contextmanager
+def flocked(path):
+    """An flock on one of piku's lock files, for something all apps share (PORT and server
+    names, authorized_keys); held for a moment, dropped by the kernel if the holder dies."""
+    make_folder(os.path.dirname(path))
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 class AppLock:
@@ -1791,7 +1845,11 @@ def stream_command(args, cwd, env, secrets=(), timeout=None):
                 show(raw)
         if pending:
             show(pending)
-        process.wait()
+        # its output closed; the command itself may go on (`exec >/dev/null; sleep ...`)
+        process.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        kill_session(process)
+        raise CommandTimeout(f"{args[0]} ran for more than {timeout:g} s")
     except BaseException:
         kill_session(process)
         raise
@@ -1802,7 +1860,7 @@ def stream_command(args, cwd, env, secrets=(), timeout=None):
 
 def kill_session(process):
     """Kill a command -- and, when it was started in a session of its own, everything in it."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    with contextlib.suppress(ProcessLookupError, PermissionError):    # gone already; wait() reaps it
         if os.getpgid(process.pid) == process.pid:
             os.killpg(process.pid, signal.SIGKILL)
         else:
@@ -2350,7 +2408,19 @@ def render_vassal(instance, command, env, root, extra=()):
     return text
 
 
-OPTION_REFERENCE = re.compile(r"(?=%\(([^)]*)\))")     # every '%(' of a value, nested ones included
+OPTION_NAME_MAX = 64        # uWSGI's option and placeholder names are short; longer is no name
+
+
+def option_references(value):
+    """The NAMEs of every '%(NAME)' in value, nested ones included ('%(%n%(env)' names 'env' as
+    uWSGI reads it), in time linear in the value's length."""
+    names, start = [], value.find("%(")
+    while start != -1:
+        end = value.find(")", start + 2, start + 3 + OPTION_NAME_MAX)
+        if end != -1:
+            names.append(value[start + 2:end])
+        start = value.find("%(", start + 1)
+    return names
 
 
 def check_option_references(text, values):
@@ -2362,7 +2432,7 @@ def check_option_references(text, values):
     options |= {"env", "piku_dollar", "piku_at"}
     options |= {name.replace("-", "_") for name in options} | {name.replace("_", "-") for name in options}
     for what, value in sorted(values.items()):
-        for name in OPTION_REFERENCE.findall(value):
+        for name in option_references(value):
             if name in options:
                 raise PikuError(f"{what} contains '%({name})', which uWSGI would replace with "
                                 f"its own {name!r} option", "Write it another way (for example '%%' + '(...)' "
@@ -2513,12 +2583,23 @@ def host_setting(name, default=""):
 _HOST_SETTINGS = {}
 
 
+def host_settings(prefix):
+    """The settings of piku.env whose names start with prefix (piku's environment wins)."""
+    host_setting(prefix)            # reads piku.env once
+    found = {key: value for key, value in _HOST_SETTINGS.items() if isinstance(key, str) and key.startswith(prefix)}
+    found.update((key, value) for key, value in os.environ.items() if key.startswith(prefix))
+    return found
+
+
 def nginx_server_names(env):
     names = [name for name in re.split(r"[\s,]+", env.get("NGINX_SERVER_NAME", "").strip()) if name]
     for name in names:
         if not HOST_NAME.fullmatch(name) or len(name) > 253:
             raise PikuError(f"NGINX_SERVER_NAME {name!r} is not a host name",
                             "Use names like example.com or www.example.com, separated by commas.")
+        if name.startswith("*.") and "." not in name[2:].rstrip("."):
+            raise PikuError(f"NGINX_SERVER_NAME {name!r} would claim a whole top-level domain",
+                            "A wildcard names a domain of yours: *.example.com")
     return names
 
 
@@ -2586,13 +2667,14 @@ def nginx_upgrade_map(app):
     return [*nginx_block(f"map $http_upgrade {nginx_connection_variable(app)}", ["default upgrade;", "'' '';"])]
 
 
-def nginx_pass(app, uwsgi, env, buffering=False):
+def nginx_pass(app, uwsgi, env, cached=False):
     """How nginx hands a request to the app: uwsgi_pass for uWSGI's wsgi, HTTP for the rest.
     Responses are passed on as they come (an event stream's first event arrives before the
-    response ends) unless they are cached, WebSockets are upgraded, and a connection may stay
+    response ends) unless they are cached or NGINX_PROXY_BUFFERING is on (then an event stream
+    needs the app's `X-Accel-Buffering: no`), WebSockets are upgraded, and a connection may stay
     quiet for NGINX_PROXY_READ_TIMEOUT seconds before nginx closes it."""
     timeout = idle_timeout(env)
-    flow = "on" if buffering else "off"
+    flow = "on" if cached or setting_true(env, "NGINX_PROXY_BUFFERING") else "off"
     if uwsgi:
         return [*(f"uwsgi_param {name} {value};" for name, value in UWSGI_PARAMS),
                 f"uwsgi_read_timeout {timeout}s;", f"uwsgi_send_timeout {timeout}s;", f"uwsgi_buffering {flow};",
@@ -2624,8 +2706,8 @@ def render_nginx(release):
     acme_directory(env), acme_email(env)
     crt, key = certificate_files(app)
     common = [f"server_name {' '.join(names)};",
-              f"access_log {nginx_path(os.path.join(LOG_ROOT, app, 'nginx.access.log'), 'the log')};",
-              f"error_log {nginx_path(os.path.join(LOG_ROOT, app, 'nginx.error.log'), 'the log')};",
+              f"access_log {nginx_path(nginx_log(app, 'access'), 'the log')};",
+              f"error_log {nginx_path(nginx_log(app, 'error'), 'the log')};",
               *nginx_block(f"location = {NGINX_MARKER_PATH}", [
                   "allow 127.0.0.1;", "allow ::1;", "deny all;", "default_type text/plain;",
                   'return 200 "$piku_vhost\\n";']),
@@ -2674,7 +2756,7 @@ def nginx_cache(app, env, uwsgi):
             f"max_size={size}g inactive={seconds['NGINX_CACHE_EXPIRY']}s use_temp_path=off;"]
     pattern = "|".join(re.escape(prefix.strip("/")) for prefix in prefixes)
     location = nginx_block(f"location ~* ^/({pattern})", [
-        *nginx_pass(app, uwsgi, env, buffering=True), f"{cache} piku-{app};",
+        *nginx_pass(app, uwsgi, env, cached=True), f"{cache} piku-{app};",
         f"{cache}_key $scheme$host$request_uri;",
         f"{cache}_valid 200 304 {seconds['NGINX_CACHE_TIME']}s;",
         f"{cache}_valid 301 302 307 308 {seconds['NGINX_CACHE_REDIRECTS']}s;",
@@ -2790,90 +2872,97 @@ class NginxSyntaxError(ValueError):
     """What nginx's config reader would refuse, in its words."""
 
 
-def nginx_statements(text):
-    """Split text into statements exactly as nginx's config reader (ngx_conf_read_token in
-    nginx 1.22) does: -> [(words, end, line)], end being ';', '{' or '}' (a '}' has no words).
-    '#' starts a comment only where a word could start, a quote opens a string only there too
-    (inside a word it is a letter), '\\' makes the next character a letter, '$' followed by '{'
-    keeps the '{' in the word, and each word is unescaped as nginx does.
-    NginxSyntaxError where nginx would refuse the text, and for a text that ends inside a
-    statement or a string: what follows it in the vhost is piku's own."""
-    statements, words = [], []
-    state = {}
+class NginxReader:
+    """nginx's config reader (ngx_conf_read_token in nginx 1.22), one character at a time:
+    '#' starts a comment only where a word could start; a quote opens a string only there too
+    (inside a word it is a letter), and after its closing quote comes a space, ';', '{' or a ')'
+    that starts a new word; '\\' makes the next character a letter; '$' keeps a following '{' in
+    the word. Words are unescaped as nginx does (nginx_unescape)."""
 
-    def reset():
-        state.update(start=0, found=False, need_space=False, last_space=True, sharp_comment=False,
-                     quoted=False, s_quoted=False, d_quoted=False, variable=False)
+    def __init__(self, text):
+        self.text, self.words, self.line = text, [], 1
+        self.reset()
 
-    def finish(end, line):
-        nonlocal words
-        statements.append((words, end, line))
-        words = []
-        reset()
+    def reset(self):
+        self.start, self.need_space, self.last_space, self.comment = 0, False, True, False
+        self.escaped, self.quote, self.variable = False, None, False
 
-    reset()
-    line, index = 1, 0
-    while index < len(text):
-        ch = text[index]
-        index += 1
-        if ch == "\n":
-            line += 1
-            state["sharp_comment"] = False
-        if state["sharp_comment"]:
-            continue
-        if state["quoted"]:
-            state["quoted"] = False
-            continue
-        if state["need_space"]:
-            if ch in NGINX_SPACE:
-                state.update(last_space=True, need_space=False)
-            elif ch in ";{":
-                finish(ch, line)
-            else:
-                raise NginxSyntaxError(f'unexpected "{ch}" on line {line}')
-            continue
-        if state["last_space"]:
-            if ch in NGINX_SPACE:
+    def statements(self):
+        """-> (words, end, line) for each statement as nginx reads it, end being ';', '{' or '}'
+        (a '}' has no words); NginxSyntaxError where nginx stops, and for a text that ends
+        inside a statement or a string (what follows it in the vhost is piku's own)."""
+        for index, ch in enumerate(self.text, 1):       # index: just past ch
+            if ch == "\n":
+                self.line += 1
+                self.comment = False
+            if self.comment:
                 continue
-            state["start"] = index - 1
-            if ch in ";{":
-                if not words:
-                    raise NginxSyntaxError(f'unexpected "{ch}" on line {line}')
-                finish(ch, line)
-            elif ch == "}":
-                if words:
-                    raise NginxSyntaxError(f'unexpected "}}" on line {line}')
-                finish("}", line)
-            elif ch == "#":
-                state["sharp_comment"] = True
-            else:
-                state.update(last_space=False, quoted=ch == "\\", d_quoted=ch == '"', s_quoted=ch == "'",
-                             variable=ch == "$")
-                state["start"] += ch in "\"'"
-            continue
-        if ch == "{" and state["variable"]:
-            continue
-        state["variable"] = False
-        if ch == "\\":
-            state["quoted"] = True
-            continue
-        if ch == "$":
-            state["variable"] = True
-            continue
-        if state["d_quoted"] or state["s_quoted"]:
-            if ch == ('"' if state["d_quoted"] else "'"):
-                state.update(d_quoted=False, s_quoted=False, need_space=True, found=True)
+            if self.escaped:
+                self.escaped = False
+                continue
+            if self.need_space:
+                if ch in ";{":
+                    yield self.finish(ch)
+                    continue
+                if not self.after_string(ch):
+                    continue
+            yield from (self.between_words(ch, index) if self.last_space else self.in_word(ch, index))
+        if self.words or not self.last_space or self.escaped:
+            raise NginxSyntaxError(f"the text ends inside a statement (line {self.line}): every directive ends "
+                                   "with ';' and every string is closed")
+
+    def after_string(self, ch):
+        """Right after a closing quote, ch is a space (-> False) or a ')' that starts a new word
+        (-> True); anything else is nginx's 'unexpected'."""
+        if ch not in NGINX_SPACE and ch != ")":
+            raise NginxSyntaxError(f'unexpected "{ch}" on line {self.line}')
+        self.last_space, self.need_space = True, False
+        return ch == ")"
+
+    def between_words(self, ch, index):
+        if ch in NGINX_SPACE:
+            return
+        self.start = index - 1
+        if ch in ";{}":
+            if (ch == "}") == bool(self.words):
+                raise NginxSyntaxError(f'unexpected "{ch}" on line {self.line}')
+            yield self.finish(ch)
+        elif ch == "#":
+            self.comment = True
+        else:
+            self.last_space, self.escaped, self.variable = False, ch == "\\", ch == "$"
+            self.quote = ch if ch in "\"'" else None
+            self.start += self.quote is not None
+
+    def in_word(self, ch, index):
+        if ch == "{" and self.variable:
+            return
+        self.variable = False
+        if ch in "\\$":
+            self.escaped, self.variable = ch == "\\", ch == "$"
+            return
+        if self.quote:
+            if ch != self.quote:
+                return
+            self.quote, self.need_space = None, True
         elif ch in NGINX_SPACE or ch in ";{":
-            state.update(last_space=True, found=True)
-        if state["found"]:
-            words.append(nginx_unescape(text[state["start"]:index - 1]))
-            state["found"] = False
-            if ch in ";{":
-                finish(ch, line)
-    if words or not state["last_space"] or state["quoted"]:
-        raise NginxSyntaxError(f"the text ends inside a statement (line {line}): every directive ends with ';' "
-                               "and every string is closed")
-    return statements
+            self.last_space = True
+        else:
+            return
+        self.words.append(nginx_unescape(self.text[self.start:index - 1]))
+        if ch in ";{":
+            yield self.finish(ch)
+
+    def finish(self, end):
+        statement = (self.words, end, self.line)
+        self.words = []
+        self.reset()
+        return statement
+
+
+def nginx_statements(text):
+    """The statements of text as nginx reads them (NginxReader): [(words, end, line)]."""
+    return list(NginxReader(text).statements())
 
 
 def nginx_unescape(raw):
@@ -3047,10 +3136,10 @@ def nginx_workers_older_than(since):
             with open(f"/proc/{pid}/cmdline", "rb") as handle:
                 if handle.read().rstrip(b"\0").replace(b"\0", b" ").strip() != b"nginx: worker process":
                     continue
-            started = int(read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[19]) / ticks
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue        # gone meanwhile, or not ours to read
-        old += started < since - 0.02
+        started = process_started(pid)
+        old += started is not None and started / ticks < since - 0.02
     return old
 
 
@@ -3160,25 +3249,20 @@ def acme_client():
                            "acme.sh")
     if os.access(acme_sh, os.X_OK):
         return AcmeClient("acme.sh", [acme_sh], dict(os.environ))
+    return lego_client()
+
+
+def lego_client():
+    """lego (PIKU_LEGO), with its environment: piku's own, and the LEGO_* settings of the host
+    (piku.env), such as LEGO_CA_CERTIFICATES for a private or test CA -- the daily renewal runs
+    from the emperor, which has no environment of the sysadmin's. None without lego."""
     try:
         command = shlex.split(host_setting("PIKU_LEGO")) or ["lego"]
     except ValueError as error:
         raise PikuError(f"PIKU_LEGO cannot be split into words: {error}", f"Fix it in {HOST_ENV}.")
     if not shutil.which(command[0]):
         return None
-    return AcmeClient("lego", command, lego_env())
-
-
-def lego_env():
-    """lego's environment: piku's own, and the LEGO_* settings of the host (piku.env), such as
-    LEGO_CA_CERTIFICATES for a private or test CA -- the daily renewal runs from the emperor,
-    which has no environment of the sysadmin's."""
-    env = dict(os.environ)
-    host_setting("PIKU_LEGO")       # loads piku.env
-    for key, value in _HOST_SETTINGS.items():
-        if isinstance(key, str) and key.startswith("LEGO_"):
-            env.setdefault(key, value)
-    return env
+    return AcmeClient("lego", command, {**host_settings("LEGO_"), **os.environ})
 
 
 def http_port_hint(names):
@@ -3286,13 +3370,13 @@ def renew_certificates(days=RENEW_DAYS, spread=False):
     settings they were issued with; install them and reload nginx. (acme.sh renews its own from
     its cron job.) -> the apps whose renewal failed. spread: let lego wait a random while first,
     as a daily job should, so the CA does not get every host's renewals at the same minute."""
-    client = acme_client()
+    client = lego_client()         # what issued them, whatever else the host has since
     failed = []
     for app in list_apps():
         state = certificate_state(app)
         if not state.get("issued") or state.get("client") != "lego":
             continue
-        if client is None or client.kind != "lego":
+        if client is None:
             failed.append(app)
             problem(f"{app}: its certificate was issued with lego, which is not installed (apt-get install lego)")
             continue
@@ -3336,12 +3420,14 @@ CERTIFICATE_WARN_DAYS = 21
 
 
 def certificate_expiry(path):
-    """When the certificate at path expires (seconds since the epoch), or None."""
+    """When the certificate at path expires (seconds since the epoch), or None when openssl
+    cannot read it (doctor reports that)."""
     import ssl
-    result = subprocess.run(["openssl", "x509", "-noout", "-enddate", "-in", path], capture_output=True, text=True)
     try:
-        return ssl.cert_time_to_seconds(result.stdout.strip().split("=", 1)[1])
-    except (IndexError, ValueError):
+        output = run_command(["openssl", "x509", "-noout", "-enddate", "-in", path], capture=True,
+                             what="openssl x509").stdout
+        return ssl.cert_time_to_seconds(output.strip().split("=", 1)[1])
+    except (PikuError, IndexError, ValueError):
         return None
 
 
@@ -3371,7 +3457,7 @@ NGINX_LOG_MAXSIZE = str(16 * 2**20)     # PIKU_NGINX_LOG_MAXSIZE: bytes before a
 
 
 def rotate_nginx_logs():
-    """nginx writes logs/APP/nginx.access.log and nginx.error.log; piku keeps each below
+    """nginx writes each app's nginx/logs/APP.access.log and APP.error.log; piku keeps each below
     PIKU_NGINX_LOG_MAXSIZE: a bigger one becomes NAME.1 (the one before is dropped) and nginx,
     reloaded, reopens its logs. -> the apps whose logs were rotated"""
     value = host_setting("PIKU_NGINX_LOG_MAXSIZE", NGINX_LOG_MAXSIZE)
@@ -3380,11 +3466,10 @@ def rotate_nginx_logs():
     rotated = []
     for app in list_apps():
         moved = False
-        for name in ("nginx.access.log", "nginx.error.log"):
-            path = os.path.join(LOG_ROOT, app, name)
+        for path in (nginx_log(app, "access"), nginx_log(app, "error")):
             try:
                 info = os.lstat(path)
-            except OSError:
+            except FileNotFoundError:
                 continue
             if stat.S_ISREG(info.st_mode) and info.st_size > int(value):
                 os.replace(path, path + ".1")
@@ -3509,15 +3594,6 @@ def check_bindable(app, address, port):
 # so two changes racing cannot both win. Names are compared the way their consumer compares
 # them: server names without case or a final dot, a wildcard covering every name below it.
 
-@contextlib.contextmanager
-def host_lock(path):
-    """An flock on one of piku's own lock files, for what all apps share; held for a moment."""
-    make_folder(os.path.dirname(path))
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 def server_name_key(name):
     """A server name as nginx compares it: without case or a final dot."""
     return name.lower().rstrip(".")
@@ -3542,8 +3618,13 @@ def shared_claims(app):
         try:
             record = live_release(other)
             env = record["env"] if record else load_live_env(other)
-        except PikuError:
-            env = {}
+        except PikuError:       # a damaged releases.json: LIVE_ENV says what runs
+            try:
+                env = load_live_env(other)
+            except PikuError:   # both damaged: the other app holds what its vhost says, and no PORT
+                if visible_to_key(other):
+                    warning(f"the settings of '{other}' cannot be read: its PORT is not checked (see: doctor)")
+                env = {}
         names = set(nginx_server_names_all(read_text(nginx_vhost_file(other))))
         with contextlib.suppress(PikuError):
             names.update(nginx_server_names(env))
@@ -3570,8 +3651,8 @@ def check_shared_names(app, env, processes):
         for name in nginx_server_names(env):
             clash = next((held for held in sorted(names) if server_names_overlap(name, held)), None)
             if clash:
-                raise PikuError(f"NGINX_SERVER_NAME {name} is already served by {who}"
-                                + ("" if clash == name else f" (as {clash})"),
+                shown = "" if clash == name or not visible_to_key(other) else f" (as {clash})"
+                raise PikuError(f"NGINX_SERVER_NAME {name} is already served by {who}{shown}",
                                 "Use another name" + (f", or remove it from {other}'s NGINX_SERVER_NAME first "
                                                       f"(config:set {other} NGINX_SERVER_NAME=...)"
                                                       if visible_to_key(other) else "."))
@@ -3654,7 +3735,7 @@ def run_phase(release, kind):
     except CommandTimeout:
         raise PikuError(f"the {kind} command did not finish within {timeout} s (PIKU_RELEASE_TIMEOUT); it was "
                         "stopped and nothing was changed", f"Make it faster, or allow it longer: config:set "
-                        f"{release.app} PIKU_RELEASE_TIMEOUT={timeout * 2}")
+                        f"{release.app} PIKU_RELEASE_TIMEOUT={min(timeout * 2, NUMBER_LIMITS['PIKU_RELEASE_TIMEOUT'])}")
     if returncode != 0:
         raise PikuError(f"the {kind} command failed (exit code {returncode}); nothing was changed",
                         f"Fix Procfile line {process.line} or the code it runs, commit, and push again.")
@@ -3938,26 +4019,15 @@ def activate(release, commit):
     app = release.app
     check_shared_names(app, release.env, release.processes)      # a rollback's PORT may be taken since
     release_folder_readable(release.root)
-    vhost = finish_vhost(render_nginx(release))
-    vhost_changed = vhost != read_text(nginx_vhost_file(app), None)
-    if vhost:
-        ensure_certificate(app, nginx_server_names(release.env))
-    if vhost and vhost_changed:
-        check_vhost(app, vhost)
+    vhost, vhost_changed = checked_vhost(release)
     generation = plan_generation(release, next_generation(app), release.scaling)
     first = not any(front_alive(app, None, unit) for unit in front_units(app))
     if generation.instances:
         step(f"Starting {', '.join(instance.name for instance in generation.instances)}"
              + ("" if first else " beside the live workers"))
-    front = None
     try:
-        start_generation(generation)
-        check_generation(generation)
-        sockets = http_sockets(app, generation.gen, release.scaling, release.env)
-        if first:
-            point_slots(app, sockets)
-        front = start_front(release, generation) if sockets else None
-        with ClientWatch.shielded(), host_lock(NAMES_LOCK):     # from here on it goes live, client or not
+        front = start_beside(release, generation, first)
+        with ClientWatch.shielded(), flocked(NAMES_LOCK):     # from here on it goes live, client or not
             check_shared_names(app, release.env, release.processes)
             commit(generation.gen)
             release.committed = True
@@ -3965,14 +4035,37 @@ def activate(release, commit):
                 write_vhost(app, vhost)
     except BaseException:       # refused, failed, or the client went: nothing live changed
         if not release.committed:
-            stop_units(app, [instance.unit for instance in generation.instances]
-                       + ([front] if first and front else []), graceful=False)
+            stop_units(app, [instance.unit for instance in generation.instances], graceful=False)
+            restore_live_front(app)
         raise
     with ClientWatch.shielded():
         switch_traffic(release, generation, front, first, vhost, vhost_changed)
         if vhost:
             obtain_certificate(app, release.env, nginx_server_names(release.env))
             write_daily_job()
+
+
+def checked_vhost(release):
+    """-> (the release's vhost or None, whether it differs from the installed one), checked by
+    nginx -t when it does, with a certificate nginx can start with."""
+    vhost = finish_vhost(render_nginx(release))
+    changed = vhost != read_text(nginx_vhost_file(release.app), None)
+    if vhost:
+        ensure_certificate(release.app, nginx_server_names(release.env))
+    if vhost and changed:
+        check_vhost(release.app, vhost)
+    return vhost, changed
+
+
+def start_beside(release, generation, first):
+    """The new workers start, pass their health check, and the app's front listens where the
+    release says (a first deploy's slots point at them at once). -> the front's unit or None"""
+    start_generation(generation)
+    check_generation(generation)
+    sockets = http_sockets(release.app, generation.gen, release.scaling, release.env)
+    if first:
+        point_slots(release.app, sockets)
+    return start_front(release, generation) if sockets else None
 
 
 def switch_traffic(release, generation, front, first, vhost, vhost_changed):
@@ -4017,6 +4110,7 @@ def write_vhost(app, text):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(nginx_vhost_file(app))
     else:
+        make_folder(NGINX_LOGS)         # nginx writes its logs there but makes no folder
         write_atomic(nginx_vhost_file(app), text)
 
 
@@ -4051,6 +4145,25 @@ def start_front(release, generation):
         write_atomic(vassal_file(app, unit), previous, mode=0o600)
         wake_emperor()
     fail_generation(generation, generation.instances[0], f"the front on {bind_address(env)} did not start")
+
+
+def restore_live_front(app):
+    """After a change that did not commit: the live release's front listens, and no other (a
+    new PORT's front is stopped; one stopped for a new BIND_ADDRESS is started again)."""
+    try:
+        record = live_release(app)
+    except PikuError as error:
+        warning(f"the front of {app} could not be checked: {error.message}")
+        return
+    wanted = None
+    if record and http_sockets(app, record["gen"], record["scaling"], record["env"]):
+        wanted = front_unit(record["env"])
+    others = [unit for unit in front_units(app) if unit != wanted]
+    if others:
+        stop_units(app, others, graceful=True)
+    if wanted and not front_current(app, record["env"]):
+        write_atomic(vassal_file(app, wanted), render_front(app, record["env"]), mode=0o600)
+        wake_emperor()
 
 
 def answers_http(host, port, env):
@@ -4739,6 +4852,7 @@ def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack):
     live, so the branch always names what is served."""
     sys.stdout.flush()
     sys.stderr.flush()
+    ClientWatch.stop()          # the deploy is done; and fork() wants a process of one thread
     if os.fork():
         lock.handed_over = True
         return
@@ -5371,12 +5485,16 @@ class PikuGroup(click.Group):
     def resolve_command(self, context, args):
         name = args[0] if args else ""
         if name and not name.startswith("-") and self.get_command(context, name) is None:
-            visible = [command for command, value in self.commands.items() if not value.hidden]
-            close = difflib.get_close_matches(name, visible, n=1, cutoff=0.6)
-            raise PikuError(f"'{name}' is not a piku command" + (f"; did you mean '{close[0]}'?" if close else ""),
-                            "See the commands with: help" + (f" (for example: {EXAMPLES[close[0]]})"
-                                                               if close and close[0] in EXAMPLES else ""))
+            raise self.unknown(name)
         return super().resolve_command(context, args)
+
+    def unknown(self, name):
+        """The answer to a name that is no command (or no command for whoever asks)."""
+        visible = [command for command, value in self.commands.items() if not value.hidden]
+        close = difflib.get_close_matches(name, visible, n=1, cutoff=0.6)
+        return PikuError(f"'{name}' is not a piku command" + (f"; did you mean '{close[0]}'?" if close else ""),
+                         "See the commands with: help" + (f" (for example: {EXAMPLES[close[0]]})"
+                                                            if close and close[0] in EXAMPLES else ""))
 
 
 def usage_problem(error):
@@ -5519,6 +5637,19 @@ def cmd_deploy(app):
         deploy_app(app, rev, ref, cause="deploy")
 
 
+def set_aside_cache(app):
+    """nginx's cache of a destroyed app: renamed at once (a new app of that name starts with an
+    empty one), then removed as far as the piku user may -- nginx's workers own what they wrote."""
+    cache = os.path.join(CACHE_ROOT, app)
+    if not os.path.isdir(cache) or os.path.islink(cache):
+        return
+    aside = os.path.join(CACHE_ROOT, f".destroyed-{app}-{time.strftime('%Y%m%d%H%M%S')}")
+    os.replace(cache, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+    if os.path.exists(aside):
+        warning(f"{aside} holds nginx's cached answers, which only root may remove: rm -rf {aside}")
+
+
 @cli.command("destroy")
 @click.argument("app")
 def cmd_destroy(app):
@@ -5527,17 +5658,19 @@ def cmd_destroy(app):
     with AppLock(app):
         still_there(app)
         install_vhost(app, None)
-        legacy = [os.path.join(ACME_WWW, "lego", "certificates", name.replace("*", "_") + suffix)
-                  for name in certificate_state(app).get("names", []) for suffix in (".crt", ".key", ".issuer.crt",
-                                                                                      ".json")]
-        for path in (*certificate_files(app), os.path.join(NGINX_ROOT, f"{app}.acme"), *legacy):
+        legacy = [os.path.join(ACME_WWW, "lego", "certificates", os.path.basename(lego_certificate(app, [name])))
+                  + suffix for name in certificate_state(app).get("names", [])
+                  for suffix in (".crt", ".key", ".issuer.crt", ".json")]     # lego's shared folder of earlier versions
+        logs = [nginx_log(app, kind) + suffix for kind in ("access", "error") for suffix in ("", ".1")]
+        for path in (*certificate_files(app), os.path.join(NGINX_ROOT, f"{app}.acme"), *legacy, *logs):
             if os.path.lexists(path):
                 os.unlink(path)
         stop_app(app)
+        set_aside_cache(app)
         # the repo and apps/APP last: while either is there the app exists, and a destroy that was
         # stopped half-way can be run again; nothing of it is left for a new app of that name
         for path in (env_dir(app), os.path.join(LOG_ROOT, app), os.path.join(RELEASE_ROOT, app),
-                     os.path.join(CACHE_ROOT, app), runtime_dir(app), app_path(app), repo_path(app)):
+                     runtime_dir(app), app_path(app), repo_path(app)):
             if os.path.islink(path):
                 os.unlink(path)
             elif os.path.isdir(path):
@@ -5612,21 +5745,22 @@ class LogFollower:
         os.close(self.fd)
 
 
-def follow_logs(paths, lines, follow):
-    """Print the last lines of each log, prefixed with its worker, then follow them: inotify
-    (watchdog) says when a log changed, so a new line is shown at once, with no polling."""
-    width = max(len(os.path.basename(path)[:-4]) for path in paths)
+def follow_logs(logs, lines, follow):
+    """Print the last lines of each log, prefixed with its label (the worker), then follow them:
+    inotify (watchdog) says when a log changed, so a new line is shown at once, with no polling.
+    logs: [(label, path)]"""
+    width = max(len(label) for label, _ in logs)
     followers = []
-    for path in paths:
+    for label, path in logs:
         try:
-            followers.append(LogFollower(path, os.path.basename(path)[:-4].ljust(width), lines))
+            followers.append(LogFollower(path, label.ljust(width), lines))
         except OSError as error:
             warning(f"{os.path.basename(path)} is not shown: {error.strerror}")
     if not follow or not followers:
         return
     import threading
     changed = threading.Event()
-    observer = watch_folders({follower.folder() for follower in followers} | {os.path.dirname(path) for path in paths},
+    observer = watch_folders({follower.folder() for follower in followers} | {os.path.dirname(path) for _, path in logs},
                              changed)
     try:
         while not output_gone():
@@ -5635,7 +5769,7 @@ def follow_logs(paths, lines, follow):
             for follower in followers:
                 follower.read()
             if observer:        # a redeploy links a new generation's folder: watch it too
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError):      # a folder gone meanwhile: the 1 s timeout still reads
                     watch_more(observer, {follower.folder() for follower in followers}, changed)
     finally:
         if observer:
@@ -5679,11 +5813,15 @@ def cmd_logs(app, process, lines, follow):
     require_app(app)
     if process != "*" and not re.fullmatch(r"[A-Za-z0-9_-]+", process):
         raise PikuError(f"invalid process name {process!r}")
-    paths = sorted(glob.glob(os.path.join(LOG_ROOT, app, f"{process}.*.log")))
-    if not paths:
+    logs = {os.path.basename(path)[:-4]: path for path in sorted(glob.glob(os.path.join(LOG_ROOT, app,
+                                                                                        f"{process}.*.log")))}
+    if process in ("*", "nginx"):
+        logs.update((f"nginx.{kind}", nginx_log(app, kind)) for kind in ("access", "error")
+                    if os.path.lexists(nginx_log(app, kind)))
+    if not logs:
         raise PikuError(f"no logs for {app}" + ("" if process == "*" else f" process '{process}'"))
     try:
-        follow_logs(paths, lines, follow)
+        follow_logs(sorted(logs.items()), lines, follow)
     except KeyboardInterrupt:
         pass
 
@@ -5956,6 +6094,7 @@ def cmd_setup():
     for path in (PIKU_ROOT, *PIKU_DIRS):
         make_folder(path)
         os.chmod(path, FOLDER_MODES[path])      # earlier versions left them to the umask
+    make_folder(NGINX_LOGS)
     config = EMPEROR_CONFIG
     write_atomic(config, render_emperor())
     step(f"Wrote {config}")
@@ -6058,9 +6197,8 @@ def authorized_keys_lock():
     """setup:ssh and keys:remove read authorized_keys, change it and write it back: one at a
     time, so two of them racing lose no key and bring no removed key back."""
     folder = os.path.dirname(authorized_keys_file())
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    with open(os.path.join(folder, ".piku-authorized_keys.lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    os.makedirs(folder, mode=0o700, exist_ok=True)      # sshd's StrictModes: ~/.ssh is the user's alone
+    with flocked(os.path.join(folder, ".piku-authorized_keys.lock")):
         yield
 
 
@@ -6145,8 +6283,8 @@ def ssh_invocation(args, allowed):
                         "Write the command first: ssh piku@host COMMAND [ARGS...]  (see: ssh piku@host help)")
     group = click.Context(cli, info_name="piku")
     name, command, rest = cli.resolve_command(group, list(args))
-    if name in INTERNAL_COMMANDS:
-        raise PikuError(f"'{name}' is not a command", "See the commands with: ssh piku@host help")
+    if name in INTERNAL_COMMANDS:       # answered as a name that is no command: nothing to learn here
+        raise cli.unknown(name)
     if name in SERVER_ONLY_COMMANDS:
         raise PikuError(f"'{name}' runs on the server itself, not over ssh", "Log in to the server as root "
                         "(install) or as the piku user (update) and run it there.")
@@ -6224,24 +6362,33 @@ def key_fingerprint(key):
               help="Renew the certificates that expire within this many days.")
 def cmd_acme_renew(days):
     """Renew the apps' ACME certificates that expire soon (the daily job does this)."""
-    failed = renew_certificates(days)
+    check_renewals(renew_certificates(days))
+    step("Certificates checked: every one is fresh or was renewed")
+
+
+def check_renewals(failed):
     if failed:
         raise PikuError(f"{len(failed)} certificate(s) could not be renewed: {', '.join(failed)}",
                         "See the reasons above; fix them, then run: acme:renew")
-    step("Certificates checked: every one is fresh or was renewed")
 
 
 @cli.command("daily", hidden=True)
 def cmd_daily():
-    """INTERNAL: what the daily job runs -- renew certificates, rotate nginx's logs of the apps."""
+    """INTERNAL: what the daily job runs -- rotate nginx's logs of the apps, renew certificates.
+    Each part runs whatever happened to the other; the job fails if either did."""
     step(f"Daily job of {PIKU_ROOT}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    rotated = rotate_nginx_logs()
+    try:
+        rotated = rotate_nginx_logs()
+    except (PikuError, OSError) as error:
+        rotated, trouble = [], getattr(error, "message", None) or str(error)
+        problem(f"rotating the nginx logs failed: {trouble}")
+    else:
+        trouble = None
     if rotated:
         step(f"Rotated the nginx logs of {', '.join(rotated)}")
-    failed = renew_certificates(spread=True)
-    if failed:
-        raise PikuError(f"{len(failed)} certificate(s) could not be renewed: {', '.join(failed)}",
-                        "See the reasons above; fix them, then run: acme:renew")
+    check_renewals(renew_certificates(spread=True))
+    if trouble:
+        raise PikuError("the nginx logs were not rotated (above)", "Fix that; the next daily job rotates them.")
 
 
 @cli.command("keys")

@@ -31,7 +31,7 @@ VERSION = "0.1.0"
 APP_COMMANDS = frozenset({"config", "config:get", "config:set", "config:unset", "config:live", "deploy", "deploys", "doctor",
                           "destroy", "logs", "ps", "ps:scale", "releases", "rollback", "run", "restart", "stop"})
 SCP_LIKE = re.compile(r"^(?:(?P<user>[^@/]+)@)?(?P<host>[^:/]+):(?P<path>.+)$")
-SSH_URL = re.compile(r"^ssh://(?:(?P<user>[^@/]+)@)?(?P<host>[^:/]+)(?::(?P<port>[0-9]+))?/(?P<path>.+)$")
+SSH_URL = re.compile(r"^ssh://(?:(?P<user>[^@/]+)@)?(?P<host>[^:/]+)(?::(?P<port>[0-9]+))?(?P<path>/.+)$")
 # The server's rule for app names (piku.py's APP_NAME and validate_app_name), which it applies to
 # the path git sends: one leading '/' dropped, nothing else changed ('myapp.git' is the app
 # 'myapp.git' there), so `piku` and `git push` always name the same app.
@@ -96,9 +96,11 @@ def find_target(remote, app):
     server = os.environ.get("PIKU_SERVER")
     port = None
     if server and not remote:
-        match = re.fullmatch(r"(?P<host>[^:]+)(?::(?P<port>[0-9]+))?", server)
-        server, port = (match.group("host"), match.group("port")) if match else (server, None)
-        return check_host(server), port, app or os.environ.get("PIKU_APP")
+        match = re.fullmatch(r"(?P<host>[^:]+)(?::(?P<port>[0-9]{1,5}))?", server)
+        if not match:
+            raise ClientError(f"PIKU_SERVER={server!r} is not user@host or user@host:port")
+        app = app or os.environ.get("PIKU_APP")
+        return check_host(match.group("host")), match.group("port"), app and app_from_path(app)
     name = remote or "piku"
     url = git("remote", "get-url", name)
     if not url:
@@ -108,7 +110,8 @@ def find_target(remote, app):
                           "Add one with: piku remote piku@yourhost [APP]  (or set PIKU_SERVER=piku@yourhost "
                           "and PIKU_APP=APP)")
     server, port, remote_app = parse_remote(url)
-    return server, port, app or os.environ.get("PIKU_APP") or remote_app
+    chosen = app or os.environ.get("PIKU_APP")
+    return server, port, app_from_path(chosen) if chosen else remote_app
 
 
 def ssh_command():

@@ -263,6 +263,11 @@ def test_links_planted_where_workers_write_lead_piku_nowhere(piku, emperor, make
     os.symlink(secrets, logs / f"g{gen}" / "web.1.log")
     shown = piku("logs", "leaky", "--no-follow", check=False)
     assert "hunter2" not in shown.stdout + shown.stderr and "web.1.log is not shown" in shown.stderr, shown
+    # ... or by a second name of that file (a hard link is a link too)
+    (logs / f"g{gen}" / "web.1.log").unlink()
+    os.link(secrets, logs / f"g{gen}" / "web.1.log")
+    shown = piku("logs", "leaky", "--no-follow", check=False)
+    assert "hunter2" not in shown.stdout + shown.stderr and "web.1.log is not shown" in shown.stderr, shown
     # piku's own link to the live log, replaced by one of the app's
     (logs / "web.1.log").unlink()
     os.symlink("../../envs/victim21/ENV", logs / "web.1.log")
@@ -299,8 +304,8 @@ def test_logs_read_only_the_tail_of_a_huge_log(piku, tmp_path):
     address space a whole-file read could never fit in."""
     import resource
     (piku.root / "repos" / "big").mkdir(parents=True)
-    log = piku.root / "logs" / "big" / "nginx.access.log"
-    log.parent.mkdir(parents=True)
+    log = piku.root / "nginx" / "logs" / "big.access.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as handle:
         handle.write(b"the first line\n")
         handle.truncate(2**30)
@@ -315,3 +320,34 @@ def test_logs_read_only_the_tail_of_a_huge_log(piku, tmp_path):
     print(f"logs on a 1 GiB log: {time.monotonic() - started:.2f} s")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines() == [f"nginx.access | request {index}" for index in range(45, 50)], shown.stdout
+
+
+FOLDER_DRIVER = r"""
+import os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+import piku
+outside = sys.argv[2]
+os.makedirs(os.path.join(piku.UWSGI_ROOT, "shop"), exist_ok=True)
+os.symlink(outside, os.path.join(piku.UWSGI_ROOT, "shop", "g9"))            # planted by the app's code
+made = piku.make_folder(os.path.join(piku.generation_dir("shop", 9), "deeper"))
+print(os.path.islink(os.path.join(piku.UWSGI_ROOT, "shop", "g9")), os.listdir(outside), oct(os.stat(made).st_mode & 0o777))
+"""
+
+
+def test_piku_makes_its_folders_where_it_means_to(tmp_path):
+    """A link planted where one of piku's folders goes -- at any depth below the app's own
+    folder -- is removed, not followed; each folder gets the mode its place gives it."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    result = subprocess.run([PYTHON, "-c", FOLDER_DRIVER, str(PIKU_PY), str(outside)], capture_output=True, text=True,
+                            env=dict(os.environ, PIKU_ROOT=str(tmp_path / "piku")))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "[]", "0o750"], result.stdout
+
+
+def test_option_references_are_found_in_linear_time():
+    started = time.monotonic()
+    with pytest.raises(PikuError):
+        piku.render_vassal(piku.Instance("shop", 1, "worker", 1), "%(" * 60000 + "%(chdir)",
+                           {"APP": "shop", "PATH": "/bin"}, "/srv/release")
+    assert time.monotonic() - started < 2.0

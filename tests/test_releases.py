@@ -569,6 +569,12 @@ def test_release_commands_and_health_checks_have_an_end(piku, emperor, make_app)
     assert pushed.returncode != 0 and time.monotonic() - started < 30
     assert "the release command did not finish within 2 s (PIKU_RELEASE_TIMEOUT); it was stopped" in pushed.output
     assert not sleepers("302", "slow"), "the command and what it started are gone"
+    app.write("Procfile", "web: python3 app.py\nrelease: echo starting; exec >/dev/null 2>&1; sleep 306\n")
+    app.commit("a release phase that closes its output, then never ends")
+    started = time.monotonic()
+    quiet = app.push(check=False)
+    assert quiet.returncode != 0 and time.monotonic() - started < 30 and "did not finish within 2 s" in quiet.output
+    assert not sleepers("306", "slow")
     app.write("Procfile", "web: python3 app.py\n")
     app.commit("no release phase")
     app.push()

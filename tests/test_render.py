@@ -190,3 +190,13 @@ def test_no_setting_reaches_nginx_as_syntax(tmp_path):
                        ("NGINX_STATIC_PATHS", "/x/:public/$uri"), ("NGINX_CATCH_ALL", "/$uri")):
         with pytest.raises(PikuError):
             piku.render_nginx(nginx_release(tmp_path, "web: x\n", **{key: value}))
+
+
+def test_nginx_buffers_only_what_it_caches_unless_told(tmp_path):
+    plain = piku.render_nginx(nginx_release(tmp_path, "web: python3 app.py\n"))
+    assert "proxy_buffering off;" in plain and "proxy_set_header Upgrade $http_upgrade;" in plain
+    buffered = piku.render_nginx(nginx_release(tmp_path, "web: python3 app.py\n", NGINX_PROXY_BUFFERING="1"))
+    assert "proxy_buffering on;" in buffered and "proxy_buffering off;" not in buffered
+    for name in ("*.com", "*.com."):
+        with pytest.raises(PikuError, match="would claim a whole top-level domain"):
+            piku.nginx_server_names({"NGINX_SERVER_NAME": name})

@@ -397,7 +397,7 @@ def test_internal_commands_cannot_be_reached_over_ssh(host, deployed):
         result = run(["ssh", *host.ssh_options(), "-p", str(host.port), f"{host.user}@127.0.0.1", *words],
                      check=False, timeout=60, env=clean_env(), input=attack)
         assert result.returncode == 1, (words, result.stdout, result.stderr)
-        assert f"'{words[0]}' is not a command" in result.stderr, result.stderr
+        assert f"'{words[0]}' is not a piku command" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
     assert victim.read_text() == "untouched\n"
     # what only a sysadmin types on the server: never over ssh, not even for a key of every app
