@@ -206,6 +206,9 @@ def test_https_certificate_from_an_acme_ca_over_http_01(piku, emperor, nginx, pe
     assert "1 certificate(s) could not be renewed: tls" in failed.stderr
     doctor = piku("doctor", check=False).stdout
     assert "WARN  tls: the last renewal of its certificate failed" in doctor, doctor
+    piku("destroy", "tls")                      # nothing of its HTTPS is left for a new app of that name
+    for leftover in ("nginx/tls.crt", "nginx/tls.key", "nginx/tls.acme", "nginx/tls.conf", "envs/tls"):
+        assert not (piku.root / leftover).exists(), leftover
 
 
 def assert_no_file_of_piku_is_an_app_name(piku):

@@ -619,44 +619,41 @@ def test_options_before_the_command_give_a_limited_key_nothing(host, bob):
     assert keys_file.read_text() == keys and host.piku_py.read_bytes() == piku_py
 
 
-def test_run_without_a_terminal_ends_when_its_client_goes(host, deployed):
+def sleeping(host, marker):
+    """The host user's processes running `sleep MARKER` (what a test's command runs)."""
     import psutil
-    assert deployed.returncode == 0, deployed.output
+    return [proc for proc in psutil.process_iter(["username", "cmdline"])
+            if proc.info["username"] == host.user and proc.info["cmdline"] == ["sleep", marker]]
 
-    def sleepers():
-        return [proc for proc in psutil.process_iter(["username", "cmdline"])
-                if proc.info["username"] == host.user and proc.info["cmdline"] == ["sleep", "304"]]
-    client = subprocess.Popen(["ssh", *host.ssh_options(), "-p", str(host.port), f"{host.user}@127.0.0.1", "run",
-                               APP, "--", "sleep", "304"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env=clean_env())
+
+def drop_client_of(host, client, marker, timeout):
+    """Once the server runs `sleep MARKER` for client, kill the client; the sleep must end too."""
     try:
-        wait_until(sleepers, message="the command to run on the server")
+        wait_until(lambda: sleeping(host, marker), message="the command to run on the server")
     finally:
         client.kill()
         client.wait()
-    wait_until(lambda: not sleepers(), timeout=20, message="the command to end after its client went")
+    wait_until(lambda: not sleeping(host, marker), timeout=timeout, message="the command to end after its client went")
+
+
+def test_run_without_a_terminal_ends_when_its_client_goes(host, deployed):
+    assert deployed.returncode == 0, deployed.output
+    client = subprocess.Popen(["ssh", *host.ssh_options(), "-p", str(host.port), f"{host.user}@127.0.0.1", "run",
+                               APP, "--", "sleep", "304"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=clean_env())
+    drop_client_of(host, client, "304", timeout=20)
 
 
 def test_a_push_whose_ssh_client_disconnects_stops_and_frees_the_app(host, deployed):
     import fcntl
-    import psutil
     assert deployed.returncode == 0, deployed.output
     work, env = deployed.work, host.git_env()
     (work / "Procfile").write_text("web: python3 app.py\nrelease: sleep 305\n")
     run(["git", "commit", "--quiet", "-am", "a release that waits"], cwd=work, env=env)
     before = sorted(p.name for p in (host.root / "uwsgi-enabled").glob(f"{APP}@*.ini"))
-
-    def sleepers():
-        return [proc for proc in psutil.process_iter(["username", "cmdline"])
-                if proc.info["username"] == host.user and proc.info["cmdline"] == ["sleep", "305"]]
     push = subprocess.Popen(["git", "push", host.url(APP), "HEAD:main"], cwd=work, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(sleepers, message="the release command to run")
-    finally:
-        push.kill()
-        push.wait()
-    wait_until(lambda: not sleepers(), timeout=30, message="the deploy to stop after its client went")
+    drop_client_of(host, push, "305", timeout=30)
     with open(host.root / "locks" / f"{APP}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     assert sorted(p.name for p in (host.root / "uwsgi-enabled").glob(f"{APP}@*.ini")) == before
