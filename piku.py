@@ -645,9 +645,9 @@ def validate_app_name(name):
                         "App names start with a letter or digit and use only letters, digits, "
                         "'.', '_' and '-' (at most 64 characters).")
     if name in reserved_app_names():
+        taken = sorted(reserved for reserved in reserved_app_names() if APP_NAME.fullmatch(reserved))
         raise PikuError(f"the app name {name!r} is taken by one of piku's own files",
-                        "Pick another name: " + ", ".join(sorted(n for n in reserved_app_names() if APP_NAME.fullmatch(n)))
-                        + " are piku's.")
+                        f"Pick another name: {', '.join(taken)} are piku's.")
     return name
 
 
@@ -3008,7 +3008,8 @@ def nginx_include(release):
     try:
         statements = nginx_statements(text)
     except NginxSyntaxError as error:
-        raise PikuError(f"NGINX_INCLUDE_FILE {name}: nginx cannot read it: {error}", "Fix the file, commit, push again.")
+        raise PikuError(f"NGINX_INCLUDE_FILE {name}: nginx cannot read it: {error}",
+                        "Fix the file, commit, and push again.")
     for words, end, line in statements:
         if end == "}":
             depth -= 1
@@ -5760,8 +5761,8 @@ def follow_logs(logs, lines, follow):
         return
     import threading
     changed = threading.Event()
-    observer = watch_folders({follower.folder() for follower in followers} | {os.path.dirname(path) for _, path in logs},
-                             changed)
+    folders = {follower.folder() for follower in followers} | {os.path.dirname(path) for _, path in logs}
+    observer = watch_folders(folders, changed)
     try:
         while not output_gone():
             changed.wait(1.0 if observer else 0.5)      # the timeout only notices a client that left
@@ -6041,7 +6042,8 @@ def cmd_deploys(app, deploy_id):
         if not records:
             raise PikuError(f"{app} has no deploy records yet", "Push to deploy it.")
         for record in reversed(records):
-            click.echo(f"{record['id']:>4}  {record['when']}  {deploy_outcome(record):<11}  {record['seconds']:>7.1f} s  "
+            click.echo(f"{record['id']:>4}  {record['when']}  {deploy_outcome(record):<11}  "
+                       f"{record['seconds']:>7.1f} s  "
                        f"{record['cause']} (by {record.get('by') or '?'})")
         return
     record = next((record for record in records if str(record.get("id")) == deploy_id.lstrip("#")), None)
