@@ -61,6 +61,7 @@ if sys.version_info < (3, 10):
                      % sys.version.split()[0])
     sys.exit(1)
 
+import collections
 import contextlib
 import difflib
 import errno
@@ -459,6 +460,12 @@ class ClientWatch:
         if not cls.shields and not cls.gone:
             cls.gone = True
             raise ClientGone()
+
+    @classmethod
+    def hold(cls):
+        """From here on the command finishes whatever happens to its client (its release has
+        committed): a shield that is never lowered."""
+        cls.shields += 1
 
     @classmethod
     @contextlib.contextmanager
@@ -952,6 +959,14 @@ def read_pushed_bytes(root, name, limit):
 APP_WRITABLE = (LOG_ROOT, UWSGI_ROOT, DATA_ROOT)
 
 
+def inside_app_folder(path):
+    """Is path below an app's own folder in a folder app code writes (not that folder itself)?"""
+    try:
+        return len(split_app_path(path)[1]) >= 2
+    except ValueError:
+        return False
+
+
 def split_app_path(path):
     """(piku's own folder, the components below it) of a path in a folder app code writes (or
     nginx's logs, which piku reads the same careful way)."""
@@ -966,8 +981,10 @@ def _open_parent_nofollow(path):
     root, parts = split_app_path(path)
     folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for part in parts[:-1]:
-            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+        for depth, part in enumerate(parts[:-1]):
+            # the app's own folder may be a sysadmin's link (data/APP on another disk); below it, none
+            nofollow = os.O_NOFOLLOW if depth or root == NGINX_LOGS else 0
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | nofollow | os.O_CLOEXEC, dir_fd=folder)
             os.close(folder)
             folder = inner
     except BaseException:
@@ -1069,9 +1086,11 @@ def folder_mode(path):
 
 def make_folder(path):
     """Create path and its missing parents. Below PIKU_ROOT each gets the mode its place gives it
-    (FOLDER_MODES, whatever the umask), and a link found where one of piku's folders goes in a
-    folder app code writes is removed, never followed -- for every component, not only the last.
-    Outside PIKU_ROOT, as os.makedirs."""
+    (FOLDER_MODES, whatever the umask), and a link found where one of piku's folders goes inside
+    an app's folder that its code writes (logs/APP/..., uwsgi/APP/..., data/APP/...) is removed,
+    never followed -- for every component, not only the last. (logs/APP or data/APP themselves
+    may be a sysadmin's link to another disk: app code cannot write their parent.) Outside
+    PIKU_ROOT, as os.makedirs."""
     path = os.path.abspath(path)
     if folder_mode(path) is None:
         os.makedirs(path, exist_ok=True)
@@ -1079,7 +1098,7 @@ def make_folder(path):
     parent = os.path.dirname(path)
     if folder_mode(parent) is not None:
         make_folder(parent)
-    if os.path.islink(path) and any(path.startswith(root + os.sep) for root in APP_WRITABLE):
+    if os.path.islink(path) and inside_app_folder(path):
         os.unlink(path)
     try:
         os.mkdir(path, 0o700)
@@ -1847,6 +1866,8 @@ def stream_command(args, cwd, env, secrets=(), timeout=None):
             show(pending)
         # its output closed; the command itself may go on (`exec >/dev/null; sleep ...`)
         process.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError, PermissionError):   # none left: nothing to do
+            os.killpg(process.pid, signal.SIGKILL)     # what it left running in the background
     except subprocess.TimeoutExpired:
         kill_session(process)
         raise CommandTimeout(f"{args[0]} ran for more than {timeout:g} s")
@@ -3076,8 +3097,13 @@ def check_vhost(app, text):
                         f"Install it (apt-get install nginx) or unset it: config:unset {app} NGINX_SERVER_NAME")
     with tempfile.TemporaryDirectory(prefix="piku-nginx-") as temp:
         candidate = os.path.join(temp, f"{app}.conf")
-        # the real logs may belong to nginx's root master: nginx -t writes its own
-        write_atomic(candidate, re.sub(r"^(\s*(?:access|error)_log) [^;]+;", rf"\1 {temp}/log;", text, flags=re.M))
+        # the real logs may belong to nginx's root master, and the live certificate stays as it is
+        # until the change commits: nginx -t gets logs and a certificate of its own
+        self_signed(nginx_server_names_all(text) or ["localhost"], temp)
+        checked = re.sub(r"^(\s*(?:access|error)_log) [^;]+;", rf"\1 {temp}/log;", text, flags=re.M)
+        checked = re.sub(r"^(\s*ssl_certificate) [^;]+;", rf"\1 {temp}/crt;", checked, flags=re.M)
+        checked = re.sub(r"^(\s*ssl_certificate_key) [^;]+;", rf"\1 {temp}/key;", checked, flags=re.M)
+        write_atomic(candidate, checked)
         write_atomic(os.path.join(temp, "nginx.conf"), NGINX_TEST_CONFIG.substitute(temp=temp, candidate=candidate))
         result = subprocess.run([nginx, "-t", "-q", "-e", "stderr", "-p", temp, "-c", os.path.join(temp, "nginx.conf")],
                                 capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -3216,18 +3242,31 @@ def save_certificate_state(app, state):
 
 
 def ensure_certificate(app, names):
-    """A certificate nginx can start with for names: the issued one, else a new self-signed one."""
+    """A certificate nginx can start with, once a vhost for names goes live: the one the app has
+    -- an issued one is kept, also while a certificate for new names is asked for, as it still
+    serves the names it covers -- else a new self-signed one. Called only when the change has
+    committed: a refused or failed change never touches the live certificate."""
     crt, key = certificate_files(app)
-    if os.path.exists(crt) and os.path.exists(key) and certificate_state(app).get("names") == names:
+    state = certificate_state(app)
+    if os.path.exists(crt) and os.path.exists(key) and (state.get("issued") or same_names(state.get("names"), names)):
         return
     with tempfile.TemporaryDirectory(prefix="piku-tls-") as temp:
-        run_command(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                     "-days", "90", "-subj", f"/CN={names[0]}",
-                     "-addext", "subjectAltName=" + ",".join(f"DNS:{name}" for name in names),
-                     "-keyout", os.path.join(temp, "key"), "-out", os.path.join(temp, "crt")],
-                    capture=True, what="openssl (a self-signed certificate)")
+        self_signed(names, temp)
         install_certificate(app, os.path.join(temp, "crt"), os.path.join(temp, "key"))
     save_certificate_state(app, {"names": names, "issued": False})
+
+
+def same_names(first, second):
+    return sorted(map(server_name_key, first or [])) == sorted(map(server_name_key, second or []))
+
+
+def self_signed(names, folder):
+    """A self-signed certificate for names, as folder/crt and folder/key (90 days)."""
+    run_command(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                 "-days", "90", "-subj", f"/CN={names[0]}",
+                 "-addext", "subjectAltName=" + ",".join(f"DNS:{name}" for name in names),
+                 "-keyout", os.path.join(folder, "key"), "-out", os.path.join(folder, "crt")],
+                capture=True, what="openssl (a self-signed certificate)")
 
 
 def install_certificate(app, crt_source, key_source):
@@ -3275,7 +3314,7 @@ def http_port_hint(names):
 def obtain_certificate(app, env, names):
     """After the vhost is live: an ACME certificate for names, unless one is held already."""
     state, ca = certificate_state(app), acme_directory(env)
-    if state.get("issued") and state.get("names") == names and state.get("ca") == ca:
+    if state.get("issued") and same_names(state.get("names"), names) and state.get("ca") == ca:
         return
     if any(name.startswith("*.") for name in names):
         warning("a wildcard name needs a DNS-01 challenge, which piku does not do: nginx keeps a self-signed "
@@ -3381,7 +3420,10 @@ def renew_certificates(days=RENEW_DAYS, spread=False):
             failed.append(app)
             problem(f"{app}: its certificate was issued with lego, which is not installed (apt-get install lego)")
             continue
-        error = renew_certificate(app, client, state, days, spread)
+        try:
+            error = renew_certificate(app, client, state, days, spread)
+        except (PikuError, OSError) as trouble:     # one app's damage stops no other app's renewal
+            error = getattr(trouble, "message", None) or str(trouble)
         save_certificate_state(app, dict(state, renewal={"when": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                          "error": error[-500:] if error else ""}))
         if error:
@@ -3609,9 +3651,13 @@ def server_names_overlap(first, second):
     return any(wild.startswith("*.") and other.endswith(wild[1:]) for wild, other in ((first, second), (second, first)))
 
 
+Claim = collections.namedtuple("Claim", "port names listen")
+
+
 def shared_claims(app):
-    """{other app: (its PORT or None, its server names)}: what its live release and its
-    installed vhost hold (a change in flight holds both until it is done)."""
+    """{other app: Claim(its PORT or None, its server names, the addresses its vhost listens
+    on)}: what its live release and its installed vhost hold (a change in flight holds both
+    until it is done)."""
     claims = {}
     for other in list_apps():
         if other == app:
@@ -3626,11 +3672,17 @@ def shared_claims(app):
                 if visible_to_key(other):
                     warning(f"the settings of '{other}' cannot be read: its PORT is not checked (see: doctor)")
                 env = {}
-        names = set(nginx_server_names_all(read_text(nginx_vhost_file(other))))
-        with contextlib.suppress(PikuError):
+        vhost = read_text(nginx_vhost_file(other))
+        names = set(nginx_server_names_all(vhost))
+        with contextlib.suppress(PikuError):       # a name no longer valid is still the one it holds
             names.update(nginx_server_names(env))
-        claims[other] = (env.get("PORT"), names)
+        claims[other] = Claim(env.get("PORT"), names, listen_addresses(vhost))
     return claims
+
+
+def listen_addresses(vhost):
+    """The addresses a vhost's listen lines name (without ports)."""
+    return {address for address in re.findall(r"^\s*listen (\S+):[0-9]+(?: ssl)?;", vhost or "", re.M)}
 
 
 def visible_to_key(app):
@@ -3644,11 +3696,21 @@ def check_shared_names(app, env, processes):
     may see it."""
     claims = shared_claims(app)
     port = env.get("PORT") if serves_http(processes) else None
-    for other, (used, names) in sorted(claims.items()):
+    listen = listen_addresses("\n".join(nginx_listen(env) + nginx_listen(env, https=True))) \
+        if nginx_server_names(env) else set()
+    for other, (used, names, their_listen) in sorted(claims.items()):
         who = f"the app '{other}'" if visible_to_key(other) else "another app"
         if port and used == port:
             raise PikuError(f"PORT {port} is already used by {who}",
                             f"Pick another one (config:set {app} PORT=...) or unset PORT to get a free one.")
+        if listen and their_listen and listen != their_listen:
+            # nginx picks a server by the address first: an app alone on 127.0.0.1:80 gets every
+            # request for 127.0.0.1:80, the other apps' names included
+            raise PikuError(f"nginx would listen on {', '.join(sorted(listen))} for {app} but on "
+                            f"{', '.join(sorted(their_listen)) if visible_to_key(other) else 'other addresses'} "
+                            f"for {who}: one address would then send every name to a single app",
+                            "Every app on a host listens on the same addresses: set NGINX_IPV4_ADDRESS, "
+                            "NGINX_IPV6_ADDRESS and DISABLE_IPV6 as the other apps do (or leave them unset).")
         for name in nginx_server_names(env):
             clash = next((held for held in sorted(names) if server_names_overlap(name, held)), None)
             if clash:
@@ -3660,7 +3722,7 @@ def check_shared_names(app, env, processes):
 
 
 def free_port(address, app):
-    taken = {port for port, _ in shared_claims(app).values()}
+    taken = {claim.port for claim in shared_claims(app).values()}
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     for _ in range(50):
         with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -4032,6 +4094,9 @@ def activate(release, commit):
             check_shared_names(app, release.env, release.processes)
             commit(generation.gen)
             release.committed = True
+            ClientWatch.hold()          # committed: whatever happens to the client, the command finishes
+            if vhost:
+                ensure_certificate(app, nginx_server_names(release.env))
             if vhost_changed:
                 write_vhost(app, vhost)
     except BaseException:       # refused, failed, or the client went: nothing live changed
@@ -4051,8 +4116,6 @@ def checked_vhost(release):
     nginx -t when it does, with a certificate nginx can start with."""
     vhost = finish_vhost(render_nginx(release))
     changed = vhost != read_text(nginx_vhost_file(release.app), None)
-    if vhost:
-        ensure_certificate(release.app, nginx_server_names(release.env))
     if vhost and changed:
         check_vhost(release.app, vhost)
     return vhost, changed
@@ -4092,6 +4155,8 @@ def restore_vhost(app, record):
     try:
         vhost = finish_vhost(render_nginx(release_from_record(app, record)))
         if vhost != read_text(nginx_vhost_file(app), None):
+            if vhost:
+                ensure_certificate(app, nginx_server_names(record["env"]))
             install_vhost(app, vhost)
     except PikuError as error:
         warning(f"the vhost of v{record['version']} could not be put back: {error.message}")
@@ -4429,8 +4494,11 @@ def go_live(release, cause, state="live"):
     app = release.app
     running = running_generations(app)
     if running and not auto_restart(release.env):
-        record_release(release, cause, max(running), state)
-        release.committed = True
+        with ClientWatch.shielded(), flocked(NAMES_LOCK):
+            check_shared_names(app, release.env, release.processes)
+            record_release(release, cause, max(running), state)
+            release.committed = True
+            ClientWatch.hold()
         step("PIKU_AUTO_RESTART is off: the running workers were left as they are; "
              f"'restart {app}' starts this release")
         return
@@ -4866,7 +4934,8 @@ def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack):
         os.closerange(3, keep)
         os.closerange(keep + 1, 65536)
         deadline = time.monotonic() + BRANCH_WAIT_SECONDS
-        while time.monotonic() < deadline and branch_revision(app, ref) != rev and pid_alive(receive_pack):
+        while time.monotonic() < deadline and branch_revision(app, ref) != rev \
+                and process_identity(receive_pack[0]) == receive_pack:      # that git, not a reused PID
             time.sleep(PROBE_INTERVAL)
         if branch_revision(app, ref) == rev:
             confirm_release(app, rev)
@@ -5807,7 +5876,8 @@ def watch_more(observer, folders, changed):
 @cli.command("logs")
 @click.argument("app")
 @click.argument("process", default="*")
-@click.option("-n", "--lines", default=20, show_default=True, help="Lines of history to show per log.")
+@click.option("-n", "--lines", default=20, show_default=True, type=click.IntRange(0, 100000),
+              help="Lines of history to show per log.")
 @click.option("--follow/--no-follow", default=True, show_default=True, help="Keep printing new lines.")
 def cmd_logs(app, process, lines, follow):
     """Show and follow the app's logs (all workers, or one kind)."""
@@ -6484,8 +6554,8 @@ def cmd_git_hook(app, stage):
         return
     for other in skipped:
         warning(f"{other} was pushed but not deployed: one branch is deployed per push")
-    receive_pack = os.getppid()
-    ClientWatch.watch_client_of(receive_pack)
+    receive_pack = process_identity(os.getppid())
+    ClientWatch.watch_client_of(receive_pack[0])
     with locked(app) as lock:
         current = branch_revision(app, ref) or ZERO_REV
         if current != old:

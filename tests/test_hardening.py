@@ -351,3 +351,44 @@ def test_option_references_are_found_in_linear_time():
         piku.render_vassal(piku.Instance("shop", 1, "worker", 1), "%(" * 60000 + "%(chdir)",
                            {"APP": "shop", "PATH": "/bin"}, "/srv/release")
     assert time.monotonic() - started < 2.0
+
+
+def test_a_data_folder_on_another_disk_stays_where_the_sysadmin_put_it(piku, emperor, make_app, tmp_path):
+    app = make_app(WEB, "bigdata")
+    app.push()
+    disk = tmp_path / "bigdisk"
+    disk.mkdir()
+    (disk / "db.txt").write_text("kept\n")
+    data = piku.root / "data" / "bigdata"
+    shutil.rmtree(data)
+    os.symlink(disk, data)
+    piku("deploy", "bigdata")
+    assert data.is_symlink() and (data / "db.txt").read_text() == "kept\n"
+
+
+HANGUP_DRIVER = r"""
+import os, signal, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+import piku
+seen = []
+piku.ClientWatch.start()
+try:
+    os.kill(os.getpid(), signal.SIGHUP)
+    seen.append("went on")
+except piku.ClientGone:
+    seen.append("stopped")
+piku.ClientWatch.gone = False
+piku.ClientWatch.hold()                     # what activate() does once the release committed
+os.kill(os.getpid(), signal.SIGHUP)
+seen.append("went on")
+open(sys.argv[2], "w").write(" ".join(seen))
+"""
+
+
+def test_a_hang_up_stops_a_command_until_its_release_commits(tmp_path):
+    """Before the commit a hang-up ends the command; after it, the command always finishes (the
+    branch must come to name what now serves)."""
+    result = subprocess.run([PYTHON, "-c", HANGUP_DRIVER, str(PIKU_PY), str(tmp_path / "seen")],
+                            env=dict(os.environ, PIKU_ROOT=str(tmp_path / "piku")), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "seen").read_text() == "stopped went on"

@@ -185,6 +185,15 @@ def test_https_certificate_from_an_acme_ca_over_http_01(piku, emperor, nginx, pe
     assert (piku.root / "envs" / "tls" / "acme" / "certificates" / "tls.test.crt").exists(), "lego's state is the app's"
     # renewal, forced: the account and settings of the issuance (LEGO_CA_CERTIFICATES from piku.env), a
     # new certificate served
+    # a change that fails leaves the live certificate alone, though it asked for other names
+    issued_crt = (piku.root / "nginx" / "tls.crt").read_bytes()
+    good = piku.branch("tls")
+    app.write("hello.py", "raise SystemExit('broken on purpose')\n")
+    app.write("ENV", (app.path / "ENV").read_text() + "NGINX_SERVER_NAME=tls.test,www.tls.test,new.tls.test\n")
+    app.commit("new names and code that cannot start")
+    assert app.push(check=False).returncode != 0
+    assert (piku.root / "nginx" / "tls.crt").read_bytes() == issued_crt and piku.branch("tls") == good
+    app.git("reset", "--quiet", "--hard", good)
     before = https_get(nginx.https_port, "tls.test", cafile=pebble.root())[1]
     elsewhere = tmp_path / "acme.sh-install"    # a host that has acme.sh besides: lego's certificates stay lego's
     elsewhere.mkdir()
@@ -476,6 +485,10 @@ def test_a_server_name_belongs_to_one_app_however_it_is_written(piku, emperor, n
     assert (piku.root / "nginx" / "second.conf").read_text() == before
     assert nginx.get("/", host="www.first.test")[2].startswith("Hello from first")
     assert nginx.get("/", host="second.test")[2].startswith("Hello from second")
+    # an app alone on another listen address would get every name there
+    elsewhere = piku("config:set", "second", "NGINX_IPV4_ADDRESS=127.0.0.2", check=False)
+    assert elsewhere.returncode == 1 and "nginx would listen on 127.0.0.2 for second but on 127.0.0.1 for the " \
+        "app 'first'" in elsewhere.stderr, elsewhere.stderr
     # two apps asking for one new name at the same moment: one gets it
     racers = [subprocess.Popen([PYTHON, str(PIKU_PY), "config:set", app, "NGINX_SERVER_NAME=race.test"],
                                env=piku.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -647,3 +660,45 @@ def test_a_change_refused_at_its_commit_leaves_the_live_front_as_it_was(piku, em
     assert piku.live_env("slowfront")["PORT"] == old_port
     assert fetch(f"http://127.0.0.1:{old_port}/")[1].startswith("Hello from slowfront")
     assert nginx.get("/", host="contested.test")[2].startswith("Hello from quick")
+
+
+def test_a_push_whose_client_leaves_after_its_release_went_live_finishes(piku, emperor, nginx, make_app):
+    """Committed is committed: the client going away while the certificate is being asked for
+    (after the switch) must not leave the branch behind the release that serves."""
+    import socket
+    import threading
+    from conftest import fetch, free_port
+    stalling = socket.socket()      # a "CA" that accepts, says nothing for 2 s, and hangs up
+    stalling.bind(("127.0.0.1", 0))
+    stalling.listen(8)
+    held = []
+
+    def hold():
+        while True:
+            try:
+                conn, _ = stalling.accept()
+            except OSError:
+                return
+            held.append(conn)
+            threading.Timer(2.0, conn.close).start()
+    threading.Thread(target=hold, daemon=True).start()
+    try:
+        app = front_with_nginx(piku, make_app, EXAMPLES / "web", "late",
+                               f"ACME_ROOT_CA=https://127.0.0.1:{stalling.getsockname()[1]}/dir",
+                               "ACME_EMAIL=ops@example.com")
+        log = piku.root.parent / "push.log"
+        with open(log, "w") as output:
+            push = subprocess.Popen(["git", "push", "--receive-pack", f"{PYTHON} {PIKU_PY} git-receive-pack",
+                                     "late", "HEAD:main"], cwd=app.path, env=piku.env, stdout=output,
+                                    stderr=subprocess.STDOUT)
+            wait_until(lambda: "HTTPS: asking" in log.read_text(), timeout=120, message="the release to go live")
+            push.kill()                 # while lego waits for the "CA"
+            push.wait()
+        rev = app.git("rev-parse", "HEAD").stdout.strip()
+        wait_until(lambda: piku.branch("late") == rev, timeout=240, message="git to move the branch all the same")
+        wait_until(lambda: piku.releases("late")[-1]["state"] == "live", timeout=30, message="the release confirmed")
+        assert fetch(piku.url("late"))[1].startswith("Hello from late")
+    finally:
+        stalling.close()
+        for conn in held:
+            conn.close()
