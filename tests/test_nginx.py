@@ -667,7 +667,7 @@ def test_a_push_whose_client_leaves_after_its_release_went_live_finishes(piku, e
     (after the switch) must not leave the branch behind the release that serves."""
     import socket
     import threading
-    from conftest import fetch, free_port
+    from conftest import fetch
     stalling = socket.socket()      # a "CA" that accepts, says nothing for 2 s, and hangs up
     stalling.bind(("127.0.0.1", 0))
     stalling.listen(8)

@@ -324,7 +324,8 @@ def test_a_deploy_killed_at_any_point_leaves_the_site_serving(moment, piku, empe
         finally:
             push.wait(timeout=60)
         attempt = piku("deploys", "tough").stdout.splitlines()[0].split()
-        assert attempt[3] == "interrupted", attempt     # what the killed deploy left in its record
+        # what the killed deploy left in its record (after the switch the deploy may have finished first)
+        assert attempt[3] == "interrupted" or moment == "switch" and attempt[3] == "ok", attempt
         assert fetch(url)[0] == 200
         if moment != "switch":
             assert piku.branch("tough") == good
