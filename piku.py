@@ -66,6 +66,7 @@ import contextlib
 import difflib
 import errno
 import fcntl
+import functools
 import glob
 import grp
 import hashlib
@@ -173,8 +174,10 @@ NGINX_LOGS = host_file(NGINX_ROOT, "logs")      # nginx's logs of the apps: its 
 APP_ENTRIES[NGINX_LOGS] = (".access.log", ".error.log")     # they live where no app process writes
 
 
+@functools.lru_cache(maxsize=None)
 def reserved_app_names():
-    """The names an app may not have: one of its entries would be one of piku's own files."""
+    """The names an app may not have: one of its entries would be one of piku's own files.
+    (Derived from HOST_FILES once, on first use: every host_file() is registered at import.)"""
     reserved = set()
     for folder, names in HOST_FILES.items():
         for name in names:
@@ -392,8 +395,10 @@ class ClientWatch:
     main thread then gets ClientGone, which unwinds the command (new workers stopped, its
     release: command killed, the lock released) -- except inside shielded(): a release that
     is already committed finishes its switch, with its output going nowhere."""
-    shields = 0
-    thread = None
+    shields = 0             # > 0: a hang-up does not end the command (shielded, hold)
+    gone = False            # the client has gone, and ClientGone was raised
+    thread = None           # the watching thread, and the Event that stops it
+    stopping = None
     channel = None          # in git's hook: an fd on the pipe git writes to its client
 
     @classmethod
@@ -449,8 +454,6 @@ class ClientWatch:
     @classmethod
     def _hung_up(cls, signum, frame):
         cls.left()
-
-    gone = False
 
     @classmethod
     def left(cls):
@@ -576,8 +579,8 @@ def process_started(pid):
 def deploy_outcome(record):
     """A record's outcome; one still 'running' whose process is gone was interrupted (SIGKILL,
     a reboot)."""
-    if record.get("outcome") == "running" and process_identity((record.get("process") or [0])[0]) != \
-            record.get("process"):
+    process = record.get("process")
+    if record.get("outcome") == "running" and (not process or process_identity(process[0]) != process):
         return "interrupted"
     return record.get("outcome", "?")
 
@@ -983,7 +986,7 @@ def _open_parent_nofollow(path):
     try:
         for depth, part in enumerate(parts[:-1]):
             # the app's own folder may be a sysadmin's link (data/APP on another disk); below it, none
-            nofollow = os.O_NOFOLLOW if depth or root == NGINX_LOGS else 0
+            nofollow = os.O_NOFOLLOW if depth else 0
             inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | nofollow | os.O_CLOEXEC, dir_fd=folder)
             os.close(folder)
             folder = inner
@@ -2595,19 +2598,23 @@ def host_setting(name, default=""):
     the sysadmin writes; ssh sessions do not carry an environment of their own)."""
     if name in os.environ:
         return os.environ[name]
-    if None not in _HOST_SETTINGS:         # read once per command
-        _HOST_SETTINGS.update(parse_env_text(read_text(HOST_ENV), HOST_ENV))
-        _HOST_SETTINGS[None] = HOST_ENV
-    return _HOST_SETTINGS.get(name, default)
+    return host_env_file().get(name, default)
 
 
 _HOST_SETTINGS = {}
 
 
+def host_env_file():
+    """piku.env's settings, read once per command (the key None says it was read)."""
+    if None not in _HOST_SETTINGS:
+        _HOST_SETTINGS.update(parse_env_text(read_text(HOST_ENV), HOST_ENV))
+        _HOST_SETTINGS[None] = HOST_ENV
+    return _HOST_SETTINGS
+
+
 def host_settings(prefix):
-    """The settings of piku.env whose names start with prefix (piku's environment wins)."""
-    host_setting(prefix)            # reads piku.env once
-    found = {key: value for key, value in _HOST_SETTINGS.items() if isinstance(key, str) and key.startswith(prefix)}
+    """The host settings whose names start with prefix (piku's environment wins over piku.env)."""
+    found = {key: value for key, value in host_env_file().items() if isinstance(key, str) and key.startswith(prefix)}
     found.update((key, value) for key, value in os.environ.items() if key.startswith(prefix))
     return found
 
@@ -2685,7 +2692,7 @@ def nginx_connection_variable(app):
 
 def nginx_upgrade_map(app):
     """Connection: upgrade when the request asks for an upgrade (WebSockets), none otherwise."""
-    return [*nginx_block(f"map $http_upgrade {nginx_connection_variable(app)}", ["default upgrade;", "'' '';"])]
+    return nginx_block(f"map $http_upgrade {nginx_connection_variable(app)}", ["default upgrade;", "'' '';"])
 
 
 def nginx_pass(app, uwsgi, env, cached=False):
@@ -3555,9 +3562,8 @@ def new_release_dir(app, rev):
 
 def release_folder_readable(root):
     """Releases made by earlier versions are 0700: nginx could not serve their static files."""
-    mode = folder_mode(root)
-    if mode is not None and root.startswith(RELEASE_ROOT + os.sep) and os.path.isdir(root):
-        os.chmod(root, mode)
+    if root.startswith(RELEASE_ROOT + os.sep) and os.path.isdir(root):
+        os.chmod(root, folder_mode(root))
 
 
 def remove_release_dir(root):
@@ -3696,8 +3702,8 @@ def check_shared_names(app, env, processes):
     may see it."""
     claims = shared_claims(app)
     port = env.get("PORT") if serves_http(processes) else None
-    listen = listen_addresses("\n".join(nginx_listen(env) + nginx_listen(env, https=True))) \
-        if nginx_server_names(env) else set()
+    wanted = nginx_server_names(env)
+    listen = listen_addresses("\n".join(nginx_listen(env) + nginx_listen(env, https=True))) if wanted else set()
     for other, (used, names, their_listen) in sorted(claims.items()):
         who = f"the app '{other}'" if visible_to_key(other) else "another app"
         if port and used == port:
@@ -3711,7 +3717,7 @@ def check_shared_names(app, env, processes):
                             f"for {who}: one address would then send every name to a single app",
                             "Every app on a host listens on the same addresses: set NGINX_IPV4_ADDRESS, "
                             "NGINX_IPV6_ADDRESS and DISABLE_IPV6 as the other apps do (or leave them unset).")
-        for name in nginx_server_names(env):
+        for name in wanted:
             clash = next((held for held in sorted(names) if server_names_overlap(name, held)), None)
             if clash:
                 shown = "" if clash == name or not visible_to_key(other) else f" (as {clash})"
@@ -4194,9 +4200,8 @@ def start_front(release, generation):
     if front_current(app, env):
         return unit
     stop_units(app, legacy_vassals(app, release.processes), graceful=True, wait=10)
-    previous = read_text(vassal_file(app, unit), None)      # BIND_ADDRESS changed, PORT did not:
-    if previous is not None:                                # the old front must let go of the port
-        stop_units(app, [unit], graceful=True, wait=10)
+    if os.path.exists(vassal_file(app, unit)):      # BIND_ADDRESS changed, PORT did not:
+        stop_units(app, [unit], graceful=True, wait=10)     # the old front must let go of the port
     make_folder(os.path.join(LOG_ROOT, app))
     write_atomic(vassal_file(app, unit), render_front(app, env), mode=0o600)
     wake_emperor()
@@ -4206,10 +4211,7 @@ def start_front(release, generation):
         if front_alive(app, env) and answers_http(host, port, env):
             return unit
         time.sleep(PROBE_INTERVAL)
-    stop_units(app, [unit], graceful=False, wait=10)
-    if previous is not None:
-        write_atomic(vassal_file(app, unit), previous, mode=0o600)
-        wake_emperor()
+    stop_units(app, [unit], graceful=False, wait=10)        # activate() then puts the live front back
     fail_generation(generation, generation.instances[0], f"the front on {bind_address(env)} did not start")
 
 
@@ -5908,8 +5910,8 @@ def instance_status(instance, record, psutil):
     pid = pidfile_pid(instance.runtime("pid"))
     if not (pid and pid_alive(pid) and os.path.exists(instance.vassal)):
         return status, []
-    restarts = sum(len(RESTART_MARKERS.findall(line)) for path in (instance.log + ".old", instance.log)
-                   for line in log_tail(path, 100000))
+    log = "\n".join(line for path in (instance.log + ".old", instance.log) for line in log_tail(path, 100000))
+    restarts = len(RESTART_MARKERS.findall(log))
     status.update(pid=pid, state="running", restarts=restarts)
     try:
         master = psutil.Process(pid)
@@ -5948,6 +5950,7 @@ def format_duration(seconds):
 
 
 def ps_inputs(app):
+    """What `ps` needs: the live release record and psutil (refused with the fix otherwise)."""
     require_app(app)
     record = live_release(app)
     if not record:
