@@ -1357,7 +1357,7 @@ class PythonBuildpack:
         else:
             self.create(context, uv, interpreter, venv, tool_env, servers, fingerprint)
         additions = {"VIRTUAL_ENV": venv, "PATH": f"{venv}/bin:{context.env['PATH']}",
-                     "PYTHONUNBUFFERED": context.env.get("PYTHONUNBUFFERED", "1")}
+                     "PYTHONUNBUFFERED": context.env.get("PYTHONUNBUFFERED", "1"), **uv_run_settings(venv)}
         packages = self.local_packages(context, uv, tool_env)
         if packages:
             site = install_local_packages(context, uv, venv, tool_env, packages)
@@ -1423,6 +1423,13 @@ class PythonBuildpack:
         else:
             notice("uv not found: using venv and pip")
             run_build_tool([interpreter.path, "-m", "venv", venv], context.root, tool_env)
+
+
+def uv_run_settings(venv):
+    """What makes `uv run` in a Procfile, `run`, cron or `release:` use the release's environment
+    as it is: no .venv in the release, no sync (which would add the dev group to an environment
+    other releases share, and could need the network at a worker's start)."""
+    return {"UV_PROJECT_ENVIRONMENT": venv, "UV_NO_SYNC": "1"}
 
 
 SERVER_MODULES = {"gunicorn": "gunicorn", "uvicorn-worker": "uvicorn_worker"}
@@ -1596,6 +1603,7 @@ class ExportedLockBuildpack(PythonBuildpack):
     lock = ""
     manifest = ""
     install_hint = ""
+    uv_tool = ()            # the pinned tool (and plugins) `uv tool run` runs when none is installed
     stale_needles = ()
 
     @property
@@ -1611,10 +1619,11 @@ class ExportedLockBuildpack(PythonBuildpack):
                             f"Commit {self.manifest} too, and push again.")
 
     def install(self, context, uv, interpreter, venv, tool_env):
-        tool = find_tool(self.tool, tool_env, self.install_hint)
+        tool, which = self.tool_command(uv, tool_env)
         env = dict(tool_env, **self.tool_settings)
-        step(f"Exporting the main dependencies of {self.lock} with {self.tool}")
-        exported = run_build_tool([tool, *self.export_args], context.root, env, show=False,
+        self.verify(context, tool, env)
+        step(f"Exporting the main dependencies of {self.lock} with {which}")
+        exported = run_build_tool([*tool, *self.export_args], context.root, env, show=False,
                                   failures=self.failures())
         if not exported.strip():
             raise PikuError(f"{self.tool} exported no dependencies from {self.lock}",
@@ -1626,6 +1635,25 @@ class ExportedLockBuildpack(PythonBuildpack):
             step("Installing the locked versions with uv pip sync")
             run_build_tool([uv, "pip", "sync", "--compile-bytecode", "--python",
                             os.path.join(venv, "bin", "python"), requirements.name], context.root, tool_env)
+
+    def tool_command(self, uv, tool_env):
+        """The tool as the piku user installed it, else the version pinned in uv_tool, run with
+        `uv tool run` (fetched once into uv's cache) -> (command, what the push calls it)."""
+        found = locate_tool(self.tool, tool_env)
+        if found:
+            return [found], f"{self.tool} at {found}"
+        requirement, *plugins = self.uv_tool
+        command = [uv, "tool", "run", "--from", requirement, *(f"--with={plugin}" for plugin in plugins), self.tool]
+        try:
+            run_build_tool([*command, "--version"], os.path.expanduser("~"), tool_env, show=False)
+        except PikuError:
+            raise PikuError(f"{self.tool} is not installed for the piku user, and uv could not fetch "
+                            f"{requirement} to run it", "Let the piku user reach the package index, or install "
+                            f"{self.tool} as that user: '{self.install_hint}', then push again.") from None
+        return command, f"{' and '.join(self.uv_tool)} (uv tool run: no {self.tool} is installed for the piku user)"
+
+    def verify(self, context, tool, env):
+        """Check the lock against its manifest, when exporting does not."""
 
     def failures(self):
         return tuple((needle, f"{self.lock} is out of date with {self.manifest}",
@@ -1640,6 +1668,7 @@ class PoetryBuildpack(ExportedLockBuildpack):
     inputs = ("pyproject.toml", "poetry.lock")
     tool, lock, manifest = "poetry", "poetry.lock", "pyproject.toml"
     install_hint = "uv tool install poetry --with poetry-plugin-export"
+    uv_tool = ("poetry==2.5.1", "poetry-plugin-export==1.10.1")     # docs/PYTHON.md names them
     export_args = ("export", "--only", "main", "--format", "requirements.txt", "--no-interaction", "--no-ansi")
     tool_settings = {"POETRY_VIRTUALENVS_CREATE": "false", "POETRY_NO_INTERACTION": "1"}
     stale_needles = ("changed significantly since poetry.lock was last generated",
@@ -1665,16 +1694,14 @@ class PipenvBuildpack(ExportedLockBuildpack):
     inputs = ("Pipfile", "Pipfile.lock")
     tool, lock, manifest = "pipenv", "Pipfile.lock", "Pipfile"
     install_hint = "uv tool install pipenv"
+    uv_tool = ("pipenv==2026.10.3",)
     export_args = ("requirements", "--hash")
     tool_settings = {"PIPENV_IGNORE_VIRTUALENVS": "1", "PIPENV_NOSPIN": "1", "PIPENV_YES": "1",
                      "PIPENV_VERBOSITY": "-1"}
     stale_needles = ("Pipfile.lock is out-of-date",)
 
-    def install(self, context, uv, interpreter, venv, tool_env):
-        tool = find_tool(self.tool, tool_env, self.install_hint)
-        run_build_tool([tool, "verify"], context.root, dict(tool_env, **self.tool_settings), show=False,
-                       failures=self.failures())
-        super().install(context, uv, interpreter, venv, tool_env)
+    def verify(self, context, tool, env):
+        run_build_tool([*tool, "verify"], context.root, env, show=False, failures=self.failures())
 
 
 class RequirementsBuildpack(PythonBuildpack):
@@ -1724,15 +1751,6 @@ def locate_tool(name, env, folders=(".local/bin",)):
         (path for path in (os.path.join(home, folder, name) for folder in folders) if os.access(path, os.X_OK)), None)
 
 
-def find_tool(name, env, install_hint):
-    """A build tool a lock file needs (poetry, pipenv); refused with how to install it."""
-    found = locate_tool(name, env)
-    if not found:
-        raise PikuError(f"{name} is not installed for the piku user; this app's lock file needs it",
-                        f"Install it as that user: '{install_hint}', then push again.")
-    return found
-
-
 # --- Django -----------------------------------------------------------------------
 
 def collect_static(context, env):
@@ -1757,7 +1775,7 @@ def collect_static(context, env):
 # --- build tools ------------------------------------------------------------------
 
 ENV_MARKER = ".piku-fingerprint"
-UV_UNRELATED_SETTINGS = frozenset({"UV_CACHE_DIR", "UV_PROJECT_ENVIRONMENT", "UV_NO_PROGRESS"})
+UV_UNRELATED_SETTINGS = frozenset({"UV_CACHE_DIR", "UV_PROJECT_ENVIRONMENT", "UV_NO_PROGRESS", "UV_NO_SYNC"})
 TOOL_ENV_PASSTHROUGH = ("HOME", "USER", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR",
                         "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 UV_CONFIG_FILES = ("~/.config/uv/uv.toml", "/etc/uv/uv.toml")

@@ -55,13 +55,13 @@ class Toolchain:
         self.has_uv = os.path.exists(uv)
         if self.has_uv:
             (bin_dir / "uv").symlink_to(os.path.realpath(uv))
-        # Poetry and Pipenv, as a sysadmin would install them for the piku user (make deps puts
-        # them in .venv); their scripts name .venv's python, so they run from this folder too.
+        # Poetry and Pipenv as a developer has them (make deps puts them in .venv). The piku
+        # user has neither, as on a fresh host: piku runs them through `uv tool run`; a test that
+        # wants the host's own puts them on piku's PATH (install_tools).
         self.tools = {}
         for tool in ("poetry", "pipenv"):
             found = shutil.which(tool) or str(REPO / ".venv" / "bin" / tool)
             if os.path.exists(found):
-                (bin_dir / tool).symlink_to(found)
                 self.tools[tool] = found
         self.pythons = self.root / "pythons"
         self.pythons.mkdir()
@@ -91,6 +91,13 @@ class Toolchain:
         missing = [minor for minor in minors if minor not in self.versions]
         if missing:
             pytest.skip(f"Python {', '.join(missing)} is not installed on this machine")
+
+    def install_tools(self, piku, folder, *tools):
+        """The sysadmin installs tools for the piku user: they come first on its PATH."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for tool in tools:
+            (folder / tool).symlink_to(self.tools[tool])
+        piku.env["PATH"] = f"{folder}:{piku.env['PATH']}"
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,9 @@ locks, ASGI, Django -- each pushed for real and asked over HTTP."""
 
 
 import json
+import os
 import re
+import shutil
 import subprocess
 
 from conftest import EXAMPLES, TEST_APPS, fetch, wait_for_body
@@ -98,12 +100,14 @@ def test_a_member_whose_pyproject_changed_without_uv_lock_is_refused(piku, emper
                                           "Run 'uv lock', commit uv.lock, and push again."], "Hello from the lib member")
 
 
-def test_poetry_app_gets_exactly_its_locked_main_dependencies(piku, emperor, make_app, toolchain):
+def test_poetry_app_gets_exactly_its_locked_main_dependencies(piku, emperor, make_app, toolchain, tmp_path):
     toolchain.require("3.11", tools=["poetry"])
+    toolchain.install_tools(piku, tmp_path / "piku-tools", "poetry")       # the host's own Poetry is preferred
     app = make_app(EXAMPLES / "poetry", "po")
     first = app.push()
     assert "Found poetry.lock, pyproject.toml: building with the python-poetry buildpack" in first.output
-    assert "Exporting the main dependencies of poetry.lock with poetry" in first.output
+    assert f"Exporting the main dependencies of poetry.lock with poetry at {tmp_path}/piku-tools/poetry" \
+        in first.output and "uv tool run" not in first.output
     wait_for_body(piku.url("po"), "with Flask 3.0.3")           # ^3.0 allows newer; the lock says 3.0.3
     assert fetch(piku.url("po", "/import/pytest"))[1] == "no\n"  # the dev group is left out
     built = venvs(piku, "po")
@@ -132,13 +136,18 @@ def test_poetry_app_gets_exactly_its_locked_main_dependencies(piku, emperor, mak
     assert "with Flask 3.0.3" in fetch(piku.url("po"))[1]
 
 
-def test_poetry_2_project_and_pipenv_app_install_their_locks_exactly(piku, emperor, make_app, toolchain):
-    toolchain.require("3.11", tools=["poetry", "pipenv"])
-    for source, name, tool in ((TEST_APPS / "poetry-project", "p2", "poetry"),
-                               (TEST_APPS / "pipenv-app", "pe", "pipenv")):
+def test_poetry_2_project_and_pipenv_app_install_their_locks_exactly(piku, emperor, make_app, toolchain, tmp_path):
+    """A fresh host: the piku user has no Poetry, no Pipenv and an empty uv cache."""
+    toolchain.require("3.11")
+    piku.env["UV_CACHE_DIR"] = str(tmp_path / "empty-uv-cache")
+    assert not any(piku_user_has(piku, tool) for tool in ("poetry", "pipenv"))
+    for source, name, tool, pinned in ((TEST_APPS / "poetry-project", "p2", "poetry",
+                                        "poetry==2.5.1 and poetry-plugin-export==1.10.1"),
+                                       (TEST_APPS / "pipenv-app", "pe", "pipenv", "pipenv==2026.10.3")):
         app = make_app(source, name)
         first = app.push()
         assert f"building with the python-{tool} buildpack" in first.output
+        assert f"with {pinned} (uv tool run: no {tool} is installed for the piku user)" in first.output, first.output
         wait_for_body(piku.url(name), "six 1.15.0 without iniconfig")    # newer six exists; the lock wins
     assert "Python 3.11 (from Pipfile.lock [requires])" in first.output
 
@@ -147,6 +156,10 @@ def test_poetry_2_project_and_pipenv_app_install_their_locks_exactly(piku, emper
     push_is_refused(app, piku.url("pe"), ["Pipfile.lock is out of date with Pipfile; nothing was changed",
                                           "Run 'pipenv lock', commit Pipfile.lock, and push again."],
                     "six 1.15.0 without iniconfig")
+
+
+def piku_user_has(piku, tool):
+    return shutil.which(tool, path=piku.env["PATH"]) or os.path.exists(os.path.expanduser(f"~/.local/bin/{tool}"))
 
 
 def uv_add(app, toolchain, *packages):

@@ -1,5 +1,6 @@
 """The uv buildpack on real uv, real interpreters, real uWSGI and gunicorn."""
 
+import os
 import re
 import subprocess
 import time
@@ -298,3 +299,62 @@ def test_requires_python_conflict_is_rejected_with_the_fix(piku, emperor, make_a
                                       "incompatible with the project's Python requirement",
                                       "the Python version conflicts with requires-python",
                                       "Pick a version requires-python allows")
+
+
+UV_RUN_SERVER = '''\
+"""`web: uv run python serve.py`: the Flask app on wsgiref, saying which environment runs it."""
+import os
+import sys
+from wsgiref.simple_server import make_server
+
+from wsgi import app as flask_app
+
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/prefix":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [sys.prefix.encode()]
+    return flask_app(environ, start_response)
+
+
+make_server(os.environ["BIND_ADDRESS"], int(os.environ["PORT"]), app).serve_forever()
+'''
+
+
+def test_uv_run_in_a_procfile_uses_the_release_environment_without_sync_or_network(
+        piku, emperor, make_app, toolchain, tmp_path):
+    """`web: uv run ...` as uv's docs write it, on a host whose uv cache is empty when workers
+    start and whose index cannot be reached: no sync, no .venv in the release, no download."""
+    toolchain.require("3.11")
+    piku.env["UV_CACHE_DIR"] = str(tmp_path / "empty-uv-cache")
+    uv_config = tmp_path / "app-uv-config"
+    app = make_app(FLASK_UWSGI, "ur")
+    app.write("serve.py", UV_RUN_SERVER)
+    app.write("Procfile", "web: uv run python serve.py\n"
+                          "release: uv run python -c \"import flask, sys; print('release runs in', sys.prefix)\"\n")
+    app.write("ENV", f"XDG_CONFIG_HOME={uv_config}\n")     # where uv run in the app's processes reads uv.toml
+    app.commit("uv run in the Procfile")
+    first = app.push()
+    venv = piku.live_env("ur")["VIRTUAL_ENV"]
+    assert f"release runs in {venv}" in first.output, first.output
+    assert wait_for_body(piku.url("ur", "/prefix"), venv) == venv
+
+    # from now on uv finds an empty cache and an index nobody answers (the dev group, pytest, is
+    # not in the environment: a sync would have to download it)
+    (uv_config / "uv").mkdir(parents=True)
+    (uv_config / "uv" / "uv.toml").write_text(f'cache-dir = "{tmp_path / "start-cache"}"\n'
+                                              'index-url = "http://127.0.0.1:9/simple"\n')
+    piku("restart", "ur")
+    assert wait_for_body(piku.url("ur", "/prefix"), venv) == venv
+    app.write("wsgi.py", (app.path / "wsgi.py").read_text().replace("Hello from", "Howdy from"))
+    app.commit("code only")
+    second = app.push()
+    assert f"release runs in {venv}" in second.output and "uv sync skipped" in second.output, second.output
+    wait_for_body(piku.url("ur"), "Howdy from ur")
+    ran = piku("run", "ur", "--", "uv", "run", "python", "-c", "import flask, sys; print(sys.prefix)")
+    assert ran.stdout.strip() == venv and "will be ignored" not in ran.stderr, ran.stdout + ran.stderr
+    assert fetch(piku.url("ur", "/import/pytest"))[1] == "no\n"
+    for record in piku.releases("ur"):
+        assert not os.path.lexists(os.path.join(record["root"], ".venv")), record["root"]
+    live = piku.live_env("ur")
+    assert (live["UV_PROJECT_ENVIRONMENT"], live["UV_NO_SYNC"]) == (venv, "1")
