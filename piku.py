@@ -661,6 +661,13 @@ def validate_app_name(name):
     return name
 
 
+def is_app_name(name):
+    try:
+        return bool(validate_app_name(name))
+    except PikuError:
+        return False
+
+
 def validate_setting(key, value, where="setting"):
     if not SETTING_KEY.fullmatch(key):
         raise PikuError(f"invalid {where} name {key!r}",
@@ -5604,9 +5611,13 @@ def usage_problem(error):
 
 
 def apps_hint():
-    allowed = key_apps()
-    apps = [app for app in list_apps() if allowed is None or app in allowed]
+    apps = visible_apps(key_apps())
     return f" Your apps: {', '.join(apps)}." if apps else ""
+
+
+def visible_apps(allowed):
+    """The existing apps a key sees (allowed: its apps, None for every app)."""
+    return [app for app in list_apps() if allowed is None or app in allowed]
 
 
 @click.group(cls=PikuGroup, context_settings=CONTEXT)
@@ -6381,9 +6392,39 @@ def ssh_invocation(args, allowed):
     if name in SERVER_ONLY_COMMANDS:
         raise PikuError(f"'{name}' runs on the server itself, not over ssh", "Log in to the server as root "
                         "(install) or as the piku user (update) and run it there.")
-    context = command.make_context(name, rest, parent=group)
+    context = parse_for_app(group, name, command, rest, allowed)
     if allowed is not None:
         check_key_access(name, command, invocation_app(name, context.params), allowed)
+    return context
+
+
+# Commands that act on an app only when it is named: what they do is not undone, or git names it.
+NAMED_APP_COMMANDS = frozenset({"destroy", "git-receive-pack", "git-upload-pack"})
+
+
+def parse_for_app(group, name, command, rest, allowed):
+    """The parse of a command line. A per-app command written without its app (`config:set
+    KEY=VALUE`, `logs`, `ps --json`: the line does not parse as written, or the word where the
+    app goes can be no app's name), from a key that sees exactly one app, acts on that app and
+    says so on its first line (on stderr: stdout may be a script's JSON or a setting's value).
+    A word that can be an app's name is always taken as the app, as written. Otherwise the line
+    is parsed as written, and a missing app is refused with the key's apps."""
+    try:
+        context, refusal = command.make_context(name, list(rest), parent=group), None
+    except click.UsageError as error:
+        context, refusal = None, error
+    takes_app = any(param.name == "app" and param.required for param in command.params)
+    visible = visible_apps(allowed) if takes_app and name not in NAMED_APP_COMMANDS else []
+    if len(visible) == 1 and (context is None or not is_app_name(context.params.get("app"))):
+        try:
+            implied = command.make_context(name, [visible[0], *rest], parent=group)
+        except click.UsageError:
+            implied = None
+        if implied is not None:
+            click.echo(f"-----> {name} {visible[0]}: {visible[0]} is the only app this key can see", err=True)
+            return implied
+    if refusal is not None:
+        raise refusal
     return context
 
 

@@ -8,6 +8,7 @@ recorders, so what is observed is the command and app that *would* run."""
 
 import json
 import random
+import re
 import shlex
 import subprocess
 
@@ -122,6 +123,41 @@ def test_a_limited_key_runs_only_its_own_apps_commands_by_any_spelling(tmp_path)
     for line in REPRODUCTIONS:
         result = next(result for result in results if result["line"] == line)
         assert result["ran"] == [] and (result["code"] != 0 or result["output"].startswith("Usage:")), result
+
+
+IMPLIED = re.compile(r"-----> (\S+) mine: mine is the only app this key can see\n")
+WITHOUT_APP = ["config", "config:live", "config:get SECRET_TOKEN", "config:set A=1", "config:unset A", "deploy",
+               "logs", "logs -n 5", "ps", "ps --json", "ps:scale web=2", "run -- env", "run env", "restart", "stop",
+               "releases", "deploys", "rollback", "--help"]
+
+
+def test_a_key_that_sees_one_app_may_leave_its_name_out(tmp_path):
+    """`config:set A=1` from a key that sees one app acts on it and says so first; a key that
+    sees several apps is never guessed for; a word that can be an app's name is the app."""
+    lines = WITHOUT_APP + [f"{command} {tail}".strip() for command in COMMANDS
+                           for tail in ["", "A=1", "-n 5", "--json", "-- env", "victim", "--", "v1"]]
+    lines += generated_lines(1200, seed=18)
+    one, _ = run_driver(tmp_path, lines, apps=["mine"])
+    several, _ = run_driver(tmp_path, lines)
+    for line, expected in zip(WITHOUT_APP, one):
+        name = line.split()[0]
+        if name != "--help":
+            assert expected["ran"] == [[name, "mine"]], expected
+            assert IMPLIED.match(expected["output"]).group(1) == name, expected
+    for result in one:
+        implied = IMPLIED.match(result["output"])
+        if implied:
+            assert result["ran"] == [[implied.group(1), "mine"]] and implied.group(1) != "destroy", result
+            words = result["line"].split()
+            assert not {"mine", "/mine"} & set(words[words.index(implied.group(1)) + 1:][:1]), result
+        if result["line"] in ("logs victim", "run victim -- env", "rollback victim", "restart victim", "destroy"):
+            assert not implied and result["ran"] == [], result      # parsed as written: refused
+        for name, app in result["ran"]:
+            assert name in ("apps", "help") or app_of(name, app) == "mine", result
+    for result in several:
+        assert "the only app" not in result["output"], result
+        for name, app in result["ran"]:
+            assert app is None or app_of(name, app) in result["line"], result
 
 
 def test_no_key_reaches_internal_or_server_only_commands_by_any_spelling(tmp_path):

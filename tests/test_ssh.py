@@ -501,12 +501,23 @@ def test_a_restricted_keys_command_line_runs_nothing_else(host, bob, template):
 
 
 def test_the_commands_people_type_first_get_the_form_they_need(host, bob):
-    """`ssh piku@host config:set PYTHON_VERSION=3.10` -- the form people type first."""
-    result = host.ssh("config:set", "PYTHON_VERSION=3.10", key=bob)
-    assert result.returncode == 2 and "Usage:" not in result.stderr, result.stderr
-    assert "config:set needs the app's name first; 'PYTHON_VERSION=3.10' looks like a setting" in result.stderr
-    assert "Write it as 'config:set APP KEY=VALUE...'" in result.stderr and f"Your apps: {APP}." in result.stderr
-    assert OTHER not in result.stderr, "a key's hint names its own apps only"
+    """`ssh piku@host config:set PYTHON_VERSION=3.10` -- the form people type first: a key that
+    sees one app means that app; a key that sees several is asked which, with their names."""
+    result = host.ssh("config:set", "FROM_BOB='no app named'", key=bob)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr.splitlines()[0] == f"-----> config:set {APP}: {APP} is the only app this key can see"
+    assert f"-----> Setting FROM_BOB for {APP}" in result.stdout and OTHER not in result.stdout + result.stderr
+    assert host.live_env(APP)["FROM_BOB"] == "no app named"
+    shown = host.ssh("config:get", "FROM_BOB", key=bob)
+    assert shown.stdout == "no app named\n" and shown.stderr.startswith(f"-----> config:get {APP}: "), shown
+    for words in (["destroy"], ["logs", OTHER, "-n", "1"]):       # destroy names its app; an app's name is taken as one
+        assert host.ssh(*words, key=bob).returncode != 0
+
+    several = host.ssh("config:set", "PYTHON_VERSION=3.10")      # this key sees both apps
+    assert several.returncode == 2 and "Usage:" not in several.stderr, several.stderr
+    assert "config:set needs the app's name first; 'PYTHON_VERSION=3.10' looks like a setting" in several.stderr
+    assert "Write it as 'config:set APP KEY=VALUE...'" in several.stderr
+    assert f"Your apps: {', '.join(sorted([APP, OTHER]))}." in several.stderr, several.stderr
     typo = host.ssh("confg:set", APP, "A=1", key=bob)
     assert "'confg:set' is not a piku command; did you mean 'config:set'?" in typo.stderr
 
