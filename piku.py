@@ -4429,6 +4429,12 @@ def keep_count(env):
     return max(1, int(value)) if WHOLE_NUMBER.fullmatch(value) else int(KEEP_RELEASES)
 
 
+def environment_gone(record):
+    """Is the environment a release record names gone (or never finished)?"""
+    venv = record["env"].get("VIRTUAL_ENV")
+    return bool(venv) and not os.path.exists(os.path.join(venv, ENV_MARKER))
+
+
 def prune(app):
     """Keep the last PIKU_KEEP_RELEASES releases with their code and environments; remove
     what neither a kept release nor a running generation uses."""
@@ -4436,6 +4442,9 @@ def prune(app):
     if not records:
         return
     kept = records[-keep_count(records[-1]["env"]):]
+    for record in [record for record in kept[:-1] if environment_gone(record)]:
+        notice(f"v{record['version']} is no longer kept: its environment is gone, so it could not run again")
+        kept.remove(record)
     if len(kept) < len(records):
         save_releases(app, kept)
     roots = {record["root"] for record in kept}
@@ -4979,14 +4988,19 @@ def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack):
 # Doctor
 ##############################################################################
 # One small function per check, registered in order. A check yields Findings; every problem
-# says the command that fixes it. `doctor` runs the host's checks and every app's, `doctor APP`
-# one app's (with its health check).
+# says the command that fixes it, for the user running doctor: a command line to paste (as
+# that user, or as root when it says so), never prose. `doctor` runs the host's checks and
+# every app's, `doctor APP` one app's (with its health check). The order is the order to fix
+# in: host before apps, and an app's rebuilds (deploy) before its restarts, so the fix lines
+# pasted top to bottom leave a clean report.
 
 @dataclass
 class Finding:
     level: str          # OK, WARN or FAIL
     message: str
-    fix: str = ""
+    fix: str = ""       # a command line that fixes it
+    as_root: bool = False   # the fix needs root
+    also: str = ""      # another way, or what to look at
 
 
 HOST_CHECKS, APP_CHECKS = [], []
@@ -5002,59 +5016,142 @@ def app_check(function):
     return function
 
 
+def piku_command(*args):
+    """A piku command as the user running doctor types it: over ssh, ssh and the command; on
+    the host, this very piku.py under this Python."""
+    if os.environ.get("FINGERPRINT"):
+        return f"ssh {current_user()}@{socket.gethostname()} {shlex.join(args)}"
+    return shlex.join([sys.executable or SYSTEM_PYTHON, PIKU_SCRIPT, *args])
+
+
+def root_fix(level, message, command, also=""):
+    """A finding whose fix needs root (just the command, when root runs doctor)."""
+    return Finding(level, message, command, as_root=os.geteuid() != 0, also=also)
+
+
 def systemd_units(user):
     """The units `install` writes for user: uwsgi-piku.service, piku-nginx.path, piku-nginx.service."""
     return f"uwsgi-{user}.service", f"{user}-nginx.path", f"{user}-nginx.service"
+
+
+INSTALLED_UNIT = re.compile(r"^User=(?P<user>\S+)$.*^ExecStart=\S+ --ini (?P<config>\S+)$", re.M | re.S)
+
+
+def installed_emperors():
+    """The emperor units `install` wrote on this host: {emperor config: (unit, user)}."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(SYSTEMD_UNITS, "uwsgi-*.service"))):
+        text = read_text(path, "")
+        match = INSTALLED_UNIT.search(text) if text.startswith("# written by piku.py install") else None
+        if match:
+            found[match.group("config")] = (os.path.basename(path), match.group("user"))
+    return found
+
+
+def not_set_up():
+    """doctor before setup: what to do instead (as root on an installed host: ask its user)."""
+    installed = list(installed_emperors().values())
+    if os.geteuid() == 0 and installed:
+        unit, user = installed[0]
+        home = pwd.getpwnam(user).pw_dir if user in {entry.pw_name for entry in pwd.getpwall()} else f"~{user}"
+        return Finding("FAIL", f"piku is not set up for root (no PIKU_ROOT at {PIKU_ROOT}); this host's "
+                       f"piku user is {user}", shlex.join(["runuser", "-u", user, "--", SYSTEM_PYTHON,
+                                                           os.path.join(home, "piku.py"), "doctor"]))
+    return Finding("FAIL", f"piku is not set up here (no PIKU_ROOT at {PIKU_ROOT})", piku_command("setup"))
 
 
 @host_check
 def check_folders():
     for folder in PIKU_DIRS:
         if not os.path.isdir(folder):
-            yield Finding("FAIL", f"{folder} is missing", "Run: piku.py setup")
+            yield Finding("FAIL", f"{folder} is missing", piku_command("setup"))
         elif not os.access(folder, os.W_OK | os.X_OK):
-            yield Finding("FAIL", f"{folder} is not writable by {current_user()}",
-                          f"As root: chown -R {current_user()}: {PIKU_ROOT}")
+            yield root_fix("FAIL", f"{folder} is not writable by {current_user()}",
+                           f"chown -R {current_user()}: {shlex.quote(PIKU_ROOT)}")
     yield Finding("OK", f"piku's folders under {PIKU_ROOT}")
+
+
+def uv_install_commands(home):
+    """How the piku user gets uv from PyPI (what `install` runs as that user)."""
+    venv = os.path.join(home, ".local", "share", "piku", "uv")
+    link = os.path.join(home, ".local", "bin", "uv")
+    return [[SYSTEM_PYTHON, "-m", "venv", venv],
+            [os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check", "uv"],
+            ["mkdir", "-p", os.path.dirname(link)], ["ln", "-sfn", os.path.join(venv, "bin", "uv"), link]]
+
+
+def shell_line(commands):
+    """Commands as one line to paste, the user's home written as ~ where that reads the same."""
+    line = " && ".join(shlex.join(command) for command in commands)
+    home = os.path.expanduser("~")
+    return line.replace(f" {home}/", " ~/") if shlex.quote(home) == home else line
+
+
+def apps_needing_uv():
+    """The apps whose live release a uv buildpack builds: without uv, none of them can change."""
+    needing = []
+    for app in list_apps():
+        record = live_release(app)
+        try:
+            pack = record and select_buildpack(record["root"], dict.fromkeys(record["scaling"]))
+        except (PikuError, OSError):
+            continue
+        if pack and getattr(pack, "needs_uv", False):
+            needing.append(app)
+    return needing
 
 
 @host_check
 def check_uv():
     uv = find_uv(build_tool_env(base_env("doctor")), required=False)
     if not uv:
-        yield Finding("WARN", "uv is not installed for this user: apps with a pyproject.toml cannot build",
-                      "curl -LsSf https://astral.sh/uv/install.sh | sh  (or: pipx install uv)")
+        needing = apps_needing_uv()
+        yield Finding("FAIL" if needing else "WARN", "uv is not installed for this user: " +
+                      (f"{', '.join(needing)} cannot be deployed or changed" if needing else
+                       "apps with a pyproject.toml cannot build"),
+                      shell_line(uv_install_commands(os.path.expanduser("~"))),
+                      also="or with uv's own installer: curl -LsSf https://astral.sh/uv/install.sh | sh")
         return
     yield Finding("OK", f"{tool_version(uv)} at {uv}")
     pythons = available_pythons(uv, build_tool_env(base_env("doctor")))
-    yield Finding("OK" if pythons else "WARN", "Pythons uv can find: " + (", ".join(pythons) or "none"),
-                  "" if pythons else "uv python install 3.12  (or apt-get install python3)")
+    yield (Finding("OK", "Pythons uv can find: " + ", ".join(pythons)) if pythons else
+           Finding("WARN", "uv finds no Python", f"{uv} python install 3.12", also="or, as root: apt-get install python3"))
 
 
 @host_check
 def check_uwsgi():
     if not shutil.which("uwsgi"):
-        yield Finding("FAIL", "uWSGI is not installed", "As root: apt-get install uwsgi uwsgi-plugin-python3")
+        yield root_fix("FAIL", "uWSGI is not installed", "apt-get install uwsgi uwsgi-plugin-python3")
         return
     embedded = probe_uwsgi_python()
     yield (Finding("OK", f"uWSGI's python3 plugin embeds Python {embedded}") if embedded else
-           Finding("WARN", "uWSGI has no Python plugin: wsgi: apps are served by gunicorn",
-                   "As root: apt-get install uwsgi-plugin-python3"))
+           root_fix("WARN", "uWSGI has no Python plugin: wsgi: apps are served by gunicorn",
+                    "apt-get install uwsgi-plugin-python3"))
+
+
+def start_emperor_fix():
+    """How the user running doctor starts this PIKU_ROOT's emperor: its systemd unit where systemd
+    runs one, else uWSGI itself, detached."""
+    unit = installed_emperors().get(EMPEROR_CONFIG)
+    if unit and systemd_running():
+        return root_fix("FAIL", "the uWSGI emperor is not running: no worker starts or stops",
+                        f"systemctl start {unit[0]}")
+    uwsgi = shutil.which("uwsgi") or "/usr/bin/uwsgi"
+    return Finding("FAIL", "the uWSGI emperor is not running: no worker starts or stops",
+                   shlex.join(["setsid", "-f", uwsgi, "--ini", EMPEROR_CONFIG]),
+                   also="a host with systemd runs it as a unit: docs/INSTALL.md")
 
 
 @host_check
 def check_emperor():
     pid = pidfile_pid(EMPEROR_PID)
-    config = EMPEROR_CONFIG
     if not (pid and pid_alive(pid)):
-        yield Finding("FAIL", "the uWSGI emperor is not running: no worker starts or stops",
-                      f"Start it: uwsgi --ini {config}  (or: systemctl start {systemd_units(current_user())[0]}, "
-                      "docs/INSTALL.md)")
+        yield start_emperor_fix()
         return
     watched = read_text(EMPEROR_CONFIG)
     if f"emperor = {UWSGI_ENABLED}" not in watched:
-        yield Finding("FAIL", f"the emperor's config does not watch {UWSGI_ENABLED}", "Run: piku.py setup, "
-                      "then restart the emperor")
+        yield Finding("FAIL", f"the emperor's config does not watch {UWSGI_ENABLED}", piku_command("setup"),
+                      also="then restart the emperor")
         return
     yield Finding("OK", f"the uWSGI emperor runs (pid {pid}) and watches {UWSGI_ENABLED}")
 
@@ -5066,24 +5163,27 @@ def check_nginx():
         yield Finding("OK", "no app uses nginx (no NGINX_SERVER_NAME)")
         return
     if not nginx_binary():
-        yield Finding("FAIL", f"{len(vhosts)} vhost(s) but nginx is not installed", "As root: apt-get install nginx")
+        yield root_fix("FAIL", f"{len(vhosts)} vhost(s) but nginx is not installed", "apt-get install nginx")
         return
-    for path in vhosts:
-        app = os.path.basename(path)[:-5]
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                check_vhost(app, read_text(path))
-        except PikuError:
-            yield Finding("FAIL", f"nginx refuses the vhost of {app} ({path})", f"Redeploy it: deploy {app}")
-            continue
-        yield Finding("OK", f"nginx accepts the vhost of {app}")
-    path_unit = systemd_units(current_user())[1]
-    reload = host_setting("PIKU_NGINX_RELOAD") or (
-        f"systemd's {path_unit}" if subprocess.run(["systemctl", "is-active", "--quiet", path_unit],
-                                                   capture_output=True).returncode == 0 else "")
-    yield (Finding("OK", f"nginx is reloaded by {reload}") if reload else
-           Finding("WARN", "nothing reloads nginx when a vhost changes",
-                   "Install piku's path unit or set PIKU_NGINX_RELOAD (docs/NGINX.md)"))
+    yield nginx_reload_finding()
+
+
+def nginx_reload_finding():
+    owner = installed_emperors().get(EMPEROR_CONFIG)
+    path_unit = systemd_units(owner[1] if owner else current_user())[1]
+    if host_setting("PIKU_NGINX_RELOAD"):
+        return Finding("OK", f"nginx is reloaded by {host_setting('PIKU_NGINX_RELOAD')}")
+    if systemd_running() and owner:
+        if subprocess.run(["systemctl", "is-active", "--quiet", path_unit], capture_output=True).returncode == 0:
+            return Finding("OK", f"nginx is reloaded by systemd's {path_unit}")
+        return root_fix("WARN", "nothing reloads nginx when a vhost changes", f"systemctl enable --now {path_unit}")
+    user = owner[1] if owner else current_user()
+    rule = f"{user} ALL=(root) NOPASSWD: /usr/sbin/nginx -s reload"
+    setting = "PIKU_NGINX_RELOAD='sudo -n /usr/sbin/nginx -s reload'"
+    return root_fix("WARN", "nothing reloads nginx when a vhost changes",
+                    f"echo {shlex.quote(rule)} > /etc/sudoers.d/{user}-nginx && "
+                    f"echo {shlex.quote(setting)} >> {shlex.quote(HOST_ENV)}",
+                    also="a narrow sudo rule (docs/NGINX.md); where systemd runs, `install` sets up a path unit instead")
 
 
 @host_check
@@ -5096,26 +5196,25 @@ def check_certificates():
             continue
         state = certificate_state(app)
         expires = certificate_expiry(crt)
+        renew = piku_command("acme:renew") if state.get("issued") else piku_command("deploy", app)
         if expires is None:
-            yield Finding("FAIL", f"{app}: its certificate {crt} cannot be read", f"Get a new one: deploy {app}")
+            yield Finding("FAIL", f"{app}: its certificate {crt} cannot be read", piku_command("deploy", app))
             continue
         days = (expires - time.time()) / 86400
         what = "certificate" if state.get("issued") else "self-signed certificate"
         renewal = (state.get("renewal") or {}).get("error")
         if days <= 0:
-            yield Finding("FAIL", f"{app}: its {what} expired {-days:.0f} day(s) ago: browsers refuse the site",
-                          "Renew it: acme:renew" if state.get("issued") else f"deploy {app}")
+            yield Finding("FAIL", f"{app}: its {what} expired {-days:.0f} day(s) ago: browsers refuse the site", renew)
         elif days < CERTIFICATE_WARN_DAYS:
             yield Finding("WARN", f"{app}: its {what} expires in {days:.0f} day(s)"
-                          + (f"; the last renewal failed: {last_line(renewal)}" if renewal else ""),
-                          "Renew it: acme:renew" if state.get("issued") else f"deploy {app}")
+                          + (f"; the last renewal failed: {last_line(renewal)}" if renewal else ""), renew)
         elif renewal:
             yield Finding("WARN", f"{app}: the last renewal of its certificate failed: {last_line(renewal)}",
-                          "Fix the cause, then run: acme:renew")
+                          renew, also="once the cause above is fixed")
         elif not state.get("issued"):
             yield Finding("WARN", f"{app}: HTTPS uses a self-signed certificate"
                           + (f" ({last_line(state['error'])})" if state.get("error") else ""),
-                          f"Fix the cause, then: deploy {app}")
+                          renew, also="once the cause above is fixed")
         else:
             yield Finding("OK", f"{app}: its certificate is valid for {days:.0f} more days")
 
@@ -5126,12 +5225,14 @@ def check_keys():
              and not line.startswith("#")]
     keys = read_keys()
     if not keys:
-        yield Finding("WARN", "no SSH key is set up: nobody can push", "piku.py setup:ssh ~/alice.pub --name alice")
+        yield Finding("WARN", "no SSH key is set up: nobody can push",
+                      piku_command("setup:ssh", "KEY.pub", "--name", "NAME"), also="KEY.pub: a developer's public key")
     for line in lines:
         if "ssh-command" in line and not any(key.line == line for key in keys):
-            yield Finding("WARN", f"a malformed piku entry in authorized_keys: {line[:60]}...",
-                          "Remove it and add the key again with setup:ssh")
-    yield Finding("OK", f"{len(keys)} SSH key(s): " + ", ".join(key.name for key in keys))
+            yield Finding("WARN", f"a malformed piku entry in {authorized_keys_file()}: {line[:60]}...",
+                          also="remove that line, then add the key again with setup:ssh")
+    if keys:
+        yield Finding("OK", f"{len(keys)} SSH key(s): " + ", ".join(key.name for key in keys))
 
 
 @host_check
@@ -5141,7 +5242,8 @@ def check_disk():
     inodes = stat.f_favail / stat.f_files if stat.f_files else 1.0
     level = "FAIL" if free < 200 * 2**20 else "WARN" if free < 2 * 2**30 or inodes < 0.05 else "OK"
     yield Finding(level, f"{free / 2**30:.1f} GiB and {inodes:.0%} of inodes free for builds",
-                  "" if level == "OK" else "Free space: piku.py prune happens per deploy; remove old apps or logs")
+                  also="" if level == "OK" else f"see what takes it: du -sh {shlex.quote(PIKU_ROOT)}/*; "
+                  "remove apps you no longer need (destroy APP) and old logs")
 
 
 @app_check
@@ -5149,7 +5251,7 @@ def check_app_settings(app, record):
     try:
         plan_release(app, record["rev"], record["root"], record.get("ref") or "refs/heads/main", record["config"])
     except PikuError as error:
-        yield Finding("FAIL", f"{app}: {error.message}", error.hint)
+        yield Finding("FAIL", f"{app}: {error.message}", also=error.hint)
         return
     yield Finding("OK", f"{app}: Procfile and settings are valid")
 
@@ -5157,17 +5259,30 @@ def check_app_settings(app, record):
 @app_check
 def check_app_logs(app, record):
     folder = os.path.join(LOG_ROOT, app)
-    if not (os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)):
-        yield Finding("FAIL", f"{app}: its log folder {folder} is not a writable folder: its workers cannot start",
-                      f"rm -f {folder} && mkdir -p {folder}  (as the piku user)")
+    if os.path.isdir(folder) and not os.path.islink(folder) and os.access(folder, os.W_OK | os.X_OK):
+        return
+    message = f"{app}: its log folder {folder} is not a writable folder: its workers cannot start"
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        yield Finding("FAIL", message, f"rm -f {shlex.quote(folder)} && mkdir -m 0700 {shlex.quote(folder)}")
+    elif os.stat(folder).st_uid == os.getuid():
+        yield Finding("FAIL", message, f"chmod u+rwx {shlex.quote(folder)}")
+    else:
+        yield root_fix("FAIL", message, f"chown {current_user()}: {shlex.quote(folder)}")
 
 
 @app_check
-def check_app_workers(app, record):
-    down = [f"{kind}.{index}" for kind, count in sorted(record["scaling"].items()) for index in range(1, count + 1)
-            if not pid_alive(pidfile_pid(Instance(app, record["gen"], kind, index).runtime("pid")))]
-    yield (Finding("FAIL", f"{app}: not running: {', '.join(down)}", f"Start them: restart {app}") if down else
-           Finding("OK", f"{app}: v{record['version']}'s {sum(record['scaling'].values())} worker(s) run"))
+def check_app_vhost(app, record):
+    path = nginx_vhost_file(app)
+    if not os.path.exists(path) or not nginx_binary():
+        return
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            check_vhost(app, read_text(path))
+    except PikuError:
+        yield Finding("FAIL", f"{app}: nginx refuses its vhost ({path})", piku_command("deploy", app),
+                      also="a deploy writes it again from the app's settings")
+        return
+    yield Finding("OK", f"{app}: nginx accepts its vhost")
 
 
 @app_check
@@ -5184,7 +5299,9 @@ def check_app_python(app, record):
     if not embedded or minor(embedded) != minor(have):
         yield Finding("FAIL", f"{app}: its environment runs Python {have} but uWSGI now embeds "
                       f"{embedded or 'no Python'}: its wsgi worker cannot import its packages",
-                      f"Rebuild on uWSGI's Python: deploy {app}  (or config:set {app} WSGI_SERVER=gunicorn)")
+                      piku_command("deploy", app),
+                      also="a deploy builds again and picks the WSGI server from the app's settings; or: "
+                      + piku_command("config:set", app, "WSGI_SERVER=gunicorn"))
     else:
         yield Finding("OK", f"{app}: Python {have}, as uWSGI embeds")
 
@@ -5192,12 +5309,22 @@ def check_app_python(app, record):
 @app_check
 def check_app_environments(app, record):
     for kept in load_releases(app):
-        venv = kept["env"].get("VIRTUAL_ENV")
-        if venv and not os.path.exists(os.path.join(venv, ENV_MARKER)):
+        if environment_gone(kept):
             live = kept["version"] == record["version"]
             yield Finding("FAIL" if live else "WARN", f"{app}: the Python environment of v{kept['version']} is "
-                          f"gone ({venv})" + ("; the live workers use it" if live else "; it cannot be rolled back to"),
-                          f"Build it again: deploy {app}")
+                          f"gone ({kept['env']['VIRTUAL_ENV']})" +
+                          ("; the live workers use it" if live else "; it cannot be rolled back to"),
+                          piku_command("deploy" if live else "restart", app),
+                          also="a deploy builds it again" if live else
+                          f"a restart (or the next deploy) stops keeping v{kept['version']}")
+
+
+@app_check
+def check_app_workers(app, record):
+    down = [f"{kind}.{index}" for kind, count in sorted(record["scaling"].items()) for index in range(1, count + 1)
+            if not pid_alive(pidfile_pid(Instance(app, record["gen"], kind, index).runtime("pid")))]
+    yield (Finding("FAIL", f"{app}: not running: {', '.join(down)}", piku_command("restart", app)) if down else
+           Finding("OK", f"{app}: v{record['version']}'s {sum(record['scaling'].values())} worker(s) run"))
 
 
 def run_doctor(apps, health):
@@ -5207,7 +5334,7 @@ def run_doctor(apps, health):
     for app in apps:
         record = live_release(app)
         if record is None:
-            findings.append(Finding("WARN", f"{app}: not deployed yet", "Push to deploy it."))
+            findings.append(Finding("WARN", f"{app}: not deployed yet", also="push to deploy it: git push piku main"))
             continue
         for check in APP_CHECKS:
             findings += list(check(app, record))
@@ -5223,7 +5350,20 @@ def check_app_health(app, record):
     if answers_http(env["BIND_ADDRESS"], int(env["PORT"]), env):
         yield Finding("OK", f"{app}: {health_setting(env, 'PIKU_HEALTHCHECK_PATH')} answers on {bind_address(env)}")
     else:
-        yield Finding("FAIL", f"{app}: nothing answers on {bind_address(env)}", f"See: logs {app} --no-follow")
+        yield Finding("FAIL", f"{app}: nothing answers on {bind_address(env)}", piku_command("restart", app),
+                      also=f"its log says why: {piku_command('logs', app, '--no-follow')}")
+
+
+def show_findings(findings):
+    """The report: a line per finding, and under a problem its fix and what else to know."""
+    for finding in findings:
+        click.echo(f"{finding.level:<4}  {finding.message}")
+        if finding.level == "OK":
+            continue
+        if finding.fix:
+            click.echo(f"      fix{', as root' if finding.as_root else ''}: {finding.fix}")
+        if finding.also:
+            click.echo(f"      note: {finding.also}")
 
 
 ##############################################################################
@@ -6119,13 +6259,13 @@ def load_deploys(app):
 @click.argument("app", required=False)
 def cmd_doctor(app):
     """Check the host (and every app), or one app with its health check: OK / WARN / FAIL."""
-    if app:
-        require_app(app)
-    findings = run_doctor([app] if app else list_apps(), health=bool(app))
-    for finding in findings:
-        click.echo(f"{finding.level:<4}  {finding.message}")
-        if finding.fix and finding.level != "OK":
-            click.echo(f"      fix: {finding.fix}")
+    if not os.path.isdir(PIKU_ROOT):
+        findings = [not_set_up()]
+    else:
+        if app:
+            require_app(app)
+        findings = run_doctor([app] if app else list_apps(), health=bool(app))
+    show_findings(findings)
     failed = sum(finding.level == "FAIL" for finding in findings)
     warned = sum(finding.level == "WARN" for finding in findings)
     click.echo(f"{len(findings)} checks: {failed} FAIL, {warned} WARN")

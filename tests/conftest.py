@@ -322,7 +322,6 @@ class Emperor:
             return []
 
     def stop(self):
-        import psutil
         family = self.descendants()
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -330,13 +329,31 @@ class Emperor:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        family += [p for p in self.descendants() if p not in family]
-        for proc in family:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(family, timeout=5)
+        kill_and_wait(family + [p for p in self.descendants() if p not in family])
+
+
+def kill_and_wait(processes):
+    """SIGKILL each of these psutil processes (gone ones are fine), and reap them."""
+    import psutil
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(processes, timeout=5)
+
+
+def stop_process_tree(pid):
+    """Stop a process a test caused to start (by its PID) and everything under it."""
+    import psutil
+    try:
+        top = psutil.Process(pid)
+        family = [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return
+    top.terminate()
+    _, alive = psutil.wait_procs([top], timeout=15)
+    kill_and_wait(family + [child for child in (top.children(recursive=True) if alive else []) if child not in family])
 
 
 def free_port():

@@ -167,6 +167,35 @@ def test_the_installed_host_takes_a_push_over_ssh(installed, tmp_path):
     assert "1 SSH key(s): alice" in doctor.stdout
 
 
+def test_doctor_gives_root_and_the_piku_user_fixes_they_can_run(installed, tmp_path):
+    """Root, with no piku of its own, is sent to the piku user's doctor; the piku user's fix for
+    a log folder it cannot write is one it can run; the installer's unit is the one doctor names."""
+    host = installed
+    assert host.first.returncode == 0, host.first.stdout + host.first.stderr
+    as_root = run([PYTHON, str(host.piku_py), "doctor"], check=False,
+                  env=clean_env(PIKU_ROOT=str(tmp_path / "no-piku-here"), HOME="/root"))
+    lines = as_root.stdout.splitlines()
+    assert as_root.returncode == 1 and lines[0].startswith("FAIL  piku is not set up for root"), as_root.stdout
+    assert f"this host's piku user is {host.user}" in lines[0] and len(lines) == 3, as_root.stdout
+    fix = lines[1].split("fix: ", 1)[1]
+    assert fix == f"runuser -u {host.user} -- /usr/bin/python3 {host.piku_py} doctor", fix
+    report = run(["/bin/sh", "-c", fix], check=False, cwd="/", env=clean_env(HOME="/root"))
+    assert f"piku's folders under {host.root}" in report.stdout, report.stdout + report.stderr
+
+    units = run(["runuser", "-u", host.user, "--", PYTHON, "-c", "import piku; print(piku.installed_emperors())"],
+                env=clean_env(HOME=str(host.home), PYTHONPATH=str(host.home)), cwd=host.home).stdout
+    assert f"'{host.root}/uwsgi/uwsgi.ini': ('uwsgi-{host.user}.service', '{host.user}')" in units, units
+
+    logs_dir = host.root / "logs" / "shop"
+    logs_dir.chmod(0o500)
+    seeded = host.piku("doctor", check=False).stdout
+    line = next(line for line in seeded.splitlines() if "its log folder" in line)
+    fix = seeded.splitlines()[seeded.splitlines().index(line) + 1].split("fix: ", 1)[1]
+    assert fix == f"chmod u+rwx {logs_dir}", seeded
+    run(["runuser", "-u", host.user, "--", "/bin/sh", "-c", fix], cwd=host.home)
+    assert "its log folder" not in host.piku("doctor", check=False).stdout
+
+
 # --- update ------------------------------------------------------------------------------
 
 def updatable(tmp_path):

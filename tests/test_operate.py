@@ -117,18 +117,31 @@ def doctor(piku, *args):
     return result.returncode, result.stdout
 
 
-def test_doctor_passes_a_healthy_host_and_finds_each_seeded_fault(piku, emperor, make_app, toolchain, tmp_path):
+def test_doctor_passes_a_healthy_host_and_finds_each_seeded_fault(piku, emperor, nginx, pebble, make_app, toolchain,
+                                                                 tmp_path):
+    """A healthy host reports no problem; each seeded fault is found, and the fix lines doctor
+    prints, run as printed by the piku user (top to bottom), leave it clean again."""
     import json
     import os
     import shutil
-    from conftest import EXAMPLES
+    from conftest import EXAMPLES, SYSTEM_PATH, stop_process_tree
     toolchain.require("3.11", "3.12")
+    home = tmp_path / "home"        # the piku user's own: the uv fix installs into ~/.local
+    home.mkdir()
+    piku.env["HOME"] = str(home)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dev@laptop", "-f", str(tmp_path / "dev")],
+                   check=True)
+    piku("setup:ssh", str(tmp_path / "dev.pub"))
     app = make_app(EXAMPLES / "flask-uwsgi", "doc")
+    app.write("ENV", f"NGINX_SERVER_NAME=doc.test\nACME_ROOT_CA={pebble.directory}\nACME_EMAIL=ops@example.com\n")
+    app.commit("served by nginx")
     app.push()
     code, report = doctor(piku)
-    assert code == 0, report
-    assert not re.search(r"^FAIL", report, re.M) and "uWSGI emperor runs" in report, report
-    assert "doc: v1's 1 worker(s) run" in report and "WARN  no SSH key is set up" in report
+    assert code == 0 and report.endswith(" checks: 0 FAIL, 0 WARN\n"), report
+    assert "uWSGI emperor runs" in report and "doc: v1's 1 worker(s) run" in report and "1 SSH key(s): dev" in report
+    assert "doc: nginx accepts its vhost" in report and "nginx is reloaded by" in report
+    assert re.search(r"^OK    doc: its certificate is valid for [0-9]+ more days$", report, re.M), report
+    assert_every_line_says_something(report)
     code, report = doctor(piku, "doc")
     assert code == 0 and "doc: / answers on 127.0.0.1:" in report, report
 
@@ -151,18 +164,51 @@ def test_doctor_passes_a_healthy_host_and_finds_each_seeded_fault(piku, emperor,
     logs = piku.root / "logs" / "doc"
     shutil.rmtree(logs)
     logs.write_text("not a folder\n")
-    path = piku.env["PATH"]
-    piku.env["PATH"] = "/usr/bin:/bin"
+    piku.env["PATH"] = SYSTEM_PATH       # uv was on PATH only through the toolchain's folder
     emperor.stop()
     code, report = doctor(piku)
-    piku.env["PATH"] = path
     assert code == 1
-    for expected in ("FAIL  nginx refuses the vhost of doc", "FAIL  doc: its log folder", "WARN  uv is not installed",
+    for expected in ("FAIL  doc: nginx refuses its vhost", "FAIL  doc: its log folder",
+                     "FAIL  uv is not installed for this user: doc cannot be deployed or changed",
                      "FAIL  the uWSGI emperor is not running", "FAIL  doc: not running: wsgi.1"):
         assert expected in report, (expected, report)
+    assert_every_line_says_something(report)
     lines = report.splitlines()
     findings = [line for line in lines if re.match(r"(OK|WARN|FAIL) ", line)]
     assert all(lines[lines.index(line) + 1].startswith("      fix: ") for line in findings if not line.startswith("OK"))
     assert lines[-1] == f"{len(findings)} checks: {report.count(chr(10) + 'FAIL')} FAIL, " \
                         f"{report.count(chr(10) + 'WARN') + report.startswith('WARN')} WARN"
     assert os.path.isfile(logs)
+
+    fixes = [line.split("fix: ", 1)[1] for line in lines if line.startswith("      fix: ")]
+    try:
+        for fix in fixes:           # as printed, in order, by the piku user, in its environment
+            ran = subprocess.run(["/bin/sh", "-c", fix], env=piku.env, cwd=home, capture_output=True, text=True,
+                                 timeout=600)
+            assert ran.returncode == 0, (fix, ran.stdout, ran.stderr)
+        code, report = doctor(piku)
+        assert code == 0 and report.endswith(" checks: 0 FAIL, 0 WARN\n"), (fixes, report)
+        assert os.path.isdir(logs) and (home / ".local" / "bin" / "uv").exists()
+        assert nginx.get("/", host="doc.test")[0] == 200
+        assert [record["version"] for record in piku.releases("doc")][0] > 1, "v1 cannot run: it is kept no more"
+    finally:
+        started = piku.root / "uwsgi" / "emperor.pid"       # the emperor the fix line started
+        if started.exists() and started.read_text().strip().isdigit():
+            stop_process_tree(int(started.read_text().strip()))
+
+
+def test_doctor_before_setup_says_to_run_setup(toolchain, tmp_path):
+    from conftest import Piku
+    bare = Piku(tmp_path / "not-yet", toolchain)
+    code, report = doctor(bare)
+    assert code == 1 and report.splitlines()[0] == f"FAIL  piku is not set up here (no PIKU_ROOT at {bare.root})"
+    fix = report.splitlines()[1].split("fix: ", 1)[1]
+    assert fix.endswith("piku.py setup") and len(report.splitlines()) == 3, report
+    assert subprocess.run(["/bin/sh", "-c", fix], env=bare.env).returncode == 0
+    code, report = doctor(bare)
+    assert "piku is not set up" not in report and "piku's folders under" in report, report
+
+
+def assert_every_line_says_something(report):
+    for line in report.splitlines():
+        assert not re.search(r"[:,(]\s*$", line) and not re.fullmatch(r"(OK|WARN|FAIL)\s*\S{0,3}", line), line

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, PIKU_PY, PYTHON, Emperor, clean_env, wait_for_body, wait_until
+from conftest import EXAMPLES, PIKU_PY, PYTHON, Emperor, clean_env, kill_and_wait, wait_for_body, wait_until
 
 WEB = EXAMPLES / "web"
 SSHD = "/usr/sbin/sshd"
@@ -219,12 +219,7 @@ LogLevel VERBOSE
             uids = proc.info.get("uids")
             if uids and uid in (uids.real, uids.effective):
                 leftovers.append(proc)
-        for proc in leftovers:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(leftovers, timeout=5)
+        kill_and_wait(leftovers)
 
 
 @pytest.fixture(scope="module")
