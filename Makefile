@@ -27,7 +27,7 @@ $(VENV)/.deps-done: Makefile
 	@touch $@
 
 test: deps
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -rs tests
 
 demo: deps
 	PYTHON=$(PYTHON) ./tools/demo.sh

@@ -23,11 +23,12 @@ EXAMPLES = REPO / "examples"
 TEST_APPS = Path(__file__).resolve().parent / "apps"
 PYTHON = os.environ.get("PIKU_TEST_PYTHON", "/usr/bin/python3")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-PYENV_VERSIONS = Path("/root/.pyenv/versions")
 
 # Unit tests import piku.py; give it a fixed, fake root so rendered paths are stable.
 os.environ["PIKU_ROOT"] = "/home/piku/.piku"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+from pythons import other_pythons  # noqa: E402  (tools/pythons.py: also make demo's)
 
 
 def clean_env(**extra):
@@ -41,10 +42,10 @@ def clean_env(**extra):
 class Toolchain:
     """uv and the Pythons piku's builds may use, as a sysadmin would install them.
 
-    uv gets a folder of its own on PATH (the test venv's python must not be found), and
-    the pyenv builds on this machine image become uv "managed" installations in a folder
-    of this session (UV_PYTHON_INSTALL_DIR), so nothing is downloaded. Debian's 3.11 is
-    found on PATH as a system Python, like on a real Debian host.
+    uv gets a folder of its own on PATH (the test venv's python must not be found). The other
+    Pythons this machine has, found as uv finds them (other_pythons), become uv "managed"
+    installations in a folder of this session (UV_PYTHON_INSTALL_DIR), so nothing is
+    downloaded. Debian's 3.11 is found on PATH as a system Python, like on a real Debian host.
     """
 
     def __init__(self, root):
@@ -66,15 +67,17 @@ class Toolchain:
         self.pythons = self.root / "pythons"
         self.pythons.mkdir()
         self.versions = {"3.11": "/usr/bin/python3.11"} if os.path.exists("/usr/bin/python3.11") else {}
-        for build in sorted(PYENV_VERSIONS.glob("3.1[0-9].*")) if PYENV_VERSIONS.is_dir() else []:
-            minor = ".".join(build.name.split(".")[:2])
-            if minor == "3.11" or not re.fullmatch(r"3\.1[0-9]\.[0-9]+", build.name):
+        for minor, (version, prefix, interpreter) in sorted(other_pythons(uv if self.has_uv else None).items()):
+            if minor in self.versions:
                 continue
-            target = self.pythons / f"cpython-{build.name}-linux-x86_64-gnu"
-            copy = subprocess.run(["cp", "-al", str(build), str(target)], capture_output=True)
+            if os.path.dirname(interpreter) in SYSTEM_PATH.split(":"):
+                self.versions[minor] = interpreter      # on the piku user's PATH already (Ubuntu's python3.12)
+                continue
+            target = self.pythons / f"cpython-{version}-linux-x86_64-gnu"
+            copy = subprocess.run(["cp", "-al", prefix, str(target)], capture_output=True)
             if copy.returncode != 0:
                 shutil.rmtree(target, ignore_errors=True)
-                subprocess.run(["cp", "-a", str(build), str(target)], check=True)
+                subprocess.run(["cp", "-a", prefix, str(target)], check=True)
             self.versions[minor] = str(target)
         # UV_SYSTEM_CERTS: this machine reaches PyPI through a proxy with its own CA in the
         # system store -- a fact of the test machine, not a piku default.
@@ -90,7 +93,9 @@ class Toolchain:
                 pytest.skip(f"{tool} is not installed (make deps installs it)")
         missing = [minor for minor in minors if minor not in self.versions]
         if missing:
-            pytest.skip(f"Python {', '.join(missing)} is not installed on this machine")
+            pytest.skip(f"Python {', '.join(missing)} is not installed on this machine: install it where uv "
+                        f"finds it (.venv/bin/uv python install {' '.join(missing)}, where downloads are "
+                        "allowed; or a pyenv build), then run the tests again")
 
     def install_tools(self, piku, folder, *tools):
         """The sysadmin installs tools for the piku user: they come first on its PATH."""

@@ -3,7 +3,7 @@
 # real `git push`es of a uv app (examples/flask-uwsgi: pyproject.toml + uv.lock, `wsgi:`):
 #   1. the first push picks the Python and builds the environment with uv;
 #   2. a code-only push skips `uv sync` and serves the new code;
-#   3. config:set PYTHON_VERSION switches Python, when this machine has a second one.
+#   3. config:set PYTHON_VERSION switches Python, when uv finds a second one (else: how to get one).
 # Stops what it started unless DEMO_KEEP=1.
 set -eu
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,15 +13,19 @@ export PIKU_ROOT="$WORK/piku"
 PIKU="$PYTHON $HERE/piku.py"
 # uv from the checkout's .venv (make deps installs it) when it is not on PATH
 [ -x "$HERE/.venv/bin/uv" ] && mkdir -p "$WORK/bin" && ln -s "$HERE/.venv/bin/uv" "$WORK/bin/uv" && PATH="$WORK/bin:$PATH"
-# pyenv builds on this machine image, offered to uv as managed Pythons (nothing is downloaded)
+# a second Python, found the way uv finds them (its own, those on PATH) or a pyenv build
+# (tools/pythons.py), offered to the demo's uv as a managed Python: nothing is downloaded
+SECOND=""
+UV=$(command -v uv || true)
+FOUND=$($PYTHON "$HERE/tools/pythons.py" "$UV" | grep -v '^3\.11 ' | tail -n 1 || true)
 export UV_PYTHON_INSTALL_DIR="$WORK/pythons" UV_PYTHON_DOWNLOADS=never
 mkdir -p "$UV_PYTHON_INSTALL_DIR"
-SECOND=""
-for build in /root/.pyenv/versions/3.1[02-9].*; do
-  [ -x "$build/bin/python3" ] || continue
-  cp -al "$build" "$UV_PYTHON_INSTALL_DIR/cpython-$(basename "$build")-linux-x86_64-gnu" 2>/dev/null || continue
-  SECOND=$(basename "$build" | cut -d. -f1,2)
-done
+if [ -n "$FOUND" ]; then
+  set -- $FOUND
+  cp -al "$3" "$UV_PYTHON_INSTALL_DIR/cpython-$2-linux-x86_64-gnu" 2>/dev/null \
+    || cp -a "$3" "$UV_PYTHON_INSTALL_DIR/cpython-$2-linux-x86_64-gnu"
+  SECOND=$1
+fi
 
 echo "== piku demo in $WORK"
 $PIKU setup >/dev/null
@@ -75,5 +79,6 @@ if [ -n "$SECOND" ]; then
   $PIKU config:set shop "PYTHON_VERSION=$SECOND"
   answer "on Python $SECOND"
 else
-  echo "== (this machine has no second Python, so the PYTHON_VERSION switch is not shown)"
+  echo "== this machine has no Python besides Debian's 3.11, so the PYTHON_VERSION switch is not shown;"
+  echo "   to see it: $HERE/.venv/bin/uv python install 3.12  (where uv may download), then make demo"
 fi
