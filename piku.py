@@ -1363,7 +1363,10 @@ class PythonBuildpack:
             step(f"Dependencies unchanged: reusing {venv} (Python {interpreter.version}); {self.skipped}")
         else:
             self.create(context, uv, interpreter, venv, tool_env, servers, fingerprint)
-        additions = {"VIRTUAL_ENV": venv, "PATH": f"{venv}/bin:{context.env['PATH']}",
+        path = context.env["PATH"]
+        if uv and os.path.dirname(uv) not in path.split(":"):
+            path = f"{path}:{os.path.dirname(uv)}"      # `uv run` in a Procfile finds the uv that built it
+        additions = {"VIRTUAL_ENV": venv, "PATH": f"{venv}/bin:{path}",
                      "PYTHONUNBUFFERED": context.env.get("PYTHONUNBUFFERED", "1"), **uv_run_settings(venv)}
         packages = self.local_packages(context, uv, tool_env)
         if packages:
@@ -1631,7 +1634,7 @@ class ExportedLockBuildpack(PythonBuildpack):
         self.verify(context, tool, env)
         step(f"Exporting the main dependencies of {self.lock} with {which}")
         exported = run_build_tool([*tool, *self.export_args], context.root, env, show=False,
-                                  failures=self.failures())
+                                  failures=self.failures(), name=f"{self.tool} {self.export_args[0]}")
         if not exported.strip():
             raise PikuError(f"{self.tool} exported no dependencies from {self.lock}",
                             f"Check that {self.manifest} lists the app's dependencies in its main group.")
@@ -1654,9 +1657,10 @@ class ExportedLockBuildpack(PythonBuildpack):
         try:
             run_build_tool([*command, "--version"], os.path.expanduser("~"), tool_env, show=False)
         except PikuError:
-            raise PikuError(f"{self.tool} is not installed for the piku user, and uv could not fetch "
-                            f"{requirement} to run it", "Let the piku user reach the package index, or install "
-                            f"{self.tool} as that user: '{self.install_hint}', then push again.") from None
+            raise PikuError(f"{self.tool} is not installed for the piku user, and uv could not run {requirement} "
+                            "(uv's output is above)", "If it could not reach the package index, let the piku user "
+                            f"reach it, or install {self.tool} as that user: '{self.install_hint}'; then push "
+                            "again.") from None
         return command, f"{' and '.join(self.uv_tool)} (uv tool run: no {self.tool} is installed for the piku user)"
 
     def verify(self, context, tool, env):
@@ -1708,7 +1712,8 @@ class PipenvBuildpack(ExportedLockBuildpack):
     stale_needles = ("Pipfile.lock is out-of-date",)
 
     def verify(self, context, tool, env):
-        run_build_tool([*tool, "verify"], context.root, env, show=False, failures=self.failures())
+        run_build_tool([*tool, "verify"], context.root, env, show=False, failures=self.failures(),
+                       name=f"{self.tool} verify")
 
 
 class RequirementsBuildpack(PythonBuildpack):
@@ -1917,7 +1922,7 @@ def kill_session(process):
     process.wait()
 
 
-def run_build_tool(args, cwd, env, show=True, failures=()):
+def run_build_tool(args, cwd, env, show=True, failures=(), name=None):
     """Run a build tool (uv, pip, poetry, pipenv) with no terminal to ask on; stream its output
     indented as it comes, with secrets masked (or keep its stdout, when show is False), and turn
     a failure into an actionable error. -> its stdout"""
@@ -1936,7 +1941,7 @@ def run_build_tool(args, cwd, env, show=True, failures=()):
         for needle, message, hint in (*failures, *UV_FAILURES):
             if needle in (output or "") or needle in result.stdout:
                 raise PikuError(f"{message}; nothing was changed", hint)
-        raise PikuError(f"{os.path.basename(args[0])} {args[1]} failed (exit code {result.returncode}); "
+        raise PikuError(f"{name or os.path.basename(args[0]) + ' ' + args[1]} failed (exit code {result.returncode}); "
                         "nothing was changed", "See its output above.")
     return result.stdout
 
@@ -4429,10 +4434,11 @@ def keep_count(env):
     return max(1, int(value)) if WHOLE_NUMBER.fullmatch(value) else int(KEEP_RELEASES)
 
 
-def environment_gone(record):
-    """Is the environment a release record names gone (or never finished)?"""
+def environment_gone(app, record):
+    """Is the environment piku built for a release record gone (or never finished)? A VIRTUAL_ENV
+    of the app's own settings, outside piku's environments, is none of piku's business."""
     venv = record["env"].get("VIRTUAL_ENV")
-    return bool(venv) and not os.path.exists(os.path.join(venv, ENV_MARKER))
+    return bool(venv) and inside(venv, env_dir(app)) and not os.path.exists(os.path.join(venv, ENV_MARKER))
 
 
 def prune(app):
@@ -4442,7 +4448,7 @@ def prune(app):
     if not records:
         return
     kept = records[-keep_count(records[-1]["env"]):]
-    for record in [record for record in kept[:-1] if environment_gone(record)]:
+    for record in [record for record in kept[:-1] if environment_gone(app, record)]:
         notice(f"v{record['version']} is no longer kept: its environment is gone, so it could not run again")
         kept.remove(record)
     if len(kept) < len(records):
@@ -5019,9 +5025,17 @@ def app_check(function):
 def piku_command(*args):
     """A piku command as the user running doctor types it: over ssh, ssh and the command; on
     the host, this very piku.py under this Python."""
-    if os.environ.get("FINGERPRINT"):
-        return f"ssh {current_user()}@{socket.gethostname()} {shlex.join(args)}"
+    if over_ssh():
+        return ssh_prefix() + shlex.join(args)
     return shlex.join([sys.executable or SYSTEM_PYTHON, PIKU_SCRIPT, *args])
+
+
+def over_ssh():
+    return bool(os.environ.get("FINGERPRINT"))
+
+
+def ssh_prefix():
+    return f"ssh {current_user()}@{socket.gethostname()} "
 
 
 def root_fix(level, message, command, also=""):
@@ -5034,23 +5048,30 @@ def systemd_units(user):
     return f"uwsgi-{user}.service", f"{user}-nginx.path", f"{user}-nginx.service"
 
 
-INSTALLED_UNIT = re.compile(r"^User=(?P<user>\S+)$.*^ExecStart=\S+ --ini (?P<config>\S+)$", re.M | re.S)
+UNIT_USER = re.compile(r"^User=(\S+)\s*$", re.M)
+UNIT_EMPEROR = re.compile(r"^ExecStart=\S*uwsgi\s(?:.*\s)?--ini[ =](\S+)", re.M)
 
 
 def installed_emperors():
-    """The emperor units `install` wrote on this host: {emperor config: (unit, user)}."""
+    """The systemd units on this host that run a piku emperor (`install`'s, or written by hand
+    as docs/INSTALL.md shows): {emperor config: (unit, user)}."""
     found = {}
-    for path in sorted(glob.glob(os.path.join(SYSTEMD_UNITS, "uwsgi-*.service"))):
+    for path in sorted(glob.glob(os.path.join(SYSTEMD_UNITS, "*.service"))):
         text = read_text(path, "")
-        match = INSTALLED_UNIT.search(text) if text.startswith("# written by piku.py install") else None
-        if match:
-            found[match.group("config")] = (os.path.basename(path), match.group("user"))
+        emperor, user = UNIT_EMPEROR.search(text), UNIT_USER.search(text)
+        if emperor:
+            found.setdefault(emperor.group(1), (os.path.basename(path), user.group(1) if user else "root"))
     return found
 
 
 def not_set_up():
-    """doctor before setup: what to do instead (as root on an installed host: ask its user)."""
+    """doctor before setup: what to do instead (as root on an installed host: ask its user; as
+    root on a host that is not one yet: install)."""
     installed = list(installed_emperors().values())
+    if os.geteuid() == 0 and not installed and "PIKU_ROOT" not in os.environ:
+        return Finding("FAIL", "piku is not installed on this host", shlex.join([SYSTEM_PYTHON, PIKU_SCRIPT, "install"]),
+                       also="it installs the packages, the piku user, uv and the units (docs/INSTALL.md); "
+                       "to run piku as root here instead: " + piku_command("setup"))
     if os.geteuid() == 0 and installed:
         unit, user = installed[0]
         home = pwd.getpwnam(user).pw_dir if user in {entry.pw_name for entry in pwd.getpwall()} else f"~{user}"
@@ -5106,11 +5127,13 @@ def check_uv():
     uv = find_uv(build_tool_env(base_env("doctor")), required=False)
     if not uv:
         needing = apps_needing_uv()
+        venv_missing = subprocess.run([SYSTEM_PYTHON, "-c", "import ensurepip"], capture_output=True).returncode != 0
         yield Finding("FAIL" if needing else "WARN", "uv is not installed for this user: " +
                       (f"{', '.join(needing)} cannot be deployed or changed" if needing else
                        "apps with a pyproject.toml cannot build"),
                       shell_line(uv_install_commands(os.path.expanduser("~"))),
-                      also="or with uv's own installer: curl -LsSf https://astral.sh/uv/install.sh | sh")
+                      also=("first, as root: apt-get install python3-venv; " if venv_missing else "") +
+                      "or with uv's own installer: curl -LsSf https://astral.sh/uv/install.sh | sh")
         return
     yield Finding("OK", f"{tool_version(uv)} at {uv}")
     pythons = available_pythons(uv, build_tool_env(base_env("doctor")))
@@ -5139,7 +5162,8 @@ def start_emperor_fix():
     uwsgi = shutil.which("uwsgi") or "/usr/bin/uwsgi"
     return Finding("FAIL", "the uWSGI emperor is not running: no worker starts or stops",
                    shlex.join(["setsid", "-f", uwsgi, "--ini", EMPEROR_CONFIG]),
-                   also="a host with systemd runs it as a unit: docs/INSTALL.md")
+                   also="where systemd runs, a unit should run it: install (as root) writes one, docs/INSTALL.md"
+                   if systemd_running() else "")
 
 
 @host_check
@@ -5169,21 +5193,28 @@ def check_nginx():
 
 
 def nginx_reload_finding():
-    owner = installed_emperors().get(EMPEROR_CONFIG)
-    path_unit = systemd_units(owner[1] if owner else current_user())[1]
     if host_setting("PIKU_NGINX_RELOAD"):
         return Finding("OK", f"nginx is reloaded by {host_setting('PIKU_NGINX_RELOAD')}")
-    if systemd_running() and owner:
+    owner = installed_emperors().get(EMPEROR_CONFIG)
+    user = owner[1] if owner else current_user()
+    path_unit = systemd_units(user)[1]
+    problem = "nothing reloads nginx when a vhost changes"
+    if systemd_running():
         if subprocess.run(["systemctl", "is-active", "--quiet", path_unit], capture_output=True).returncode == 0:
             return Finding("OK", f"nginx is reloaded by systemd's {path_unit}")
-        return root_fix("WARN", "nothing reloads nginx when a vhost changes", f"systemctl enable --now {path_unit}")
-    user = owner[1] if owner else current_user()
+        if os.path.exists(os.path.join(SYSTEMD_UNITS, path_unit)):
+            return root_fix("WARN", problem, f"systemctl enable --now {path_unit}")
+        return root_fix("WARN", problem, shlex.join([SYSTEM_PYTHON, PIKU_SCRIPT, "install", "--user", user]),
+                        also="install writes piku's path unit (and changes nothing it finds in place)")
+    if os.geteuid() == 0:       # root's own piku: no sudo to go through
+        return Finding("WARN", problem, f"echo \"PIKU_NGINX_RELOAD='{nginx_binary() or '/usr/sbin/nginx'} -s reload'\" "
+                       f">> {shlex.quote(HOST_ENV)}")
     rule = f"{user} ALL=(root) NOPASSWD: /usr/sbin/nginx -s reload"
     setting = "PIKU_NGINX_RELOAD='sudo -n /usr/sbin/nginx -s reload'"
-    return root_fix("WARN", "nothing reloads nginx when a vhost changes",
+    return root_fix("WARN", problem, ("" if shutil.which("sudo") else "apt-get install -y sudo && ") +
                     f"echo {shlex.quote(rule)} > /etc/sudoers.d/{user}-nginx && "
                     f"echo {shlex.quote(setting)} >> {shlex.quote(HOST_ENV)}",
-                    also="a narrow sudo rule (docs/NGINX.md); where systemd runs, `install` sets up a path unit instead")
+                    also="a narrow sudo rule (docs/NGINX.md)")
 
 
 @host_check
@@ -5226,7 +5257,8 @@ def check_keys():
     keys = read_keys()
     if not keys:
         yield Finding("WARN", "no SSH key is set up: nobody can push",
-                      piku_command("setup:ssh", "KEY.pub", "--name", "NAME"), also="KEY.pub: a developer's public key")
+                      piku_command("setup:ssh", "-", "--name", "NAME") + " < KEY.pub",
+                      also="KEY.pub: a developer's public key; NAME: whose it is")
     for line in lines:
         if "ssh-command" in line and not any(key.line == line for key in keys):
             yield Finding("WARN", f"a malformed piku entry in {authorized_keys_file()}: {line[:60]}...",
@@ -5309,7 +5341,7 @@ def check_app_python(app, record):
 @app_check
 def check_app_environments(app, record):
     for kept in load_releases(app):
-        if environment_gone(kept):
+        if environment_gone(app, kept):
             live = kept["version"] == record["version"]
             yield Finding("FAIL" if live else "WARN", f"{app}: the Python environment of v{kept['version']} is "
                           f"gone ({kept['env']['VIRTUAL_ENV']})" +
@@ -5354,6 +5386,14 @@ def check_app_health(app, record):
                       also=f"its log says why: {piku_command('logs', app, '--no-follow')}")
 
 
+def fix_label(finding):
+    """`fix` for a line the user running doctor pastes; over ssh, a command for the server's
+    shell says so, and whose."""
+    if over_ssh() and not finding.fix.startswith(ssh_prefix()):
+        return f"fix, on the server as {'root' if finding.as_root or os.geteuid() == 0 else current_user()}"
+    return "fix, as root" if finding.as_root else "fix"
+
+
 def show_findings(findings):
     """The report: a line per finding, and under a problem its fix and what else to know."""
     for finding in findings:
@@ -5361,7 +5401,7 @@ def show_findings(findings):
         if finding.level == "OK":
             continue
         if finding.fix:
-            click.echo(f"      fix{', as root' if finding.as_root else ''}: {finding.fix}")
+            click.echo(f"      {fix_label(finding)}: {finding.fix}")
         if finding.also:
             click.echo(f"      note: {finding.also}")
 
@@ -5766,7 +5806,8 @@ def cli():
     """piku: git push deploys for one Linux host.
 
     Deploy with `git push piku main`; manage apps with the commands below
-    (over SSH: ssh piku@host COMMAND ...).
+    (over SSH: ssh piku@host COMMAND ...; a key that sees one app may leave
+    the app's name out).
     """
 
 
@@ -6544,16 +6585,18 @@ NAMED_APP_COMMANDS = frozenset({"destroy", "git-receive-pack", "git-upload-pack"
 
 def parse_for_app(group, name, command, rest, allowed):
     """The parse of a command line. A per-app command written without its app (`config:set
-    KEY=VALUE`, `logs`, `ps --json`: the line does not parse as written, or the word where the
-    app goes can be no app's name), from a key that sees exactly one app, acts on that app and
-    says so on its first line (on stderr: stdout may be a script's JSON or a setting's value).
-    A word that can be an app's name is always taken as the app, as written. Otherwise the line
-    is parsed as written, and a missing app is refused with the key's apps."""
+    KEY=VALUE`, `logs`, `ps --json`; `doctor` from a key limited to apps), from a key that sees
+    exactly one app, acts on that app and says so on its first line (on stderr: stdout may be a
+    script's JSON or a setting's value). It is taken as written when it parses as written and
+    its app word can be an app's name; otherwise that app goes first. `destroy` and git's
+    commands are always as written; a key that sees several apps gets the refusal with their
+    names."""
     try:
         context, refusal = command.make_context(name, list(rest), parent=group), None
     except click.UsageError as error:
         context, refusal = None, error
-    takes_app = any(param.name == "app" and param.required for param in command.params)
+    # an app a command may go without (doctor) is the host's for a key of every app
+    takes_app = any(param.name == "app" and (param.required or allowed is not None) for param in command.params)
     visible = visible_apps(allowed) if takes_app and name not in NAMED_APP_COMMANDS else []
     if len(visible) == 1 and (context is None or not is_app_name(context.params.get("app"))):
         try:

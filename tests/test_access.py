@@ -101,7 +101,7 @@ def app_of(name, app):
 
 REPRODUCTIONS = ["-- config:get victim SECRET_TOKEN", "-- setup:ssh - --name evil", "-- update /tmp/piku_evil.py",
                  "-- -- config:get victim X", "--name evil setup:ssh -", "config:get -- victim SECRET_TOKEN",
-                 "git-upload-pack '/victim'", "git-receive-pack victim.git", "doctor", "doctor -- victim",
+                 "git-upload-pack '/victim'", "git-receive-pack victim.git", "doctor -- victim",
                  "logs -- victim", "run victim -- env", "config:get --help victim", "-- keys", "-- keys:remove x",
                  "\u2014 config:get victim X", "-- git-hook victim", "-- daily", "-h config victim"]
 
@@ -128,7 +128,7 @@ def test_a_limited_key_runs_only_its_own_apps_commands_by_any_spelling(tmp_path)
 IMPLIED = re.compile(r"-----> (\S+) mine: mine is the only app this key can see\n")
 WITHOUT_APP = ["config", "config:live", "config:get SECRET_TOKEN", "config:set A=1", "config:unset A", "deploy",
                "logs", "logs -n 5", "ps", "ps --json", "ps:scale web=2", "run -- env", "run env", "restart", "stop",
-               "releases", "deploys", "rollback", "--help"]
+               "releases", "deploys", "rollback", "doctor", "--help"]
 
 
 def test_a_key_that_sees_one_app_may_leave_its_name_out(tmp_path):

@@ -1,10 +1,13 @@
 """Operating a host: `logs --follow` and `ps`, on real workers."""
 
+import os
 import re
 import subprocess
 import time
 
-from conftest import PIKU_PY, PYTHON, TEST_APPS, wait_until
+import pytest
+
+from conftest import PIKU_PY, PYTHON, TEST_APPS, stop_process_tree, wait_until
 
 
 def test_logs_follow_shows_new_lines_at_once_and_keeps_following_across_rotation(piku, emperor, make_app):
@@ -122,9 +125,8 @@ def test_doctor_passes_a_healthy_host_and_finds_each_seeded_fault(piku, emperor,
     """A healthy host reports no problem; each seeded fault is found, and the fix lines doctor
     prints, run as printed by the piku user (top to bottom), leave it clean again."""
     import json
-    import os
     import shutil
-    from conftest import EXAMPLES, SYSTEM_PATH, stop_process_tree
+    from conftest import EXAMPLES, SYSTEM_PATH
     toolchain.require("3.11", "3.12")
     home = tmp_path / "home"        # the piku user's own: the uv fix installs into ~/.local
     home.mkdir()
@@ -192,10 +194,20 @@ def test_doctor_passes_a_healthy_host_and_finds_each_seeded_fault(piku, emperor,
         assert nginx.get("/", host="doc.test")[0] == 200
         assert [record["version"] for record in piku.releases("doc")][0] > 1, "v1 cannot run: it is kept no more"
     finally:
-        started = piku.root / "uwsgi" / "emperor.pid"       # the emperor the fix line started
-        if started.exists() and started.read_text().strip().isdigit():
-            stop_process_tree(int(started.read_text().strip()))
+        stop_started_emperor(piku)
 
+
+def stop_started_emperor(piku):
+    """The emperor a fix line started runs in a session of its own (setsid): stop all of it."""
+    import psutil
+    started = piku.root / "uwsgi" / "emperor.pid"
+    if started.exists() and started.read_text().strip().isdigit():
+        try:
+            emperor = psutil.Process(int(started.read_text().strip()))
+            if str(piku.root / "uwsgi" / "uwsgi.ini") in emperor.cmdline():
+                stop_process_tree(os.getsid(emperor.pid))
+        except (psutil.Error, ProcessLookupError):
+            pass
 
 def test_doctor_before_setup_says_to_run_setup(toolchain, tmp_path):
     from conftest import Piku
@@ -207,6 +219,38 @@ def test_doctor_before_setup_says_to_run_setup(toolchain, tmp_path):
     assert subprocess.run(["/bin/sh", "-c", fix], env=bare.env).returncode == 0
     code, report = doctor(bare)
     assert "piku is not set up" not in report and "piku's folders under" in report, report
+    # no uv, and no app that needs it: a warning, not a failure
+    from conftest import SYSTEM_PATH
+    bare.env.update(PATH=SYSTEM_PATH, HOME=str(tmp_path))
+    code, report = doctor(bare)
+    assert "WARN  uv is not installed for this user: apps with a pyproject.toml cannot build" in report, report
+    assert "FAIL  uv" not in report
+
+    # over ssh (a key of every app): piku's own commands come as ssh lines, the server's shell
+    # commands say where they run, and as whom
+    remote = subprocess.run([PYTHON, str(PIKU_PY), "ssh-command"], capture_output=True, text=True,
+                            env=dict(bare.env, SSH_ORIGINAL_COMMAND="doctor", FINGERPRINT="SHA256:x", NAME="ops"))
+    assert re.search(r"^      fix, on the server as root: setsid -f \S*uwsgi --ini ", remote.stdout, re.M), remote.stdout
+    assert re.search(r"^      fix: ssh root@\S+ setup:ssh - --name NAME < KEY.pub$", remote.stdout, re.M), remote.stdout
+
+
+def test_doctor_as_root_on_a_host_without_piku_says_install(tmp_path):
+    from conftest import clean_env
+    if os.geteuid() != 0:
+        pytest.skip("root's view of a host that has no piku yet")
+    result = subprocess.run([PYTHON, str(PIKU_PY), "doctor"], capture_output=True, text=True,
+                            env=clean_env(HOME=str(tmp_path)))
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1 and lines[0] == "FAIL  piku is not installed on this host", result.stdout
+    assert lines[1] == f"      fix: /usr/bin/python3 {PIKU_PY} install", result.stdout
+
+
+def test_a_kept_release_is_dropped_only_when_its_piku_built_environment_is_gone(tmp_path):
+    import piku as piku_module
+    built = os.path.join(piku_module.env_dir("shop"), "python-0123")
+    assert piku_module.environment_gone("shop", {"env": {"VIRTUAL_ENV": built}})
+    assert not piku_module.environment_gone("shop", {"env": {"VIRTUAL_ENV": str(tmp_path)}})   # the app's own setting
+    assert not piku_module.environment_gone("shop", {"env": {}})
 
 
 def assert_every_line_says_something(report):

@@ -6,7 +6,7 @@ import subprocess
 import time
 
 
-from conftest import EXAMPLES, fetch, wait_for_body
+from conftest import EXAMPLES, SYSTEM_PATH, fetch, wait_for_body
 
 FLASK_UWSGI = EXAMPLES / "flask-uwsgi"
 FLASK_GUNICORN = EXAMPLES / "flask-gunicorn"
@@ -327,6 +327,10 @@ def test_uv_run_in_a_procfile_uses_the_release_environment_without_sync_or_netwo
     start and whose index cannot be reached: no sync, no .venv in the release, no download."""
     toolchain.require("3.11")
     piku.env["UV_CACHE_DIR"] = str(tmp_path / "empty-uv-cache")
+    home = tmp_path / "home"            # as `install` leaves it: uv in ~/.local/bin, which is not on PATH
+    (home / ".local" / "bin").mkdir(parents=True)
+    (home / ".local" / "bin" / "uv").symlink_to(toolchain.root / "bin" / "uv")
+    piku.env.update(HOME=str(home), PATH=SYSTEM_PATH)
     uv_config = tmp_path / "app-uv-config"
     app = make_app(FLASK_UWSGI, "ur")
     app.write("serve.py", UV_RUN_SERVER)

@@ -22,8 +22,11 @@ export UV_PYTHON_INSTALL_DIR="$WORK/pythons" UV_PYTHON_DOWNLOADS=never
 mkdir -p "$UV_PYTHON_INSTALL_DIR"
 if [ -n "$FOUND" ]; then
   set -- $FOUND
-  cp -al "$3" "$UV_PYTHON_INSTALL_DIR/cpython-$2-linux-x86_64-gnu" 2>/dev/null \
-    || cp -a "$3" "$UV_PYTHON_INSTALL_DIR/cpython-$2-linux-x86_64-gnu"
+  case "$3" in
+    /usr|/usr/local) ;;      # a system Python (Ubuntu's python3.12): uv finds it on PATH as it is
+    *) cp -al "$3" "$UV_PYTHON_INSTALL_DIR/cpython-$2-linux-x86_64-gnu" 2>/dev/null \
+         || cp -a "$3" "$UV_PYTHON_INSTALL_DIR/cpython-$2-linux-x86_64-gnu" ;;
+  esac
   SECOND=$1
 fi
 
