@@ -1653,15 +1653,21 @@ class ExportedLockBuildpack(PythonBuildpack):
         if found:
             return [found], f"{self.tool} at {found}"
         requirement, *plugins = self.uv_tool
-        command = [uv, "tool", "run", "--from", requirement, *(f"--with={plugin}" for plugin in plugins), self.tool]
-        try:
-            run_build_tool([*command, "--version"], os.path.expanduser("~"), tool_env, show=False)
+        pinned = " and ".join(self.uv_tool)
+        environment = [uv, "tool", "run", "--offline", "--from", requirement, *(f"--with={plugin}" for plugin in plugins)]
+        probe, home = [*environment, "python", "-I", "-c", "pass"], os.path.expanduser("~")
+        try:        # from uv's cache, with no request to the index: the version is pinned
+            run_build_tool(probe, home, tool_env, show=False, quiet=True)
         except PikuError:
-            raise PikuError(f"{self.tool} is not installed for the piku user, and uv could not run {requirement} "
-                            "(uv's output is above)", "If it could not reach the package index, let the piku user "
-                            f"reach it, or install {self.tool} as that user: '{self.install_hint}'; then push "
-                            "again.") from None
-        return command, f"{' and '.join(self.uv_tool)} (uv tool run: no {self.tool} is installed for the piku user)"
+            step(f"Fetching {pinned} into uv's cache (no {self.tool} is installed for the piku user)")
+            try:
+                run_build_tool([part for part in probe if part != "--offline"], home, tool_env, show=False)
+            except PikuError:
+                raise PikuError(f"{self.tool} is not installed for the piku user, and uv could not run {requirement} "
+                                "(uv's output is above)", "If it could not reach the package index, let the piku "
+                                f"user reach it, or install {self.tool} as that user: '{self.install_hint}'; then "
+                                "push again.") from None
+        return [*environment, self.tool], f"{pinned} (uv tool run: no {self.tool} is installed for the piku user)"
 
     def verify(self, context, tool, env):
         """Check the lock against its manifest, when exporting does not."""
@@ -1922,10 +1928,10 @@ def kill_session(process):
     process.wait()
 
 
-def run_build_tool(args, cwd, env, show=True, failures=(), name=None):
+def run_build_tool(args, cwd, env, show=True, failures=(), name=None, quiet=False):
     """Run a build tool (uv, pip, poetry, pipenv) with no terminal to ask on; stream its output
     indented as it comes, with secrets masked (or keep its stdout, when show is False), and turn
-    a failure into an actionable error. -> its stdout"""
+    a failure into an actionable error (quiet: without showing its output). -> its stdout"""
     secrets = secret_values(env)
     if show:
         returncode, output = stream_command(args, cwd, env, secrets)
@@ -1934,7 +1940,7 @@ def run_build_tool(args, cwd, env, show=True, failures=(), name=None):
         result = subprocess.run(args, cwd=cwd, env=env, text=True, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         output = result.stderr
-        if result.returncode != 0:
+        if result.returncode != 0 and not quiet:
             for line in (output or "").splitlines():
                 notice(mask_secrets(line, secrets))
     if result.returncode != 0:

@@ -302,6 +302,7 @@ SHAPES = {     # name -> (example, the file the code-only change edits, how a de
     "flat": ("flask-uwsgi", "wsgi.py", "uv"),
     "packaged": ("uv-package", "src/hello_pkg/greeting.py", "uv"),
     "poetry": ("poetry", "app.py", "poetry"),
+    "poetry-uv": ("poetry", "app.py", "poetry"),     # the piku user has no Poetry: uv tool run's pinned one
 }
 
 
@@ -310,6 +311,9 @@ def measure_shapes(bench, results):
         if tool == "poetry" and not os.path.exists(bench.poetry):
             print(f"  (poetry is not installed: the {shape} app is not measured)")
             continue
+        host_poetry = bench.work / "bin" / "poetry"
+        if shape == "poetry-uv" and host_poetry.is_symlink():
+            host_poetry.unlink()
         app = f"shape-{shape}"
         path = bench.checkout(app, example)
         source = (REPO / "examples" / example / main).read_text()

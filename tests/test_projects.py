@@ -147,15 +147,17 @@ def test_poetry_2_project_and_pipenv_app_install_their_locks_exactly(piku, emper
         app = make_app(source, name)
         first = app.push()
         assert f"building with the python-{tool} buildpack" in first.output
+        assert f"Fetching {pinned} into uv's cache (no {tool} is installed for the piku user)" in first.output
         assert f"with {pinned} (uv tool run: no {tool} is installed for the piku user)" in first.output, first.output
         wait_for_body(piku.url(name), "six 1.15.0 without iniconfig")    # newer six exists; the lock wins
     assert "Python 3.11 (from Pipfile.lock [requires])" in first.output
 
     pipfile = (app.path / "Pipfile").read_text()
     app.write("Pipfile", pipfile.replace('six = ">=1.15"', 'six = ">=1.15"\nidna = "*"'))
-    push_is_refused(app, piku.url("pe"), ["Pipfile.lock is out of date with Pipfile; nothing was changed",
-                                          "Run 'pipenv lock', commit Pipfile.lock, and push again."],
-                    "six 1.15.0 without iniconfig")
+    refused = push_is_refused(app, piku.url("pe"), ["Pipfile.lock is out of date with Pipfile; nothing was changed",
+                                                    "Run 'pipenv lock', commit Pipfile.lock, and push again."],
+                              "six 1.15.0 without iniconfig")
+    assert "Fetching" not in refused.output, "the pinned Pipenv comes from uv's cache once fetched"
 
 
 def piku_user_has(piku, tool):
