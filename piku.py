@@ -1655,18 +1655,25 @@ class ExportedLockBuildpack(PythonBuildpack):
         requirement, *plugins = self.uv_tool
         pinned = " and ".join(self.uv_tool)
         environment = [uv, "tool", "run", "--offline", "--from", requirement, *(f"--with={plugin}" for plugin in plugins)]
-        probe, home = [*environment, "python", "-I", "-c", "pass"], os.path.expanduser("~")
-        try:        # from uv's cache, with no request to the index: the version is pinned
-            run_build_tool(probe, home, tool_env, show=False, quiet=True)
-        except PikuError:
+        home = os.path.expanduser("~")
+        # from uv's cache, with no request to the index (the version is pinned): a 0.05 s check
+        probe = subprocess.run([*environment, "python", "-I", "-c", "pass"], cwd=home, env=tool_env, text=True,
+                               stdin=subprocess.DEVNULL, capture_output=True)
+        if probe.returncode != 0 and not any(needle in probe.stderr for needle in UV_CACHE_MISSES):
+            for line in probe.stderr.strip().splitlines()[-10:]:
+                notice(mask_secrets(line, secret_values(tool_env)))
+            raise PikuError(f"uv could not run {pinned}, which this app's lock file needs (uv's words are above)",
+                            f"Check the app's UV_* settings (config APP) and the host's uv.toml, or install "
+                            f"{self.tool} for the piku user: '{self.install_hint}'; then push again.")
+        if probe.returncode != 0:
+            environment.remove("--offline")     # fetched now; without a cache (UV_NO_CACHE) every time
             step(f"Fetching {pinned} into uv's cache (no {self.tool} is installed for the piku user)")
             try:
-                run_build_tool([part for part in probe if part != "--offline"], home, tool_env, show=False)
+                run_build_tool([*environment, "python", "-I", "-c", "pass"], home, tool_env, show=False)
             except PikuError:
-                raise PikuError(f"{self.tool} is not installed for the piku user, and uv could not run {requirement} "
-                                "(uv's output is above)", "If it could not reach the package index, let the piku "
-                                f"user reach it, or install {self.tool} as that user: '{self.install_hint}'; then "
-                                "push again.") from None
+                raise PikuError(f"{self.tool} is not installed for the piku user, and uv could not fetch {requirement} "
+                                "(uv's output is above)", "Let the piku user reach the package index, or install "
+                                f"{self.tool} as that user: '{self.install_hint}'; then push again.") from None
         return [*environment, self.tool], f"{pinned} (uv tool run: no {self.tool} is installed for the piku user)"
 
     def verify(self, context, tool, env):
@@ -1676,6 +1683,10 @@ class ExportedLockBuildpack(PythonBuildpack):
         return tuple((needle, f"{self.lock} is out of date with {self.manifest}",
                       f"Run '{self.tool} lock', commit {self.lock}, and push again.")
                      for needle in self.stale_needles)
+
+
+# What uv says when --offline finds a package missing from its cache (it must fetch it first).
+UV_CACHE_MISSES = ("not found in the cache", "network was disabled", "network connectivity is disabled")
 
 
 class PoetryBuildpack(ExportedLockBuildpack):
@@ -1928,10 +1939,10 @@ def kill_session(process):
     process.wait()
 
 
-def run_build_tool(args, cwd, env, show=True, failures=(), name=None, quiet=False):
+def run_build_tool(args, cwd, env, show=True, failures=(), name=None):
     """Run a build tool (uv, pip, poetry, pipenv) with no terminal to ask on; stream its output
     indented as it comes, with secrets masked (or keep its stdout, when show is False), and turn
-    a failure into an actionable error (quiet: without showing its output). -> its stdout"""
+    a failure into an actionable error. -> its stdout"""
     secrets = secret_values(env)
     if show:
         returncode, output = stream_command(args, cwd, env, secrets)
@@ -1940,7 +1951,7 @@ def run_build_tool(args, cwd, env, show=True, failures=(), name=None, quiet=Fals
         result = subprocess.run(args, cwd=cwd, env=env, text=True, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         output = result.stderr
-        if result.returncode != 0 and not quiet:
+        if result.returncode != 0:
             for line in (output or "").splitlines():
                 notice(mask_secrets(line, secrets))
     if result.returncode != 0:
@@ -2588,6 +2599,7 @@ def idle_timeout(env):
     return setting_number(env, ("NGINX_PROXY_READ_TIMEOUT",), NGINX_PROXY_READ_TIMEOUT)
 
 
+EMPEROR_MARK = "; the uWSGI emperor for piku"
 EMPEROR_TEMPLATE = string.Template("""\
 [uwsgi]
 ; the uWSGI emperor for piku: run it with  uwsgi --ini $config
@@ -5060,14 +5072,25 @@ UNIT_EMPEROR = re.compile(r"^ExecStart=\S*uwsgi\s(?:.*\s)?--ini[ =](\S+)", re.M)
 
 def installed_emperors():
     """The systemd units on this host that run a piku emperor (`install`'s, or written by hand
-    as docs/INSTALL.md shows): {emperor config: (unit, user)}."""
+    as docs/INSTALL.md shows): {emperor config: (unit, user)}. A unit counts when the config it
+    runs is one piku's setup wrote; a unit this user cannot read, or not text, is no piku's."""
     found = {}
     for path in sorted(glob.glob(os.path.join(SYSTEMD_UNITS, "*.service"))):
-        text = read_text(path, "")
-        emperor, user = UNIT_EMPEROR.search(text), UNIT_USER.search(text)
-        if emperor:
+        text, emperor, user = readable_text(path), None, None
+        if text:
+            emperor, user = UNIT_EMPEROR.search(text), UNIT_USER.search(text)
+        if emperor and EMPEROR_MARK in readable_text(emperor.group(1)):
             found.setdefault(emperor.group(1), (os.path.basename(path), user.group(1) if user else "root"))
     return found
+
+
+def readable_text(path, limit=65536):
+    """The start of a file of the host's, or "" when this user cannot read it (a unit of root's)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read(limit)
+    except OSError:
+        return ""
 
 
 def not_set_up():
@@ -5114,6 +5137,14 @@ def shell_line(commands):
     return line.replace(f" {home}/", " ~/") if shlex.quote(home) == home else line
 
 
+def python_has_venv():
+    """Can the system's Python make a venv with pip (Debian: python3-venv)?"""
+    try:
+        return subprocess.run([SYSTEM_PYTHON, "-c", "import ensurepip"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
 def apps_needing_uv():
     """The apps whose live release a uv buildpack builds: without uv, none of them can change."""
     needing = []
@@ -5133,7 +5164,7 @@ def check_uv():
     uv = find_uv(build_tool_env(base_env("doctor")), required=False)
     if not uv:
         needing = apps_needing_uv()
-        venv_missing = subprocess.run([SYSTEM_PYTHON, "-c", "import ensurepip"], capture_output=True).returncode != 0
+        venv_missing = not python_has_venv()
         yield Finding("FAIL" if needing else "WARN", "uv is not installed for this user: " +
                       (f"{', '.join(needing)} cannot be deployed or changed" if needing else
                        "apps with a pyproject.toml cannot build"),
@@ -5210,8 +5241,8 @@ def nginx_reload_finding():
             return Finding("OK", f"nginx is reloaded by systemd's {path_unit}")
         if os.path.exists(os.path.join(SYSTEMD_UNITS, path_unit)):
             return root_fix("WARN", problem, f"systemctl enable --now {path_unit}")
-        return root_fix("WARN", problem, shlex.join([SYSTEM_PYTHON, PIKU_SCRIPT, "install", "--user", user]),
-                        also="install writes piku's path unit (and changes nothing it finds in place)")
+        return Finding("WARN", problem, also=f"as root, write piku's path unit {path_unit} and its service "
+                       "(docs/NGINX.md, option 1), then: systemctl enable --now " + path_unit)
     if os.geteuid() == 0:       # root's own piku: no sudo to go through
         return Finding("WARN", problem, f"echo \"PIKU_NGINX_RELOAD='{nginx_binary() or '/usr/sbin/nginx'} -s reload'\" "
                        f">> {shlex.quote(HOST_ENV)}")
@@ -6631,7 +6662,10 @@ def check_key_access(name, command, app, allowed):
     command added later), unless it is one of KEY_COMMANDS. An app it may not see gets the same
     answer as one that does not exist."""
     takes_app = any(param.name == "app" for param in command.params)
-    if (name not in KEY_COMMANDS and not takes_app) or (takes_app and app is None):
+    if takes_app and app is None:       # doctor without an app: the host's; with one of the key's, its app's
+        raise PikuError(f"'{name}' without an app is the host's: name one of this key's apps",
+                        f"Write it as '{name} APP'; this key may use: " + (", ".join(sorted(allowed)) or "no app"))
+    if name not in KEY_COMMANDS and not takes_app:
         raise PikuError(f"'{name}' needs a key that may manage the whole host",
                         "Ask the host's administrator; this key may use: " + (", ".join(sorted(allowed)) or "no app"))
     if app is not None and validate_app_name(app) not in allowed:

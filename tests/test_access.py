@@ -160,6 +160,13 @@ def test_a_key_that_sees_one_app_may_leave_its_name_out(tmp_path):
             assert app is None or app_of(name, app) in result["line"], result
 
 
+def test_doctor_from_a_key_that_sees_several_apps_asks_for_one(tmp_path):
+    (result,), _ = run_driver(tmp_path, ["doctor"], apps=["mine", "victim"])
+    assert result["ran"] == [] and result["code"] == 1, result
+    assert "'doctor' without an app is the host's: name one of this key's apps" in result["output"]
+    assert "Write it as 'doctor APP'; this key may use: mine, victim" in result["output"]
+
+
 def test_no_key_reaches_internal_or_server_only_commands_by_any_spelling(tmp_path):
     results, _ = run_driver(tmp_path, REPRODUCTIONS + generated_lines(1500, seed=16))
     ran = {name for result in results for name, _ in result["ran"]}

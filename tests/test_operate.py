@@ -256,3 +256,30 @@ def test_a_kept_release_is_dropped_only_when_its_piku_built_environment_is_gone(
 def assert_every_line_says_something(report):
     for line in report.splitlines():
         assert not re.search(r"[:,(]\s*$", line) and not re.fullmatch(r"(OK|WARN|FAIL)\s*\S{0,3}", line), line
+
+
+def test_doctor_reads_only_piku_emperor_units_and_survives_any_unit_file(tmp_path, monkeypatch):
+    import piku as piku_module
+    units, root = tmp_path / "units", tmp_path / "piku"
+    units.mkdir()
+    (root / "uwsgi").mkdir(parents=True)
+    ours = root / "uwsgi" / "uwsgi.ini"
+    ours.write_text(piku_module.EMPEROR_MARK + ": run it with  uwsgi --ini ...\n")
+    other = tmp_path / "other.ini"
+    other.write_text("[uwsgi]\nemperor = /srv/vassals\n")
+    (units / "uwsgi-piku.service").write_text(f"[Service]\nUser=piku\nExecStart=/usr/bin/uwsgi --ini {ours}\n")
+    (units / "aaa-emperor.service").write_text(f"[Service]\nExecStart=/usr/bin/uwsgi --ini {other}\n")
+    (units / "latin1.service").write_bytes(b"[Service]\nDescription=caf\xe9\nExecStart=/usr/bin/uwsgi --ini /x\n")
+    (units / "folder.service").mkdir()          # not a file: unreadable, like a unit of root's to the piku user
+    monkeypatch.setattr(piku_module, "SYSTEMD_UNITS", str(units))
+    assert piku_module.installed_emperors() == {str(ours): ("uwsgi-piku.service", "piku")}
+
+
+def test_the_pinned_tool_refused_by_a_uv_setting_says_so_in_uv_words(toolchain, tmp_path, capsys):
+    import piku as piku_module
+    toolchain.require("3.11")
+    env = dict(toolchain.env, HOME=str(tmp_path), UV_PYTHON="3.99")
+    with pytest.raises(piku_module.PikuError) as refused:
+        piku_module.PipenvBuildpack().tool_command(str(toolchain.root / "bin" / "uv"), env)
+    assert refused.value.message.startswith("uv could not run pipenv==2026.10.3, which this app's lock file needs")
+    assert "UV_* settings" in refused.value.hint and "Python 3.99" in capsys.readouterr().out

@@ -158,6 +158,10 @@ def test_poetry_2_project_and_pipenv_app_install_their_locks_exactly(piku, emper
                                                     "Run 'pipenv lock', commit Pipfile.lock, and push again."],
                               "six 1.15.0 without iniconfig")
     assert "Fetching" not in refused.output, "the pinned Pipenv comes from uv's cache once fetched"
+    # an app whose uv keeps no cache (UV_NO_CACHE) gets the pinned Poetry fetched on each build
+    rebuilt = piku("config:set", "p2", "UV_NO_CACHE=1")
+    assert "Fetching poetry==2.5.1 and poetry-plugin-export==1.10.1" in rebuilt.stdout, rebuilt.stdout + rebuilt.stderr
+    wait_for_body(piku.url("p2"), "six 1.15.0 without iniconfig")
 
 
 def piku_user_has(piku, tool):
