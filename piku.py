@@ -1655,9 +1655,9 @@ class ExportedLockBuildpack(PythonBuildpack):
         requirement, *plugins = self.uv_tool
         pinned = " and ".join(self.uv_tool)
         environment = [uv, "tool", "run", "--offline", "--from", requirement, *(f"--with={plugin}" for plugin in plugins)]
-        home = os.path.expanduser("~")
+        home, check = os.path.expanduser("~"), ["python", "-I", "-c", "pass"]    # starts the tool's Python only
         # from uv's cache, with no request to the index (the version is pinned): a 0.05 s check
-        probe = subprocess.run([*environment, "python", "-I", "-c", "pass"], cwd=home, env=tool_env, text=True,
+        probe = subprocess.run([*environment, *check], cwd=home, env=tool_env, text=True,
                                stdin=subprocess.DEVNULL, capture_output=True)
         if probe.returncode != 0 and not any(needle in probe.stderr for needle in UV_CACHE_MISSES):
             for line in probe.stderr.strip().splitlines()[-10:]:
@@ -1669,7 +1669,7 @@ class ExportedLockBuildpack(PythonBuildpack):
             environment.remove("--offline")     # fetched now; without a cache (UV_NO_CACHE) every time
             step(f"Fetching {pinned} into uv's cache (no {self.tool} is installed for the piku user)")
             try:
-                run_build_tool([*environment, "python", "-I", "-c", "pass"], home, tool_env, show=False)
+                run_build_tool([*environment, *check], home, tool_env, show=False)
             except PikuError:
                 raise PikuError(f"{self.tool} is not installed for the piku user, and uv could not fetch {requirement} "
                                 "(uv's output is above)", "Let the piku user reach the package index, or install "
@@ -5049,6 +5049,7 @@ def piku_command(*args):
 
 
 def over_ssh():
+    """Is this command one an ssh key sent (the forced command names the key)?"""
     return bool(os.environ.get("FINGERPRINT"))
 
 
@@ -5103,7 +5104,7 @@ def not_set_up():
                        "to run piku as root here instead: " + piku_command("setup"))
     if os.geteuid() == 0 and installed:
         unit, user = installed[0]
-        home = pwd.getpwnam(user).pw_dir if user in {entry.pw_name for entry in pwd.getpwall()} else f"~{user}"
+        home = os.path.expanduser(f"~{user}")
         return Finding("FAIL", f"piku is not set up for root (no PIKU_ROOT at {PIKU_ROOT}); this host's "
                        f"piku user is {user}", shlex.join(["runuser", "-u", user, "--", SYSTEM_PYTHON,
                                                            os.path.join(home, "piku.py"), "doctor"]))
@@ -5617,12 +5618,9 @@ def install_uv(target):
     for path in (os.path.join(target.home, ".local", "bin", "uv"), "/usr/local/bin/uv", "/usr/bin/uv"):
         if os.access(path, os.X_OK):
             return None
-    venv = os.path.join(target.home, ".local", "share", "piku", "uv")
-    as_user(target, [SYSTEM_PYTHON, "-m", "venv", venv])
-    as_user(target, [os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check", "uv"])
+    for command in uv_install_commands(target.home):     # what doctor's fix for a missing uv runs too
+        as_user(target, command)
     link = os.path.join(target.home, ".local", "bin", "uv")
-    as_user(target, ["mkdir", "-p", os.path.dirname(link)])
-    as_user(target, ["ln", "-sfn", os.path.join(venv, "bin", "uv"), link])
     return f"installed {as_user(target, [link, '--version']).stdout.strip()} as {link} (from PyPI)"
 
 
@@ -6583,7 +6581,7 @@ def default_key_name(comment, fingerprint):
 
 def key_apps():
     """The apps the ssh key in use may touch (None: all, as for a key without --apps or on the host)."""
-    apps = os.environ.get("APPS") if os.environ.get("FINGERPRINT") else None
+    apps = os.environ.get("APPS") if over_ssh() else None
     return None if apps is None else {app for app in apps.split(",") if app}
 
 
