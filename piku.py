@@ -81,6 +81,7 @@ import shutil
 import signal
 import socket
 import string
+import struct
 import subprocess
 import tempfile
 import time
@@ -128,8 +129,11 @@ ACME_WWW = os.path.join(PIKU_ROOT, "acme")        # http-01 answers: ACME_WWW/.w
 UWSGI_ROOT = os.path.join(PIKU_ROOT, "uwsgi")
 UWSGI_AVAILABLE = os.path.join(PIKU_ROOT, "uwsgi-available")
 UWSGI_ENABLED = os.path.join(PIKU_ROOT, "uwsgi-enabled")
-PIKU_DIRS = (APP_ROOT, CACHE_ROOT, DATA_ROOT, ENV_ROOT, GIT_ROOT, LOG_ROOT, NGINX_ROOT,
-             RELEASE_ROOT, LOCK_ROOT, UWSGI_ROOT, UWSGI_AVAILABLE, UWSGI_ENABLED, ACME_WWW)
+SANDBOX_ROOT = os.path.join(PIKU_ROOT, "sandbox")  # piku's records of app processes: no sandbox shows it
+TMP_ROOT = os.path.join(PIKU_ROOT, "tmp")          # tmp/APP: the app's /tmp and /var/tmp in its sandbox
+UV_CACHE_ROOT = os.path.join(CACHE_ROOT, ".uv")    # cache/.uv/APP: the app's own uv cache and tool folder
+PIKU_DIRS = (APP_ROOT, CACHE_ROOT, DATA_ROOT, ENV_ROOT, GIT_ROOT, LOG_ROOT, NGINX_ROOT, RELEASE_ROOT,
+             LOCK_ROOT, UWSGI_ROOT, UWSGI_AVAILABLE, UWSGI_ENABLED, ACME_WWW, SANDBOX_ROOT, TMP_ROOT, UV_CACHE_ROOT)
 
 # Who may enter piku's folders. nginx (www-data, in the piku user's group) walks through the
 # group's folders to what it serves -- the apps' sockets, release files, ACME answers -- and
@@ -138,7 +142,8 @@ PIKU_DIRS = (APP_ROOT, CACHE_ROOT, DATA_ROOT, ENV_ROOT, GIT_ROOT, LOG_ROOT, NGIN
 # below one of these gets its mode; GROUP_WRITES lists the exceptions nginx writes into.
 FOLDER_MODES = {PIKU_ROOT: 0o750, RELEASE_ROOT: 0o750, UWSGI_ROOT: 0o750, ACME_WWW: 0o750, CACHE_ROOT: 0o750,
                 APP_ROOT: 0o700, DATA_ROOT: 0o700, ENV_ROOT: 0o700, GIT_ROOT: 0o700, LOG_ROOT: 0o700,
-                NGINX_ROOT: 0o700, LOCK_ROOT: 0o700, UWSGI_AVAILABLE: 0o700, UWSGI_ENABLED: 0o700}
+                NGINX_ROOT: 0o700, LOCK_ROOT: 0o700, UWSGI_AVAILABLE: 0o700, UWSGI_ENABLED: 0o700,
+                SANDBOX_ROOT: 0o700, TMP_ROOT: 0o700, UV_CACHE_ROOT: 0o700}
 GROUP_WRITES = (CACHE_ROOT,)        # cache/APP: nginx's proxy and uwsgi caches
 UMASK = 0o027                       # files piku (and what it runs) creates: the group reads, others nothing
 
@@ -148,7 +153,8 @@ HOST_FILES = {}
 # How each shared folder names an app's entry: '' the app's name itself, '.conf' APP.conf, ...
 APP_ENTRIES = {APP_ROOT: ("",), CACHE_ROOT: ("",), DATA_ROOT: ("",), ENV_ROOT: ("",), GIT_ROOT: ("",),
                LOG_ROOT: ("",), RELEASE_ROOT: ("",), UWSGI_ROOT: ("",), LOCK_ROOT: (".lock",),
-               NGINX_ROOT: (".conf", ".crt", ".key", ".acme"), UWSGI_ENABLED: ("@",)}
+               NGINX_ROOT: (".conf", ".crt", ".key", ".acme"), UWSGI_ENABLED: ("@",), SANDBOX_ROOT: ("@",),
+               TMP_ROOT: ("",), UV_CACHE_ROOT: ("",)}
 
 
 def host_file(folder, name):
@@ -167,6 +173,10 @@ DAILY_OLD_LOG = host_file(LOG_ROOT, "acme-renew.log.old")
 PROBES_CACHE = host_file(CACHE_ROOT, ".probes.json")
 CLOUDFLARE_CACHE = host_file(CACHE_ROOT, ".cloudflare-ips.json")
 NAMES_LOCK = host_file(LOCK_ROOT, ".names.lock")
+host_file(CACHE_ROOT, os.path.basename(UV_CACHE_ROOT))
+SANDBOX_WRAPPER = host_file(SANDBOX_ROOT, "vassal-wrapper")     # the emperor starts every vassal with it
+WORKER_SECCOMP = host_file(SANDBOX_ROOT, "worker.seccomp")      # what no worker may do (seccomp_program)
+TERMINAL_SECCOMP = host_file(SANDBOX_ROOT, "terminal.seccomp")  # ... nor `run` with a terminal
 NGINX_RELOAD_TRIGGER = host_file(NGINX_ROOT, ".reload")     # not *.conf: nginx never reads it
 HOST_ENV = os.path.join(PIKU_ROOT, "piku.env")
 SYSTEMD_FOLDER = os.path.join(PIKU_ROOT, "systemd")
@@ -966,7 +976,7 @@ def read_pushed_bytes(root, name, limit):
 # app_socket_path: no component below piku's own folder is followed if it is a link, and
 # the file must be of the kind piku expects.
 
-APP_WRITABLE = (LOG_ROOT, UWSGI_ROOT, DATA_ROOT)
+APP_WRITABLE = (LOG_ROOT, UWSGI_ROOT, DATA_ROOT, TMP_ROOT, UV_CACHE_ROOT)
 
 
 def inside_app_folder(path):
@@ -1088,7 +1098,7 @@ def folder_mode(path):
     """The mode of a folder of piku's: that of the registered folder it is (or lies below)."""
     for root in sorted(FOLDER_MODES, key=len, reverse=True):
         if path == root or path.startswith(root + os.sep):
-            if path != root and any(path.startswith(base + os.sep) for base in GROUP_WRITES):
+            if path != root and root in GROUP_WRITES:
                 return 0o770
             return FOLDER_MODES[root]
     return None
@@ -1213,6 +1223,415 @@ class AppLock:
         self.handle.close()
 
 
+# --- the sandbox ------------------------------------------------------------------
+# Every process of an app's code -- its build, preflight: and release:, workers of every kind,
+# cron and `run` -- runs in the app's own view of the host, made by bubblewrap without root: new
+# user, PID, IPC, UTS and mount namespaces, the system read-only, a cleared environment plus the
+# app's own, and of ~/.piku only the app's own folders. sandbox_command() is the one place a
+# view becomes a command; piku's own processes (the hook, the front, doctor) stay outside.
+#   worker   the release, its site folder and environment read-only; its generation's runtime
+#            folder (sockets, pidfile, FIFO) and logs, and the app's data, read-write
+#   build    the release, the new environment and site folder, and the app's uv cache read-write
+#   release  (preflight: and release:) the release and the data read-write
+#   run      the data read-write
+# piku's records of what it starts live in SANDBOX_ROOT, which no view shows: a vassal's view
+# (APP@UNIT.view: bwrap's arguments; APP@UNIT.host: one of piku's own, run as it is), bwrap's
+# report of its real PID (APP@UNIT.info), gunicorn configs, generation records. The emperor
+# starts every vassal through SANDBOX_WRAPPER, which starts none that piku did not describe.
+
+SANDBOX_MODES = ("required", "auto", "off")     # PIKU_SANDBOX, a host setting (piku.env)
+SANDBOX_MARK = "/run/piku-sandbox"              # exists only inside a sandbox: a vassal checks it
+BWRAP_COPY = "/usr/local/lib/piku/bwrap"        # install's copy where AppArmor restricts user namespaces
+SYSTEM_FOLDERS = ("/usr", "/etc", "/opt", "/sys")
+MERGED_USR = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+HOME_TOOLS = (".local/bin", ".local/share/uv", ".local/share/pipx", ".local/pipx", ".config/uv", ".config/pip",
+              ".config/pypoetry")
+
+
+@dataclass(frozen=True)
+class View:
+    """What one process of an app sees besides the system: paths bound at their own place."""
+    app: str
+    write: tuple = ()       # read-write
+    read: tuple = ()        # read-only
+    links: tuple = ()       # (target, path): symlinks made at path
+    cwd: str = ""           # where it starts (bwrap sets PWD to it); else where its caller is
+    terminal: bool = False  # keeps the caller's terminal session (run with a terminal: ^C reaches it)
+
+
+def sandbox_mode():
+    mode = host_setting("PIKU_SANDBOX", "auto").strip().lower() or "auto"
+    if mode not in SANDBOX_MODES:
+        raise PikuError(f"the host setting PIKU_SANDBOX={mode!r} is not one of {', '.join(SANDBOX_MODES)}",
+                        f"Fix it in {HOST_ENV}: PIKU_SANDBOX=auto")
+    return mode
+
+
+def bwrap_binary():
+    """The host's PIKU_BWRAP, else piku's own copy (an AppArmor profile lets only it make user
+    namespaces), else bubblewrap's -- None when there is none."""
+    configured = host_setting("PIKU_BWRAP").strip()
+    if configured:
+        return configured if os.path.isabs(configured) and os.access(configured, os.X_OK) else None
+    return BWRAP_COPY if os.access(BWRAP_COPY, os.X_OK) else shutil.which("bwrap", path=DEFAULT_PATH)
+
+
+@functools.lru_cache(maxsize=None)
+def bwrap_options():
+    """The options this bubblewrap knows (Ubuntu 22.04's 0.6 has no --disable-userns)."""
+    if not bwrap_binary():
+        return frozenset()
+    result = subprocess.run([bwrap_binary(), "--help"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    return frozenset(re.findall(r"^\s+(--[a-z-]+)", result.stdout + result.stderr, re.M))
+
+
+@functools.lru_cache(maxsize=None)
+def sandbox_problem():
+    """Why no sandbox starts here as this user -> (why, fix), or None when one does."""
+    bwrap = bwrap_binary()
+    if not bwrap and host_setting("PIKU_BWRAP").strip():
+        return (f"PIKU_BWRAP={host_setting('PIKU_BWRAP').strip()} is no program piku can run",
+                f"Fix PIKU_BWRAP in {HOST_ENV} (an absolute path), or remove it to use bubblewrap's")
+    if not bwrap:
+        return "bubblewrap is not installed", "As root: apt-get install bubblewrap (piku.py install does it)"
+    try:
+        result = subprocess.run([bwrap, *view_args(View("")), "--", "/bin/true"], capture_output=True,
+                                text=True, stdin=subprocess.DEVNULL, env={"PATH": DEFAULT_PATH}, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"bubblewrap did not run: {error}", "Check the bubblewrap package: apt-get install --reinstall bubblewrap"
+    if result.returncode == 0:
+        return None
+    said = f"bwrap says: {last_line(result.stderr)}"
+    if read_text("/proc/sys/user/max_user_namespaces").strip() == "0":
+        return (f"user namespaces are turned off (user.max_user_namespaces=0); {said}",
+                "As root: echo user.max_user_namespaces=15000 > /etc/sysctl.d/90-piku.conf && sysctl --system")
+    if read_text("/proc/sys/kernel/unprivileged_userns_clone").strip() == "0":
+        return (f"unprivileged user namespaces are turned off (kernel.unprivileged_userns_clone=0); {said}",
+                "As root: echo kernel.unprivileged_userns_clone=1 > /etc/sysctl.d/90-piku.conf && sysctl --system")
+    if read_text("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").strip() == "1" and bwrap != BWRAP_COPY:
+        return (f"AppArmor restricts user namespaces on this host (Ubuntu 24.04 and later); {said}",
+                f"As root: python3 {PIKU_SCRIPT} install --user {current_user()}  (it installs {BWRAP_COPY} "
+                "and an AppArmor profile for it)")
+    return said, "Run doctor as the piku user; docs/SECURITY.md lists what the sandbox needs"
+
+
+def app_sandboxed(app, workers=False):
+    """Will the app's code (its workers, with workers) run in its sandbox? Refuses (PikuError)
+    where it must and cannot: PIKU_SANDBOX=required, or a key limited to some apps; says so
+    loudly where it may not."""
+    mode, problem = sandbox_mode(), None
+    if mode != "off":
+        problem = sandbox_problem() or (emperor_problem() if workers else None)
+        if not problem:
+            return True
+    why, fix = problem or ("PIKU_SANDBOX=off on this host", f"Remove PIKU_SANDBOX=off from {HOST_ENV}")
+    if mode == "required" or key_apps() is not None:
+        demand = "PIKU_SANDBOX=required" if mode == "required" else "a key limited to some apps"
+        raise PikuError(f"{app}'s code must run in its sandbox ({demand}), and it cannot: {why}. Nothing was changed",
+                        fix)
+    warn_unsandboxed(app, why, fix)
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def warn_unsandboxed(app, why, fix):
+    warning(f"NO SANDBOX: {app}'s code runs as the piku user and can read and change every app's files: {why}")
+    warning(fix)
+
+
+def emperor_problem():
+    """Why the running emperor would start vassals outside piku's wrapper -> (why, fix), or None.
+    (An emperor that is not running is the health check's to report.)"""
+    pid = pidfile_pid(EMPEROR_PID)
+    if not (pid and pid_alive(pid)) or emperor_runs_wrapper(pid):
+        return None
+    fix, as_root = restart_emperor_fix()
+    setup = "" if f"emperor-wrapper = {SANDBOX_WRAPPER}" in read_text(EMPEROR_CONFIG) else \
+        f"as the piku user, {piku_command('setup')}; then "
+    return ("the uWSGI emperor runs without piku's vassal wrapper (it started before this piku.py set it up)",
+            f"Restart the emperor: {setup}{'as root, ' if as_root else ''}{fix}")
+
+
+def sandbox_command(view, args, seccomp=None):
+    """args as they run in the app's view: bubblewrap, the view, then args (seccomp: the fd of a
+    program for bwrap --seccomp, which the caller passes on)."""
+    make_folder(os.path.join(TMP_ROOT, view.app))
+    return [bwrap_binary(), *(["--seccomp", str(seccomp)] if seccomp is not None else []), *view_args(view), "--", *args]
+
+
+def view_args(view):
+    """bubblewrap's arguments for a view. Order matters: a later mount covers an earlier one."""
+    home = os.path.expanduser("~")
+    args = ["--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent"]
+    args += ["--disable-userns"] if "--disable-userns" in bwrap_options() else []
+    args += [] if view.terminal else ["--new-session"]
+    for folder in SYSTEM_FOLDERS:
+        args += ["--ro-bind-try", folder, folder]
+    for link in MERGED_USR:
+        if os.path.islink(link):
+            args += ["--symlink", os.readlink(link), link]
+        elif os.path.isdir(link):
+            args += ["--ro-bind", link, link]
+    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run", "--dir", SANDBOX_MARK]
+    resolv = os.path.realpath("/etc/resolv.conf")
+    if resolv.startswith("/run/") and os.path.isfile(resolv):      # systemd-resolved's stub
+        args += ["--ro-bind", resolv, resolv]
+    args += ["--tmpfs", home]
+    if view.app:
+        tmp = os.path.join(TMP_ROOT, view.app)
+        args += ["--bind", tmp, "/tmp", "--bind", tmp, "/var/tmp"]
+    args += ["--tmpfs", PIKU_ROOT]         # empty: below it only what follows, on a read-only skeleton
+    for path in host_tools(home):
+        args += ["--ro-bind-try", path, path]
+    for path in view.read:
+        args += ["--ro-bind", path, path]
+    for path in view.write:
+        args += ["--bind", path, path]
+    for target, path in view.links:
+        args += ["--symlink", target, path]
+    args += ["--chdir", view.cwd] if view.cwd else []
+    return [*args, "--remount-ro", PIKU_ROOT]
+
+
+def host_tools(home):
+    """Where the tools an app's processes run live, when not in the system's folders: the piku
+    user's installed tools and configs, uv, the Pythons uv manages and the test's toolchain."""
+    found = [os.path.join(home, folder) for folder in HOME_TOOLS]
+    uv = find_uv(dict(os.environ, PATH=os.environ.get("PATH") or DEFAULT_PATH), required=False)
+    found += tool_folders(uv) if uv else []
+    found.append(uv_managed_pythons(os.environ))
+    return [path for path in dict.fromkeys(found) if may_show(path)]
+
+
+def python_home(venv, depth=0):
+    """The installation a tool's venv (one of the host's, not an app's) runs its Python from."""
+    for line in read_nofollow(os.path.join(venv, "pyvenv.cfg"), 65536).splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "home" and value.strip() and depth < 3:
+            return tool_folders(os.path.join(value.strip(), "python3"), depth + 1)
+    return []
+
+
+def link_chain(path, most=16):
+    """path and every link it leads through, as written (each one's folder must be shown too)."""
+    chain = [path]
+    while os.path.islink(chain[-1]) and len(chain) < most:
+        chain.append(os.path.normpath(os.path.join(os.path.dirname(chain[-1]), os.readlink(chain[-1]))))
+    return chain
+
+
+def tool_folders(path, depth=0):
+    """The folders a tool runs from, to be shown read-only: where it is found and where it really
+    is, and when that is a Python installation or a venv's bin/, the installation (and the venv's
+    Python) too."""
+    found = []
+    home_local = os.path.join(os.path.expanduser("~"), ".local")
+    for place in dict.fromkeys([*link_chain(path), os.path.realpath(path)]):
+        folder = os.path.dirname(place)
+        found.append(folder)
+        prefix = os.path.dirname(folder)
+        if os.path.basename(folder) != "bin" or prefix == home_local:
+            continue
+        if os.path.isfile(os.path.join(prefix, "pyvenv.cfg")):
+            found += [prefix, *python_home(prefix, depth)]
+        elif glob.glob(os.path.join(glob.escape(prefix), "lib", "python3*")):
+            found.append(prefix)
+    return [folder for folder in dict.fromkeys(found) if may_show(folder)]
+
+
+def read_nofollow(path, limit):
+    """The text of a small regular file, not reached through a link at its last component ('' when
+    it cannot be read so)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""       # missing or a link: nothing to show
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return handle.read(limit).decode(errors="replace")
+
+
+def may_show(path):
+    """May a tool's folder be shown to apps? Never piku's folders, the keys, the home itself or
+    anything holding them; the system's folders are shown anyway."""
+    path = os.path.realpath(path)
+    if not os.path.isabs(path) or any(inside(path, folder) for folder in SYSTEM_FOLDERS):
+        return False
+    home = os.path.realpath(os.path.expanduser("~"))
+    for private in (PIKU_ROOT, os.path.join(home, ".ssh")):
+        if inside(path, private) or inside(private, path):
+            return False
+    return path != home and os.path.exists(path)
+
+
+def app_uv_folder(app):
+    """cache/.uv/APP: the app's own uv cache (cache/) and the folder `uv tool run` works in (tools/)."""
+    folder = os.path.join(UV_CACHE_ROOT, app)
+    for name in ("cache", "tools"):
+        make_folder(os.path.join(folder, name))
+    return folder
+
+
+def sandbox_file(app, unit, suffix):
+    """piku's record of one vassal in SANDBOX_ROOT: APP@UNIT.SUFFIX."""
+    return os.path.join(SANDBOX_ROOT, f"{app}@{unit}.{suffix}")
+
+
+def vassal_description(app, unit, view):
+    """{path: text} of a vassal's description: its view's arguments for the wrapper (NUL-separated,
+    bwrap --args), or that it is one of piku's own (view None) and runs as it is."""
+    if view is None:
+        return {sandbox_file(app, unit, "host"): "piku's own: no app code\n"}
+    make_folder(os.path.join(TMP_ROOT, app))
+    args = ["--clearenv", *view_args(view)]
+    return {sandbox_file(app, unit, "view"): "".join(arg + "\0" for arg in args)}
+
+
+WRAPPER_TEMPLATE = string.Template("""\
+#!/bin/sh
+# written by piku: the uWSGI emperor starts every vassal through this (emperor-wrapper).
+# A vassal runs as piku described it in $folder: in its app's sandbox (NAME.view,
+# bubblewrap's arguments), or as it is when it is one of piku's own (NAME.host). Any other is not started.
+[ "$$#" = 2 ] && [ "$$1" = --ini ] || { echo "piku: unexpected vassal arguments: $$*" >&2; exit 1; }
+name=$${2##*/}
+name=$${name%.ini}
+case "$$name" in *[!A-Za-z0-9@._-]*|.*) echo "piku: refused the vassal name $$name" >&2; exit 1;; esac
+description=$folder/$$name
+if [ -f "$$description.view" ]; then
+    exec $bwrap --args 3 --setenv UWSGI_EMPEROR_FD "$$UWSGI_EMPEROR_FD" --info-fd 4 --seccomp 5 \\
+        -- $uwsgi "$$@" 3<"$$description.view" 4>"$$description.info" 5<$seccomp
+elif [ -f "$$description.host" ]; then
+    exec $uwsgi "$$@"
+fi
+echo "piku: $$name has no description in $folder: not started" >&2
+exit 1
+""")
+
+
+# seccomp programs (classic BPF, for bwrap --seccomp) on the architectures piku runs on.
+# Workers make no symbolic link: the sockets the front and nginx connect to lie in a folder
+# workers write, and a link planted there would send those connections to another app's socket
+# (their build and release: may make links; nothing connects through those folders). And no
+# process pushes input into a terminal (TIOCSTI, TIOCLINUX): `run` shares the caller's.
+SECCOMP_ARCHES = (      # (audit arch, ioctl, the calls that make a symbolic link, x32 calls exist)
+    (0xC000003E, 16, (88, 266), True),      # x86_64
+    (0x40000003, 54, (83, 304), False),     # i386: a 32-bit program on x86_64
+    (0xC00000B7, 29, (36,), False),         # aarch64
+)
+TERMINAL_INJECTION = (0x5412, 0x541C)       # TIOCSTI, TIOCLINUX
+
+
+def seccomp_program(no_links):
+    """The filter as bytes: EPERM for those calls, everything else allowed."""
+    load, jump_equal, jump_set, ret = 0x20, 0x15, 0x45, 0x06
+    code = [(load, 4, None, None)]                          # seccomp_data.arch
+    code += [(jump_equal, arch, f"arch{index}", None) for index, (arch, *_) in enumerate(SECCOMP_ARCHES)]
+    code.append((ret, 0x7FFF0000, None, None))              # another architecture: no filter
+    for index, (arch, ioctl, links, x32) in enumerate(SECCOMP_ARCHES):
+        code.append(("label", f"arch{index}", None, None))
+        code.append((load, 0, None, None))                  # seccomp_data.nr
+        code += [(jump_set, 0x40000000, "deny", None)] if x32 else []
+        code += [(jump_equal, number, "deny", None) for number in (links if no_links else ())]
+        code.append((jump_equal, ioctl, "ioctl", "allow"))
+    code += [("label", "ioctl", None, None), (load, 24, None, None)]    # the request: args[1], low half
+    code += [(jump_equal, request, "deny", None) for request in TERMINAL_INJECTION]
+    code += [("label", "allow", None, None), (ret, 0x7FFF0000, None, None),
+             ("label", "deny", None, None), (ret, 0x00050000 | errno.EPERM, None, None)]
+    labels, position = {}, 0
+    for op, k, _, _ in code:
+        if op == "label":
+            labels[k] = position
+        else:
+            position += 1
+    program, position = b"", 0
+    for op, k, true, false in code:
+        if op == "label":
+            continue
+        offset = {None: 0, **{name: at - position - 1 for name, at in labels.items()}}
+        program += struct.pack("=HBBI", op, offset[true], offset[false], k)
+        position += 1
+    return program
+
+
+def render_wrapper():
+    return WRAPPER_TEMPLATE.substitute(folder=shlex.quote(SANDBOX_ROOT), bwrap=shlex.quote(bwrap_binary() or "bwrap"),
+                                       seccomp=shlex.quote(WORKER_SECCOMP),
+                                       uwsgi=shlex.quote(shutil.which("uwsgi", path=DEFAULT_PATH) or "uwsgi"))
+
+
+def write_wrapper():
+    """The vassal wrapper and the seccomp programs, rewritten when they changed (bubblewrap or
+    uWSGI moved: install's copy of bwrap)."""
+    text = render_wrapper()
+    if read_text(SANDBOX_WRAPPER, None) != text:
+        make_folder(SANDBOX_ROOT)
+        write_atomic(SANDBOX_WRAPPER, text, mode=0o700)
+    for path, program in ((WORKER_SECCOMP, seccomp_program(no_links=True)),
+                          (TERMINAL_SECCOMP, seccomp_program(no_links=False))):
+        if read_bytes(path) != program:
+            make_folder(SANDBOX_ROOT)
+            with open(path + ".new", "wb") as handle:
+                handle.write(program)
+            os.replace(path + ".new", path)
+
+
+def describe_earlier_vassals():
+    """Vassals an earlier piku.py wrote have no description: they keep running as they did (not in
+    a sandbox; `restart APP` moves an app's workers into one), and piku's own go on as its own."""
+    described = []
+    for name in sorted(os.listdir(UWSGI_ENABLED)) if os.path.isdir(UWSGI_ENABLED) else []:
+        base = os.path.join(SANDBOX_ROOT, name[:-len(".ini")])
+        if name.endswith(".ini") and not any(os.path.exists(f"{base}.{kind}") for kind in ("view", "host")):
+            write_atomic(f"{base}.host", "written before the sandbox: runs as it is\n", mode=0o600)
+            described.append(name)
+    return described
+
+
+def enable_vassal(app, unit, text, view=None):
+    """Describe the vassal, then write it (the emperor may start it at once)."""
+    write_wrapper()
+    for path, description in vassal_description(app, unit, view).items():
+        write_atomic(path, description, mode=0o600)
+    write_atomic(vassal_file(app, unit), text, mode=0o600)
+
+
+def master_pid(app, unit):
+    """The real PID of a vassal's uWSGI master (0: none). In a sandbox its pidfile says 2, and
+    the app could write anything there: bwrap's report in SANDBOX_ROOT names its init, whose one
+    child is the master. piku's own vassals write their pidfile where no app process writes."""
+    if os.path.exists(sandbox_file(app, unit, "info")):     # written by the wrapper's bwrap only
+        try:
+            init = int(json.loads(read_text(sandbox_file(app, unit, "info")) or "{}").get("child-pid", 0))
+        except (ValueError, TypeError, AttributeError):
+            return 0
+        if init and not pid_alive(init):
+            return init         # it ran and exited: callers see a master that is gone
+        children = child_pids(init) if init else None
+        return children[0] if children and is_uwsgi(children[0]) else 0
+    if os.path.exists(sandbox_file(app, unit, "view")):
+        return 0            # in its sandbox, not started yet: its pidfile is the app's to write
+    pid = pidfile_pid(unit_runtime(app, unit, "pid"))
+    if os.path.exists(sandbox_file(app, unit, "host")):
+        return pid
+    return pid if pid and is_uwsgi(pid) else 0   # no record (an earlier piku.py's, or stopped)
+
+
+def is_uwsgi(pid):
+    try:
+        return "uwsgi" in os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return False        # gone, or not this user's to look at
+
+
+def forget_vassal(app, unit):
+    """A stopped vassal is not started again, even by an emperor that still had it. (bwrap's
+    report stays until its generation is pruned: its master may still be finishing requests.)"""
+    for suffix in ("view", "host"):
+        with contextlib.suppress(FileNotFoundError):    # never written (PIKU_SANDBOX=off) or gone
+            os.unlink(sandbox_file(app, unit, suffix))
+
+
 ##############################################################################
 # Buildpacks
 ##############################################################################
@@ -1235,6 +1654,18 @@ class BuildContext:
     env: dict               # the app's settings, layered
     config: dict            # only the config:set layer (to say which layer asked for what)
     repo_env: dict          # only the repo's ENV layer
+    sandboxed: bool = False
+    tools: tuple = ()       # folders of the build's Python and tools, shown read-only
+    host_env: dict = field(default_factory=dict)    # where piku finds uv, Pythons, tools (discovery_env)
+
+    def view(self, *made, read=()):
+        """The view a build step runs in: the release, what the step makes (created here) and the
+        app's uv cache read-write; None without a sandbox."""
+        if not self.sandboxed:
+            return None
+        for path in made:
+            os.makedirs(path, exist_ok=True)
+        return View(self.app, write=(self.root, app_uv_folder(self.app), *made), read=(*self.tools, *read))
 
 
 @dataclass
@@ -1348,13 +1779,20 @@ class PythonBuildpack:
 
     def build(self, context):
         started = time.monotonic()
-        tool_env = build_tool_env(context.env)
-        uv = find_uv(tool_env, required=self.needs_uv)
+        # the app's own cache; files copied out of it, not linked: a later build that could write
+        # the cache must not change an environment a release runs (nor can a link cross the
+        # sandbox's mounts)
+        uv_folder = app_uv_folder(context.app)
+        tool_env = dict(build_tool_env(context.env), UV_CACHE_DIR=os.path.join(uv_folder, "cache"),
+                        UV_TOOL_DIR=os.path.join(uv_folder, "tools"), UV_LINK_MODE="copy")
+        context.host_env = discovery_env(context.env)
+        uv = find_uv(context.host_env, required=self.needs_uv)
         self.check(context, uv, tool_env)
         request = resolve_python_request(context)
         step(f"Python {request.value} (from {request.source})" if request.value
              else "Python: no version requested, using uv's default")
-        interpreter = find_interpreter(uv, request.value, tool_env, context)
+        interpreter = find_interpreter(uv, request.value, context.host_env, context)
+        context.tools = (*context.tools, *tool_folders(interpreter.path), *(tool_folders(uv) if uv else ()))
         server = self.wsgi_server(context, interpreter)
         servers = server_packages(context.processes, server)
         fingerprint = self.fingerprint(context, uv, interpreter, tool_env, servers)
@@ -1423,16 +1861,20 @@ class PythonBuildpack:
         if missing:
             step(f"Adding {' and '.join(missing)} to the environment (the app does not depend on "
                  f"{'them' if len(missing) > 1 else 'it'})")
-            install_packages(uv, venv, missing, tool_env, context.root)
-        write_atomic(os.path.join(venv, ENV_MARKER), fingerprint_text(fingerprint))
+            install_packages(uv, venv, missing, tool_env, context.root, context.view(venv))
+        marker = os.path.join(venv, ENV_MARKER)
+        if os.path.isdir(marker) and not os.path.islink(marker):
+            shutil.rmtree(marker)       # the build's, not piku's: piku's marker is written only here
+        write_atomic(marker, fingerprint_text(fingerprint))
         notice(f"environment built in {time.monotonic() - started:.1f} s: {venv}")
 
     def new_venv(self, context, uv, interpreter, venv, tool_env):
         if uv:
-            run_build_tool([uv, "venv", "--quiet", "--python", interpreter.path, venv], context.root, tool_env)
+            run_build_tool([uv, "venv", "--quiet", "--python", interpreter.path, venv], context.root, tool_env,
+                           view=context.view(venv))
         else:
             notice("uv not found: using venv and pip")
-            run_build_tool([interpreter.path, "-m", "venv", venv], context.root, tool_env)
+            run_build_tool([interpreter.path, "-m", "venv", venv], context.root, tool_env, view=context.view(venv))
 
 
 def uv_run_settings(venv):
@@ -1467,7 +1909,8 @@ def install_local_packages(context, uv, venv, tool_env, packages):
         shutil.rmtree(site)
     step(f"Installing {', '.join(packages)} into this release (no dependencies: they are in the environment)")
     run_build_tool([uv, "pip", "install", "--quiet", "--no-deps", "--compile-bytecode", "--python",
-                    os.path.join(venv, "bin", "python"), "--target", site, *packages], context.root, tool_env)
+                    os.path.join(venv, "bin", "python"), "--target", site, *packages], context.root, tool_env,
+                   view=context.view(site, read=[venv]))
     return site
 
 
@@ -1550,7 +1993,7 @@ class UvBuildpack(PythonBuildpack):
         args += ["--compile-bytecode"]      # once per environment, so each new worker starts faster
         args += self.selection(context)
         step("Running " + " ".join(["uv", *args[1:]]))
-        run_build_tool(args, context.root, dict(tool_env, UV_PROJECT_ENVIRONMENT=venv))
+        run_build_tool(args, context.root, dict(tool_env, UV_PROJECT_ENVIRONMENT=venv), view=context.view(venv))
 
     def local_packages(self, context, uv, tool_env):
         """The project, workspace members and path dependencies the app uses, from uv.lock (which
@@ -1563,7 +2006,7 @@ class UvBuildpack(PythonBuildpack):
             return []           # a flat project: nothing of its own to install
         args = [uv, "export", "--locked", "--quiet", "--no-hashes", "--no-header", "--no-annotate",
                 "--no-editable", "--format", "requirements.txt", *self.selection(context)]
-        output = run_build_tool(args, context.root, tool_env, show=False)
+        output = run_build_tool(args, context.root, tool_env, show=False, view=context.view())
         return [path for path in (local_requirement(line, context.root) for line in output.splitlines()
                                   if line.strip() and not line.startswith(("#", "-"))) if path]
 
@@ -1629,36 +2072,39 @@ class ExportedLockBuildpack(PythonBuildpack):
                             f"Commit {self.manifest} too, and push again.")
 
     def install(self, context, uv, interpreter, venv, tool_env):
-        tool, which = self.tool_command(uv, tool_env)
+        tool, which = self.tool_command(context, uv, tool_env)
         env = dict(tool_env, **self.tool_settings)
         self.verify(context, tool, env)
         step(f"Exporting the main dependencies of {self.lock} with {which}")
         exported = run_build_tool([*tool, *self.export_args], context.root, env, show=False,
-                                  failures=self.failures(), name=f"{self.tool} {self.export_args[0]}")
+                                  failures=self.failures(), name=f"{self.tool} {self.export_args[0]}",
+                                  view=context.view())
         if not exported.strip():
             raise PikuError(f"{self.tool} exported no dependencies from {self.lock}",
                             f"Check that {self.manifest} lists the app's dependencies in its main group.")
         self.new_venv(context, uv, interpreter, venv, tool_env)
-        with tempfile.NamedTemporaryFile("w", prefix="piku-requirements-", suffix=".txt") as requirements:
-            requirements.write(exported)
-            requirements.flush()
-            step("Installing the locked versions with uv pip sync")
-            run_build_tool([uv, "pip", "sync", "--compile-bytecode", "--python",
-                            os.path.join(venv, "bin", "python"), requirements.name], context.root, tool_env)
+        requirements = os.path.join(venv, ".piku-requirements.txt")     # where the build may read it
+        write_atomic(requirements, exported, mode=0o600)
+        step("Installing the locked versions with uv pip sync")
+        run_build_tool([uv, "pip", "sync", "--compile-bytecode", "--python",
+                        os.path.join(venv, "bin", "python"), requirements], context.root, tool_env,
+                       view=context.view(venv))
 
-    def tool_command(self, uv, tool_env):
+    def tool_command(self, context, uv, tool_env):
         """The tool as the piku user installed it, else the version pinned in uv_tool, run with
         `uv tool run` (fetched once into uv's cache) -> (command, what the push calls it)."""
-        found = locate_tool(self.tool, tool_env)
+        found = locate_tool(self.tool, context.host_env)
         if found:
+            context.tools = (*context.tools, *tool_folders(found))
             return [found], f"{self.tool} at {found}"
         requirement, *plugins = self.uv_tool
         pinned = " and ".join(self.uv_tool)
         environment = [uv, "tool", "run", "--offline", "--from", requirement, *(f"--with={plugin}" for plugin in plugins)]
         home, check = os.path.expanduser("~"), ["python", "-I", "-c", "pass"]    # starts the tool's Python only
         # from uv's cache, with no request to the index (the version is pinned): a 0.05 s check
-        probe = subprocess.run([*environment, *check], cwd=home, env=tool_env, text=True,
-                               stdin=subprocess.DEVNULL, capture_output=True)
+        view = context.view()
+        probe = subprocess.run(sandbox_command(view, [*environment, *check]) if view else [*environment, *check],
+                               cwd=home, env=tool_env, text=True, stdin=subprocess.DEVNULL, capture_output=True)
         if probe.returncode != 0 and not any(needle in probe.stderr for needle in UV_CACHE_MISSES):
             for line in probe.stderr.strip().splitlines()[-10:]:
                 notice(mask_secrets(line, secret_values(tool_env)))
@@ -1669,7 +2115,7 @@ class ExportedLockBuildpack(PythonBuildpack):
             environment.remove("--offline")     # fetched now; without a cache (UV_NO_CACHE) every time
             step(f"Fetching {pinned} into uv's cache (no {self.tool} is installed for the piku user)")
             try:
-                run_build_tool([*environment, *check], home, tool_env, show=False)
+                run_build_tool([*environment, *check], home, tool_env, show=False, view=view)
             except PikuError:
                 raise PikuError(f"{self.tool} is not installed for the piku user, and uv could not fetch {requirement} "
                                 "(uv's output is above)", "Let the piku user reach the package index, or install "
@@ -1730,7 +2176,7 @@ class PipenvBuildpack(ExportedLockBuildpack):
 
     def verify(self, context, tool, env):
         run_build_tool([*tool, "verify"], context.root, env, show=False, failures=self.failures(),
-                       name=f"{self.tool} verify")
+                       name=f"{self.tool} verify", view=context.view())
 
 
 class RequirementsBuildpack(PythonBuildpack):
@@ -1744,7 +2190,7 @@ class RequirementsBuildpack(PythonBuildpack):
     def install(self, context, uv, interpreter, venv, tool_env):
         self.new_venv(context, uv, interpreter, venv, tool_env)
         step("Installing requirements.txt")
-        install_packages(uv, venv, ["-r", "requirements.txt"], tool_env, context.root)
+        install_packages(uv, venv, ["-r", "requirements.txt"], tool_env, context.root, context.view(venv))
 
 
 buildpack(UvBuildpack)
@@ -1790,8 +2236,9 @@ def collect_static(context, env):
         notice("DISABLE_COLLECTSTATIC is set: manage.py collectstatic skipped")
         return
     step("Django: running manage.py collectstatic --noinput")
-    result = subprocess.run([os.path.join(env["VIRTUAL_ENV"], "bin", "python"), "manage.py", "collectstatic",
-                             "--noinput"], cwd=context.root, env=dict(env, PWD=context.root), text=True,
+    args = [os.path.join(env["VIRTUAL_ENV"], "bin", "python"), "manage.py", "collectstatic", "--noinput"]
+    view = context.view(read=release_environment(context.app, context.root, env))
+    result = subprocess.run(sandbox_command(view, args) if view else args, cwd=context.root, env=dict(env, PWD=context.root), text=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for line in result.stdout.splitlines()[-20:]:
         notice(line)
@@ -1804,10 +2251,24 @@ def collect_static(context, env):
 # --- build tools ------------------------------------------------------------------
 
 ENV_MARKER = ".piku-fingerprint"
-UV_UNRELATED_SETTINGS = frozenset({"UV_CACHE_DIR", "UV_PROJECT_ENVIRONMENT", "UV_NO_PROGRESS", "UV_NO_SYNC"})
+UV_UNRELATED_SETTINGS = frozenset({"UV_CACHE_DIR", "UV_PROJECT_ENVIRONMENT", "UV_NO_PROGRESS", "UV_NO_SYNC",
+                                   "UV_LINK_MODE", "UV_TOOL_DIR"})
 TOOL_ENV_PASSTHROUGH = ("HOME", "USER", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR",
                         "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 UV_CONFIG_FILES = ("~/.config/uv/uv.toml", "/etc/uv/uv.toml")
+
+
+DISCOVERY_SETTINGS = ("UV_PYTHON_DOWNLOADS", "UV_PYTHON_PREFERENCE")
+
+
+def discovery_env(app_env):
+    """The environment piku finds uv, the Pythons and the build tools in, and runs them outside
+    any sandbox to ask their version: the host's own (piku's PATH, uv's settings, the home) and,
+    of the app's settings, only those that choose among the host's Pythons -- never a PATH, a
+    folder or a cache an app could point at programs of its own."""
+    env = build_tool_env({key: app_env[key] for key in DISCOVERY_SETTINGS if key in app_env})
+    env["PATH"] = clean_path(os.environ.get("PATH") or DEFAULT_PATH)
+    return env
 
 
 def build_tool_env(app_env):
@@ -1856,12 +2317,12 @@ def environment_intact(venv, fingerprint):
             and os.path.exists(os.path.join(venv, "bin", "python")))
 
 
-def install_packages(uv, venv, args, tool_env, cwd):
+def install_packages(uv, venv, args, tool_env, cwd, view):
     python = os.path.join(venv, "bin", "python")
     if uv:
-        run_build_tool([uv, "pip", "install", "--compile-bytecode", "--python", python, *args], cwd, tool_env)
+        run_build_tool([uv, "pip", "install", "--compile-bytecode", "--python", python, *args], cwd, tool_env, view=view)
     else:
-        run_build_tool([python, "-m", "pip", "install", "--disable-pip-version-check", *args], cwd, tool_env)
+        run_build_tool([python, "-m", "pip", "install", "--disable-pip-version-check", *args], cwd, tool_env, view=view)
 
 
 UV_FAILURES = (
@@ -1887,12 +2348,13 @@ class CommandTimeout(Exception):
     """A command piku streamed ran past its time and was stopped."""
 
 
-def stream_command(args, cwd, env, secrets=(), timeout=None):
+def stream_command(args, cwd, env, secrets=(), timeout=None, view=None):
     """Run args in a session of its own, showing each line of its output (stdout and stderr)
     indented as it comes, secrets masked. -> (exit code, the output). Past timeout seconds, or
     when anything stops piku meanwhile (the client went, ^C), the command and everything it
-    started are killed: nothing it runs outlives the deploy that ran it. CommandTimeout then."""
-    process = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    started are killed: nothing it runs outlives the deploy that ran it. CommandTimeout then.
+    With a view, the command runs in the app's sandbox."""
+    process = subprocess.Popen(sandbox_command(view, args) if view else args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, start_new_session=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     lines, pending = [], b""
@@ -1939,17 +2401,17 @@ def kill_session(process):
     process.wait()
 
 
-def run_build_tool(args, cwd, env, show=True, failures=(), name=None):
+def run_build_tool(args, cwd, env, show=True, failures=(), name=None, view=None):
     """Run a build tool (uv, pip, poetry, pipenv) with no terminal to ask on; stream its output
     indented as it comes, with secrets masked (or keep its stdout, when show is False), and turn
     a failure into an actionable error. -> its stdout"""
     secrets = secret_values(env)
     if show:
-        returncode, output = stream_command(args, cwd, env, secrets)
+        returncode, output = stream_command(args, cwd, env, secrets, view=view)
         result = subprocess.CompletedProcess(args, returncode, "", "")
     else:
-        result = subprocess.run(args, cwd=cwd, env=env, text=True, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        result = subprocess.run(sandbox_command(view, args) if view else args, cwd=cwd, env=env, text=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         output = result.stderr
         if result.returncode != 0:
             for line in (output or "").splitlines():
@@ -2164,10 +2626,11 @@ def find_interpreter(uv, request, env, context):
     # uv python find looks at every Python on PATH and in its own folder (~0.2 s); the answer
     # only changes when one of those folders, the request or uv's settings change.
     folders = [*env.get("PATH", "").split(":"), uv_managed_pythons(env)]
-    key = ["uv python find", tool_version(uv), request, None if request else requires_python(context.root),
+    wanted = request or requires_python(context.root)     # uv looks at no project: it is told
+    key = ["uv python find", tool_version(uv), wanted,
            {name: value for name, value in sorted(env.items()) if name.startswith("UV_")},
            [stat_key(folder) for folder in folders]]
-    path = cached_probe(key, lambda: uv_python_find(uv, request, env, context.root))
+    path = cached_probe(key, lambda: uv_python_find(uv, wanted, env))
     if path is None:
         raise PikuError(f"Python {request or '(uv default)'} is not available on this server; "
                         f"uv can find: {', '.join(available_pythons(uv, env)) or 'none'}",
@@ -2176,14 +2639,17 @@ def find_interpreter(uv, request, env, context):
     return Interpreter(path, interpreter_version(path))
 
 
-def uv_python_find(uv, request, env, root):
-    args = [uv, "python", "find", *([request] if request else [])]
-    result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+def uv_python_find(uv, request, env):
+    """uv's answer, outside any sandbox: so nothing of the release may steer it -- no project
+    and no virtual environment is looked at (a pushed .venv/bin/python would be run), and it
+    runs in piku's own folder."""
+    args = [uv, "python", "find", "--system", "--no-project", *([request] if request else [])]
+    result = subprocess.run(args, cwd=PIKU_ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if result.returncode != 0 and request and python_downloads_allowed(env):
         step(f"Installing Python {request} with uv")
-        subprocess.run([uv, "python", "install", request], cwd=root, env=env, capture_output=True,
+        subprocess.run([uv, "python", "install", request], cwd=PIKU_ROOT, env=env, capture_output=True,
                        stdin=subprocess.DEVNULL)
-        result = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        result = subprocess.run(args, cwd=PIKU_ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     return result.stdout.strip().splitlines()[-1] if result.returncode == 0 and result.stdout.strip() else None
 
 
@@ -2334,6 +2800,11 @@ class Instance:
     def log(self):
         return os.path.join(LOG_ROOT, self.app, f"g{self.gen}", f"{self.name}.log")
 
+    @property
+    def gunicorn_config(self):
+        """piku's own file (the app's code reads it, and cannot change it)."""
+        return sandbox_file(self.app, self.unit, "gunicorn.py")
+
 
 VASSAL_HEADER = string.Template("""\
 [uwsgi]
@@ -2453,7 +2924,7 @@ def vassal_values(instance, command, env, root):
     if kind.template == "gunicorn":
         venv_bin = os.path.join(env["VIRTUAL_ENV"], "bin", "gunicorn") if env.get("VIRTUAL_ENV") else "gunicorn"
         values["gunicorn"] = "exec " + " ".join(shlex.quote(part) for part in (
-            venv_bin, "--config", instance.runtime("gunicorn.py"), command.strip()))
+            venv_bin, "--config", instance.gunicorn_config, command.strip()))
         values["mercy"] = setting_number(env, ("GUNICORN_GRACEFUL_TIMEOUT",), 20) + 1
     if kind.name == "cron":
         schedule, cron_command = parse_cron(command, 0)
@@ -2465,10 +2936,20 @@ def vassal_values(instance, command, env, root):
     return escaped
 
 
-def render_vassal(instance, command, env, root, extra=()):
+SANDBOX_GUARD = f"""\
+; started without piku's wrapper (an emperor started before the sandbox): stop at once
+if-not-exists = {SANDBOX_MARK}
+print = piku: this vassal runs only in its app's sandbox, and the uWSGI emperor started it without piku's \
+wrapper: restart the emperor (doctor says how)
+hook-asap = exit:1
+endif =
+"""
+
+
+def render_vassal(instance, command, env, root, extra=(), sandboxed=False):
     """The uWSGI vassal .ini for one worker instance, as text. env is what its processes see."""
     values = vassal_values(instance, command, env, root)
-    text = VASSAL_HEADER.substitute(values)
+    text = VASSAL_HEADER.substitute(values) + (SANDBOX_GUARD if sandboxed else "")
     text += VASSAL_TEMPLATES[worker_kind(instance.kind, env).template].substitute(values)
     for key, value in extra:
         text += f"{key} = {uwsgi_escape(value)}\n"
@@ -2605,6 +3086,8 @@ EMPEROR_TEMPLATE = string.Template("""\
 ; the uWSGI emperor for piku: run it with  uwsgi --ini $config
 chdir = $root
 emperor = $enabled
+; every vassal starts through piku's wrapper: in its app's sandbox, or not at all
+emperor-wrapper = $wrapper
 emperor-freq = 1
 ; start new vassals at once (uWSGI's default sleeps 1 s before each), stop them gracefully
 emperor-throttle = 1
@@ -2619,7 +3102,7 @@ die-on-term = true
 
 
 def render_emperor():
-    return EMPEROR_TEMPLATE.substitute(config=EMPEROR_CONFIG, root=UWSGI_ROOT, enabled=UWSGI_ENABLED,
+    return EMPEROR_TEMPLATE.substitute(config=EMPEROR_CONFIG, root=UWSGI_ROOT, enabled=UWSGI_ENABLED, wrapper=SANDBOX_WRAPPER,
                                        pidfile=EMPEROR_PID, log=EMPEROR_LOG, old_log=EMPEROR_OLD_LOG,
                                        log_maxsize=UWSGI_LOG_MAXSIZE)
 
@@ -3547,6 +4030,10 @@ def write_daily_job():
     command = " ".join(shlex.quote(part) for part in (sys.executable, PIKU_SCRIPT, "daily"))
     text = DAILY_JOB.substitute(hour=3, minute=17, log=DAILY_LOG, old_log=DAILY_OLD_LOG,
                                 command=uwsgi_escape(f"env PIKU_ROOT={shlex.quote(PIKU_ROOT)} {command}"))
+    write_wrapper()
+    description = os.path.join(SANDBOX_ROOT, os.path.basename(DAILY_VASSAL)[:-len(".ini")] + ".host")
+    if not os.path.exists(description):
+        write_atomic(description, "piku's own: no app code\n", mode=0o600)
     if read_text(DAILY_VASSAL, None) != text:
         write_atomic(DAILY_VASSAL, text)
 
@@ -3599,6 +4086,7 @@ class Release:
     config: dict = field(default_factory=dict)
     ref: str = "refs/heads/main"
     committed: bool = False
+    sandboxed: bool = True          # its code runs in the app's sandbox (app_sandboxed)
 
 
 def new_release_dir(app, rev):
@@ -3823,7 +4311,8 @@ def plan_release(app, rev, root, ref="refs/heads/main", config=None):
     check_environment_size(app, env)
     check_health_settings(app, env)
     saved = live["scaling"] if live else load_scaling(app)
-    release = Release(app, rev, root, processes, env, scaling_for(processes, saved), dict(repo_env), dict(config), ref)
+    release = Release(app, rev, root, processes, env, scaling_for(processes, saved), dict(repo_env), dict(config), ref,
+                      sandboxed=app_sandboxed(app))
     plan_generation(release, 0, release.scaling)        # every worker config renders: refused now, not after a build
     render_nginx(release)                               # and the vhost (nginx -t runs before the switch)
     return release
@@ -3844,9 +4333,11 @@ def run_phase(release, kind):
     step(f"Running {kind}: {process.command}")
     env = dict(release.env, PWD=release.root)
     timeout = setting_number(release.env, ("PIKU_RELEASE_TIMEOUT",), RELEASE_TIMEOUT)
+    view = View(release.app, write=(release.root, app_data(release.app)),
+                read=release_environment(release.app, release.root, release.env)) if release.sandboxed else None
     try:
         returncode, _ = stream_command(["/bin/sh", "-c", process.command], release.root, env,
-                                       secret_values(release.env), timeout)
+                                       secret_values(release.env), timeout, view)
     except OSError as error:
         raise PikuError(f"the {kind} command could not be started: {error.strerror}; nothing was changed")
     except CommandTimeout:
@@ -3862,7 +4353,7 @@ def build_release(release):
     pack = select_buildpack(release.root, release.processes)
     describe_detection(pack, release.root)
     result = pack.build(BuildContext(release.app, release.root, release.processes, dict(release.env),
-                                     release.config, release.repo_env))
+                                     release.config, release.repo_env, release.sandboxed))
     release.env.update(result.env)
     check_environment_size(release.app, release.env)
     served = next((kind for kind in HTTP_APP_KINDS if kind in release.processes), None)
@@ -3946,8 +4437,8 @@ class Watch:
 
 def observe(instance, watch, kind):
     """Update watch from the instance's processes; return why it failed, if it did."""
-    pid = pidfile_pid(instance.runtime("pid"))
-    if pid and not pid_alive(pid):
+    pid = master_pid(instance.app, instance.unit)
+    if (pid and not pid_alive(pid)) or (watch.master and not pid_alive(watch.master)):
         return f"{instance.name} exited while starting"
     if not watch.master and pid:
         watch.master = pid
@@ -4044,6 +4535,12 @@ class Generation:
     instances: list = field(default_factory=list)
     files: dict = field(default_factory=dict)       # path -> text; written in this order
     ports: dict = field(default_factory=dict)       # web instance -> its private port
+    sandboxed: bool = True
+
+
+def generation_record(app, gen):
+    """What a generation runs (its release and environment), for prune: piku's own record."""
+    return os.path.join(SANDBOX_ROOT, f"{app}@g{gen}.json")
 
 
 def next_generation(app):
@@ -4059,7 +4556,7 @@ def next_generation(app):
 
 def plan_generation(release, gen, scaling, only=None):
     """Render every file the workers of release need (nothing is written here)."""
-    generation = Generation(release, gen, dict(scaling))
+    generation = Generation(release, gen, dict(scaling), sandboxed=app_sandboxed(release.app, workers=True))
     wsgi_extra = []
     if "static" in release.processes:       # the wsgi worker serves the folder's files itself
         static = release.processes["static"]
@@ -4089,10 +4586,50 @@ def render_instance(generation, instance, wsgi_extra):
         generation.ports[instance] = port
         worker_env = dict(env, PORT=str(port), BIND_ADDRESS="127.0.0.1")
     if kind.template == "gunicorn":
-        generation.files[instance.runtime("gunicorn.py")] = render_gunicorn_config(instance, env, root)
+        generation.files[instance.gunicorn_config] = render_gunicorn_config(instance, env, root)
+    view = worker_view(release, instance, kind) if generation.sandboxed else None
+    generation.files.update(vassal_description(release.app, instance.unit, view))
     command = release.processes[instance.kind].command
     generation.files[instance.vassal] = render_vassal(instance, command, worker_env, root,
-                                                      wsgi_extra if kind.name == "wsgi" else ())
+                                                      wsgi_extra if kind.name == "wsgi" else (),
+                                                      sandboxed=generation.sandboxed)
+
+
+def worker_view(release, instance, kind):
+    """A worker sees its release, site folder and environment read-only, and writes its own
+    generation's sockets and logs and the app's data."""
+    app = release.app
+    read = [release.root, *release_environment(app, release.root, release.env), instance.vassal]
+    if kind.template == "gunicorn":
+        read.append(instance.gunicorn_config)
+    write = [generation_dir(app, instance.gen), os.path.dirname(instance.log), app_data(app)]
+    return View(app, write=tuple(write), read=tuple(read))
+
+
+def release_environment(app, root, env):
+    """What a release runs besides its code: its site folder, the environment piku built for
+    it (never one the app's settings point elsewhere) and the Python that environment uses."""
+    site = project_site(root)
+    found = [site] if os.path.isdir(site) else []
+    venv = env.get("VIRTUAL_ENV")
+    if venv and inside(venv, env_dir(app)) and os.path.isdir(venv):
+        found += [venv, *environment_python(venv)]
+    return found
+
+
+def environment_python(venv):
+    """The folders of the Python piku built an environment with, as its marker says (piku writes
+    it last; no process of the app writes a finished environment) -- never the environment's own
+    pyvenv.cfg, which the build could write."""
+    try:
+        python = json.loads(read_nofollow(os.path.join(venv, ENV_MARKER), 65536) or "{}")["python"][0]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return []
+    return tool_folders(python) if isinstance(python, str) and os.path.isabs(python) else []
+
+
+def app_data(app):
+    return make_folder(os.path.join(DATA_ROOT, app))
 
 
 def start_generation(generation):
@@ -4100,9 +4637,9 @@ def start_generation(generation):
     release = generation.release
     make_folder(generation_dir(release.app, generation.gen))
     make_folder(os.path.join(LOG_ROOT, release.app, f"g{generation.gen}"))
+    write_wrapper()
     meta = {"root": release.root, "virtualenv": release.env.get("VIRTUAL_ENV")}
-    write_atomic(os.path.join(generation_dir(release.app, generation.gen), "generation.json"),
-                 json.dumps(meta) + "\n")
+    write_atomic(generation_record(release.app, generation.gen), json.dumps(meta) + "\n")
     for path, text in generation.files.items():
         write_atomic(path, text, mode=0o600)
     if generation.instances:
@@ -4251,7 +4788,7 @@ def start_front(release, generation):
     if os.path.exists(vassal_file(app, unit)):      # BIND_ADDRESS changed, PORT did not:
         stop_units(app, [unit], graceful=True, wait=10)     # the old front must let go of the port
     make_folder(os.path.join(LOG_ROOT, app))
-    write_atomic(vassal_file(app, unit), render_front(app, env), mode=0o600)
+    enable_vassal(app, unit, render_front(app, env))       # piku's own: no app code runs in it
     wake_emperor()
     deadline = time.monotonic() + 10
     host, port = env["BIND_ADDRESS"], int(env["PORT"])
@@ -4278,7 +4815,7 @@ def restore_live_front(app):
     if others:
         stop_units(app, others, graceful=True)
     if wanted and not front_current(app, record["env"]):
-        write_atomic(vassal_file(app, wanted), render_front(app, record["env"]), mode=0o600)
+        enable_vassal(app, wanted, render_front(app, record["env"]))
         wake_emperor()
 
 
@@ -4476,7 +5013,7 @@ def prune(app):
     running = running_generations(app)
     for gen in running:
         try:
-            meta = json.loads(read_app_file(os.path.join(generation_dir(app, gen), "generation.json")) or "{}")
+            meta = json.loads(read_text(generation_record(app, gen)) or "{}")
         except ValueError:
             continue
         roots.add(meta.get("root"))
@@ -4492,13 +5029,25 @@ def prune(app):
     prune_generation_folders(app, running)
 
 
+def generation_pids(app, gen):
+    """The masters of a stopped generation's vassals that still run (finishing their requests)."""
+    prefix = f"{app}@"
+    units = {os.path.basename(path)[len(prefix):-len(".info")]
+             for path in glob.glob(glob.escape(sandbox_file(app, f"g{gen}.", "")[:-1]) + "*.info")}
+    if not units:           # a generation outside the sandbox: its pidfiles are all there is
+        units = {f"g{gen}.{os.path.basename(path)[:-len('.pid')]}"
+                 for path in glob.glob(os.path.join(glob.escape(generation_dir(app, gen)), "*.pid"))}
+    return [pid for pid in map(functools.partial(master_pid, app), sorted(units)) if pid_alive(pid)]
+
+
 def prune_generation_folders(app, running):
     """Runtime folders of stopped generations go; their logs stay for the last few."""
     for path in glob.glob(os.path.join(runtime_dir(app), "g[0-9]*")):
         gen = os.path.basename(path)[1:]
-        if gen.isdigit() and int(gen) not in running and not any(
-                pid_alive(pidfile_pid(pid)) for pid in glob.glob(os.path.join(path, "*.pid"))):
+        if gen.isdigit() and int(gen) not in running and not generation_pids(app, int(gen)):
             shutil.rmtree(path, ignore_errors=True)
+            for record in glob.glob(os.path.join(SANDBOX_ROOT, glob.escape(f"{app}@g{gen}.")) + "*"):
+                os.unlink(record)
     logs = sorted((path for path in glob.glob(os.path.join(LOG_ROOT, app, "g[0-9]*"))
                    if os.path.basename(path)[1:].isdigit()), key=lambda p: int(os.path.basename(p)[1:]))
     stale = [path for path in logs if int(os.path.basename(path)[1:]) not in running]
@@ -4782,7 +5331,7 @@ def front_current(app, env):
 
 def front_alive(app, env, unit=None):
     unit = unit or front_unit(env)
-    pid = pidfile_pid(unit_runtime(app, unit, "pid"))
+    pid = master_pid(app, unit)
     return bool(pid and pid_alive(pid) and os.path.exists(vassal_file(app, unit)))
 
 
@@ -4834,9 +5383,12 @@ def stop_units(app, units, graceful=True, wait=0.0):
         legacy = unit.endswith(".ini")
         path = os.path.join(UWSGI_ENABLED, unit) if legacy else vassal_file(app, unit)
         pidfile = os.path.join(UWSGI_ROOT, unit[:-4] + ".pid") if legacy else unit_runtime(app, unit, "pid")
-        pids.append((pidfile_pid(pidfile), None if legacy else unit_runtime(app, unit, "fifo")))
+        pids.append((pidfile_pid(pidfile) if legacy else master_pid(app, unit),
+                     None if legacy else unit_runtime(app, unit, "fifo")))
         if os.path.exists(path):
             os.unlink(path)
+        if not legacy:
+            forget_vassal(app, unit)
     if not units:
         return
     wake_emperor()
@@ -5190,6 +5742,18 @@ def check_uwsgi():
                     "apt-get install uwsgi-plugin-python3"))
 
 
+def emperor_runs_wrapper(pid):
+    """Did the emperor (pid) start after its config -- with the vassal wrapper -- was last written?"""
+    if f"emperor-wrapper = {SANDBOX_WRAPPER}" not in read_text(EMPEROR_CONFIG):
+        return False
+    started = process_started(pid)
+    try:
+        written = os.stat(EMPEROR_CONFIG).st_mtime - (time.time() - uptime())
+    except OSError:
+        return False
+    return started is None or started / os.sysconf("SC_CLK_TCK") >= written - 1
+
+
 def start_emperor_fix():
     """How the user running doctor starts this PIKU_ROOT's emperor: its systemd unit where systemd
     runs one, else uWSGI itself, detached."""
@@ -5216,6 +5780,51 @@ def check_emperor():
                       also="then restart the emperor")
         return
     yield Finding("OK", f"the uWSGI emperor runs (pid {pid}) and watches {UWSGI_ENABLED}")
+
+
+def restart_emperor_fix():
+    """(fix, as_root) that restarts this PIKU_ROOT's emperor."""
+    unit = installed_emperors().get(EMPEROR_CONFIG)
+    if unit and systemd_running():
+        return f"systemctl restart {unit[0]}", True
+    uwsgi = shutil.which("uwsgi") or "/usr/bin/uwsgi"
+    return (f"kill -INT $(cat {shlex.quote(EMPEROR_PID)}) && "
+            + shlex.join(["setsid", "-f", uwsgi, "--ini", EMPEROR_CONFIG]), False)
+
+
+@host_check
+def check_sandbox():
+    mode = sandbox_mode()
+    if mode == "off":
+        yield Finding("WARN", "PIKU_SANDBOX=off: every app's code runs as the piku user and can read and change "
+                      "every other app's files, and piku's", f"remove PIKU_SANDBOX=off from {HOST_ENV}",
+                      also="docs/SECURITY.md")
+        return
+    level = "FAIL" if mode == "required" else "WARN"
+    if not sandbox_problem() and emperor_problem():
+        fix, as_root = restart_emperor_fix()
+        setup = f"emperor-wrapper = {SANDBOX_WRAPPER}" in read_text(EMPEROR_CONFIG)
+        yield Finding(level, f"NO SANDBOX for workers: {emperor_problem()[0]}, so new workers start outside "
+                      "their sandbox" + (" -- or, with PIKU_SANDBOX=required, not at all" if mode == "required"
+                                         else ""), fix, as_root=as_root and os.geteuid() != 0,
+                      also="" if setup else f"first, as the piku user: {piku_command('setup')}")
+        return
+    problem = sandbox_problem()
+    if problem:
+        why, fix = problem
+        message = ("NO SANDBOX: an app's code cannot run in its sandbox here, so "
+                   + ("no push is accepted (PIKU_SANDBOX=required)" if mode == "required" else
+                      "it runs as the piku user, and keys limited to some apps cannot push") + f": {why}")
+        yield root_fix(level, message, fix[len("As root: "):]) if fix.startswith("As root: ") else \
+            Finding(level, message, also=fix)
+        return
+    system = shutil.which("bwrap", path=DEFAULT_PATH)
+    if bwrap_binary() == BWRAP_COPY and system and read_bytes(BWRAP_COPY) != read_bytes(system):
+        yield root_fix("WARN", f"piku's copy of bubblewrap ({BWRAP_COPY}) differs from the system's {system} "
+                       "(updated since install copied it)", f"python3 {PIKU_SCRIPT} install")
+    yield Finding("OK", f"apps run in their sandbox: bubblewrap ({bwrap_binary()}) starts one as {current_user()}"
+                  + ("" if "--disable-userns" in bwrap_options() else
+                     "; this bubblewrap cannot stop nested user namespaces (--disable-userns needs 0.8)"))
 
 
 @host_check
@@ -5392,9 +6001,14 @@ def check_app_environments(app, record):
 @app_check
 def check_app_workers(app, record):
     down = [f"{kind}.{index}" for kind, count in sorted(record["scaling"].items()) for index in range(1, count + 1)
-            if not pid_alive(pidfile_pid(Instance(app, record["gen"], kind, index).runtime("pid")))]
+            if not pid_alive(master_pid(app, Instance(app, record["gen"], kind, index).unit))]
     yield (Finding("FAIL", f"{app}: not running: {', '.join(down)}", piku_command("restart", app)) if down else
            Finding("OK", f"{app}: v{record['version']}'s {sum(record['scaling'].values())} worker(s) run"))
+    outside = [f"{kind}.{index}" for kind, count in sorted(record["scaling"].items()) for index in range(1, count + 1)
+               if os.path.exists(sandbox_file(app, Instance(app, record["gen"], kind, index).unit, "host"))]
+    if outside and sandbox_mode() != "off" and not sandbox_problem() and not emperor_problem():
+        yield Finding("WARN", f"{app}: {', '.join(outside)} run outside the app's sandbox (started by an earlier "
+                      "piku.py, or while the sandbox could not start)", piku_command("restart", app))
 
 
 def run_doctor(apps, health):
@@ -5454,7 +6068,7 @@ def show_findings(findings):
 
 INSTALL_PACKAGES = ("git", "uwsgi", "uwsgi-plugin-python3", "iproute2", "nginx", "openssl", "openssh-server",
                     "ca-certificates", "python3", "python3-venv", "python3-click", "python3-dotenv",
-                    "python3-psutil", "python3-watchdog")
+                    "python3-psutil", "python3-watchdog", "bubblewrap")
 SYSTEM_PYTHON = "/usr/bin/python3"
 SYSTEMD_UNITS = "/etc/systemd/system"
 NGINX_CONF_D = "/etc/nginx/conf.d"
@@ -5611,6 +6225,54 @@ def read_bytes(path):
             return handle.read()
     except FileNotFoundError:
         return None
+
+
+APPARMOR_PROFILE = "/etc/apparmor.d/piku-bwrap"
+APPARMOR_TEMPLATE = string.Template("""\
+# written by piku.py install: lets piku's own copy of bubblewrap ($bwrap, which only root
+# and the group $group may run) make the user namespaces of the apps' sandboxes, on a host whose
+# AppArmor restricts them (kernel.apparmor_restrict_unprivileged_userns=1: Ubuntu 24.04 and later).
+# No other program gets that permission. Run piku.py install again after bubblewrap updates.
+abi <abi/4.0>,
+include <tunables/global>
+
+profile piku-bwrap $bwrap flags=(unconfined) {
+  userns,
+
+  include if exists <local/piku-bwrap>
+}
+""")
+
+
+def apparmor_restricts_userns():
+    return read_text("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").strip() == "1"
+
+
+@install_step
+def install_sandbox(target):
+    """Where AppArmor restricts user namespaces, the narrowest permission piku's sandboxes need:
+    a copy of bwrap only the piku user's group may run, and a profile allowing that copy alone."""
+    if not apparmor_restricts_userns():
+        return None
+    source = shutil.which("bwrap", path=DEFAULT_PATH)
+    if not source:
+        raise PikuError("bubblewrap is not installed", "apt-get install bubblewrap, then run install again")
+    group = grp.getgrgid(pwd.getpwnam(target.user).pw_gid).gr_name
+    changed = []
+    if read_bytes(BWRAP_COPY) != read_bytes(source):
+        os.makedirs(os.path.dirname(BWRAP_COPY), mode=0o755, exist_ok=True)
+        staged = BWRAP_COPY + ".new"
+        shutil.copyfile(source, staged)
+        os.chown(staged, 0, grp.getgrnam(group).gr_gid)
+        os.chmod(staged, 0o750)
+        os.replace(staged, BWRAP_COPY)
+        changed.append(f"copied {source} to {BWRAP_COPY}")
+    profile = APPARMOR_TEMPLATE.substitute(bwrap=BWRAP_COPY, group=group)
+    if read_text(APPARMOR_PROFILE, None) != profile or changed:
+        write_atomic(APPARMOR_PROFILE, profile)
+        run_command(["apparmor_parser", "-r", APPARMOR_PROFILE], capture=True, what="apparmor_parser")
+        changed.append(f"loaded the AppArmor profile {APPARMOR_PROFILE}")
+    return "; ".join(changed) or None
 
 
 @install_step
@@ -5984,10 +6646,12 @@ def cmd_destroy(app):
                 os.unlink(path)
         stop_app(app)
         set_aside_cache(app)
+        for record in glob.glob(os.path.join(SANDBOX_ROOT, glob.escape(app + "@")) + "*"):
+            os.unlink(record)
         # the repo and apps/APP last: while either is there the app exists, and a destroy that was
         # stopped half-way can be run again; nothing of it is left for a new app of that name
-        for path in (env_dir(app), os.path.join(LOG_ROOT, app), os.path.join(RELEASE_ROOT, app),
-                     runtime_dir(app), app_path(app), repo_path(app)):
+        for path in (env_dir(app), os.path.join(LOG_ROOT, app), os.path.join(RELEASE_ROOT, app), runtime_dir(app),
+                     os.path.join(TMP_ROOT, app), os.path.join(UV_CACHE_ROOT, app), app_path(app), repo_path(app)):
             if os.path.islink(path):
                 os.unlink(path)
             elif os.path.isdir(path):
@@ -6152,7 +6816,7 @@ def instance_status(instance, record, psutil):
     status = {"worker": instance.name, "pid": None, "state": "stopped", "cpu_percent": 0.0, "rss_bytes": 0,
               "uptime_seconds": 0, "restarts": 0, "release": f"v{record['version']}",
               "processes": []}
-    pid = pidfile_pid(instance.runtime("pid"))
+    pid = master_pid(instance.app, instance.unit)
     if not (pid and pid_alive(pid) and os.path.exists(instance.vassal)):
         return status, []
     log = "\n".join(line for path in (instance.log + ".old", instance.log) for line in log_tail(path, 100000))
@@ -6250,11 +6914,17 @@ def cmd_ps_scale(app, settings):
         step("Workers: " + ", ".join(f"{kind}={count}" for kind, count in sorted(scaling.items())))
 
 
+def ignore_terminal_signals():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+
+
 @cli.command("run", short_help="Run a command with the app's live settings.", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.argument("app")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def cmd_run(app, command):
-    """Run a command in the app's folder with its live settings.
+    """Run a command in the app's folder with its live settings, in the app's sandbox: the live
+    release read-only, DATA_ROOT and /tmp writable, nothing of other apps (docs/SECURITY.md).
 
     Example: run APP -- ls -la
     """
@@ -6265,15 +6935,30 @@ def cmd_run(app, command):
     command = command[1:] if command[0] == "--" else command
     if not command:
         raise PikuError("no command given", "Example: run APP -- ls -la")
-    terminal = sys.stdin.isatty()
+    terminal, args, cwd, program = sys.stdin.isatty(), list(command), app_path(app), None
+    if app_sandboxed(app):
+        if "/" not in args[0] and not shutil.which(args[0], path=env.get("PATH")):
+            raise PikuError(f"command not found: {args[0]}", "Use 'run APP -- sh -c \"...\"' for shell syntax.")
+        root = os.path.realpath(cwd)          # apps/APP: a link to the live release, there too
+        view = View(app, write=(app_data(app),), read=(root, *release_environment(app, root, env)),
+                    links=((root, cwd),), cwd=cwd, terminal=terminal)
+        # ^C and ^\ reach every process of the terminal's group: bwrap ignores them (inherited from
+        # piku), and the command gets their default back from env, as it has without a sandbox.
+        # The terminal is the caller's: nothing in the sandbox may type into it (TERMINAL_SECCOMP)
+        write_wrapper()
+        program = os.open(TERMINAL_SECCOMP, os.O_RDONLY | os.O_CLOEXEC) if terminal else None
+        args = sandbox_command(view, ["env", "--default-signal=INT,QUIT", "--", *args], seccomp=program)
+        if terminal:
+            ignore_terminal_signals()
     try:        # with a terminal, ssh's hang-up reaches the command itself; without one, it is ended
-        process = subprocess.Popen(list(command), cwd=app_path(app), env=env, start_new_session=not terminal)
+        process = subprocess.Popen(args, cwd=cwd, env=env, start_new_session=not terminal,
+                                   pass_fds=() if program is None else (program,))
     except FileNotFoundError:
         raise PikuError(f"command not found: {command[0]}", "Use 'run APP -- sh -c \"...\"' for shell syntax.")
     except OSError as error:
         raise PikuError(f"cannot run {command[0]}: {error.strerror}")
     if terminal:                # ^C is the command's to handle (an interactive shell keeps running)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignore_terminal_signals()
     try:
         returncode = process.wait()
     except BaseException:       # the client went (ClientWatch), or ^C without a terminal
@@ -6416,8 +7101,14 @@ def cmd_setup():
         os.chmod(path, FOLDER_MODES[path])      # earlier versions left them to the umask
     make_folder(NGINX_LOGS)
     config = EMPEROR_CONFIG
-    write_atomic(config, render_emperor())
-    step(f"Wrote {config}")
+    write_wrapper()
+    earlier = describe_earlier_vassals()
+    if earlier:
+        notice(f"{len(earlier)} vassal(s) written by an earlier piku.py keep running outside a sandbox "
+               "until their app is restarted (doctor lists them)")
+    if read_text(config, None) != render_emperor():     # a rewrite would tell doctor the emperor is stale
+        write_atomic(config, render_emperor())
+        step(f"Wrote {config}")
     for tool in ("git", "uwsgi"):
         if not shutil.which(tool):
             warning(f"'{tool}' is not installed; deploys need it (apt-get install {tool})")

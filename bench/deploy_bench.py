@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Deploy timings of the uv buildpack on examples/flask-uwsgi, with a warm uv cache.
+"""Deploy timings of the uv buildpack on examples/flask-uwsgi, with a warm uv cache (each app has
+its own: the bench seeds it from one it warms).
 
 Measures, each RUNS times (median reported):
   cold      first deploy of a new app: git push until the app answers over HTTP
@@ -17,6 +18,9 @@ Measures, each RUNS times (median reported):
             installed into each release) and a Poetry one (examples/poetry): code-only and
             dependency-change redeploys (push -> new code answers), and the build step alone
             ("Python environment ready in") of the code-only pushes
+  sandbox   a code-only redeploy sandboxed and with PIKU_SANDBOX=off (alternating), one process
+            started in a worker's view and alone, the memory bubblewrap adds per vassal, one
+            app's uv cache on disk, and a first deploy with that cache empty and warm
 and the ratio/overhead deps - sync. Needs uv on PATH, uWSGI with its python3 plugin, and
 Debian's python3.11 (the Python uWSGI embeds). Run: make bench  (or python3 bench/deploy_bench.py;
 BENCH_ONLY=apps,switch runs a subset)
@@ -47,8 +51,8 @@ SYNC_ARGS = ["sync", "--no-install-local", "--python", "/usr/bin/python3.11", "-
              "--no-default-groups"]
 
 
-def run(args, cwd=None, env=None, check=True):
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+def run(args, cwd=None, env=None, check=True, pass_fds=()):
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, pass_fds=pass_fds)
     if check and result.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -80,7 +84,8 @@ class Bench:
         pythons = self.work / "pythons"        # the pyenv builds, as uv-managed Pythons (nothing downloaded)
         pythons.mkdir()
         for build in sorted(PYENV.glob("3.1[02-9].*")) if PYENV.is_dir() else []:
-            subprocess.run(["cp", "-al", str(build), str(pythons / f"cpython-{build.name}-linux-x86_64-gnu")])
+            run(["/usr/bin/python3", str(REPO / "tools" / "pythons.py"), "--copy", str(build),
+                 str(pythons / f"cpython-{build.name}-linux-x86_64-gnu")])
         self.env = {key: value for key, value in os.environ.items() if not key.startswith(("GIT_", "PIKU_"))}
         self.env.update(PIKU_ROOT=str(self.work / "piku"), PATH=f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
                         UV_PYTHON_INSTALL_DIR=str(pythons),
@@ -124,6 +129,13 @@ class Bench:
     def mark(self, path, marker, example="flask-uwsgi", main="wsgi.py"):
         source = (REPO / "examples" / example / main).read_text()
         (path / main).write_text(source.replace("Hello from", f"{marker} from"))
+
+    def seed_cache(self, app):
+        """Each app builds with a uv cache of its own: warm it as the bench's shared one is."""
+        cache = self.work / "piku" / "cache" / ".uv" / app / "cache"
+        if not cache.exists():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            run(["cp", "-a", str(self.work / "uv-cache"), str(cache)])
 
     def piku(self, *args):
         return run([*PIKU, *args], env=self.env)
@@ -178,10 +190,12 @@ def measure_deploys(bench, results):
     for run_index in range(RUNS):
         app = f"cold{run_index}"
         path = bench.checkout(app)
+        bench.seed_cache(app)
         started = bench.push(path, app)
         results["cold"].append(wait_for(bench.url(app), f"Hello from {app}") - started)
 
     path = bench.checkout("app")
+    bench.seed_cache("app")
     bench.push(path, "app")
     wait_for(bench.url("app"), "Hello from app")
     for run_index in range(RUNS):
@@ -261,13 +275,28 @@ def pss_mb(pids):
     return total / 2**20
 
 
+def sandbox_inits(bench, app):
+    """PIDs of the init bubblewrap runs in each of the app's sandboxed vassals (its report)."""
+    pids = []
+    for info in (bench.work / "piku" / "sandbox").glob(f"{app}@*.info"):
+        try:
+            pids.append(int(json.loads(info.read_text())["child-pid"]))
+        except (OSError, ValueError, KeyError):
+            pass
+    return pids
+
+
 def app_pids(bench, app):
+    """Every process of the app: its sandboxes (bwrap, its init and all below) and its front."""
     import psutil
     pids = []
-    for pidfile in (bench.work / "piku" / "uwsgi" / app).rglob("*.pid"):
+    tops = [psutil.Process(pid).ppid() for pid in sandbox_inits(bench, app) if psutil.pid_exists(pid)]
+    for pidfile in (bench.work / "piku" / "uwsgi" / app).glob("front.*.pid"):
+        tops.append(int(pidfile.read_text()))
+    for pid in tops:
         try:
-            master = psutil.Process(int(pidfile.read_text()))
-            pids += [master.pid, *(child.pid for child in master.children(recursive=True))]
+            top = psutil.Process(pid)
+            pids += [top.pid, *(child.pid for child in top.children(recursive=True))]
         except (psutil.Error, ValueError):
             pass
     return pids
@@ -340,6 +369,62 @@ def measure_shapes(bench, results):
             results[f"shape_{shape}_deps"].append(wait_for(bench.url(app), f"{marker} from") - started)
 
 
+def du_mb(path):
+    return int(run(["du", "-sb", str(path)]).stdout.split()[0]) / 2**20
+
+
+def measure_sandbox(bench, results):
+    """What the sandbox costs: a code-only redeploy sandboxed (PIKU_SANDBOX=auto) and not (off),
+    alternating; one process started in a worker's view (bubblewrap as the vassal wrapper runs
+    it) against the same process alone; the memory bubblewrap adds to a vassal; one app's own uv
+    cache on disk; a first deploy with that app's cache empty and with it warm."""
+    settings = bench.work / "piku" / "piku.env"
+    path = bench.checkout("sbx")
+    bench.push(path, "sbx")
+    url = bench.url("sbx")
+    wait_for(url, "Hello from sbx")
+    for run_index in range(RUNS):
+        for mode in ("auto", "off"):
+            settings.write_text(f"PIKU_SANDBOX={mode}\n")
+            marker = f"Sbx{mode}{run_index}"
+            bench.mark(path, marker)
+            bench.commit(path, marker)
+            started = bench.push(path, "sbx")
+            results[f"sandbox_code_{mode}"].append(wait_for(url, marker) - started)
+    settings.write_text("")
+    bench.mark(path, "Hello")
+    bench.commit(path, "sandboxed again")
+    bench.push(path, "sbx")
+    wait_for(url, "Hello from sbx")
+    time.sleep(2)
+    view = next((bench.work / "piku" / "sandbox").glob("sbx@*.wsgi.1.view"))
+    bwrap = shutil.which("bwrap")
+    for _ in range(max(RUNS, 20)):
+        with open(view, "rb") as args:         # as the vassal wrapper starts bubblewrap
+            began = time.monotonic()
+            run([bwrap, "--args", str(args.fileno()), "--", "/bin/true"], env={"PATH": "/usr/bin:/bin"},
+                pass_fds=(args.fileno(),))
+            results["sandbox_start_in"].append((time.monotonic() - began) * 1000)
+        began = time.monotonic()
+        run(["/bin/true"], env={"PATH": "/usr/bin:/bin"})
+        results["sandbox_start_out"].append((time.monotonic() - began) * 1000)
+    import psutil
+    inits = sandbox_inits(bench, "sbx")
+    outer = [psutil.Process(pid).ppid() for pid in inits]
+    results["sandbox_vassal_mb"] = [pss_mb(inits + outer) / max(1, len(inits))]
+    results["sandbox_cache_mb"] = [du_mb(bench.work / "piku" / "cache" / ".uv" / "sbx")]
+    cache = bench.work / "piku" / "cache" / ".uv"
+    for run_index in range(RUNS):
+        for warm in (False, True):
+            app = f"first{'w' if warm else 'e'}{run_index}"
+            if warm:
+                run(["cp", "-a", str(cache / "sbx"), str(cache / app)])     # its uv cache and tool folder
+            path = bench.checkout(app)
+            started = bench.push(path, app)
+            results[f"sandbox_first_{'warm' if warm else 'empty'}"].append(
+                wait_for(bench.url(app), f"Hello from {app}") - started)
+
+
 def measure(bench):
     results = collections.defaultdict(list)
     if not ONLY or "deploys" in ONLY:
@@ -350,6 +435,8 @@ def measure(bench):
         measure_apps(bench, results)
     if not ONLY or "shapes" in ONLY:
         measure_shapes(bench, results)
+    if not ONLY or "sandbox" in ONLY:
+        measure_sandbox(bench, results)
     return {name: values for name, values in results.items() if values}
 
 
@@ -382,9 +469,19 @@ def main():
         labels += [(f"shape_{shape}_code", f"{shape} app: code-only redeploy, s"),
                    (f"shape_{shape}_build", f"{shape} app: its build step in that push, s"),
                    (f"shape_{shape}_deps", f"{shape} app: dependency-change redeploy, s")]
+    labels += [("sandbox_code_auto", "code-only redeploy, sandboxed (PIKU_SANDBOX=auto), s"),
+               ("sandbox_code_off", "code-only redeploy, not sandboxed (PIKU_SANDBOX=off), s"),
+               ("sandbox_start_in", "one process (/bin/true) started in a worker's view, ms"),
+               ("sandbox_start_out", "the same process started alone, ms"),
+               ("sandbox_vassal_mb", "memory bubblewrap adds per vassal (PSS), MB"),
+               ("sandbox_cache_mb", "one app's own uv cache (flask-uwsgi), MB"),
+               ("sandbox_first_empty", "first deploy, the app's uv cache empty, s"),
+               ("sandbox_first_warm", "first deploy, the app's uv cache warm, s")]
     for name, label in labels:
         if name in results:
             print(f"  {label:60s} {medians[name]:8.3f}   runs: {' '.join(f'{v:.3f}' for v in results[name])}")
+    if "sandbox_code_off" in medians:
+        print(f"  {'code-only redeploy, sandboxed / not':60s} {medians['sandbox_code_auto'] / medians['sandbox_code_off']:8.3f}")
     if "deps" in medians:
         print(f"  {'overhead over uv sync, push -> new code answers, s':60s} {medians['deps'] - medians['sync']:8.3f}")
         print(f"  {'overhead over uv sync, git push alone, s':60s} {medians['deps_push'] - medians['sync']:8.3f}")

@@ -28,7 +28,7 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 os.environ["PIKU_ROOT"] = "/home/piku/.piku"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
-from pythons import other_pythons  # noqa: E402  (tools/pythons.py: also make demo's)
+from pythons import copy_installation, other_pythons  # noqa: E402  (tools/pythons.py: also make demo's)
 
 
 def clean_env(**extra):
@@ -74,10 +74,7 @@ class Toolchain:
                 self.versions[minor] = interpreter      # on the piku user's PATH already (Ubuntu's python3.12)
                 continue
             target = self.pythons / f"cpython-{version}-linux-x86_64-gnu"
-            copy = subprocess.run(["cp", "-al", prefix, str(target)], capture_output=True)
-            if copy.returncode != 0:
-                shutil.rmtree(target, ignore_errors=True)
-                subprocess.run(["cp", "-a", prefix, str(target)], check=True)
+            copy_installation(prefix, str(target))
             self.versions[minor] = str(target)
         # UV_SYSTEM_CERTS: this machine reaches PyPI through a proxy with its own CA in the
         # system store -- a fact of the test machine, not a piku default.
@@ -113,12 +110,12 @@ def toolchain(tmp_path_factory):
 class Piku:
     """Runs piku.py commands against one PIKU_ROOT."""
 
-    def __init__(self, root, toolchain=None):
-        self.root = Path(root)
+    def __init__(self, root, toolchain=None, script=PIKU_PY):
+        self.root, self.script = Path(root), Path(script)
         self.env = clean_env(**{"PIKU_ROOT": str(self.root), "PATH": SYSTEM_PATH, **(toolchain.env if toolchain else {})})
 
     def __call__(self, *args, input=None, check=True, timeout=300):
-        result = subprocess.run([PYTHON, str(PIKU_PY), *args], env=self.env, input=input,
+        result = subprocess.run([PYTHON, str(self.script), *args], env=self.env, input=input,
                                 capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"piku {' '.join(args)} exited {result.returncode}:\n"
@@ -143,13 +140,30 @@ class Piku:
                       if not name.split("@", 1)[1].startswith("front."))
 
     def master_pids(self, app):
-        """PIDs of the app's running uWSGI masters (workers and front), from their pidfiles."""
+        """Real PIDs of the app's running uWSGI masters (workers and front): for a vassal in its
+        sandbox, the one child of the init bwrap reported; for the front, its pidfile."""
         pids = []
-        for pidfile in (self.root / "uwsgi" / app).rglob("*.pid"):
-            text = pidfile.read_text().strip()
-            if text.isdigit() and pid_alive(int(text)):
-                pids.append(int(text))
+        for vassal in self.vassals(app):
+            pid = self.master_pid(app, vassal[len(app) + 1:-len(".ini")])
+            if pid and pid_alive(pid):
+                pids.append(pid)
         return sorted(pids)
+
+    def master_pid(self, app, unit):
+        """The real PID of the uWSGI master of APP@UNIT (0: none)."""
+        import json
+        info = self.root / "sandbox" / f"{app}@{unit}.info"
+        if info.exists():
+            try:
+                init = json.loads(info.read_text() or "{}").get("child-pid", 0)
+                children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+            except (OSError, ValueError):
+                return 0
+            return int(children[0]) if children else 0
+        match = re.fullmatch(r"g([0-9]+)\.(.+)", unit)
+        pidfile = self.root / "uwsgi" / app / (f"g{match.group(1)}/{match.group(2)}.pid" if match else f"{unit}.pid")
+        text = pidfile.read_text().strip() if pidfile.exists() else ""
+        return int(text) if text.isdigit() else 0
 
     def branch(self, app, ref="main"):
         result = subprocess.run(["git", "--git-dir", str(self.root / "repos" / app), "rev-parse", ref],
@@ -190,7 +204,7 @@ class AppRepo:
 
     def push(self, check=True, branch="main"):
         """git push over the local transport into piku's git-receive-pack."""
-        receive_pack = f"{PYTHON} {PIKU_PY} git-receive-pack"
+        receive_pack = f"{PYTHON} {self.piku.script} git-receive-pack"
         result = subprocess.run(["git", "push", "--receive-pack", receive_pack, self.name, f"HEAD:{branch}"],
                                 cwd=self.path, env=self.piku.env, capture_output=True, text=True, timeout=900)
         result.output = result.stdout + result.stderr

@@ -275,7 +275,7 @@ def test_links_planted_where_workers_write_lead_piku_nowhere(piku, emperor, make
     assert "hunter2" not in shown.stdout + shown.stderr, shown
     assert "hunter2" not in piku("ps", "leaky", check=False).stdout
     # a pidfile that names another app's master, a FIFO that leads to another app's
-    victim_master = int((piku.root / "uwsgi" / "victim21" / f"g{victim_gen}" / "web.1.pid").read_text())
+    victim_master = piku.master_pid("victim21", f"g{victim_gen}.web.1")
     (runtime / f"g{gen}" / "web.1.pid").unlink()
     os.symlink(piku.root / "uwsgi" / "victim21" / f"g{victim_gen}" / "web.1.pid", runtime / f"g{gen}" / "web.1.pid")
     status = json.loads(piku("ps", "leaky", "--json").stdout)
@@ -285,7 +285,7 @@ def test_links_planted_where_workers_write_lead_piku_nowhere(piku, emperor, make
     piku("stop", "leaky")
     time.sleep(2)
     assert pid_alive(victim_master), "stopping leaky reloaded or stopped victim21"
-    assert int((piku.root / "uwsgi" / "victim21" / f"g{victim_gen}" / "web.1.pid").read_text()) == victim_master
+    assert piku.master_pid("victim21", f"g{victim_gen}.web.1") == victim_master
     assert fetch(piku.url("victim21"))[1].startswith("Hello from victim21")
     # a socket planted as a link to another app's: the health probe does not reach through it
     victim_socket = piku.root / "uwsgi" / "victim21" / f"g{victim_gen}" / "web.1.sock"

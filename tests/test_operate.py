@@ -55,7 +55,8 @@ def test_ps_shows_each_workers_real_processes_cpu_memory_and_restarts(piku, empe
     report = json.loads(piku("ps", "psapp", "--json").stdout)
     workers = {row["worker"]: row for row in report["workers"]}
     assert sorted(workers) == ["web.1", "web.2"] and report["release"] == f"v{piku.releases('psapp')[-1]['version']}"
-    masters = sorted(int(path.read_text()) for path in (piku.root / "uwsgi" / "psapp").glob("g*/web.*.pid"))
+    masters = sorted(piku.master_pid("psapp", vassal[len("psapp@"):-4]) for vassal in piku.vassals("psapp")
+                     if ".web." in vassal)
     assert sorted(row["pid"] for row in workers.values()) == masters and all(map(psutil.pid_exists, masters))
     for row in workers.values():
         assert row["state"] == "running" and row["rss_bytes"] > 10 * 2**20 and row["restarts"] == 0
@@ -280,6 +281,7 @@ def test_the_pinned_tool_refused_by_a_uv_setting_says_so_in_uv_words(toolchain, 
     toolchain.require("3.11")
     env = dict(toolchain.env, HOME=str(tmp_path), UV_PYTHON="3.99")
     with pytest.raises(piku_module.PikuError) as refused:
-        piku_module.PipenvBuildpack().tool_command(str(toolchain.root / "bin" / "uv"), env)
+        context = piku_module.BuildContext("pinned", str(tmp_path), {}, {}, {}, {})     # not sandboxed
+        piku_module.PipenvBuildpack().tool_command(context, str(toolchain.root / "bin" / "uv"), env)
     assert refused.value.message.startswith("uv could not run pipenv==2026.10.3, which this app's lock file needs")
     assert "UV_* settings" in refused.value.hint and "Python 3.99" in capsys.readouterr().out

@@ -200,7 +200,7 @@ def test_fastapi_app_is_served_as_asgi_with_the_servers_it_lacks(piku, emperor, 
     assert len(venvs(piku, "fa")) == 2
 
     piku("config:set", "fa", "GUNICORN_WORKERS=3")
-    config = next((piku.root / "uwsgi" / "fa").glob("g*/asgi.1.gunicorn.py")).read_text()
+    config = next((piku.root / "sandbox").glob("fa@g*.asgi.1.gunicorn.py")).read_text()
     assert "workers = 3" in config and "UvicornWorker" in config
     assert json.loads(fetch(piku.url("fa", "/items/2"))[1])["double"] == 4
 

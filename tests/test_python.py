@@ -138,7 +138,7 @@ def test_312_wsgi_app_is_served_by_gunicorn_and_wsgi_server_uwsgi_refuses(piku, 
     assert "but uWSGI embeds Python 3.11" in result.output
     assert "Adding gunicorn to the environment (the app does not depend on it)" in result.output
     body = wait_for_body(piku.url("modern"), "Hello from modern on Python 3.12")
-    conf = next((piku.root / "uwsgi" / "modern").glob("g*/wsgi.1.gunicorn.py")).read_text()
+    conf = next((piku.root / "sandbox").glob("modern@g*.wsgi.1.gunicorn.py")).read_text()
     assert "bind = ['unix:" in conf
     wait_for_body(piku.url("modern"), "Hello from modern")
     log = (piku.root / "logs" / "modern" / "wsgi.1.log").read_text()
@@ -176,7 +176,7 @@ def gunicorn_workers(piku, app, wanted=3, timeout=30):
     while time.monotonic() < deadline:
         try:
             gen = next((piku.root / "uwsgi-enabled").glob(f"{app}@g*.wsgi.1.ini")).name.split("@")[1].split(".")[0]
-            vassal = psutil.Process(int((piku.root / "uwsgi" / app / gen / "wsgi.1.pid").read_text()))
+            vassal = psutil.Process(piku.master_pid(app, f"{gen}.wsgi.1"))
             masters = [p for p in vassal.children() if "gunicorn" in " ".join(p.cmdline())]
             count = sum(len(master.children()) for master in masters)
         except (psutil.Error, ValueError, FileNotFoundError, StopIteration):

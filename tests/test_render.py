@@ -4,6 +4,7 @@ After an intended change, regenerate with:  PIKU_UPDATE_GOLDEN=1 make test
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -128,7 +129,7 @@ def test_asgi_vassal_and_config_run_gunicorn_with_uvicorns_worker():
     env = dict(VENV_ENV, GUNICORN_WORKERS="3")
     vassal = render("asgi", "main:app", env)
     assert "attach-daemon = exec /home/piku/.piku/envs/shop/python-0123456789abcdef/bin/gunicorn --config " \
-           "/home/piku/.piku/uwsgi/shop/g7/asgi.1.gunicorn.py main:app\n" in vassal
+           "/home/piku/.piku/sandbox/shop@g7.asgi.1.gunicorn.py main:app\n" in vassal
     check_golden("asgi-gunicorn.conf.py", piku.render_gunicorn_config(instance("asgi"), env, ROOT))
     namespace = {}
     exec(compile(piku.render_gunicorn_config(instance("asgi"), env, ROOT), "gunicorn.conf.py", "exec"), namespace)
@@ -200,3 +201,10 @@ def test_nginx_buffers_only_what_it_caches_unless_told(tmp_path):
     for name in ("*.com", "*.com."):
         with pytest.raises(PikuError, match="would claim a whole top-level domain"):
             piku.nginx_server_names({"NGINX_SERVER_NAME": name})
+
+
+def test_the_vassal_wrapper_matches_its_golden_file():
+    """The emperor runs every vassal through it: described in its app's sandbox, as piku's own, or not at all."""
+    if piku.bwrap_binary() != "/usr/bin/bwrap" or shutil.which("uwsgi") != "/usr/bin/uwsgi":
+        pytest.skip("the golden file names Debian's /usr/bin/bwrap and /usr/bin/uwsgi")
+    check_golden("vassal-wrapper.sh", piku.render_wrapper())

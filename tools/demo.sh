@@ -24,8 +24,7 @@ if [ -n "$FOUND" ]; then
   set -- $FOUND
   case "$3" in
     /usr|/usr/local) ;;      # a system Python (Ubuntu's python3.12): uv finds it on PATH as it is
-    *) cp -al "$3" "$UV_PYTHON_INSTALL_DIR/cpython-$2-linux-x86_64-gnu" 2>/dev/null \
-         || cp -a "$3" "$UV_PYTHON_INSTALL_DIR/cpython-$2-linux-x86_64-gnu" ;;
+    *) $PYTHON "$HERE/tools/pythons.py" --copy "$3" "$UV_PYTHON_INSTALL_DIR/cpython-$2-linux-x86_64-gnu" ;;
   esac
   SECOND=$1
 fi

@@ -1,8 +1,10 @@
 """The CPythons 3.10+ this machine has besides the one piku runs on, found the way uv finds
 them -- its managed ones and those on PATH (`uv python list`) -- and pyenv's builds (uv sees
-only the one pyenv's shims point at). The test suite and `make demo` offer them to piku's uv.
+only the one pyenv's shims point at). The test suite, the bench and `make demo` offer them to
+piku's uv, copied into a folder of theirs (copy_installation).
 
-    python3 tools/pythons.py UV     one line per minor version: MINOR VERSION PREFIX INTERPRETER
+    python3 tools/pythons.py UV               one line per minor version: MINOR VERSION PREFIX INTERPRETER
+    python3 tools/pythons.py --copy PREFIX TARGET    copy an installation where it still runs
 """
 
 import json
@@ -43,6 +45,28 @@ def other_pythons(uv):
     return found
 
 
+def copy_installation(prefix, target):
+    """Copy a Python installation to target (hard links where it can) so that it runs from there,
+    also where its old place cannot be seen (an app's sandbox): pyenv builds find libpython
+    through a RUNPATH naming their own prefix, which becomes '$ORIGIN/../lib' in the copy."""
+    if subprocess.run(["cp", "-al", prefix, target], capture_output=True).returncode != 0:
+        subprocess.run(["rm", "-rf", target])
+        subprocess.run(["cp", "-a", prefix, target], check=True)
+    for binary in sorted(Path(target, "bin").glob("python3*")):
+        if binary.is_symlink() or not binary.is_file():
+            continue
+        rpath = subprocess.run(["patchelf", "--print-rpath", str(binary)], capture_output=True, text=True)
+        if rpath.returncode == 0 and os.path.realpath(prefix) in rpath.stdout:
+            data = binary.read_bytes()          # a file of its own, not a link to the original's
+            binary.unlink()
+            binary.write_bytes(data)
+            binary.chmod(0o755)
+            subprocess.run(["patchelf", "--set-rpath", "$ORIGIN/../lib", str(binary)], check=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--copy"]:
+        copy_installation(sys.argv[2], sys.argv[3])
+        sys.exit(0)
     for minor, (version, prefix, interpreter) in sorted(other_pythons(sys.argv[1] if len(sys.argv) > 1 else None).items()):
         print(minor, version, prefix, interpreter)
