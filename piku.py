@@ -1278,22 +1278,46 @@ def bwrap_binary():
 
 @functools.lru_cache(maxsize=None)
 def bwrap_options():
-    """The options this bubblewrap knows (Ubuntu 22.04's 0.6 has no --disable-userns)."""
-    if not bwrap_binary():
+    """The options this bubblewrap knows (Ubuntu 22.04's 0.6 has no --disable-userns), asked once
+    per bwrap binary (cached_probe)."""
+    bwrap = bwrap_binary()
+    if not bwrap:
         return frozenset()
-    result = subprocess.run([bwrap_binary(), "--help"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    return frozenset(re.findall(r"^\s+(--[a-z-]+)", result.stdout + result.stderr, re.M))
+    def ask():
+        result = subprocess.run([bwrap, "--help"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        return sorted(set(re.findall(r"^\s+(--[a-z-]+)", result.stdout + result.stderr, re.M))) or None
+    return frozenset(cached_probe(["bwrap options", bwrap, stat_key(bwrap)], ask) or ())
 
 
 @functools.lru_cache(maxsize=None)
-def sandbox_problem():
-    """Why no sandbox starts here as this user -> (why, fix), or None when one does."""
+def sandbox_problem(fresh=False):
+    """Why no sandbox starts here as this user -> (why, fix), or None when one does (fresh: try
+    it now, as doctor does, whatever was remembered)."""
     bwrap = bwrap_binary()
     if not bwrap and host_setting("PIKU_BWRAP").strip():
         return (f"PIKU_BWRAP={host_setting('PIKU_BWRAP').strip()} is no program piku can run",
                 f"Fix PIKU_BWRAP in {HOST_ENV} (an absolute path), or remove it to use bubblewrap's")
     if not bwrap:
         return "bubblewrap is not installed", "As root: apt-get install bubblewrap (piku.py install does it)"
+    # a sandbox that started is remembered while nothing it depends on changed (this boot, the
+    # binary, the user, the kernel's settings for user namespaces): a push saves the ~6 ms
+    key = ["sandbox starts", bwrap, stat_key(bwrap), os.geteuid(), read_text("/proc/sys/kernel/random/boot_id"),
+           *(read_text(f"/proc/sys/{name}") for name in USERNS_SYSCTLS)]
+    problems = []
+    def probe():
+        problems.append(probe_sandbox(bwrap))
+        return None if problems[-1] else True
+    if fresh:
+        key.append(time.time())
+    return None if cached_probe(key, probe) else problems[-1]
+
+
+USERNS_SYSCTLS = ("user/max_user_namespaces", "kernel/unprivileged_userns_clone",
+                  "kernel/apparmor_restrict_unprivileged_userns")
+
+
+def probe_sandbox(bwrap):
+    """Start the smallest sandbox as this user -> (why, fix) when it does not start, else None."""
     try:
         result = subprocess.run([bwrap, *view_args(View("")), "--", "/bin/true"], capture_output=True,
                                 text=True, stdin=subprocess.DEVNULL, env={"PATH": DEFAULT_PATH}, timeout=30)
@@ -1352,11 +1376,32 @@ def emperor_problem():
             f"Restart the emperor: {setup}{'as root, ' if as_root else ''}{fix}")
 
 
-def sandbox_command(view, args, seccomp=None):
-    """args as they run in the app's view: bubblewrap, the view, then args (seccomp: the fd of a
-    program for bwrap --seccomp, which the caller passes on)."""
+def sandbox_command(view, args, seccomp=None, settings=None):
+    """args as they run in the app's view: bubblewrap, the view, then args. seccomp: the fd of a
+    program for bwrap --seccomp; settings: the fd bwrap reads the environment from (launch)."""
     make_folder(os.path.join(TMP_ROOT, view.app))
-    return [bwrap_binary(), *(["--seccomp", str(seccomp)] if seccomp is not None else []), *view_args(view), "--", *args]
+    return [bwrap_binary(), *(["--args", str(settings)] if settings is not None else []),
+            *(["--seccomp", str(seccomp)] if seccomp is not None else []), *view_args(view), "--", *args]
+
+
+@contextlib.contextmanager
+def launch(view, args, env, seccomp=None):
+    """How to start args with env -> (argv, env, pass_fds): as they are without a view; in the
+    view with one. bubblewrap itself then runs with piku's PATH alone -- an app's LD_PRELOAD
+    must not reach a program that runs outside the sandbox -- and the app's environment reaches
+    the sandbox through a memfd bwrap reads (--args): no setting shows on a command line."""
+    if view is None:
+        yield list(args), env, ()
+        return
+    settings = os.memfd_create("piku-settings")
+    try:
+        pairs = [item for key, value in sorted(env.items()) for item in ("--setenv", key, value)]
+        os.write(settings, b"".join(os.fsencode(arg) + b"\0" for arg in ["--clearenv", *pairs]))
+        os.lseek(settings, 0, os.SEEK_SET)
+        yield (sandbox_command(view, args, seccomp, settings), {"PATH": DEFAULT_PATH},
+               (settings, *([seccomp] if seccomp is not None else [])))
+    finally:
+        os.close(settings)
 
 
 def view_args(view):
@@ -1512,27 +1557,32 @@ exit 1
 # seccomp programs (classic BPF, for bwrap --seccomp) on the architectures piku runs on.
 # Workers make no symbolic link: the sockets the front and nginx connect to lie in a folder
 # workers write, and a link planted there would send those connections to another app's socket
-# (their build and release: may make links; nothing connects through those folders). And no
-# process pushes input into a terminal (TIOCSTI, TIOCLINUX): `run` shares the caller's.
-SECCOMP_ARCHES = (      # (audit arch, ioctl, the calls that make a symbolic link, x32 calls exist)
-    (0xC000003E, 16, (88, 266), True),      # x86_64
-    (0x40000003, 54, (83, 304), False),     # i386: a 32-bit program on x86_64
-    (0xC00000B7, 29, (36,), False),         # aarch64
+# (their build and release: may make links; nothing connects through those folders). Nor can
+# they get one another way: io_uring could make one past seccomp (IORING_OP_SYMLINKAT), so
+# workers get none (programs fall back to plain calls, as in Docker's default profile), and a
+# mount (an overlay in a user namespace of their own, where bwrap cannot forbid those) could
+# copy one up. And no process pushes input into a terminal (TIOCSTI, TIOCLINUX): `run` shares
+# the caller's.
+NEW_MOUNT_CALLS = (425, 428, 429, 430, 431, 432, 433, 442)   # io_uring_setup, open_tree ... mount_setattr
+SECCOMP_ARCHES = (      # (audit arch, ioctl, the calls workers may not make, x32 calls exist)
+    (0xC000003E, 16, (88, 266, 165, *NEW_MOUNT_CALLS), True),     # x86_64: symlink, symlinkat, mount
+    (0x40000003, 54, (83, 304, 21, *NEW_MOUNT_CALLS), False),     # i386 (a 32-bit program on x86_64)
+    (0xC00000B7, 29, (36, 40, *NEW_MOUNT_CALLS), False),          # aarch64: symlinkat, mount
 )
 TERMINAL_INJECTION = (0x5412, 0x541C)       # TIOCSTI, TIOCLINUX
 
 
-def seccomp_program(no_links):
+def seccomp_program(worker):
     """The filter as bytes: EPERM for those calls, everything else allowed."""
     load, jump_equal, jump_set, ret = 0x20, 0x15, 0x45, 0x06
     code = [(load, 4, None, None)]                          # seccomp_data.arch
     code += [(jump_equal, arch, f"arch{index}", None) for index, (arch, *_) in enumerate(SECCOMP_ARCHES)]
     code.append((ret, 0x7FFF0000, None, None))              # another architecture: no filter
-    for index, (arch, ioctl, links, x32) in enumerate(SECCOMP_ARCHES):
+    for index, (arch, ioctl, denied, x32) in enumerate(SECCOMP_ARCHES):
         code.append(("label", f"arch{index}", None, None))
         code.append((load, 0, None, None))                  # seccomp_data.nr
         code += [(jump_set, 0x40000000, "deny", None)] if x32 else []
-        code += [(jump_equal, number, "deny", None) for number in (links if no_links else ())]
+        code += [(jump_equal, number, "deny", None) for number in (denied if worker else ())]
         code.append((jump_equal, ioctl, "ioctl", "allow"))
     code += [("label", "ioctl", None, None), (load, 24, None, None)]    # the request: args[1], low half
     code += [(jump_equal, request, "deny", None) for request in TERMINAL_INJECTION]
@@ -1567,8 +1617,8 @@ def write_wrapper():
     if read_text(SANDBOX_WRAPPER, None) != text:
         make_folder(SANDBOX_ROOT)
         write_atomic(SANDBOX_WRAPPER, text, mode=0o700)
-    for path, program in ((WORKER_SECCOMP, seccomp_program(no_links=True)),
-                          (TERMINAL_SECCOMP, seccomp_program(no_links=False))):
+    for path, program in ((WORKER_SECCOMP, seccomp_program(worker=True)),
+                          (TERMINAL_SECCOMP, seccomp_program(worker=False))):
         if read_bytes(path) != program:
             make_folder(SANDBOX_ROOT)
             with open(path + ".new", "wb") as handle:
@@ -1801,6 +1851,7 @@ class PythonBuildpack:
             step(f"Dependencies unchanged: reusing {venv} (Python {interpreter.version}); {self.skipped}")
         else:
             self.create(context, uv, interpreter, venv, tool_env, servers, fingerprint)
+        record_environment(context.app, venv, interpreter.path)
         path = context.env["PATH"]
         if uv and os.path.dirname(uv) not in path.split(":"):
             path = f"{path}:{os.path.dirname(uv)}"      # `uv run` in a Procfile finds the uv that built it
@@ -2103,8 +2154,9 @@ class ExportedLockBuildpack(PythonBuildpack):
         home, check = os.path.expanduser("~"), ["python", "-I", "-c", "pass"]    # starts the tool's Python only
         # from uv's cache, with no request to the index (the version is pinned): a 0.05 s check
         view = context.view()
-        probe = subprocess.run(sandbox_command(view, [*environment, *check]) if view else [*environment, *check],
-                               cwd=home, env=tool_env, text=True, stdin=subprocess.DEVNULL, capture_output=True)
+        with launch(view, [*environment, *check], tool_env) as (argv, env, fds):
+            probe = subprocess.run(argv, cwd=home, env=env, pass_fds=fds, text=True, stdin=subprocess.DEVNULL,
+                                   capture_output=True)
         if probe.returncode != 0 and not any(needle in probe.stderr for needle in UV_CACHE_MISSES):
             for line in probe.stderr.strip().splitlines()[-10:]:
                 notice(mask_secrets(line, secret_values(tool_env)))
@@ -2238,8 +2290,9 @@ def collect_static(context, env):
     step("Django: running manage.py collectstatic --noinput")
     args = [os.path.join(env["VIRTUAL_ENV"], "bin", "python"), "manage.py", "collectstatic", "--noinput"]
     view = context.view(read=release_environment(context.app, context.root, env))
-    result = subprocess.run(sandbox_command(view, args) if view else args, cwd=context.root, env=dict(env, PWD=context.root), text=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with launch(view, args, dict(env, PWD=context.root)) as (argv, run_env, fds):
+        result = subprocess.run(argv, cwd=context.root, env=run_env, pass_fds=fds, text=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for line in result.stdout.splitlines()[-20:]:
         notice(line)
     if result.returncode != 0:
@@ -2354,8 +2407,9 @@ def stream_command(args, cwd, env, secrets=(), timeout=None, view=None):
     when anything stops piku meanwhile (the client went, ^C), the command and everything it
     started are killed: nothing it runs outlives the deploy that ran it. CommandTimeout then.
     With a view, the command runs in the app's sandbox."""
-    process = subprocess.Popen(sandbox_command(view, args) if view else args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    with launch(view, args, env) as (argv, run_env, fds):
+        process = subprocess.Popen(argv, cwd=cwd, env=run_env, pass_fds=fds, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     lines, pending = [], b""
     def show(raw):
@@ -2410,8 +2464,9 @@ def run_build_tool(args, cwd, env, show=True, failures=(), name=None, view=None)
         returncode, output = stream_command(args, cwd, env, secrets, view=view)
         result = subprocess.CompletedProcess(args, returncode, "", "")
     else:
-        result = subprocess.run(sandbox_command(view, args) if view else args, cwd=cwd, env=env, text=True,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        with launch(view, args, env) as (argv, run_env, fds):
+            result = subprocess.run(argv, cwd=cwd, env=run_env, pass_fds=fds, text=True,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         output = result.stderr
         if result.returncode != 0:
             for line in (output or "").splitlines():
@@ -2627,6 +2682,8 @@ def find_interpreter(uv, request, env, context):
     # only changes when one of those folders, the request or uv's settings change.
     folders = [*env.get("PATH", "").split(":"), uv_managed_pythons(env)]
     wanted = request or requires_python(context.root)     # uv looks at no project: it is told
+    if wanted and not PYTHON_REQUEST.fullmatch(wanted.strip()):
+        wanted = None       # a requires-python uv's request syntax does not take (nor a path uv would run)
     key = ["uv python find", tool_version(uv), wanted,
            {name: value for name, value in sorted(env.items()) if name.startswith("UV_")},
            [stat_key(folder) for folder in folders]]
@@ -2643,11 +2700,11 @@ def uv_python_find(uv, request, env):
     """uv's answer, outside any sandbox: so nothing of the release may steer it -- no project
     and no virtual environment is looked at (a pushed .venv/bin/python would be run), and it
     runs in piku's own folder."""
-    args = [uv, "python", "find", "--system", "--no-project", *([request] if request else [])]
+    args = [uv, "python", "find", "--system", "--no-project", "--", *([request.strip()] if request else [])]
     result = subprocess.run(args, cwd=PIKU_ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if result.returncode != 0 and request and python_downloads_allowed(env):
         step(f"Installing Python {request} with uv")
-        subprocess.run([uv, "python", "install", request], cwd=PIKU_ROOT, env=env, capture_output=True,
+        subprocess.run([uv, "python", "install", "--", request.strip()], cwd=PIKU_ROOT, env=env, capture_output=True,
                        stdin=subprocess.DEVNULL)
         result = subprocess.run(args, cwd=PIKU_ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     return result.stdout.strip().splitlines()[-1] if result.returncode == 0 and result.stdout.strip() else None
@@ -2692,7 +2749,7 @@ def cached_probe(key, compute, keep=64):
 
 def available_pythons(uv, env):
     result = subprocess.run([uv, "python", "list", "--only-installed", "--output-format", "json"],
-                            env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                            cwd=PIKU_ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     try:
         versions = {entry["version"] for entry in json.loads(result.stdout)}
     except (ValueError, KeyError, TypeError):
@@ -4611,21 +4668,56 @@ def release_environment(app, root, env):
     it (never one the app's settings point elsewhere) and the Python that environment uses."""
     site = project_site(root)
     found = [site] if os.path.isdir(site) else []
-    venv = env.get("VIRTUAL_ENV")
-    if venv and inside(venv, env_dir(app)) and os.path.isdir(venv):
-        found += [venv, *environment_python(venv)]
+    venv = env.get("VIRTUAL_ENV") or ""
+    record = environment_record(app, venv)
+    if record and os.path.isdir(venv) and not os.path.islink(venv):
+        python = read_text(record).strip()
+        found += [venv, *(tool_folders(python) if os.path.isabs(python) else [])]
     return found
 
 
-def environment_python(venv):
-    """The folders of the Python piku built an environment with, as its marker says (piku writes
-    it last; no process of the app writes a finished environment) -- never the environment's own
-    pyvenv.cfg, which the build could write."""
-    try:
-        python = json.loads(read_nofollow(os.path.join(venv, ENV_MARKER), 65536) or "{}")["python"][0]
-    except (ValueError, KeyError, TypeError, IndexError):
-        return []
-    return tool_folders(python) if isinstance(python, str) and os.path.isabs(python) else []
+ENVIRONMENT_NAME = re.compile(r"python-[0-9a-f]{16}")
+
+
+def environment_record(app, venv):
+    """piku's record of the Python an environment of the app was built with (SANDBOX_ROOT/
+    APP@python-DIGEST.python, written by the build that made or reused it), or None for anything
+    else VIRTUAL_ENV may name. Not the environment's own pyvenv.cfg or marker: the build writes
+    the environment. An environment without a record is not shown to a sandbox."""
+    if os.path.dirname(venv) != env_dir(app) or not ENVIRONMENT_NAME.fullmatch(os.path.basename(venv)):
+        return None
+    record = os.path.join(SANDBOX_ROOT, f"{app}@{os.path.basename(venv)}.python")
+    return record if os.path.isfile(record) else None
+
+
+def record_environment(app, venv, python):
+    path = os.path.join(SANDBOX_ROOT, f"{app}@{os.path.basename(venv)}.python")
+    if read_text(path, None) != python + "\n":
+        make_folder(SANDBOX_ROOT)
+        write_atomic(path, python + "\n", mode=0o600)
+
+
+def record_earlier_environments():
+    """Environments of releases piku recorded before the sandbox have no record of their Python:
+    take it from their marker, which piku wrote after each of those builds had succeeded (a
+    release is recorded only then). Environments no release names are left without one."""
+    for app in list_apps():
+        try:
+            records = load_releases(app)
+        except PikuError:
+            continue        # doctor reports an unreadable releases.json
+        for venv in {str(record["env"].get("VIRTUAL_ENV") or "") for record in records
+                     if isinstance(record, dict) and isinstance(record.get("env"), dict)}:
+            if not ENVIRONMENT_NAME.fullmatch(os.path.basename(venv)) or os.path.dirname(venv) != env_dir(app):
+                continue
+            if os.path.exists(os.path.join(SANDBOX_ROOT, f"{app}@{os.path.basename(venv)}.python")):
+                continue
+            try:
+                python = json.loads(read_nofollow(os.path.join(venv, ENV_MARKER), 65536) or "{}")["python"][0]
+            except (ValueError, KeyError, TypeError, IndexError):
+                continue
+            if isinstance(python, str) and os.path.isabs(python):
+                record_environment(app, venv, python)
 
 
 def app_data(app):
@@ -5026,6 +5118,8 @@ def prune(app):
     for path in glob.glob(os.path.join(env_dir(app), "python-*")):
         if path not in venvs:
             shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):      # (none for one built before the sandbox)
+                os.unlink(os.path.join(SANDBOX_ROOT, f"{app}@{os.path.basename(path)}.python"))
     prune_generation_folders(app, running)
 
 
@@ -5801,7 +5895,7 @@ def check_sandbox():
                       also="docs/SECURITY.md")
         return
     level = "FAIL" if mode == "required" else "WARN"
-    if not sandbox_problem() and emperor_problem():
+    if not sandbox_problem(fresh=True) and emperor_problem():
         fix, as_root = restart_emperor_fix()
         setup = f"emperor-wrapper = {SANDBOX_WRAPPER}" in read_text(EMPEROR_CONFIG)
         yield Finding(level, f"NO SANDBOX for workers: {emperor_problem()[0]}, so new workers start outside "
@@ -5809,7 +5903,7 @@ def check_sandbox():
                                          else ""), fix, as_root=as_root and os.geteuid() != 0,
                       also="" if setup else f"first, as the piku user: {piku_command('setup')}")
         return
-    problem = sandbox_problem()
+    problem = sandbox_problem(fresh=True)
     if problem:
         why, fix = problem
         message = ("NO SANDBOX: an app's code cannot run in its sandbox here, so "
@@ -6935,7 +7029,7 @@ def cmd_run(app, command):
     command = command[1:] if command[0] == "--" else command
     if not command:
         raise PikuError("no command given", "Example: run APP -- ls -la")
-    terminal, args, cwd, program = sys.stdin.isatty(), list(command), app_path(app), None
+    terminal, args, cwd, program, view = sys.stdin.isatty(), list(command), app_path(app), None, None
     if app_sandboxed(app):
         if "/" not in args[0] and not shutil.which(args[0], path=env.get("PATH")):
             raise PikuError(f"command not found: {args[0]}", "Use 'run APP -- sh -c \"...\"' for shell syntax.")
@@ -6947,12 +7041,12 @@ def cmd_run(app, command):
         # The terminal is the caller's: nothing in the sandbox may type into it (TERMINAL_SECCOMP)
         write_wrapper()
         program = os.open(TERMINAL_SECCOMP, os.O_RDONLY | os.O_CLOEXEC) if terminal else None
-        args = sandbox_command(view, ["env", "--default-signal=INT,QUIT", "--", *args], seccomp=program)
+        args = ["env", "--default-signal=INT,QUIT", "--", *args]
         if terminal:
             ignore_terminal_signals()
     try:        # with a terminal, ssh's hang-up reaches the command itself; without one, it is ended
-        process = subprocess.Popen(args, cwd=cwd, env=env, start_new_session=not terminal,
-                                   pass_fds=() if program is None else (program,))
+        with launch(view, args, env, program) as (argv, run_env, fds):
+            process = subprocess.Popen(argv, cwd=cwd, env=run_env, start_new_session=not terminal, pass_fds=fds)
     except FileNotFoundError:
         raise PikuError(f"command not found: {command[0]}", "Use 'run APP -- sh -c \"...\"' for shell syntax.")
     except OSError as error:
@@ -7102,6 +7196,7 @@ def cmd_setup():
     make_folder(NGINX_LOGS)
     config = EMPEROR_CONFIG
     write_wrapper()
+    record_earlier_environments()
     earlier = describe_earlier_vassals()
     if earlier:
         notice(f"{len(earlier)} vassal(s) written by an earlier piku.py keep running outside a sandbox "

@@ -409,7 +409,7 @@ def measure_sandbox(bench, results):
         run(["/bin/true"], env={"PATH": "/usr/bin:/bin"})
         results["sandbox_start_out"].append((time.monotonic() - began) * 1000)
     import psutil
-    inits = sandbox_inits(bench, "sbx")
+    inits = [pid for pid in sandbox_inits(bench, "sbx") if psutil.pid_exists(pid)]     # the live ones
     outer = [psutil.Process(pid).ppid() for pid in inits]
     results["sandbox_vassal_mb"] = [pss_mb(inits + outer) / max(1, len(inits))]
     results["sandbox_cache_mb"] = [du_mb(bench.work / "piku" / "cache" / ".uv" / "sbx")]

@@ -155,7 +155,8 @@ def test_an_intruder_app_reaches_nothing_of_another_app_or_of_piku(host, sandbox
         assert (piku.root / "data" / "intruder" / f"report-{phase}.txt").exists(), phase
     for phase in PHASES:
         seen = outcomes(found.get(phase, ""), phase)
-        expected = [*ATTACKS, *(["plant-socket-link"] if phase in ("cron", "run") else [])]
+        expected = [*ATTACKS, *(["plant-socket-link"] if phase in ("cron", "run") else []),
+                    *(["io-uring"] if phase in ("web", "cron") else [])]
         assert sorted(seen) == sorted(expected), (phase, found.get(phase))
         done = sorted(attack for attack, outcome in seen.items() if outcome == "done")
         assert done == ["reach-outside"], (phase, found[phase])    # loopback and DNS work; nothing else
@@ -427,8 +428,11 @@ def test_the_build_runs_no_program_the_app_chose_outside_its_sandbox(piku, emper
         f"printf '#!/bin/sh\\ntouch {markers['python']}\\nexit 1\\n' > "
         "$DATA_ROOT/pythons/cpython-3.12.99-linux-x86_64-gnu/bin/python3.12 && chmod -R +x $DATA_ROOT\n")
     data = piku.root / "data" / "chooser"
+    # and the dynamic loader of a program piku starts with the app's settings writes here: no such
+    # program may run outside the sandbox (inside, this folder is not the test's)
     (source / "ENV").write_text(f"PATH={data}/bin:/usr/local/bin:/usr/bin:/bin\n"
-                                f"UV_PYTHON_INSTALL_DIR={data}/pythons\nCONDA_PREFIX={data}\n")
+                                f"UV_PYTHON_INSTALL_DIR={data}/pythons\nCONDA_PREFIX={data}\n"
+                                f"LD_DEBUG=files\nLD_DEBUG_OUTPUT={tmp_path}/loaded\n")
     fake = source / ".venv" / "bin" / "python"
     fake.write_text(f"#!/bin/sh\ntouch {markers['venv']}\nexit 1\n")
     fake.chmod(0o755)
@@ -439,6 +443,13 @@ def test_the_build_runs_no_program_the_app_chose_outside_its_sandbox(piku, emper
     app.commit("again: the app's uv and Python are in place now")
     app.push()
     wait_for_body(piku.url("chooser"), "Directory listing")
+    # a requires-python that is a path: uv would run it to ask its version (uv then refuses the project)
+    fake_python = data / "pythons" / "cpython-3.12.99-linux-x86_64-gnu" / "bin" / "python3.12"
+    app.write("pyproject.toml", '[project]\nname = "chooser"\nversion = "1"\ndependencies = []\n'
+                                f'requires-python = "{fake_python}"\n')
+    app.commit("a path for a version")
+    assert app.push(check=False).returncode != 0
     assert not [name for name, marker in markers.items() if marker.exists()]
+    assert not list(tmp_path.glob("loaded.*")), "a program piku ran outside the sandbox had the app's settings"
     view = next((piku.root / "sandbox").glob("chooser@g*.web.1.view")).read_bytes().split(b"\0")
     assert b"/run" not in [view[i + 1] for i, arg in enumerate(view[:-1]) if arg in (b"--ro-bind", b"--bind")]
