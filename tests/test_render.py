@@ -208,3 +208,11 @@ def test_the_vassal_wrapper_matches_its_golden_file():
     if piku.bwrap_binary() != "/usr/bin/bwrap" or shutil.which("uwsgi") != "/usr/bin/uwsgi":
         pytest.skip("the golden file names Debian's /usr/bin/bwrap and /usr/bin/uwsgi")
     check_golden("vassal-wrapper.sh", piku.render_wrapper())
+
+
+def test_the_apparmor_profile_lets_only_pikus_copy_of_bwrap_make_user_namespaces():
+    """Ubuntu 24.04's AppArmor lets no unprivileged program make user namespaces: install loads a
+    profile for piku's own copy of bwrap alone (not /usr/bin/bwrap, which every user may run)."""
+    profile = piku.APPARMOR_TEMPLATE.substitute(bwrap=piku.BWRAP_COPY, group="piku")
+    assert "profile piku-bwrap /usr/local/lib/piku/bwrap flags=(unconfined) {\n  userns,\n" in profile
+    assert "/usr/bin/bwrap" not in profile and profile.startswith("# written by piku.py install")
