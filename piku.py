@@ -1363,11 +1363,30 @@ def warn_unsandboxed(app, why, fix):
     warning(fix)
 
 
+def running_emperor():
+    """The PID of this PIKU_ROOT's emperor: its pidfile, or -- set up by a piku.py that wrote none
+    -- the process of this user running `uwsgi --ini` with its config (0: none)."""
+    pid = pidfile_pid(EMPEROR_PID)
+    if pid and pid_alive(pid):
+        return pid
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != os.getuid():
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                words = handle.read().split(b"\0")
+        except OSError:
+            continue        # gone meanwhile
+        if os.fsencode(EMPEROR_CONFIG) in words and b"--ini" in words and b"uwsgi" in os.path.basename(words[0]):
+            return int(entry)
+    return 0
+
+
 def emperor_problem():
     """Why the running emperor would start vassals outside piku's wrapper -> (why, fix), or None.
     (An emperor that is not running is the health check's to report.)"""
-    pid = pidfile_pid(EMPEROR_PID)
-    if not (pid and pid_alive(pid)) or emperor_runs_wrapper(pid):
+    pid = running_emperor()
+    if not pid or emperor_runs_wrapper(pid):
         return None
     fix, as_root = restart_emperor_fix()
     setup = "" if f"emperor-wrapper = {SANDBOX_WRAPPER}" in read_text(EMPEROR_CONFIG) else \

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import EXAMPLES, PIKU_PY, PYTHON, AppRepo, LoadLoop, fetch, wait_for_body, wait_until
+from conftest import EXAMPLES, PIKU_PY, PYTHON, AppRepo, Emperor, LoadLoop, fetch, wait_for_body, wait_until
 
 FLASK_UWSGI = EXAMPLES / "flask-uwsgi"
 FLASK_GUNICORN = EXAMPLES / "flask-gunicorn"
@@ -420,26 +420,37 @@ def test_the_health_check_asks_for_the_first_server_name_and_the_path_set(piku, 
     assert refused.returncode == 1 and "GET /health answered 503" in refused.stderr
 
 
-def test_a_host_running_the_previous_piku_switches_to_this_one(piku, emperor, make_app, tmp_path):
-    """Vassals an earlier piku.py wrote (APP_KIND.N.ini on PORT) give way on the first deploy."""
+def test_a_host_running_the_previous_piku_switches_to_this_one(piku, make_app, tmp_path):
+    """Vassals an earlier piku.py wrote (APP_KIND.N.ini on PORT) give way on the first deploy -- on
+    a host whose emperor that piku.py set up and started (without the sandbox's vassal wrapper),
+    after `update` ran this one's setup."""
     old = tmp_path / "old-piku.py"
     shown = subprocess.run(["git", "show", "409ee85:piku.py"], cwd=PIKU_PY.parent, capture_output=True, text=True)
     if shown.returncode != 0:
         pytest.skip("the previous piku.py is not in this clone's history")
     old.write_text(shown.stdout)
-    app = make_app(WEB, "veteran")
-    legacy = subprocess.run(["git", "push", "--receive-pack", f"{PYTHON} {old} git-receive-pack", "veteran",
-                             "HEAD:main"], cwd=app.path, env=piku.env, capture_output=True, text=True)
-    assert legacy.returncode == 0, legacy.stderr
-    url = piku.url("veteran")
-    wait_for_body(url, "Hello from veteran")
-    assert (piku.root / "uwsgi-enabled" / "veteran_web.1.ini").exists()
-    mark(app, WEB, "app.py", "Upgraded")
-    app.push()
-    assert piku.url("veteran") == url, "the same PORT"
-    wait_for_body(url, "Upgraded from veteran")
-    assert not (piku.root / "uwsgi-enabled" / "veteran_web.1.ini").exists()
-    assert piku.workers("veteran") == ["web.1"]
+    subprocess.run([PYTHON, str(old), "setup"], env=piku.env, capture_output=True, check=True)
+    emperor = Emperor(piku.root)
+    try:
+        app = make_app(WEB, "veteran")
+        legacy = subprocess.run(["git", "push", "--receive-pack", f"{PYTHON} {old} git-receive-pack", "veteran",
+                                 "HEAD:main"], cwd=app.path, env=piku.env, capture_output=True, text=True)
+        assert legacy.returncode == 0, legacy.stderr
+        url = piku.url("veteran")
+        wait_for_body(url, "Hello from veteran")
+        assert (piku.root / "uwsgi-enabled" / "veteran_web.1.ini").exists()
+        time.sleep(1)
+        piku("setup")       # what `update` runs
+        assert (piku.root / "sandbox" / "veteran_web.1.host").exists()
+        mark(app, WEB, "app.py", "Upgraded")
+        pushed = app.push()
+        assert "the uWSGI emperor runs without piku's vassal wrapper" in pushed.output    # until restarted
+        assert piku.url("veteran") == url, "the same PORT"
+        wait_for_body(url, "Upgraded from veteran")
+        assert not (piku.root / "uwsgi-enabled" / "veteran_web.1.ini").exists()
+        assert piku.workers("veteran") == ["web.1"]
+    finally:
+        emperor.stop()
 
 
 def test_with_auto_restart_off_pushes_never_remove_the_code_that_still_runs(piku, emperor, make_app):
