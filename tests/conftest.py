@@ -545,6 +545,22 @@ def piku(tmp_path, toolchain):
 
 
 @pytest.fixture
+def sandbox_works():
+    """For tests that need an app's sandbox (and keys limited to some apps, which require one):
+    skipped with doctor's reason where none starts (a chroot: the kernel refuses it user namespaces)."""
+    problem = sandbox_problem()
+    if problem:
+        pytest.skip(f"no sandbox starts on this machine (doctor says: {problem[0]}; fix: {problem[1]})")
+
+
+def sandbox_problem():
+    """Why no sandbox starts here, as doctor says it (tried now: nothing is remembered) -- or None."""
+    import piku as piku_module
+    bwrap = piku_module.bwrap_binary()
+    return piku_module.probe_sandbox(bwrap) if bwrap else ("bubblewrap is not installed", "make deps installs it")
+
+
+@pytest.fixture
 def emperor(piku):
     running = Emperor(piku.root)
     yield running

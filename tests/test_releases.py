@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from conftest import EXAMPLES, PIKU_PY, PYTHON, AppRepo, Emperor, LoadLoop, fetch, wait_for_body, wait_until
+from conftest import (EXAMPLES, PIKU_PY, PYTHON, AppRepo, Emperor, LoadLoop, fetch, sandbox_problem, wait_for_body,
+                      wait_until)
 
 FLASK_UWSGI = EXAMPLES / "flask-uwsgi"
 FLASK_GUNICORN = EXAMPLES / "flask-gunicorn"
@@ -444,7 +445,8 @@ def test_a_host_running_the_previous_piku_switches_to_this_one(piku, make_app, t
         assert (piku.root / "sandbox" / "veteran_web.1.host").exists()
         mark(app, WEB, "app.py", "Upgraded")
         pushed = app.push()
-        assert "the uWSGI emperor runs without piku's vassal wrapper" in pushed.output    # until restarted
+        if not sandbox_problem():           # (in a chroot no sandbox starts at all)
+            assert "the uWSGI emperor runs without piku's vassal wrapper" in pushed.output    # until restarted
         assert piku.url("veteran") == url, "the same PORT"
         wait_for_body(url, "Upgraded from veteran")
         assert not (piku.root / "uwsgi-enabled" / "veteran_web.1.ini").exists()

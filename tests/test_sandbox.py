@@ -21,19 +21,11 @@ import pytest
 from conftest import (EXAMPLES, PIKU_PY, PYTHON, TEST_APPS, AppRepo, Emperor, Piku, fetch,
                       pid_alive, wait_for_body, wait_until)
 
-import piku as piku_module
 
 ATTACKS = ("read-ENV", "read-LIVE_ENV", "read-repo", "read-release", "read-data", "read-keys", "append-keys",
            "rewrite-piku", "write-vassal", "read-environ", "ptrace", "kill", "edit-own-env", "edit-victim-env",
            "edit-victim-cache", "new-userns", "reach-outside")
 PHASES = ("build", "release", "web", "cron", "run")
-
-
-@pytest.fixture
-def sandbox_works():
-    problem = piku_module.sandbox_problem()
-    if problem:
-        pytest.skip(f"no sandbox starts on this machine (doctor says: {problem[0]}; fix: {problem[1]})")
 
 
 class Listener:

@@ -451,7 +451,7 @@ def test_keys_lists_names_fingerprints_and_apps(host, bob):
     assert lines["piku-ssh-test"].endswith("(all apps)")
 
 
-def test_a_restricted_key_pushes_and_manages_its_app_only(host, deployed, bob):
+def test_a_restricted_key_pushes_and_manages_its_app_only(host, deployed, bob, sandbox_works):
     assert host.ssh("apps", key=bob).stdout.split() == ["*", APP]
     assert OTHER in host.ssh("apps").stdout
     work = deployed.work
@@ -495,7 +495,7 @@ def test_a_restricted_keys_command_line_runs_nothing_else(host, bob, template):
             target.unlink()
 
 
-def test_the_commands_people_type_first_get_the_form_they_need(host, bob):
+def test_the_commands_people_type_first_get_the_form_they_need(host, bob, sandbox_works):
     """`ssh piku@host config:set PYTHON_VERSION=3.10` -- the form people type first: a key that
     sees one app means that app; a key that sees several is asked which, with their names."""
     result = host.ssh("config:set", "FROM_BOB='no app named'", key=bob)
