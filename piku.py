@@ -7027,6 +7027,24 @@ def cmd_ps_scale(app, settings):
         step("Workers: " + ", ".join(f"{kind}={count}" for kind, count in sorted(scaling.items())))
 
 
+def run_view(app, env, args, terminal):
+    """`run`'s sandbox -> (view, args, the fd of its seccomp program or None)."""
+    if "/" not in args[0] and not shutil.which(args[0], path=env.get("PATH")):
+        raise PikuError(f"command not found: {args[0]}", "Use 'run APP -- sh -c \"...\"' for shell syntax.")
+    cwd = app_path(app)
+    root = os.path.realpath(cwd)          # apps/APP: a link to the live release, there too
+    view = View(app, write=(app_data(app),), read=(root, *release_environment(app, root, env)),
+                links=((root, cwd),), cwd=cwd, terminal=terminal)
+    # ^C and ^\ reach every process of the terminal's group: bwrap ignores them (inherited from
+    # piku), and the command gets their default back from env, as it has without a sandbox.
+    # The terminal is the caller's: nothing in the sandbox may type into it (TERMINAL_SECCOMP)
+    write_wrapper()
+    program = os.open(TERMINAL_SECCOMP, os.O_RDONLY | os.O_CLOEXEC) if terminal else None
+    if terminal:
+        ignore_terminal_signals()
+    return view, ["env", "--default-signal=INT,QUIT", "--", *args], program
+
+
 def ignore_terminal_signals():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGQUIT, signal.SIG_IGN)
@@ -7050,19 +7068,7 @@ def cmd_run(app, command):
         raise PikuError("no command given", "Example: run APP -- ls -la")
     terminal, args, cwd, program, view = sys.stdin.isatty(), list(command), app_path(app), None, None
     if app_sandboxed(app):
-        if "/" not in args[0] and not shutil.which(args[0], path=env.get("PATH")):
-            raise PikuError(f"command not found: {args[0]}", "Use 'run APP -- sh -c \"...\"' for shell syntax.")
-        root = os.path.realpath(cwd)          # apps/APP: a link to the live release, there too
-        view = View(app, write=(app_data(app),), read=(root, *release_environment(app, root, env)),
-                    links=((root, cwd),), cwd=cwd, terminal=terminal)
-        # ^C and ^\ reach every process of the terminal's group: bwrap ignores them (inherited from
-        # piku), and the command gets their default back from env, as it has without a sandbox.
-        # The terminal is the caller's: nothing in the sandbox may type into it (TERMINAL_SECCOMP)
-        write_wrapper()
-        program = os.open(TERMINAL_SECCOMP, os.O_RDONLY | os.O_CLOEXEC) if terminal else None
-        args = ["env", "--default-signal=INT,QUIT", "--", *args]
-        if terminal:
-            ignore_terminal_signals()
+        view, args, program = run_view(app, env, args, terminal)
     try:        # with a terminal, ssh's hang-up reaches the command itself; without one, it is ended
         with launch(view, args, env, program) as (argv, run_env, fds):
             process = subprocess.Popen(argv, cwd=cwd, env=run_env, start_new_session=not terminal, pass_fds=fds)
