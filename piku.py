@@ -66,6 +66,7 @@ import contextlib
 import difflib
 import errno
 import fcntl
+import fnmatch
 import functools
 import glob
 import grp
@@ -131,7 +132,7 @@ UWSGI_AVAILABLE = os.path.join(PIKU_ROOT, "uwsgi-available")
 UWSGI_ENABLED = os.path.join(PIKU_ROOT, "uwsgi-enabled")
 SANDBOX_ROOT = os.path.join(PIKU_ROOT, "sandbox")  # piku's records of app processes: no sandbox shows it
 TMP_ROOT = os.path.join(PIKU_ROOT, "tmp")          # tmp/APP: the app's /tmp and /var/tmp in its sandbox
-UV_CACHE_ROOT = os.path.join(CACHE_ROOT, ".uv")    # cache/.uv/APP: the app's own uv cache and tool folder
+UV_CACHE_ROOT = os.path.join(PIKU_ROOT, "uv")      # uv/APP: the app's own uv cache and tool folder
 PIKU_DIRS = (APP_ROOT, CACHE_ROOT, DATA_ROOT, ENV_ROOT, GIT_ROOT, LOG_ROOT, NGINX_ROOT, RELEASE_ROOT,
              LOCK_ROOT, UWSGI_ROOT, UWSGI_AVAILABLE, UWSGI_ENABLED, ACME_WWW, SANDBOX_ROOT, TMP_ROOT, UV_CACHE_ROOT)
 
@@ -173,7 +174,6 @@ DAILY_OLD_LOG = host_file(LOG_ROOT, "acme-renew.log.old")
 PROBES_CACHE = host_file(CACHE_ROOT, ".probes.json")
 CLOUDFLARE_CACHE = host_file(CACHE_ROOT, ".cloudflare-ips.json")
 NAMES_LOCK = host_file(LOCK_ROOT, ".names.lock")
-host_file(CACHE_ROOT, os.path.basename(UV_CACHE_ROOT))
 SANDBOX_WRAPPER = host_file(SANDBOX_ROOT, "vassal-wrapper")     # the emperor starts every vassal with it
 WORKER_SECCOMP = host_file(SANDBOX_ROOT, "worker.seccomp")      # what no worker may do (seccomp_program)
 TERMINAL_SECCOMP = host_file(SANDBOX_ROOT, "terminal.seccomp")  # ... nor `run` with a terminal
@@ -688,6 +688,10 @@ def validate_setting(key, value, where="setting"):
     if value != value.rstrip(" \t\v\f"):
         raise PikuError(f"the value of {key} ends with a space or tab, which uWSGI's config format drops",
                         "Remove it, or end the value with another character.")
+    if value.endswith("\\") and env_file_value(value).startswith("'"):
+        raise PikuError(f"the value of {key} starts with a quote or a space, or holds ' #', and ends with a "
+                        "backslash: a settings file cannot hold that (its reader ends no quoted value after a "
+                        "backslash)", "End the value with another character, or drop what makes it need quotes.")
 
 
 def parse_setting_arg(text):
@@ -840,21 +844,28 @@ def static_paths(env, root):
     return paths
 
 
-def parse_env_text(text, source):
-    """dotenv text -> list of (key, value). Errors name the file and the line."""
+def parse_env_text(text, source, skip_bad=False):
+    """dotenv text -> list of (key, value). Errors name the file and the line (skip_bad: each
+    is a warning, and the line is left out -- to repair a damaged settings file)."""
     from dotenv.parser import parse_stream
     pairs = []
     for binding in parse_stream(io.StringIO(text)):
         line = binding.original.line
-        if binding.error:
-            raise PikuError(f"{source} line {line} cannot be parsed: {binding.original.string.strip()!r}",
-                            "Use KEY=value lines; quote values with spaces or '#'.")
-        if binding.key is None or binding.value is None:
-            continue
         try:
-            validate_setting(binding.key, binding.value, where=f"{source} line {line}: setting")
+            if binding.error:
+                raise PikuError(f"{source} line {line} cannot be parsed: {binding.original.string.strip()[:80]!r}",
+                                "Use KEY=value lines; quote values with spaces or '#'.")
+            if binding.key is None or binding.value is None:
+                continue
+            try:
+                validate_setting(binding.key, binding.value, where=f"{source} line {line}: setting")
+            except PikuError as error:
+                raise PikuError(f"{source} line {line}: {error.message}", error.hint)
         except PikuError as error:
-            raise PikuError(f"{source} line {line}: {error.message}", error.hint)
+            if not skip_bad:
+                raise
+            warning(f"{error.message}: it is left out (set the setting again with config:set)")
+            continue
         pairs.append((binding.key, binding.value))
     return pairs
 
@@ -869,11 +880,17 @@ def expand_settings(pairs, env):
 
 def format_env(settings):
     """A dict -> dotenv text that parse_env_text reads back exactly."""
-    lines = []
-    for key in sorted(settings):
-        value = settings[key].replace("\\", "\\\\").replace("'", "\\'")
-        lines.append(f"{key}='{value}'")
-    return "".join(line + "\n" for line in lines)
+    return "".join(f"{key}={env_file_value(settings[key])}\n" for key in sorted(settings))
+
+
+def env_file_value(value):
+    """A value as a dotenv line carries it: as it is where the reader keeps it so (it strips
+    spaces around it and a ' #' comment, and reads a leading quote as quoting), else in single
+    quotes with \\ and \' -- which the reader cannot end after a backslash (validate_setting
+    refuses such a value)."""
+    if value == value.strip() and not value.startswith(("'", '"')) and not re.search(r"\s#", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def parse_scaling(text):
@@ -977,6 +994,25 @@ def read_pushed_bytes(root, name, limit):
 # the file must be of the kind piku expects.
 
 APP_WRITABLE = (LOG_ROOT, UWSGI_ROOT, DATA_ROOT, TMP_ROOT, UV_CACHE_ROOT)
+# The one list of what app code may write: (piku's folder, the components below it, the first
+# being the app), for every folder a sandbox view may show read-write. View refuses any other,
+# and nothing nginx's root master opens may lie in one (check_nginx_files).
+APP_WRITES = ((UWSGI_ROOT, ("g*",)), (LOG_ROOT, ("g*",)), (DATA_ROOT, ()), (TMP_ROOT, ()), (UV_CACHE_ROOT, ()),
+              (RELEASE_ROOT, ("*",)), (ENV_ROOT, ("python-*",)))
+
+
+def app_may_write(path, app=None):
+    """Is path (as written: links are not followed) a folder the code of app (None: of any app)
+    may write, or below one?"""
+    path = os.path.normpath(path)
+    for root, below in APP_WRITES:
+        if not path.startswith(root + os.sep):
+            continue
+        parts = path[len(root) + 1:].split(os.sep)
+        if len(parts) > len(below) and (app is None or parts[0] == app) \
+                and all(fnmatch.fnmatchcase(part, pattern) for part, pattern in zip(parts[1:], below)):
+            return True
+    return False
 
 
 def inside_app_folder(path):
@@ -1134,11 +1170,11 @@ def write_atomic(path, text, mode=0o644, mtime=None):
     """Write text to path through a temporary file and a rename (with mtime, if given)."""
     directory = os.path.dirname(path)
     make_folder(directory)
-    handle, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    handle, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-")     # a new file (O_EXCL): no link followed
     try:
+        os.fchmod(handle, mode)
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
-        os.chmod(temp, mode)
         if mtime is not None:
             os.utime(temp, (mtime, mtime))
         os.replace(temp, path)
@@ -1148,9 +1184,10 @@ def write_atomic(path, text, mode=0o644, mtime=None):
         raise
 
 
-def load_config(app):
-    """The settings made with config:set, as a dict (no expansion)."""
-    return dict(parse_env_text(read_text(config_file(app)), "settings (config:set)"))
+def load_config(app, repair=False):
+    """The settings made with config:set, as a dict (no expansion; repair: lines that cannot be
+    read are left out, with a warning, so config:set and config:unset can mend the file)."""
+    return dict(parse_env_text(read_text(config_file(app)), "settings (config:set)", skip_bad=repair))
 
 
 def load_live_env(app):
@@ -1173,6 +1210,7 @@ def base_env(app):
         "DATA_ROOT": os.path.join(DATA_ROOT, app),
         "BIND_ADDRESS": "127.0.0.1",
         "PIKU_ROOT": PIKU_ROOT,
+        "LANG": "C.UTF-8",      # settings are UTF-8: Python under uWSGI reads os.environ as the locale says
     }
 
 
@@ -1257,6 +1295,11 @@ class View:
     links: tuple = ()       # (target, path): symlinks made at path
     cwd: str = ""           # where it starts (bwrap sets PWD to it); else where its caller is
     terminal: bool = False  # keeps the caller's terminal session (run with a terminal: ^C reaches it)
+
+    def __post_init__(self):
+        stray = [path for path in self.write if not app_may_write(path, self.app)]
+        if stray:       # a bug of piku's: every writable folder is one of APP_WRITES
+            raise ValueError(f"a view of {self.app} would write {stray}, which APP_WRITES does not list")
 
 
 def sandbox_mode():
@@ -1359,7 +1402,8 @@ def app_sandboxed(app, workers=False):
 
 @functools.lru_cache(maxsize=None)
 def warn_unsandboxed(app, why, fix):
-    warning(f"NO SANDBOX: {app}'s code runs as the piku user and can read and change every app's files: {why}")
+    warning(f"NO SANDBOX: {app}'s code runs as the piku user and can read and change every app's files, and "
+            f"the files nginx's root master opens: {why}")
     warning(fix)
 
 
@@ -1530,7 +1574,7 @@ def may_show(path):
 
 
 def app_uv_folder(app):
-    """cache/.uv/APP: the app's own uv cache (cache/) and the folder `uv tool run` works in (tools/)."""
+    """uv/APP: the app's own uv cache (cache/) and the folder `uv tool run` works in (tools/)."""
     folder = os.path.join(UV_CACHE_ROOT, app)
     for name in ("cache", "tools"):
         make_folder(os.path.join(folder, name))
@@ -1804,9 +1848,62 @@ def load_toml(text, name):
         raise PikuError(f"{name} cannot be parsed: {error}", "Fix the file, commit, and push again.")
 
 
+# Valid TOML or JSON can still hold a number where piku reads a table. Each such file piku
+# parses has one shape here -- the keys piku reads, and what each must be ([X]: a list of X) --
+# and read_shaped() is the one reader: a file of another shape is refused with the key named.
+FILE_SHAPES = {
+    "pyproject.toml": {"project": {"name": str, "requires-python": str, "dependencies": [str], "dynamic": [str]},
+                       "build-system": dict,
+                       "tool": {"uv": {"package": bool, "required-version": str, "workspace": {"members": [str]},
+                                       "sources": dict},
+                                "poetry": {"dependencies": dict, "package-mode": bool}}},
+    "uv.lock": {"version": int, "manifest": {"members": [str]}, "package": [dict]},
+    "uv.toml": {"required-version": str},
+    "poetry.lock": {"package": [{"name": str, "version": str}], "metadata": dict},
+    "Pipfile.lock": {"_meta": {"requires": {"python_version": str, "python_full_version": str}}, "default": dict},
+}
+SHAPE_WORDS = {dict: "a table", list: "a list", str: "text", int: "a whole number", bool: "true or false",
+               float: "a number", type(None): "null"}
+
+
+def read_shaped(root, name):
+    """A file of the release, parsed ({} when there is none) and checked against its shape."""
+    if name.endswith(".json") or name == "Pipfile.lock":
+        text = read_pushed_text(root, name, PUSHED_LOCK_MAX)
+        try:
+            data = json.loads(text) if text.strip() else {}
+        except ValueError as error:
+            raise PikuError(f"{name} is not valid JSON ({error})", "Fix the file, commit, and push again.")
+    else:
+        data = load_toml(read_pushed_text(root, name, PUSHED_LOCK_MAX if name.endswith(".lock") else PUSHED_TEXT_MAX),
+                         name)
+    check_shape(data, FILE_SHAPES[name], name, "")
+    return data
+
+
+def check_shape(value, shape, name, where):
+    if isinstance(shape, dict):
+        wanted = dict
+    elif isinstance(shape, list):
+        wanted = list
+    else:
+        wanted = shape
+    if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
+        place = f"'{where}'" if where else "the file"
+        raise PikuError(f"{name}: {place} is {SHAPE_WORDS.get(type(value), type(value).__name__)}, where piku "
+                        f"reads {SHAPE_WORDS[wanted]}", f"Fix {name}, commit, and push again.")
+    if isinstance(shape, dict):
+        for key, inner in shape.items():
+            if key in value:
+                check_shape(value[key], inner, name, f"{where}.{key}" if where else key)
+    elif isinstance(shape, list):
+        for index, item in enumerate(value):
+            check_shape(item, shape[0], name, f"{where}[{index}]")
+
+
 def read_pyproject(root):
     """pyproject.toml as a dict ({} when there is none)."""
-    return load_toml(read_pushed_text(root, "pyproject.toml"), "pyproject.toml")
+    return read_shaped(root, "pyproject.toml")
 
 
 def is_poetry_project(pyproject):
@@ -2093,7 +2190,7 @@ def workspace_members(root):
     """The members uv.lock names for a workspace ([] for a single project)."""
     if not os.path.isfile(os.path.join(root, "uv.lock")):
         return []
-    manifest = load_toml(read_pushed_text(root, "uv.lock", PUSHED_LOCK_MAX), "uv.lock").get("manifest", {})
+    manifest = read_shaped(root, "uv.lock").get("manifest", {})
     return sorted(manifest.get("members", []))
 
 
@@ -2104,7 +2201,7 @@ def check_uv_version(uv, pyproject, root):
     """[tool.uv] required-version (or uv.toml's), checked against this host's uv."""
     required = pyproject.get("tool", {}).get("uv", {}).get("required-version")
     if required is None and os.path.isfile(os.path.join(root, "uv.toml")):
-        required = load_toml(read_pushed_text(root, "uv.toml"), "uv.toml").get("required-version")
+        required = read_shaped(root, "uv.toml").get("required-version")
     if not isinstance(required, str) or not required.strip():
         return
     match = UV_VERSION.match(tool_version(uv))
@@ -2140,6 +2237,7 @@ class ExportedLockBuildpack(PythonBuildpack):
         if not os.path.isfile(os.path.join(context.root, self.manifest)):
             raise PikuError(f"{self.lock} is pushed without {self.manifest}",
                             f"Commit {self.manifest} too, and push again.")
+        read_shaped(context.root, self.lock)
 
     def install(self, context, uv, interpreter, venv, tool_env):
         tool, which = self.tool_command(context, uv, tool_env)
@@ -2608,12 +2706,8 @@ def pipfile_python(root):
     """The Python a Pipfile.lock was made for ([requires] python_full_version or python_version)."""
     if not os.path.isfile(os.path.join(root, "Pipfile.lock")):
         return None
-    try:
-        requires = json.loads(read_pushed_text(root, "Pipfile.lock", PUSHED_LOCK_MAX)).get("_meta", {}).get("requires", {})
-    except (ValueError, AttributeError):
-        raise PikuError("Pipfile.lock is not valid JSON", "Run 'pipenv lock', commit Pipfile.lock, and push again.")
-    version = requires.get("python_full_version") or requires.get("python_version") if isinstance(requires, dict) else None
-    return version if isinstance(version, str) else None
+    requires = read_shaped(root, "Pipfile.lock").get("_meta", {}).get("requires", {})
+    return requires.get("python_full_version") or requires.get("python_version")
 
 
 def _release(version):
@@ -3246,6 +3340,211 @@ def nginx_path(path, what):
     return path
 
 
+# --- what nginx's root master opens --------------------------------------------------
+# nginx's master runs as root and opens, at every start and reload, each file a vhost names for
+# it: logs, certificates, cache folders, includes. A link or a FIFO an app put at one of those
+# paths would have root follow it (chown, chmod, open for writing). NGINX_FILES is the one table
+# of every path a vhost may name: the directive, the folder such paths lie in, who writes there
+# and who opens them. nginx_file() writes each such directive from it, check_nginx_files() checks
+# every vhost against it before nginx may read one, and no folder in it is one an app's code may
+# write (APP_WRITES) -- but the folders nginx's workers serve files from, the release's own, where
+# disable_symlinks keeps them to what is there. Without a sandbox no app is kept from any of it.
+
+@dataclass(frozen=True)
+class NginxFile:
+    directive: str
+    folder: str             # every path the directive names lies below it
+    writer: str             # who writes there
+    opener: str = "master"  # nginx's root master (every start and reload), or its workers (per request)
+    kind: str = "file"      # what may be found there: file, folder, socket (piku's link to one), served
+
+
+NGINX_FILES = (
+    NginxFile("access_log", NGINX_LOGS, "nginx's master (created on first use); piku reads and rotates them"),
+    NginxFile("error_log", NGINX_LOGS, "nginx's master (created on first use); piku reads and rotates them"),
+    NginxFile("ssl_certificate", NGINX_ROOT, "piku: a new file, renamed into place"),
+    NginxFile("ssl_certificate_key", NGINX_ROOT, "piku: a new file, renamed into place"),
+    NginxFile("include", NGINX_ROOT, "piku: the vhosts, which the host's nginx.conf includes"),
+    NginxFile("proxy_cache_path", CACHE_ROOT, "nginx: its master makes the folder, its workers fill it",
+              kind="folder"),
+    NginxFile("uwsgi_cache_path", CACHE_ROOT, "nginx: its master makes the folder, its workers fill it",
+              kind="folder"),
+    NginxFile("server", UWSGI_ROOT, "piku: a link per slot to a socket of the app's live workers", "workers",
+              "socket"),
+    NginxFile("root", ACME_WWW, "piku: the ACME client's http-01 answers", "workers", "served"),
+    NginxFile("root", RELEASE_ROOT, "the app's build and release: (links refused: disable_symlinks)", "workers",
+              "served"),
+    NginxFile("alias", RELEASE_ROOT, "the app's build and release: (links refused: disable_symlinks)", "workers",
+              "served"),
+)
+# Every directive of nginx that names a file, a folder or a unix socket (unix:PATH): a vhost that
+# names one in a place NGINX_FILES does not give it is refused, whichever directive it is.
+NGINX_PATH_DIRECTIVES = frozenset({
+    "access_log", "error_log", "root", "alias", "include", "ssl_certificate", "ssl_certificate_key",
+    "ssl_trusted_certificate", "ssl_client_certificate", "ssl_crl", "ssl_dhparam", "ssl_password_file",
+    "ssl_session_ticket_key", "ssl_stapling_file", "proxy_cache_path", "uwsgi_cache_path", "fastcgi_cache_path",
+    "scgi_cache_path", "client_body_temp_path", "proxy_temp_path", "uwsgi_temp_path", "fastcgi_temp_path",
+    "scgi_temp_path", "proxy_store", "uwsgi_store", "fastcgi_store", "scgi_store", "auth_basic_user_file",
+    "load_module", "pid", "lock_file", "working_directory", "geoip_country", "geoip_city", "geoip_org",
+    "xslt_stylesheet", "perl_modules", "perl_require", "js_import", "js_path", "state",
+    *(f"{proxy}_ssl_{what}" for proxy in ("proxy", "uwsgi", "grpc")
+      for what in ("certificate", "certificate_key", "trusted_certificate", "crl", "password_file")),
+    "server", "listen", "set_real_ip_from", "proxy_pass", "uwsgi_pass", "fastcgi_pass", "scgi_pass",
+    "grpc_pass", "memcached_pass",
+})
+NGINX_SOCKET_DIRECTIVES = frozenset({"server", "listen", "set_real_ip_from", "proxy_pass", "uwsgi_pass",
+                                     "fastcgi_pass", "scgi_pass", "grpc_pass", "memcached_pass"})
+
+
+def nginx_file(directive, path, *rest, scheme=""):
+    """One directive naming path, as NGINX_FILES places it (a path it does not place is a bug)."""
+    if not nginx_file_entry(directive, path):
+        raise ValueError(f"NGINX_FILES places no {directive} at {path}")
+    return " ".join([directive, scheme + nginx_path(path, f"the {directive} path"), *rest]) + ";"
+
+
+def nginx_no_links(folder):
+    """nginx's workers serve what is below folder only if no part of its path below it is a link
+    (the app writes the release: a link there could lead anywhere nginx's user may read)."""
+    return f"disable_symlinks on from={nginx_path(folder.rstrip('/'), 'the served folder')};"
+
+
+def served_folder(release, folder):
+    """A folder of the release as nginx is given it: below the release's path as piku wrote it
+    (folder has every link resolved; the release's own path may lie below a sysadmin's link)."""
+    relative = os.path.relpath(folder, os.path.realpath(release.root))
+    path = os.path.normpath(os.path.join(release.root, relative))
+    return path + "/" if folder.endswith("/") else path
+
+
+def nginx_file_entry(directive, path):
+    """The entry of NGINX_FILES for this directive and path (as written, links not followed)."""
+    if os.path.normpath(path) != path.rstrip("/") or "//" in path:
+        return None
+    return next((entry for entry in NGINX_FILES if entry.directive == directive and (
+        path.startswith(entry.folder + os.sep) or entry.kind == "served" and path.rstrip("/") == entry.folder)), None)
+
+
+def nginx_named_paths(text):
+    """[(directive, path, the disable_symlinks from= of its block or None, line)]: every path the
+    vhost text names, in the directives of NGINX_PATH_DIRECTIVES."""
+    found, stack = [], [{"paths": [], "from": None}]
+    for words, end, line in nginx_statements(text):
+        if end == "{":
+            stack.append({"paths": [], "from": None})
+        elif end == "}":
+            frame = stack.pop()
+            found += [(*named, frame["from"], line) for named, line in frame["paths"]]
+        elif words[0] == "disable_symlinks":
+            stack[-1]["from"] = next((word[5:] for word in words[2:] if word.startswith("from=")), "/") \
+                if words[1:2] == ["on"] else None
+        elif words[0] in NGINX_PATH_DIRECTIVES:
+            path = nginx_named_path(words)
+            if path is not None:
+                stack[-1]["paths"].append(((words[0], path), line))
+    found += [(*named, stack[0]["from"], line) for named, line in stack[0]["paths"]]
+    return found
+
+
+def nginx_named_path(words):
+    """The path a statement names: a unix: socket for the directives that connect or listen, else
+    its first argument (None when it names none)."""
+    if words[0] in NGINX_SOCKET_DIRECTIVES:
+        socket_word = next((word for word in words[1:] if "unix:" in word), None)
+        return socket_word.split("unix:", 1)[1].split(":", 1)[0] if socket_word else None
+    if words[0] in ("access_log", "error_log") and (words[1:2] in (["off"], ["stderr"])
+                                                    or words[1].startswith(("syslog:", "memory:"))):
+        return None
+    return words[1] if len(words) > 1 else ""
+
+
+NGINX_SERVED_PROBLEM = "nginx's workers would follow links (no disable_symlinks from a folder no app writes)"
+
+
+def check_nginx_files(text, sockets=False):
+    """What is wrong with the paths the vhost text names, as [(path, problem, what to remove or
+    None)]: a path NGINX_FILES does not place, one an app may write, a link or a file of another
+    kind where nginx's master opens one, a served folder without disable_symlinks (which concerns
+    nginx's workers alone: its path is the release's, not a folder of NGINX_FILES) -- and, with
+    sockets, a slot that leads elsewhere than to a socket of the app's own workers (doctor's: the
+    workers connect there, not root, and the next switch points every slot anew)."""
+    problems = []
+    for directive, path, from_, line in nginx_named_paths(text):
+        entry = nginx_file_entry(directive, path)
+        if not entry:
+            problems.append((path, f"line {line}: {directive} names {path}, which is no place of piku's for it", None))
+        elif entry.kind == "served":
+            if not from_ or not (path.rstrip("/") + "/").startswith(from_.rstrip("/") + "/") \
+                    or app_may_write(os.path.dirname(from_.rstrip("/"))):
+                problems.append((path, f"line {line}: {NGINX_SERVED_PROBLEM} in {path}", None))
+        elif app_may_write(path):
+            problems.append((path, f"line {line}: {path} is in a folder app code writes", None))
+        elif entry.kind != "socket" or sockets:
+            problems += nginx_file_problems(entry, path)
+    return problems
+
+
+def nginx_file_problems(entry, path):
+    """A link below the entry's folder, or a file of another kind at path."""
+    current = entry.folder
+    for part in path[len(entry.folder) + 1:].rstrip("/").split(os.sep):
+        current = os.path.join(current, part)
+        try:
+            info = os.lstat(current)
+        except FileNotFoundError:
+            return []
+        except OSError as error:
+            return [(path, f"{current} cannot be checked ({error.strerror})", None)]
+        if stat.S_ISLNK(info.st_mode) and not (entry.kind == "socket" and current == path):
+            return [(path, f"{current} is a link: nginx's {entry.opener} would follow it", current)]
+    if entry.kind == "socket":
+        target = os.path.join(os.path.dirname(path), os.readlink(path)) if os.path.islink(path) else path
+        app = path[len(entry.folder) + 1:].split(os.sep)[0]
+        return [] if app_may_write(os.path.dirname(target), app) and ".." not in target.split(os.sep) else \
+            [(path, f"{path} leads to {target}, not to a socket of the app's workers", None)]
+    wanted = stat.S_ISDIR if entry.kind == "folder" else stat.S_ISREG
+    if not wanted(info.st_mode) or (entry.kind == "file" and info.st_nlink != 1):
+        return [(path, f"{path} is not a {'folder' if entry.kind == 'folder' else 'regular file with one name'}: nginx's "
+                       f"{entry.opener} would open it", path)]
+    return []
+
+
+def clear_nginx_files(app, text, served=True):
+    """Remove what is not piku's or nginx's where nginx opens the vhost's files (a link, a FIFO:
+    only app code without a sandbox, or a hand, puts one there) -> the problems left (served:
+    with those of served folders, which concern nginx's workers and not its root master)."""
+    left = []
+    for path, problem, remove in check_nginx_files(text):
+        if not served and NGINX_SERVED_PROBLEM in problem:
+            continue
+        if remove is None:
+            left.append((path, problem))
+            continue
+        try:
+            os.unlink(remove)
+        except OSError as error:
+            left.append((path, f"{problem}, and it cannot be removed ({error.strerror})"))
+            continue
+        warning(f"removed {remove if visible_to_key(app) else 'a file of another app'}: {problem}")
+    return left
+
+
+def guard_nginx_files():
+    """Before nginx reads the vhosts again: every vhost's files are checked (and cleared); a vhost
+    that names what nginx's root master must not open stops the reload. (A served folder without
+    disable_symlinks, in a vhost of an earlier piku.py, is doctor's to report: a deploy mends it.)"""
+    for path in sorted(glob.glob(os.path.join(NGINX_ROOT, "*.conf"))):
+        app = os.path.basename(path)[:-len(".conf")]
+        try:
+            left = clear_nginx_files(app, read_text(path), served=False)
+        except NginxSyntaxError as error:
+            left = [(path, str(error))]
+        if left:
+            shown = f"the vhost of {app}" if visible_to_key(app) else "another app's vhost"
+            raise PikuError(f"nginx was not reloaded: {shown} names what nginx must not open ({left[0][1]})",
+                            "Run doctor: it names the file and the fix.")
+
+
 def nginx_address(env, key, default, family):
     value = env.get(key, default).strip()
     bare = value[1:-1] if family == socket.AF_INET6 and value.startswith("[") and value.endswith("]") else value
@@ -3276,7 +3575,7 @@ def nginx_listen(env, https=False):
 
 def nginx_upstream(app, uwsgi):
     prefix = "uslot" if uwsgi else "slot"
-    servers = "".join(f"    server unix:{nginx_path(slot_path(app, slot, prefix), 'the socket')} max_fails=0;\n"
+    servers = "".join(f"    {nginx_file('server', slot_path(app, slot, prefix), 'max_fails=0', scheme='unix:')}\n"
                       for slot in range(1, FRONT_SLOTS + 1))
     return f"upstream piku-{app}-{prefix} {{\n{servers}}}\n"
 
@@ -3341,16 +3640,14 @@ def render_nginx(release):
     acme_directory(env), acme_email(env)
     crt, key = certificate_files(app)
     common = [f"server_name {' '.join(names)};",
-              f"access_log {nginx_path(nginx_log(app, 'access'), 'the log')};",
-              f"error_log {nginx_path(nginx_log(app, 'error'), 'the log')};",
+              nginx_file("access_log", nginx_log(app, "access")), nginx_file("error_log", nginx_log(app, "error")),
               *nginx_block(f"location = {NGINX_MARKER_PATH}", [
                   "allow 127.0.0.1;", "allow ::1;", "deny all;", "default_type text/plain;",
                   'return 200 "$piku_vhost\\n";']),
               *nginx_block("location ^~ /.well-known/acme-challenge/", [
-                  f"root {nginx_path(ACME_WWW, 'the ACME folder')};", "allow all;", "default_type text/plain;",
+                  nginx_file("root", ACME_WWW), nginx_no_links(ACME_WWW), "allow all;", "default_type text/plain;",
                   "try_files $uri =404;"])]
-    tls = [*nginx_listen(env, https=True), f"ssl_certificate {nginx_path(crt, 'the certificate')};",
-           f"ssl_certificate_key {nginx_path(key, 'the key')};"]
+    tls = [*nginx_listen(env, https=True), nginx_file("ssl_certificate", crt), nginx_file("ssl_certificate_key", key)]
     zone, cached = nginx_cache(app, env, uwsgi) if served else ([], [])
     site = cached + nginx_site(release, served, uwsgi)
     text = f"# written by piku for {app}; nginx -t checked it before it replaced the previous one\n"
@@ -3382,13 +3679,10 @@ def nginx_cache(app, env, uwsgi):
                             "Write it like: NGINX_CACHE_PREFIXES=/api,/static")
     seconds = {key: setting_number(env, (key,), default) for key, default in NGINX_CACHE_SECONDS.items()}
     size = setting_number(env, ("NGINX_CACHE_SIZE",), 1)
-    path = env.get("NGINX_CACHE_PATH", "").strip() or os.path.join(CACHE_ROOT, app)
-    if not inside(os.path.realpath(path), os.path.realpath(os.path.join(CACHE_ROOT, app))):
-        raise PikuError(f"NGINX_CACHE_PATH {path!r} is not the app's cache folder",
-                        f"Leave it unset ({os.path.join(CACHE_ROOT, app)}) or use a folder below it.")
+    path = nginx_cache_folder(app, env)
     cache = "uwsgi_cache" if uwsgi else "proxy_cache"
-    zone = [f"{cache}_path {nginx_path(path, 'NGINX_CACHE_PATH')} levels=1:2 keys_zone=piku-{app}:10m "
-            f"max_size={size}g inactive={seconds['NGINX_CACHE_EXPIRY']}s use_temp_path=off;"]
+    zone = [nginx_file(f"{cache}_path", path, "levels=1:2", f"keys_zone=piku-{app}:10m", f"max_size={size}g",
+                       f"inactive={seconds['NGINX_CACHE_EXPIRY']}s", "use_temp_path=off")]
     pattern = "|".join(re.escape(prefix.strip("/")) for prefix in prefixes)
     location = nginx_block(f"location ~* ^/({pattern})", [
         *nginx_pass(app, uwsgi, env, cached=True), f"{cache} piku-{app};",
@@ -3400,6 +3694,18 @@ def nginx_cache(app, env, uwsgi):
         f"add_header Cache-Control \"public, max-age={seconds['NGINX_CACHE_CONTROL']}\";",
         "add_header X-Cache-Status $upstream_cache_status;"])
     return zone, location
+
+
+def nginx_cache_folder(app, env):
+    """cache/APP, or NGINX_CACHE_PATH: a folder below it, as written (nginx's root master makes
+    and chowns it: no link is followed to decide where it is)."""
+    own = os.path.join(CACHE_ROOT, app)
+    path = env.get("NGINX_CACHE_PATH", "").strip() or own
+    normal = os.path.normpath(path) if path.startswith("/") else ""
+    if normal != path.rstrip("/") or not (normal == own or normal.startswith(own + os.sep)):
+        raise PikuError(f"NGINX_CACHE_PATH {path!r} is not the app's cache folder",
+                        f"Leave it unset ({own}) or use a folder below it.")
+    return normal
 
 
 CLOUDFLARE_IPS = "https://api.cloudflare.com/client/v4/ips"
@@ -3457,7 +3763,8 @@ def nginx_site(release, served, uwsgi):
     if not setting_true(env, "NGINX_ALLOW_GIT_FOLDERS"):
         server.append("location ~ /\\.git { deny all; }")
     for prefix, folder in static_paths(env, release.root):
-        server += nginx_block(f"location {prefix}", [f"alias {nginx_path(folder, 'NGINX_STATIC_PATHS folder')};",
+        server += nginx_block(f"location {prefix}", [nginx_file("alias", served_folder(release, folder)),
+                                                     nginx_no_links(release.root),
                                                      "add_header X-Served-By nginx-static;", "try_files $uri $uri/ =404;"])
     server += nginx_root_location(release, served, uwsgi)
     return server + nginx_include(release)
@@ -3468,12 +3775,13 @@ def nginx_root_location(release, served, uwsgi):
     static = release.processes.get("static")
     if not static:
         return nginx_block("location /", nginx_pass(release.app, uwsgi, env)) if served else []
-    folder = nginx_path(static_folder(static.command, static.line, release.root), "the static: folder")
+    root = [nginx_file("root", served_folder(release, static_folder(static.command, static.line, release.root))),
+            nginx_no_links(release.root)]
     if served:          # files first, then the app (as uWSGI's static-map does)
-        return [*nginx_block("location /", [f"root {folder};", "add_header X-Served-By nginx-static;",
+        return [*nginx_block("location /", [*root, "add_header X-Served-By nginx-static;",
                                             "try_files $uri $uri/index.html @app;"]),
                 *nginx_block("location @app", nginx_pass(release.app, uwsgi, env))]
-    return nginx_block("location /", [f"root {folder};", "index index.html;", "add_header X-Served-By nginx-static;",
+    return nginx_block("location /", [*root, "index index.html;", "add_header X-Served-By nginx-static;",
                                       f"try_files $uri $uri/ {nginx_catch_all(env)}=404;"])
 
 
@@ -3705,6 +4013,10 @@ def nginx_binary():
 
 def check_vhost(app, text):
     """nginx -t on the candidate, in a config of its own: nginx's own message on failure."""
+    left = clear_nginx_files(app, text)
+    if left:
+        raise PikuError(f"the vhost would have nginx open what it must not: {left[0][1]}; nothing was changed",
+                        "Report this to piku's authors: a path of the vhost is in no place of NGINX_FILES.")
     nginx = nginx_binary()
     if not nginx:
         raise PikuError("NGINX_SERVER_NAME is set, but nginx is not installed",
@@ -3734,6 +4046,7 @@ def reload_nginx(app, text):
     and wait until it serves this text."""
     since = uptime()
     command = host_setting("PIKU_NGINX_RELOAD").strip()
+    guard_nginx_files()
     if command:
         result = subprocess.run(shlex.split(command), capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if result.returncode != 0:
@@ -4141,6 +4454,7 @@ def rotate_nginx_logs():
         if host_setting("PIKU_NGINX_RELOAD").strip():
             reload_nginx(rotated[0], None)
         else:                   # the path unit reloads nginx when a file in nginx/ changes
+            guard_nginx_files()
             write_atomic(NGINX_RELOAD_TRIGGER, time.strftime("%Y-%m-%d %H:%M:%S\n"))
     return rotated
 
@@ -4238,6 +4552,8 @@ def check_bindable(app, address, port):
         try:
             probe.bind((address, port))
         except OSError as error:
+            if error.errno == errno.EADDRINUSE and held_by_own_front(app, port):
+                return          # the app's own front: start_front moves it
             if error.errno == errno.EADDRINUSE:
                 raise PikuError(f"PORT {port} on {address} is in use by another program",
                                 f"Pick another one (config:set {app} PORT=...) or unset PORT to get a free one.")
@@ -4247,6 +4563,43 @@ def check_bindable(app, address, port):
             raise PikuError(f"cannot listen on {address}:{port}: {error.strerror}")
 
 
+def held_by_own_front(app, port):
+    """Is every socket listening on port held by the app's own front (its master, its workers)?"""
+    inodes = listening_inodes(port)
+    fronts = {pid for pid in (master_pid(app, unit) for unit in front_units(app)) if pid}
+    if not inodes or not fronts:
+        return False
+    holders = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    holders.setdefault(link[8:-1], set()).add(int(pid))
+        except OSError:
+            continue        # gone meanwhile, or another user's: not the app's front
+    return set(holders) == inodes and all(pid in fronts or parent_pid(pid) in fronts
+                                          for pids in holders.values() for pid in pids)
+
+
+def listening_inodes(port):
+    """The inodes of the TCP sockets listening on port (any address, IPv4 and IPv6)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in read_text(table).splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def parent_pid(pid):
+    try:
+        return int(read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):      # gone meanwhile
+        return 0
+
+
 # --- names in shared namespaces ----------------------------------------------------
 # A PORT and an nginx server name belong to one app on the host. Each change checks them
 # against what the other apps hold -- their live releases and the vhosts nginx serves -- when
@@ -4254,6 +4607,12 @@ def check_bindable(app, address, port):
 # restart of an old release), and once more under one host-wide lock at the moment it commits,
 # so two changes racing cannot both win. Names are compared the way their consumer compares
 # them: server names without case or a final dot, a wildcard covering every name below it.
+
+def app_name_key(app):
+    """An app's name as its consumers compare it: nginx's upstream, zone and variable names made
+    from it ignore case (so do some file systems); app names are unique in this form."""
+    return app.lower()
+
 
 def server_name_key(name):
     """A server name as nginx compares it: without case or a final dot."""
@@ -4879,6 +5238,7 @@ def write_vhost(app, text):
             os.unlink(nginx_vhost_file(app))
     else:
         make_folder(NGINX_LOGS)         # nginx writes its logs there but makes no folder
+        guard_nginx_files()             # the path unit reloads nginx once the vhost is written
         write_atomic(nginx_vhost_file(app), text)
 
 
@@ -5595,10 +5955,21 @@ def install_hooks(app):
 def ensure_repo(app):
     path = repo_path(app)
     if not os.path.exists(os.path.join(path, "HEAD")):
-        make_folder(path)           # 0700, and what git writes in it follows piku's umask: no one else reads it
-        git("init", "--quiet", "--bare", path)
+        with flocked(NAMES_LOCK):       # two first pushes of 'Shop' and 'shop' at once: one is first
+            check_new_app_name(app)
+            make_folder(path)           # 0700, and what git writes in it follows piku's umask: no one else reads it
+            git("init", "--quiet", "--bare", path)
     install_hooks(app)
     return path
+
+
+def check_new_app_name(app):
+    """Refuse a new app whose name is another's as nginx compares the names made from it."""
+    clash = next((other for other in list_apps() if other != app and app_name_key(other) == app_name_key(app)), None)
+    if clash:
+        shown = f" by '{clash}'" if visible_to_key(clash) else ""
+        raise PikuError(f"the app name '{app}' is taken{shown}: app names are compared without case, as nginx "
+                        "compares the upstream and zone names made from them", "Pick another name.")
 
 
 def git_path_to_app(path):
@@ -5910,7 +6281,8 @@ def check_sandbox():
     mode = sandbox_mode()
     if mode == "off":
         yield Finding("WARN", "PIKU_SANDBOX=off: every app's code runs as the piku user and can read and change "
-                      "every other app's files, and piku's", f"remove PIKU_SANDBOX=off from {HOST_ENV}",
+                      "every other app's files, piku's, and the files nginx's root master opens",
+                      f"remove PIKU_SANDBOX=off from {HOST_ENV}",
                       also="docs/SECURITY.md")
         return
     level = "FAIL" if mode == "required" else "WARN"
@@ -5927,7 +6299,8 @@ def check_sandbox():
         why, fix = problem
         message = ("NO SANDBOX: an app's code cannot run in its sandbox here, so "
                    + ("no push is accepted (PIKU_SANDBOX=required)" if mode == "required" else
-                      "it runs as the piku user, and keys limited to some apps cannot push") + f": {why}")
+                      "it runs as the piku user (every app's files, and those nginx's root master opens, are "
+                      "open to it), and keys limited to some apps cannot push") + f": {why}")
         yield root_fix(level, message, fix[len("As root: "):]) if fix.startswith("As root: ") else \
             Finding(level, message, also=fix)
         return
@@ -5938,6 +6311,18 @@ def check_sandbox():
     yield Finding("OK", f"apps run in their sandbox: bubblewrap ({bwrap_binary()}) starts one as {current_user()}"
                   + ("" if "--disable-userns" in bwrap_options() else
                      "; this bubblewrap cannot stop nested user namespaces (--disable-userns needs 0.8)"))
+
+
+@host_check
+def check_app_names():
+    """Apps an earlier piku.py let differ only in case: nginx reads their upstreams as one."""
+    spellings = {}
+    for app in filter(visible_to_key, list_apps()):
+        spellings.setdefault(app_name_key(app), []).append(app)
+    for apps in (apps for apps in spellings.values() if len(apps) > 1):
+        yield Finding("FAIL", f"the apps {', '.join(apps)} differ only in case: nginx takes the upstream names made "
+                      "from them for one, and refuses to load both", also="push one of them under a new name, then "
+                      f"destroy the old one ({piku_command('destroy', apps[-1])})")
 
 
 @host_check
@@ -6067,9 +6452,23 @@ def check_app_vhost(app, record):
     path = nginx_vhost_file(app)
     if not os.path.exists(path) or not nginx_binary():
         return
+    text = read_text(path)
+    try:
+        problems = check_nginx_files(text, sockets=True)
+    except NginxSyntaxError:
+        problems = []       # nginx -t below says what is wrong
+    for _, problem, remove in problems:
+        if remove:      # nginx's master would follow a link, or block on a FIFO, at its next reload
+            yield Finding("FAIL", f"{app}: {problem}", f"rm {shlex.quote(remove)}",
+                          also="no app's code writes there in its sandbox: find what put it there")
+        else:
+            yield Finding("FAIL", f"{app}: {problem}", piku_command("deploy", app),
+                          also="a deploy writes the vhost again from the app's settings")
+    if problems:
+        return
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            check_vhost(app, read_text(path))
+            check_vhost(app, text)
     except PikuError:
         yield Finding("FAIL", f"{app}: nginx refuses its vhost ({path})", piku_command("deploy", app),
                       also="a deploy writes it again from the app's settings")
@@ -6665,7 +7064,8 @@ def change_config(app, update):
     """Apply update to the app's settings and redeploy with them; they are saved only when
     the new release passed its checks (a refused value changes nothing)."""
     with locked(app):
-        settings = load_config(app)
+        settings = load_config(app, repair=True)
+        saved = dict(settings)
         update(settings)
         rev, ref = deployed_revision(app)
         if not rev:
@@ -6673,7 +7073,7 @@ def change_config(app, update):
             step(f"Saved; {app} has not been deployed yet, the settings apply on the first push")
             return
         try:
-            deploy_app(app, rev, ref, cause=f"config: {' '.join(sorted(changed_keys(load_config(app), settings)))}",
+            deploy_app(app, rev, ref, cause=f"config: {' '.join(sorted(changed_keys(saved, settings)))}",
                        config=settings)
         except PikuError:
             problem("the settings were not changed; the running app was left as it was")
@@ -7211,10 +7611,25 @@ ExecStart=/usr/bin/systemctl reload nginx
 """)
 
 
+def move_earlier_uv_caches():
+    """The apps' uv caches were in cache/.uv/ (piku.py of #17), beside nginx's cache folders: they
+    move to uv/ (a cache: where uv/ has one already, the earlier one is removed)."""
+    earlier = os.path.join(CACHE_ROOT, ".uv")
+    if not os.path.isdir(earlier) or os.path.islink(earlier):
+        return
+    with contextlib.suppress(OSError):      # not there, or not empty: then it stays
+        os.rmdir(UV_CACHE_ROOT)
+    if os.path.lexists(UV_CACHE_ROOT):
+        shutil.rmtree(earlier)
+    else:
+        os.rename(earlier, UV_CACHE_ROOT)
+
+
 @cli.command("setup")
 def cmd_setup():
     """Create the ~/.piku folders and the uWSGI emperor config."""
     step(f"Running in Python {sys.version.split()[0]}, PIKU_ROOT={PIKU_ROOT}")
+    move_earlier_uv_caches()
     for path in (PIKU_ROOT, *PIKU_DIRS):
         make_folder(path)
         os.chmod(path, FOLDER_MODES[path])      # earlier versions left them to the umask

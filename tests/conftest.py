@@ -124,7 +124,8 @@ class Piku:
 
     def live_env(self, app):
         text = (self.root / "envs" / app / "LIVE_ENV").read_text()
-        return dict(re.findall(r"^(\w+)='(.*)'$", text, re.M))
+        import piku as piku_module
+        return dict(piku_module.parse_env_text(text, "LIVE_ENV"))
 
     def url(self, app, path="/"):
         env = self.live_env(app)
@@ -448,8 +449,8 @@ class Nginx:
         self.process.send_signal(signal.SIGQUIT)
         try:
             self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        except subprocess.TimeoutExpired:       # its workers too: they are in its session
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         for folder, mode in self.opened:
             folder.chmod(mode)

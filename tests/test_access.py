@@ -51,7 +51,8 @@ VOCABULARY = ["--", "--", "-", "-x", "--help", "-h", "--version", "\u2014", "\u2
               "update", "install", "git-hook", "ssh-command", "daily", "git-receive-pack", "git-upload-pack",
               "run", "logs", "apps", "help", "doctor", "destroy", "acme:renew", "deploy", "rollback", "ps",
               "mine", "victim", "/victim", "/mine", "victim.git", "'/victim'", "SECRET_TOKEN", "A=1", "--name",
-              "evil", "--apps", "victim", "-n", "5", "--json", "--follow", "--stage=pre", "--days", "1"]
+              "evil", "--apps", "victim", "-n", "5", "--json", "--follow", "--stage=pre", "--days", "1",
+              "''", "' '", "'\t'", '""']
 
 
 def run_driver(tmp_path, lines, apps=None):
@@ -73,9 +74,10 @@ COMMANDS = ["config", "config:get", "config:set", "config:live", "logs", "run", 
             "destroy", "doctor", "git-receive-pack", "git-upload-pack", "apps", "setup:ssh", "keys:remove",
             "update", "git-hook", "acme:renew", "daily", "releases", "deploys", "restart", "stop"]
 PREFIXES = [[], [], ["--"], ["--", "--"], ["-x"], ["--help"], ["\u2014"], ["-h"], ["--version"]]
-APPS = ["mine", "mine", "victim", "/victim", "/mine", "victim.git", "mine/../victim", "-", "--"]
+APPS = ["mine", "mine", "victim", "/victim", "/mine", "victim.git", "mine/../victim", "-", "--", "", " ", "\t",
+        "MINE", "Victim", "victim."]
 TAILS = [[], ["SECRET_TOKEN"], ["A=1"], ["--", "victim"], ["-n", "5"], ["--", "env"], ["--help"], ["victim"],
-         ["--name", "evil"], ["-"], ["--json"], ["v1"]]
+         ["--name", "evil"], ["-"], ["--json"], ["v1"], [""], [" "], ["", "victim"], ["=1"]]
 
 
 def generated_lines(count, seed):
@@ -179,7 +181,8 @@ def test_an_app_a_key_may_not_see_looks_like_one_that_does_not_exist(tmp_path):
     as_victim, _ = run_driver(tmp_path / "a", lines, apps=["mine"])
     as_ghost, _ = run_driver(tmp_path / "b", [line.replace("victim", "ghost") for line in lines], apps=["mine"])
     for seen, ghost in zip(as_victim, as_ghost):
-        assert seen["code"] == ghost["code"] and seen["ran"] == [], (seen, ghost)
+        assert seen["code"] == ghost["code"] and seen["ran"] == ghost["ran"], (seen, ghost)
+        assert all(app_of(name, app) == "mine" for name, app in seen["ran"]), seen     # (the one app implied)
         assert seen["output"].replace("victim", "ghost") == ghost["output"], (seen, ghost)
 
 

@@ -59,7 +59,7 @@ def test_config_set_redeploys_with_the_new_value(piku, emperor, make_app):
     assert "-----> Deploying hello" in result.stdout
     wait_for_body(piku.url("hello"), "GREETING=hi there $(not a command) 100%")
     assert piku("config:get", "hello", "GREETING").stdout == "hi there $(not a command) 100%\n"
-    assert "GREETING='hi there $(not a command) 100%'" in piku("config:live", "hello").stdout
+    assert "GREETING=hi there $(not a command) 100%\n" in piku("config:live", "hello").stdout
     odd = "  %(asctime)s %(levelname)s 100%% $(x) @(y)"      # uWSGI must not expand any of it
     piku("config:set", "hello", f"GREETING={odd}")
     wait_for_body(piku.url("hello"), f"GREETING={odd}\n")
@@ -243,3 +243,22 @@ def test_wsgi_app_runs_in_uwsgi_with_static_and_cron_next_to_it(piku, emperor, m
     assert fetch(piku.url("plain", "/robots.txt")) == (200, "static file\n")   # static: next to wsgi
     assert piku.workers("plain") == ["cron-tick.1", "wsgi.1"]
     wait_until(lambda: len(piku.master_pids("plain")) == 3, message="the wsgi and cron vassals and the front")
+
+
+def test_a_live_apps_own_front_is_not_another_program_on_its_port(piku, emperor, make_app):
+    """A change of the front's own settings rewrites the front on the same PORT: its listener is
+    the app's own, not 'another program' -- while a port another program holds stays refused."""
+    import socket
+    app = make_app(EXAMPLES / "web", "own")
+    app.push()
+    port = piku.live_env("own")["PORT"]
+    for setting in ("UWSGI_LOG_MAXSIZE=2097152", "NGINX_PROXY_READ_TIMEOUT=61", "UWSGI_LOG_MAXSIZE=1048576"):
+        changed = piku("config:set", "own", setting, check=False)
+        assert changed.returncode == 0 and "in use by another program" not in changed.stderr, changed.stderr
+        assert piku.live_env("own")["PORT"] == port
+        wait_for_body(f"http://127.0.0.1:{port}/", "Hello from own")
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        taken = other.getsockname()[1]
+        refused = piku("config:set", "own", f"PORT={taken}", check=False)
+        assert refused.returncode == 1 and f"PORT {taken} on 127.0.0.1 is in use by another program" in refused.stderr
+    wait_for_body(f"http://127.0.0.1:{port}/", "Hello from own")

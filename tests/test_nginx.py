@@ -501,6 +501,66 @@ def test_a_server_name_belongs_to_one_app_however_it_is_written(piku, emperor, n
     assert os.path.isdir(piku.root / "envs" / "first"), "the loser changed nothing of its own either"
 
 
+def spellings(name, count, seed):
+    """count spellings of name as nginx reads them alike: letters in any case, a final dot or not."""
+    import random
+    chooser = random.Random(seed)
+    return ["".join(ch.upper() if chooser.random() < 0.5 else ch.lower() for ch in name)
+            + ("." if chooser.random() < 0.5 else "") for _ in range(count)]
+
+
+def test_names_in_shared_namespaces_are_unique_as_their_consumer_compares_them(piku, emperor, nginx, make_app):
+    import piku as piku_module
+    for spelling in spellings("www.shop.example.com", 200, 22):
+        assert piku_module.server_names_overlap(spelling, "www.shop.example.com")
+        assert piku_module.server_names_overlap("*.example.COM", spelling)
+    for spelling in spellings("shop", 50, 23):
+        assert piku_module.app_name_key(spelling.rstrip(".")) == "shop"
+    # app names: the upstream names nginx makes of them ignore case
+    make_app(EXAMPLES / "web", "shop").push()
+    for spelling in {name.rstrip(".") for name in spellings("shop", 20, 24)} - {"shop"}:
+        refused = make_app(EXAMPLES / "web", spelling).push(check=False)
+        assert refused.returncode != 0 and f"the app name '{spelling}' is taken by 'shop'" in refused.output, \
+            refused.output
+        assert not (piku.root / "repos" / spelling).exists()
+    (piku.root / "repos" / "SHOP").mkdir()         # as an earlier piku.py let it be made
+    doctor = piku("doctor", check=False)
+    assert "FAIL" in doctor.stdout and "the apps SHOP, shop differ only in case" in doctor.stdout, doctor.stdout
+    (piku.root / "repos" / "SHOP").rmdir()
+    # two first pushes of one name, spelled two ways, at once: one app is made
+    racers = [make_app(EXAMPLES / "web", name) for name in ("Dup", "dup")]
+    outcomes = pushed_at_once(racers)
+    assert sorted(outcome.returncode == 0 for outcome in outcomes) == [False, True], [o.output for o in outcomes]
+    assert len([name for name in ("Dup", "dup") if (piku.root / "repos" / name).exists()]) == 1
+    # two pushes whose ENV asks for one server name, spelled two ways, at once: one gets it
+    racers = []
+    for app, name in (("racea", "Race.Test."), ("raceb", "race.test")):
+        racer = make_app(EXAMPLES / "web", app)
+        racer.write("ENV", f"NGINX_SERVER_NAME={name}\n" + "\n".join(LOOPBACK) + "\n")
+        racer.commit("a name")
+        racers.append(racer)
+    outcomes = pushed_at_once(racers)
+    assert sorted(outcome.returncode == 0 for outcome in outcomes) == [False, True], [o.output for o in outcomes]
+    winner, loser = (racers[0], racers[1]) if outcomes[0].returncode == 0 else (racers[1], racers[0])
+    assert "is already served by the app" in (outcomes[0].output + outcomes[1].output)
+    assert piku.branch(loser.name) != loser.git("rev-parse", "HEAD").stdout.strip(), "the loser's branch stays"
+    assert nginx.get("/", host="RACE.test")[2].startswith(f"Hello from {winner.name}")
+
+
+def pushed_at_once(repos):
+    """Push every repo at the same moment -> their outcomes (returncode, output)."""
+    import threading
+    outcomes = [None] * len(repos)
+    def push(index):
+        outcomes[index] = repos[index].push(check=False)
+    threads = [threading.Thread(target=push, args=(index,)) for index in range(len(repos))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
 # --- WebSockets, event streams, static files --------------------------------------------
 
 @pytest.mark.parametrize("kind", ["web", "asgi"])

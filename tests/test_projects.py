@@ -261,7 +261,7 @@ def test_private_index_credentials_stay_out_of_output_and_fingerprints(piku, emp
         assert "uv sync skipped" in result.stdout, "changing credentials only rebuilds nothing"
     assert venvs(piku, "sec") == built
     shown = piku("config", "sec").stdout + piku("config:live", "sec").stdout + piku("releases", "sec").stdout
-    assert "UV_INDEX_CORP_PASSWORD='****'" in shown and "UV_INDEX_CORP_USERNAME='****'" in shown
+    assert "UV_INDEX_CORP_PASSWORD=****\n" in shown and "UV_INDEX_CORP_USERNAME=****\n" in shown
     everything = shown + changed.stdout + changed.stderr + rotated.stdout + rotated.stderr
     for secret in (username, password, "another-pa55word-4417"):
         assert secret not in everything
@@ -425,3 +425,130 @@ tinypkg = {{ index = "corp" }}
                 assert secret not in text
     finally:
         index.close()
+
+
+# --- every parsed file has one shape check -------------------------------------------------
+
+SHAPED = {"pyproject.toml": [EXAMPLES / "poetry", EXAMPLES / "uv-package", TEST_APPS / "poetry-project",
+                             TEST_APPS / "uv-workspace", TEST_APPS / "env-echo"],
+          "uv.lock": [EXAMPLES / "uv-package", TEST_APPS / "uv-workspace", TEST_APPS / "env-echo"],
+          "poetry.lock": [EXAMPLES / "poetry", TEST_APPS / "poetry-project"],
+          "Pipfile.lock": [TEST_APPS / "pipenv-app"]}
+ODD_VALUES = [1, 2.5, True, "text", [1, "a", {"x": 1}], {"x": 1}, [], {}, ["a", "b"], [{"name": 3}]]
+
+
+def toml_text(data):
+    """data as TOML: every top-level key with an inline value (enough to write any shape)."""
+    def value(item):
+        if isinstance(item, bool):
+            return "true" if item else "false"
+        if isinstance(item, (int, float)):
+            return repr(item)
+        if isinstance(item, str):
+            return json.dumps(item)
+        if isinstance(item, list):
+            return "[" + ", ".join(value(part) for part in item) + "]"
+        return "{" + ", ".join(f"{json.dumps(key)} = {value(part)}" for key, part in item.items()) + "}"
+    return "".join(f"{json.dumps(key)} = {value(item)}\n" for key, item in data.items())
+
+
+def paths_in(data, prefix=()):
+    """Every (key path) in data, lists by index."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else []
+    for key, item in items:
+        yield (*prefix, key)
+        yield from paths_in(item, (*prefix, key))
+
+
+def mutated(data, rng):
+    """A copy of data with the value at one path (one piku reads, half the time) replaced by
+    a value of another shape."""
+    import copy
+    import piku as piku_module
+    data = copy.deepcopy(data)
+    paths = list(paths_in(data))
+    read = [path for path in paths if all(isinstance(part, str) for part in path)
+            and shape_has(piku_module.FILE_SHAPES, path)]
+    path = rng.choice(read if read and rng.random() < 0.5 else paths or [("extra",)])
+    target = data
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = rng.choice(ODD_VALUES)
+    return data
+
+
+def shape_has(shapes, path):
+    return any(isinstance(shape, dict) and _shape_path(shape, path) for shape in shapes.values())
+
+
+def _shape_path(shape, path):
+    for part in path:
+        if isinstance(shape, list):
+            shape = shape[0]
+        if not isinstance(shape, dict) or part not in shape:
+            return False
+        shape = shape[part]
+    return True
+
+
+def readers(name, root):
+    """Every way piku reads the file name in the release at root."""
+    import piku as piku_module
+    import sys
+    uv = shutil.which("uv") or os.path.join(os.path.dirname(sys.executable), "uv")
+    if name == "pyproject.toml":
+        return [lambda: piku_module.requires_python(root),
+                lambda: piku_module.is_poetry_project(piku_module.read_pyproject(root)),
+                lambda: piku_module.is_packaged(piku_module.read_pyproject(root)),
+                lambda: piku_module.check_uv_version(uv, piku_module.read_pyproject(root), root),
+                lambda: piku_module.select_buildpack(root, piku_module.parse_procfile("web: x\n"))]
+    if name == "uv.lock":
+        return [lambda: piku_module.workspace_members(root)]
+    if name == "Pipfile.lock":
+        return [lambda: piku_module.pipfile_python(root)]
+    return [lambda: piku_module.read_shaped(root, name)]
+
+
+def test_files_of_an_unexpected_shape_are_refused_with_the_key_not_a_traceback(tmp_path):
+    import random
+    import piku as piku_module
+    rng = random.Random(6)
+    refused = 0
+    for name, sources in SHAPED.items():
+        for source in sources:
+            original = (source / name).read_text()
+            data = json.loads(original) if name.endswith(".lock") and name.startswith("Pipfile") else \
+                piku_module.load_toml(original, name)
+            for trial in range(40):
+                root = tmp_path / f"{name}-{source.name}-{trial}"
+                shutil.copytree(source, root)
+                changed = mutated(data, rng) if trial else data
+                (root / name).write_text(json.dumps(changed) if name == "Pipfile.lock" else toml_text(changed))
+                for read in readers(name, str(root)):
+                    try:
+                        read()
+                    except piku_module.PikuError as error:
+                        assert trial and error.message.startswith(f"{name}: "), (name, trial, error.message)
+                        refused += 1
+                shutil.rmtree(root)
+    assert refused > 100, refused
+
+
+def test_text_files_of_any_shape_get_a_message_not_a_traceback(tmp_path):
+    """Procfile, ENV and .python-version: their parsers are their shape checks."""
+    import random
+    import piku as piku_module
+    rng = random.Random(7)
+    pieces = ["web: python app.py", "wsgi:", ":", "release: x", "cron: * * * * * x", "cron: 99 * * * * x", "A=1",
+              "A='x", "export A=1", "=", "#", " ", "\t", "3.12", "3.12.1", "python-3.11", "pypy@3.10", ">=3.9",
+              "\u00e9", "\x00", "static: ../..", "WEB: x", "a" * 70 + ": x", "worker: \\", "${X}", "[tool]"]
+    refused = 0
+    for _ in range(3000):
+        text = "\n".join(rng.choice(pieces) for _ in range(rng.randint(0, 4)))
+        for read in (lambda: piku_module.parse_procfile(text), lambda: piku_module.parse_env_text(text, "ENV"),
+                     lambda: piku_module.validate_python_request(text.strip(), ".python-version")):
+            try:
+                read()
+            except piku_module.PikuError:
+                refused += 1
+    assert refused > 1000, refused

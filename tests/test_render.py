@@ -172,8 +172,17 @@ def stable(vhost, tmp_path):
     return re.sub(r'return 200 "[0-9a-f]{16}', 'return 200 "HASH', vhost.replace(str(tmp_path), "/RELEASES"))
 
 
+def releases_in(tmp_path, monkeypatch):
+    """The served folders of NGINX_FILES in tmp_path, where these tests' releases are."""
+    import dataclasses
+    files = tuple(dataclasses.replace(entry, folder=str(tmp_path)) if entry.folder == piku.RELEASE_ROOT else entry
+                  for entry in piku.NGINX_FILES)
+    monkeypatch.setattr(piku, "NGINX_FILES", files)
+
+
 def test_nginx_vhosts_match_their_golden_files(tmp_path, monkeypatch):
     monkeypatch.setenv("PIKU_NGINX_HTTP_PORT", "8080")
+    releases_in(tmp_path, monkeypatch)
     wsgi = nginx_release(tmp_path, "wsgi: shop.wsgi:app\n")
     text = piku.finish_vhost(piku.render_nginx(wsgi))
     check_golden("nginx-wsgi.conf", stable(text, tmp_path))

@@ -124,7 +124,7 @@ def test_an_intruder_app_reaches_nothing_of_another_app_or_of_piku(host, sandbox
     assert victim_pid and pid_alive(victim_pid)
     keys, script = home / ".ssh" / "authorized_keys", piku.script
     victim_env = next((piku.root / "envs" / "victim").glob("python-*"))
-    victim_cache = piku.root / "cache" / ".uv" / "victim"
+    victim_cache = piku.root / "uv" / "victim"
     before = {"keys": file_digest(keys), "piku.py": file_digest(script), "victim env": tree_digest(victim_env),
               "victim cache": tree_digest(victim_cache)}
     assert list((victim_cache / "cache").iterdir()), "the victim's own uv cache holds what it installed"
@@ -236,9 +236,14 @@ def test_each_app_has_its_own_uv_cache_and_shares_no_installed_file(piku, empero
         wait_for_body(piku.url(name), "victim here")
         installed = next((piku.root / "envs" / name).glob("python-*/lib/python*/site-packages/idna/core.py"))
         inodes[name] = installed.stat().st_ino
-        assert list((piku.root / "cache" / ".uv" / name / "cache").iterdir())
-        assert (piku.root / "cache" / ".uv" / name).stat().st_mode & 0o777 == 0o700
+        assert list((piku.root / "uv" / name / "cache").iterdir())
+        assert (piku.root / "uv" / name).stat().st_mode & 0o777 == 0o700
     assert inodes["cachea"] != inodes["cacheb"]
+    # a host set up by a piku.py that kept them in cache/.uv/ has them moved by setup (update runs it)
+    earlier = piku.root / "cache" / ".uv"
+    (piku.root / "uv").rename(earlier)
+    piku("setup")
+    assert not earlier.exists() and list((piku.root / "uv" / "cachea" / "cache").iterdir())
 
 
 def test_where_the_sandbox_cannot_start_the_host_setting_decides(piku, emperor, make_app):
@@ -345,7 +350,7 @@ def test_a_view_shows_nothing_of_piku_or_the_keys_but_the_apps_own_folders(tmp_p
     assert len(views) == 900
     for view in views:
         app = view["app"]
-        own = [os.path.join(root, folder, app) for folder in ("releases", "data", "tmp", os.path.join("cache", ".uv"))]
+        own = [os.path.join(root, folder, app) for folder in ("releases", "data", "tmp", "uv")]
         own += [os.path.join(root, "envs", app, "python-"), os.path.join(root, "uwsgi", app, "g"),
                 os.path.join(root, "logs", app, "g"), os.path.join(root, "sandbox", app + "@"),
                 os.path.join(root, "uwsgi-enabled", app + "@")]

@@ -1,4 +1,9 @@
-"""Unit tests: app names, settings, and ENV files."""
+"""App names, settings and ENV files: unit tests, and settings reaching every kind of worker."""
+
+import json
+import random
+import re
+import string
 
 import pytest
 
@@ -46,6 +51,31 @@ def test_bad_setting_arguments(arg, message):
 def test_env_format_round_trips(value):
     text = piku.format_env({"KEY": value})
     assert piku.parse_env_text(text, "ENV") == [("KEY", value)]
+
+
+def test_every_value_config_set_accepts_round_trips_through_piku_s_settings_files():
+    chooser = random.Random(5)
+    alphabet = ROUND_TRIP_ALPHABET + "\\'\" #"
+    refused = 0
+    for _ in range(3000):
+        value = "".join(chooser.choice(alphabet) for _ in range(chooser.randint(0, 12)))
+        try:
+            piku.validate_setting("KEY", value)
+        except PikuError as error:
+            assert "line break" in error.message or "ends with a space" in error.message \
+                or "ends with a backslash" in error.message, error.message
+            refused += 1
+            continue
+        assert piku.parse_env_text(piku.format_env({"KEY": value}), "ENV") == [("KEY", value)], repr(value)
+    assert refused < 1000
+
+
+def test_a_damaged_settings_file_is_read_around_its_bad_lines_only_to_mend_it(capsys):
+    text = "BROKEN LINE=1\nA=1\n1BAD=2\nB=x\n"
+    with pytest.raises(PikuError):
+        piku.parse_env_text(text, "settings")
+    assert piku.parse_env_text(text, "settings", skip_bad=True) == [("A", "1"), ("B", "x")]
+    assert "line 1 cannot be parsed" in capsys.readouterr().err
 
 
 def test_env_layers_expand_earlier_values():
@@ -105,3 +135,62 @@ def test_host_settings_come_from_the_environment_or_piku_env(tmp_path, monkeypat
     assert piku.host_setting("PIKU_NGINX", "nginx") == "nginx"
     monkeypatch.setenv("PIKU_NGINX_HTTP_PORT", "9090")
     assert piku.nginx_port("PIKU_NGINX_HTTP_PORT", "80") == "9090"
+
+
+# --- settings reach every kind of worker byte for byte -------------------------------------
+
+ROUND_TRIP_ALPHABET = (string.ascii_letters + string.digits + " \t!\"#%&'()*+,-./:;<=>?@[\\]^_`{|}~$"
+                       + "éßøñ中文字🙂\u00a0")
+ROUND_TRIP_FIXED = ["back\\slash\\", "\\", "\\\\", "'", '"', "\\'", "%(", "%(x)", "%d", "%%", "%(asctime)s", "$(",
+                    "$(id)", "@(/etc/passwd)", "@(", "a;b#c", "# not a comment", "=", "KEY=VALUE", "  lead",
+                    "$", "a$", "$(HOME)", "{{x}}", "ünïcödé 中文 🙂", "tab\tinside", "'quoted'", '"dq"', ""]
+
+
+def round_trip_values(count, seed):
+    """The fixed hard cases, then count random values of ROUND_TRIP_ALPHABET. Not generated: what
+    config:set refuses (a trailing space or tab) and what it expands, as documented ($NAME,
+    ${NAME} and $$)."""
+    chooser = random.Random(seed)
+    values = list(ROUND_TRIP_FIXED)
+    while len(values) < len(ROUND_TRIP_FIXED) + count:
+        value = "".join(chooser.choice(ROUND_TRIP_ALPHABET) for _ in range(chooser.randint(1, 40)))
+        value = re.sub(r"\$(?=[A-Za-z_{$])", "(", value).rstrip(" \t")
+        values.append(value)
+    return {f"RT_{index}": value for index, value in enumerate(values)}
+
+
+@pytest.mark.parametrize("kind", ["wsgi", "asgi", "web"])
+def test_settings_reach_every_kind_of_worker_byte_for_byte(kind, request, emperor, make_app, toolchain):
+    host = request.getfixturevalue("piku")      # the fixture: `piku` here is piku.py
+    from conftest import TEST_APPS, fetch, wait_until
+    toolchain.require("3.11")
+    app = make_app(TEST_APPS / "env-echo", f"rt-{kind}")
+    procfile = {"wsgi": "wsgi: echo:application\nworker: python3 echo.py worker\n", "asgi": "asgi: echo:app\n",
+                "web": "web: python3 echo.py web\n"}[kind]
+    app.write("Procfile", procfile)
+    app.commit(kind)
+    app.push()
+    values = round_trip_values(60, seed={"wsgi": 1, "asgi": 2, "web": 3}[kind])
+    worker_report = host.root / "data" / app.name / "worker-env.json"
+    worker_report.unlink(missing_ok=True)
+    host("config:set", app.name, *(f"{key}={value}" for key, value in values.items()))
+    status, text = fetch(host.url(app.name))
+    assert status == 200, text
+    served = json.loads(text)
+    for key, value in values.items():
+        assert served.get(key) == value, (kind, key, value, served.get(key))
+        if int(key[3:]) < len(ROUND_TRIP_FIXED):
+            assert host("config:get", app.name, key).stdout == value + "\n", (key, value)
+    live = dict(piku.parse_env_text(host("config:live", app.name).stdout, "config:live"))
+    assert {key: live.get(key) for key in values} == values
+    if kind == "wsgi":
+        wait_until(worker_report.exists, message="the worker to report its settings")
+        assert json.loads(worker_report.read_text()) == values
+    if kind == "web":       # a damaged settings file: config:get says so; config:unset mends it
+        config = host.root / "envs" / app.name / "ENV"
+        config.write_text("BROKEN LINE=1\n" + config.read_text())
+        refused = host("config:get", app.name, "RT_0", check=False)
+        assert refused.returncode == 1 and "line 1 cannot be parsed" in refused.stderr, refused.stderr
+        host("config:unset", app.name, "RT_1")         # the live release's record names the settings
+        assert host("config:get", app.name, "RT_0").stdout == values["RT_0"] + "\n"
+        assert "BROKEN" not in config.read_text() and "RT_1=" not in config.read_text()

@@ -168,7 +168,8 @@ LogLevel VERBOSE
 
     def live_env(self, app):
         text = (self.root / "envs" / app / "LIVE_ENV").read_text()
-        return dict(re.findall(r"^(\w+)='(.*)'$", text, re.M))
+        import piku as piku_module
+        return dict(piku_module.parse_env_text(text, "LIVE_ENV"))
 
     def diagnostics(self):
         parts = [f"--- sshd log\n{tail(self.sshd_log)}",
