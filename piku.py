@@ -174,6 +174,7 @@ DAILY_OLD_LOG = host_file(LOG_ROOT, "acme-renew.log.old")
 PROBES_CACHE = host_file(CACHE_ROOT, ".probes.json")
 CLOUDFLARE_CACHE = host_file(CACHE_ROOT, ".cloudflare-ips.json")
 NAMES_LOCK = host_file(LOCK_ROOT, ".names.lock")
+NGINX_PATHS_CACHE = host_file(CACHE_ROOT, ".nginx-paths.json")    # what each vhost text names (a cache)
 SANDBOX_WRAPPER = host_file(SANDBOX_ROOT, "vassal-wrapper")     # the emperor starts every vassal with it
 WORKER_SECCOMP = host_file(SANDBOX_ROOT, "worker.seccomp")      # what no worker may do (seccomp_program)
 TERMINAL_SECCOMP = host_file(SANDBOX_ROOT, "terminal.seccomp")  # ... nor `run` with a terminal
@@ -1001,11 +1002,18 @@ APP_WRITES = ((UWSGI_ROOT, ("g*",)), (LOG_ROOT, ("g*",)), (DATA_ROOT, ()), (TMP_
               (RELEASE_ROOT, ("*",)), (ENV_ROOT, ("python-*",)))
 
 
+@functools.lru_cache(maxsize=None)
+def path_forms(folder):
+    """A folder of piku's as written and with its links resolved (a sysadmin may have linked
+    ~/.piku, or a folder above it, to another disk)."""
+    return tuple(dict.fromkeys((folder, os.path.realpath(folder))))
+
+
 def app_may_write(path, app=None):
     """Is path (as written: links are not followed) a folder the code of app (None: of any app)
     may write, or below one?"""
     path = os.path.normpath(path)
-    for root, below in APP_WRITES:
+    for root, below in ((form, below) for folder, below in APP_WRITES for form in path_forms(folder)):
         if not path.startswith(root + os.sep):
             continue
         parts = path[len(root) + 1:].split(os.sep)
@@ -1846,6 +1854,8 @@ def load_toml(text, name):
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise PikuError(f"{name} cannot be parsed: {error}", "Fix the file, commit, and push again.")
+    except RecursionError:
+        raise PikuError(f"{name} is nested too deeply to be read", "Fix the file, commit, and push again.")
 
 
 # Valid TOML or JSON can still hold a number where piku reads a table. Each such file piku
@@ -1874,6 +1884,8 @@ def read_shaped(root, name):
             data = json.loads(text) if text.strip() else {}
         except ValueError as error:
             raise PikuError(f"{name} is not valid JSON ({error})", "Fix the file, commit, and push again.")
+        except RecursionError:
+            raise PikuError(f"{name} is nested too deeply to be read", "Fix the file, commit, and push again.")
     else:
         data = load_toml(read_pushed_text(root, name, PUSHED_LOCK_MAX if name.endswith(".lock") else PUSHED_TEXT_MAX),
                          name)
@@ -3342,40 +3354,45 @@ def nginx_path(path, what):
 
 # --- what nginx's root master opens --------------------------------------------------
 # nginx's master runs as root and opens, at every start and reload, each file a vhost names for
-# it: logs, certificates, cache folders, includes. A link or a FIFO an app put at one of those
-# paths would have root follow it (chown, chmod, open for writing). NGINX_FILES is the one table
-# of every path a vhost may name: the directive, the folder such paths lie in, who writes there
-# and who opens them. nginx_file() writes each such directive from it, check_nginx_files() checks
-# every vhost against it before nginx may read one, and no folder in it is one an app's code may
-# write (APP_WRITES) -- but the folders nginx's workers serve files from, the release's own, where
-# disable_symlinks keeps them to what is there. Without a sandbox no app is kept from any of it.
+# it: logs and cache folders (which it creates and chowns), certificates. A link or a FIFO an app
+# put at one of those paths would have root follow it. NGINX_FILES is the one table of every path
+# a vhost may name: the directive, the folder and the names there that are the app's, who writes
+# them and who opens them. nginx_file() writes each such directive from it, check_nginx_files()
+# checks a vhost against it before nginx may read it (and guard_nginx_files() every vhost before
+# each reload), and no path nginx's master opens lies where app code may write (APP_WRITES): only
+# the release folders nginx's workers serve, where disable_symlinks keeps them to what is there.
+# Without a sandbox no app is kept from any of it.
 
 @dataclass(frozen=True)
 class NginxFile:
     directive: str
-    folder: str             # every path the directive names lies below it
+    folder: str
+    names: tuple            # paths below folder an app's vhost may name ({app}; fnmatch: '*' spans '/')
     writer: str             # who writes there
     opener: str = "master"  # nginx's root master (every start and reload), or its workers (per request)
     kind: str = "file"      # what may be found there: file, folder, socket (piku's link to one), served
+    reads_only: bool = False    # the master only reads it: a link there is doctor's to report
 
 
 NGINX_FILES = (
-    NginxFile("access_log", NGINX_LOGS, "nginx's master (created on first use); piku reads and rotates them"),
-    NginxFile("error_log", NGINX_LOGS, "nginx's master (created on first use); piku reads and rotates them"),
-    NginxFile("ssl_certificate", NGINX_ROOT, "piku: a new file, renamed into place"),
-    NginxFile("ssl_certificate_key", NGINX_ROOT, "piku: a new file, renamed into place"),
-    NginxFile("include", NGINX_ROOT, "piku: the vhosts, which the host's nginx.conf includes"),
-    NginxFile("proxy_cache_path", CACHE_ROOT, "nginx: its master makes the folder, its workers fill it",
-              kind="folder"),
-    NginxFile("uwsgi_cache_path", CACHE_ROOT, "nginx: its master makes the folder, its workers fill it",
-              kind="folder"),
-    NginxFile("server", UWSGI_ROOT, "piku: a link per slot to a socket of the app's live workers", "workers",
-              "socket"),
-    NginxFile("root", ACME_WWW, "piku: the ACME client's http-01 answers", "workers", "served"),
-    NginxFile("root", RELEASE_ROOT, "the app's build and release: (links refused: disable_symlinks)", "workers",
-              "served"),
-    NginxFile("alias", RELEASE_ROOT, "the app's build and release: (links refused: disable_symlinks)", "workers",
-              "served"),
+    NginxFile("access_log", NGINX_LOGS, ("{app}.access.log",), "nginx's master creates it; piku reads and rotates it"),
+    NginxFile("error_log", NGINX_LOGS, ("{app}.error.log",), "nginx's master creates it; piku reads and rotates it"),
+    NginxFile("ssl_certificate", NGINX_ROOT, ("{app}.crt",), "piku: a new file, renamed into place", reads_only=True),
+    NginxFile("ssl_certificate_key", NGINX_ROOT, ("{app}.key",), "piku: a new file, renamed into place",
+              reads_only=True),
+    NginxFile("include", NGINX_ROOT, (), "piku: the vhosts, which the host's nginx.conf includes (no vhost "
+              "includes anything)"),
+    NginxFile("proxy_cache_path", CACHE_ROOT, ("{app}", "{app}/*"), "nginx: its master makes the folder, its "
+              "workers fill it", kind="folder"),
+    NginxFile("uwsgi_cache_path", CACHE_ROOT, ("{app}", "{app}/*"), "nginx: its master makes the folder, its "
+              "workers fill it", kind="folder"),
+    NginxFile("server", UWSGI_ROOT, ("{app}/slot.*.sock", "{app}/uslot.*.sock"), "piku: a link per slot to a "
+              "socket of the app's live workers", "workers", "socket"),
+    NginxFile("root", ACME_WWW, ("",), "piku: the ACME client's http-01 answers", "workers", "served"),
+    NginxFile("root", RELEASE_ROOT, ("{app}/*",), "the app's build and release: (links refused: disable_symlinks)",
+              "workers", "served"),
+    NginxFile("alias", RELEASE_ROOT, ("{app}/*",), "the app's build and release: (links refused: disable_symlinks)",
+              "workers", "served"),
 )
 # Every directive of nginx that names a file, a folder or a unix socket (unix:PATH): a vhost that
 # names one in a place NGINX_FILES does not give it is refused, whichever directive it is.
@@ -3394,13 +3411,32 @@ NGINX_PATH_DIRECTIVES = frozenset({
 })
 NGINX_SOCKET_DIRECTIVES = frozenset({"server", "listen", "set_real_ip_from", "proxy_pass", "uwsgi_pass",
                                      "fastcgi_pass", "scgi_pass", "grpc_pass", "memcached_pass"})
+# ... of which these are opened by nginx's workers, per request, and not by its root master
+NGINX_WORKER_DIRECTIVES = frozenset({"root", "alias", "server", "proxy_pass", "uwsgi_pass", "fastcgi_pass",
+                                     "scgi_pass", "grpc_pass", "memcached_pass", "proxy_store", "uwsgi_store",
+                                     "fastcgi_store", "scgi_store", "disable_symlinks"})
+NginxProblem = collections.namedtuple("NginxProblem", "path text remove master")
 
 
-def nginx_file(directive, path, *rest, scheme=""):
+def nginx_file(app, directive, path, *rest, scheme=""):
     """One directive naming path, as NGINX_FILES places it (a path it does not place is a bug)."""
-    if not nginx_file_entry(directive, path):
-        raise ValueError(f"NGINX_FILES places no {directive} at {path}")
-    return " ".join([directive, scheme + nginx_path(path, f"the {directive} path"), *rest]) + ";"
+    if not nginx_file_place(app, directive, path):
+        raise ValueError(f"NGINX_FILES places no {directive} of {app} at {path}")
+    return " ".join([directive, scheme + path, *rest]) + ";"
+
+
+def nginx_file_place(app, directive, path):
+    """(the entry of NGINX_FILES, the form of its folder) that gives app's vhost this path, or None."""
+    bare = path.rstrip("/")
+    if not NGINX_SAFE_PATH.fullmatch(path) or os.path.normpath(path) != bare or "//" in path:
+        return None
+    for entry in NGINX_FILES:
+        for base in path_forms(entry.folder) if entry.directive == directive else ():
+            relative = "" if bare == base else bare[len(base) + 1:] if bare.startswith(base + os.sep) else None
+            if relative is not None and any(fnmatch.fnmatchcase(relative, name.format(app=app))
+                                            for name in entry.names):
+                return entry, base
+    return None
 
 
 def nginx_no_links(folder):
@@ -3417,132 +3453,179 @@ def served_folder(release, folder):
     return path + "/" if folder.endswith("/") else path
 
 
-def nginx_file_entry(directive, path):
-    """The entry of NGINX_FILES for this directive and path (as written, links not followed)."""
-    if os.path.normpath(path) != path.rstrip("/") or "//" in path:
-        return None
-    return next((entry for entry in NGINX_FILES if entry.directive == directive and (
-        path.startswith(entry.folder + os.sep) or entry.kind == "served" and path.rstrip("/") == entry.folder)), None)
-
-
+@functools.lru_cache(maxsize=256)       # a command checks each vhost text before and at each reload
 def nginx_named_paths(text):
-    """[(directive, path, the disable_symlinks from= of its block or None, line)]: every path the
-    vhost text names, in the directives of NGINX_PATH_DIRECTIVES."""
+    """((directive, path, the disable_symlinks from= of its block or None, line), ...): every path
+    the vhost text names (NGINX_PATH_DIRECTIVES), and every disable_symlinks that is not 'on' (as
+    its directive, with its words as the path). NginxSyntaxError for what nginx would not read.
+    Kept by the text's digest in NGINX_PATHS_CACHE: a reload reads each unchanged vhost once."""
+    key = hashlib.sha256(text.encode()).hexdigest()
+    known = _named_paths_cache()
+    if key not in known:
+        known[key] = parse_named_paths(text)
+        known[None] = True          # to be written (keep_named_paths)
+    return tuple(tuple(item) for item in known[key])
+
+
+def _named_paths_cache():
+    if not _NAMED_PATHS:
+        try:
+            _NAMED_PATHS.update(json.loads(read_text(NGINX_PATHS_CACHE) or "{}"))
+        except ValueError:
+            pass        # parsed again, and written anew
+        _NAMED_PATHS[None] = False
+    return _NAMED_PATHS
+
+
+def keep_named_paths(texts):
+    """Write NGINX_PATHS_CACHE with the entries of these vhost texts only (when it changed)."""
+    known = _named_paths_cache()
+    keys = {hashlib.sha256(text.encode()).hexdigest() for text in texts}
+    if known.get(None) or set(known) - {None} != keys & set(known):
+        kept = {key: value for key, value in known.items() if key in keys}
+        with contextlib.suppress(OSError):      # a cache: without it, the next command parses again
+            write_atomic(NGINX_PATHS_CACHE, json.dumps(kept) + "\n", mode=0o600)
+        known[None] = False
+
+
+_NAMED_PATHS = {}
+
+
+def parse_named_paths(text):
+    """nginx_named_paths, read from the text (NginxReader)."""
     found, stack = [], [{"paths": [], "from": None}]
     for words, end, line in nginx_statements(text):
         if end == "{":
             stack.append({"paths": [], "from": None})
         elif end == "}":
+            if len(stack) == 1:
+                raise NginxSyntaxError(f"'}}' on line {line} closes no block")
             frame = stack.pop()
-            found += [(*named, frame["from"], line) for named, line in frame["paths"]]
+            found += [(*named, frame["from"], at) for named, at in frame["paths"]]
         elif words[0] == "disable_symlinks":
-            stack[-1]["from"] = next((word[5:] for word in words[2:] if word.startswith("from=")), "/") \
-                if words[1:2] == ["on"] else None
+            if words[1:2] != ["on"]:
+                found.append(("disable_symlinks", " ".join(words[1:]), None, line))
+            stack[-1]["from"] = next((word[5:] for word in words[2:] if word.startswith("from=")), "/")
         elif words[0] in NGINX_PATH_DIRECTIVES:
             path = nginx_named_path(words)
             if path is not None:
                 stack[-1]["paths"].append(((words[0], path), line))
-    found += [(*named, stack[0]["from"], line) for named, line in stack[0]["paths"]]
-    return found
+    if len(stack) != 1:
+        raise NginxSyntaxError("a block is not closed")
+    return found + [(*named, stack[0]["from"], at) for named, at in stack[0]["paths"]]
 
 
 def nginx_named_path(words):
-    """The path a statement names: a unix: socket for the directives that connect or listen, else
-    its first argument (None when it names none)."""
+    """The path a statement names: a unix: socket for the directives that connect or listen (nginx
+    reads 'unix:' in any case), else its first argument (None when it names none)."""
     if words[0] in NGINX_SOCKET_DIRECTIVES:
-        socket_word = next((word for word in words[1:] if "unix:" in word), None)
-        return socket_word.split("unix:", 1)[1].split(":", 1)[0] if socket_word else None
-    if words[0] in ("access_log", "error_log") and (words[1:2] in (["off"], ["stderr"])
-                                                    or words[1].startswith(("syslog:", "memory:"))):
+        socket_word = next((word for word in words[1:] if "unix:" in word.lower()), None)
+        return re.split("unix:", socket_word, 1, flags=re.I)[1].split(":", 1)[0] if socket_word else None
+    argument = words[1] if len(words) > 1 else ""
+    if words[0] in ("access_log", "error_log") and (argument in ("off", "stderr")
+                                                    or argument.startswith(("syslog:", "memory:"))):
         return None
-    return words[1] if len(words) > 1 else ""
+    return argument
 
 
-NGINX_SERVED_PROBLEM = "nginx's workers would follow links (no disable_symlinks from a folder no app writes)"
+NGINX_SERVED_PROBLEM = "nginx's workers would follow links (no disable_symlinks from the release, or the ACME folder)"
 
 
-def check_nginx_files(text, sockets=False):
-    """What is wrong with the paths the vhost text names, as [(path, problem, what to remove or
-    None)]: a path NGINX_FILES does not place, one an app may write, a link or a file of another
-    kind where nginx's master opens one, a served folder without disable_symlinks (which concerns
-    nginx's workers alone: its path is the release's, not a folder of NGINX_FILES) -- and, with
+def check_nginx_files(text, app, sockets=False):
+    """What is wrong with the paths app's vhost text names, as [NginxProblem]: a path NGINX_FILES
+    does not give the app, one app code may write, a link or a file of another kind where nginx's
+    master opens one, a served folder without disable_symlinks from its release -- and, with
     sockets, a slot that leads elsewhere than to a socket of the app's own workers (doctor's: the
-    workers connect there, not root, and the next switch points every slot anew)."""
+    workers connect there, not root, and the next switch points every slot anew). master: nginx's
+    root master would open what the problem is about."""
     problems = []
     for directive, path, from_, line in nginx_named_paths(text):
-        entry = nginx_file_entry(directive, path)
-        if not entry:
-            problems.append((path, f"line {line}: {directive} names {path}, which is no place of piku's for it", None))
-        elif entry.kind == "served":
-            if not from_ or not (path.rstrip("/") + "/").startswith(from_.rstrip("/") + "/") \
-                    or app_may_write(os.path.dirname(from_.rstrip("/"))):
-                problems.append((path, f"line {line}: {NGINX_SERVED_PROBLEM} in {path}", None))
+        place = nginx_file_place(app, directive, path) if directive != "disable_symlinks" else None
+        master = directive not in NGINX_WORKER_DIRECTIVES
+        if not place:
+            what = f"disable_symlinks {path}" if directive == "disable_symlinks" else f"{directive} {path}"
+            problems.append(NginxProblem(path, f"line {line}: {what} is no place of piku's for {app}", None, master))
+            continue
+        entry, base = place
+        if entry.kind == "served":
+            release = base if entry.folder == ACME_WWW else os.path.join(base, app, path[len(base) + 1:].split("/")[1])
+            if from_ is None or from_.rstrip("/") != release:
+                problems.append(NginxProblem(path, f"line {line}: {NGINX_SERVED_PROBLEM} in {path}", None, False))
         elif app_may_write(path):
-            problems.append((path, f"line {line}: {path} is in a folder app code writes", None))
+            problems.append(NginxProblem(path, f"line {line}: {path} is in a folder app code writes", None, master))
         elif entry.kind != "socket" or sockets:
-            problems += nginx_file_problems(entry, path)
+            problems += nginx_file_problems(entry, base, path)
     return problems
 
 
-def nginx_file_problems(entry, path):
-    """A link below the entry's folder, or a file of another kind at path."""
-    current = entry.folder
-    for part in path[len(entry.folder) + 1:].rstrip("/").split(os.sep):
+def nginx_file_problems(entry, base, path):
+    """A link below the entry's folder, or a file of another kind (or with a second name) at path."""
+    current = base
+    for part in path[len(base) + 1:].rstrip("/").split(os.sep):
         current = os.path.join(current, part)
         try:
             info = os.lstat(current)
         except FileNotFoundError:
             return []
         except OSError as error:
-            return [(path, f"{current} cannot be checked ({error.strerror})", None)]
+            return [NginxProblem(path, f"{current} cannot be checked ({error.strerror})", None, True)]
         if stat.S_ISLNK(info.st_mode) and not (entry.kind == "socket" and current == path):
-            return [(path, f"{current} is a link: nginx's {entry.opener} would follow it", current)]
+            return [NginxProblem(path, f"{current} is a link: nginx's {entry.opener} would follow it",
+                                 None if entry.reads_only else current, not entry.reads_only)]
     if entry.kind == "socket":
         target = os.path.join(os.path.dirname(path), os.readlink(path)) if os.path.islink(path) else path
-        app = path[len(entry.folder) + 1:].split(os.sep)[0]
+        app = path[len(base) + 1:].split(os.sep)[0]
         return [] if app_may_write(os.path.dirname(target), app) and ".." not in target.split(os.sep) else \
-            [(path, f"{path} leads to {target}, not to a socket of the app's workers", None)]
+            [NginxProblem(path, f"{path} leads to {target}, not to a socket of the app's workers", None, False)]
     wanted = stat.S_ISDIR if entry.kind == "folder" else stat.S_ISREG
-    if not wanted(info.st_mode) or (entry.kind == "file" and info.st_nlink != 1):
-        return [(path, f"{path} is not a {'folder' if entry.kind == 'folder' else 'regular file with one name'}: nginx's "
-                       f"{entry.opener} would open it", path)]
+    if not wanted(info.st_mode):
+        return [NginxProblem(path, f"{path} is not a {'folder' if entry.kind == 'folder' else 'regular file'}: "
+                                   f"nginx's {entry.opener} would open it", path, True)]
+    if entry.kind == "file" and info.st_nlink != 1 and not entry.reads_only:
+        return [NginxProblem(path, f"{path} has another name (a hard link): nginx's {entry.opener} would write "
+                                   "to it", path, True)]
     return []
 
 
-def clear_nginx_files(app, text, served=True):
-    """Remove what is not piku's or nginx's where nginx opens the vhost's files (a link, a FIFO:
-    only app code without a sandbox, or a hand, puts one there) -> the problems left (served:
-    with those of served folders, which concern nginx's workers and not its root master)."""
+def clear_nginx_files(app, text, master_only=False):
+    """Remove what is not piku's or nginx's where nginx's master opens the vhost's files (a link,
+    a FIFO, a second name: only app code without a sandbox, or a hand, puts one there) -> the
+    problems left (master_only: those about what nginx's root master opens)."""
     left = []
-    for path, problem, remove in check_nginx_files(text):
-        if not served and NGINX_SERVED_PROBLEM in problem:
+    for problem in check_nginx_files(text, app):
+        if master_only and not problem.master:
             continue
-        if remove is None:
-            left.append((path, problem))
+        if problem.remove is None:
+            left.append(problem)
             continue
         try:
-            os.unlink(remove)
+            os.unlink(problem.remove)
         except OSError as error:
-            left.append((path, f"{problem}, and it cannot be removed ({error.strerror})"))
+            left.append(problem._replace(text=f"{problem.text}, and it cannot be removed ({error.strerror})"))
             continue
-        warning(f"removed {remove if visible_to_key(app) else 'a file of another app'}: {problem}")
+        warning(f"removed {problem.remove}: {problem.text}" if visible_to_key(app) else
+                "removed a file of another app that nginx's master would have followed")
     return left
 
 
 def guard_nginx_files():
     """Before nginx reads the vhosts again: every vhost's files are checked (and cleared); a vhost
-    that names what nginx's root master must not open stops the reload. (A served folder without
-    disable_symlinks, in a vhost of an earlier piku.py, is doctor's to report: a deploy mends it.)"""
+    that names what nginx's root master must not open stops the reload. (What concerns nginx's
+    workers only -- a served folder without disable_symlinks, in a vhost of an earlier piku.py --
+    is doctor's to report, and setup writes such vhosts again.)"""
+    texts = []
     for path in sorted(glob.glob(os.path.join(NGINX_ROOT, "*.conf"))):
         app = os.path.basename(path)[:-len(".conf")]
+        texts.append(read_text(path))
         try:
-            left = clear_nginx_files(app, read_text(path), served=False)
+            left = clear_nginx_files(app, texts[-1], master_only=True)
         except NginxSyntaxError as error:
-            left = [(path, str(error))]
+            left = [NginxProblem(path, str(error), None, True)]
         if left:
-            shown = f"the vhost of {app}" if visible_to_key(app) else "another app's vhost"
-            raise PikuError(f"nginx was not reloaded: {shown} names what nginx must not open ({left[0][1]})",
-                            "Run doctor: it names the file and the fix.")
+            shown = f"the vhost of {app} names what nginx's master must not open ({left[0].text})" \
+                if visible_to_key(app) else "another app's vhost names what nginx's master must not open"
+            raise PikuError(f"nginx was not reloaded: {shown}", "Run doctor: it names the file and the fix.")
+    keep_named_paths(texts)
 
 
 def nginx_address(env, key, default, family):
@@ -3575,7 +3658,7 @@ def nginx_listen(env, https=False):
 
 def nginx_upstream(app, uwsgi):
     prefix = "uslot" if uwsgi else "slot"
-    servers = "".join(f"    {nginx_file('server', slot_path(app, slot, prefix), 'max_fails=0', scheme='unix:')}\n"
+    servers = "".join(f"    {nginx_file(app, 'server', slot_path(app, slot, prefix), 'max_fails=0', scheme='unix:')}\n"
                       for slot in range(1, FRONT_SLOTS + 1))
     return f"upstream piku-{app}-{prefix} {{\n{servers}}}\n"
 
@@ -3640,14 +3723,15 @@ def render_nginx(release):
     acme_directory(env), acme_email(env)
     crt, key = certificate_files(app)
     common = [f"server_name {' '.join(names)};",
-              nginx_file("access_log", nginx_log(app, "access")), nginx_file("error_log", nginx_log(app, "error")),
+              nginx_file(app, "access_log", nginx_log(app, "access")), nginx_file(app, "error_log", nginx_log(app, "error")),
               *nginx_block(f"location = {NGINX_MARKER_PATH}", [
                   "allow 127.0.0.1;", "allow ::1;", "deny all;", "default_type text/plain;",
                   'return 200 "$piku_vhost\\n";']),
               *nginx_block("location ^~ /.well-known/acme-challenge/", [
-                  nginx_file("root", ACME_WWW), nginx_no_links(ACME_WWW), "allow all;", "default_type text/plain;",
+                  nginx_file(app, "root", ACME_WWW), nginx_no_links(ACME_WWW), "allow all;", "default_type text/plain;",
                   "try_files $uri =404;"])]
-    tls = [*nginx_listen(env, https=True), nginx_file("ssl_certificate", crt), nginx_file("ssl_certificate_key", key)]
+    tls = [*nginx_listen(env, https=True), nginx_file(app, "ssl_certificate", crt),
+           nginx_file(app, "ssl_certificate_key", key)]
     zone, cached = nginx_cache(app, env, uwsgi) if served else ([], [])
     site = cached + nginx_site(release, served, uwsgi)
     text = f"# written by piku for {app}; nginx -t checked it before it replaced the previous one\n"
@@ -3681,7 +3765,7 @@ def nginx_cache(app, env, uwsgi):
     size = setting_number(env, ("NGINX_CACHE_SIZE",), 1)
     path = nginx_cache_folder(app, env)
     cache = "uwsgi_cache" if uwsgi else "proxy_cache"
-    zone = [nginx_file(f"{cache}_path", path, "levels=1:2", f"keys_zone=piku-{app}:10m", f"max_size={size}g",
+    zone = [nginx_file(app, f"{cache}_path", path, "levels=1:2", f"keys_zone=piku-{app}:10m", f"max_size={size}g",
                        f"inactive={seconds['NGINX_CACHE_EXPIRY']}s", "use_temp_path=off")]
     pattern = "|".join(re.escape(prefix.strip("/")) for prefix in prefixes)
     location = nginx_block(f"location ~* ^/({pattern})", [
@@ -3763,7 +3847,7 @@ def nginx_site(release, served, uwsgi):
     if not setting_true(env, "NGINX_ALLOW_GIT_FOLDERS"):
         server.append("location ~ /\\.git { deny all; }")
     for prefix, folder in static_paths(env, release.root):
-        server += nginx_block(f"location {prefix}", [nginx_file("alias", served_folder(release, folder)),
+        server += nginx_block(f"location {prefix}", [nginx_file(release.app, "alias", served_folder(release, folder)),
                                                      nginx_no_links(release.root),
                                                      "add_header X-Served-By nginx-static;", "try_files $uri $uri/ =404;"])
     server += nginx_root_location(release, served, uwsgi)
@@ -3775,7 +3859,7 @@ def nginx_root_location(release, served, uwsgi):
     static = release.processes.get("static")
     if not static:
         return nginx_block("location /", nginx_pass(release.app, uwsgi, env)) if served else []
-    root = [nginx_file("root", served_folder(release, static_folder(static.command, static.line, release.root))),
+    root = [nginx_file(release.app, "root", served_folder(release, static_folder(static.command, static.line, release.root))),
             nginx_no_links(release.root)]
     if served:          # files first, then the app (as uWSGI's static-map does)
         return [*nginx_block("location /", [*root, "add_header X-Served-By nginx-static;",
@@ -4015,7 +4099,7 @@ def check_vhost(app, text):
     """nginx -t on the candidate, in a config of its own: nginx's own message on failure."""
     left = clear_nginx_files(app, text)
     if left:
-        raise PikuError(f"the vhost would have nginx open what it must not: {left[0][1]}; nothing was changed",
+        raise PikuError(f"the vhost would have nginx open what it must not: {left[0].text}; nothing was changed",
                         "Report this to piku's authors: a path of the vhost is in no place of NGINX_FILES.")
     nginx = nginx_binary()
     if not nginx:
@@ -6454,15 +6538,16 @@ def check_app_vhost(app, record):
         return
     text = read_text(path)
     try:
-        problems = check_nginx_files(text, sockets=True)
+        problems = check_nginx_files(text, app, sockets=True)
     except NginxSyntaxError:
         problems = []       # nginx -t below says what is wrong
-    for _, problem, remove in problems:
-        if remove:      # nginx's master would follow a link, or block on a FIFO, at its next reload
-            yield Finding("FAIL", f"{app}: {problem}", f"rm {shlex.quote(remove)}",
+    for problem in problems:      # the master's: FAIL (its next reload stops on them); the workers': WARN
+        level = "FAIL" if problem.master else "WARN"
+        if problem.remove:
+            yield Finding(level, f"{app}: {problem.text}", f"rm {shlex.quote(problem.remove)}",
                           also="no app's code writes there in its sandbox: find what put it there")
         else:
-            yield Finding("FAIL", f"{app}: {problem}", piku_command("deploy", app),
+            yield Finding(level, f"{app}: {problem.text}", piku_command("deploy", app),
                           also="a deploy writes the vhost again from the app's settings")
     if problems:
         return
@@ -7611,6 +7696,22 @@ ExecStart=/usr/bin/systemctl reload nginx
 """)
 
 
+def refresh_vhosts():
+    """Vhosts an earlier piku.py wrote are written again from their app's live release, so that
+    every served folder has disable_symlinks and every path is where NGINX_FILES puts it."""
+    for path in sorted(glob.glob(os.path.join(NGINX_ROOT, "*.conf"))):
+        app = os.path.basename(path)[:-len(".conf")]
+        if not is_app_name(app):
+            continue
+        try:
+            with AppLock(app):
+                record = live_release(app)
+                if record and check_nginx_files(read_text(path), app):
+                    restore_vhost(app, record)
+        except (PikuError, NginxSyntaxError) as error:
+            warning(f"the vhost of {app} was left as it was ({getattr(error, 'message', error)}); see: doctor")
+
+
 def move_earlier_uv_caches():
     """The apps' uv caches were in cache/.uv/ (piku.py of #17), beside nginx's cache folders: they
     move to uv/ (a cache: where uv/ has one already, the earlier one is removed)."""
@@ -7619,10 +7720,12 @@ def move_earlier_uv_caches():
         return
     with contextlib.suppress(OSError):      # not there, or not empty: then it stays
         os.rmdir(UV_CACHE_ROOT)
-    if os.path.lexists(UV_CACHE_ROOT):
-        shutil.rmtree(earlier)
-    else:
+    try:
+        if os.path.lexists(UV_CACHE_ROOT):
+            raise FileExistsError(errno.EEXIST, "uv/ has caches already", UV_CACHE_ROOT)
         os.rename(earlier, UV_CACHE_ROOT)
+    except OSError:         # there already, or cache/ is on another disk: a cache is made again
+        shutil.rmtree(earlier)
 
 
 @cli.command("setup")
@@ -7644,6 +7747,7 @@ def cmd_setup():
     if read_text(config, None) != render_emperor():     # a rewrite would tell doctor the emperor is stale
         write_atomic(config, render_emperor())
         step(f"Wrote {config}")
+    refresh_vhosts()
     for tool in ("git", "uwsgi"):
         if not shutil.which(tool):
             warning(f"'{tool}' is not installed; deploys need it (apt-get install {tool})")

@@ -21,6 +21,8 @@ Measures, each RUNS times (median reported):
   sandbox   a code-only redeploy sandboxed and with PIKU_SANDBOX=off (alternating), one process
             started in a worker's view and alone, the memory bubblewrap adds per vassal, one
             app's uv cache on disk, and a first deploy with that cache empty and warm
+  nginxfiles  the check of every vhost against NGINX_FILES that runs before each nginx reload,
+            with 1, 10, 50 and 100 apps' vhosts
 and the ratio/overhead deps - sync. Needs uv on PATH, uWSGI with its python3 plugin, and
 Debian's python3.11 (the Python uWSGI embeds). Run: make bench  (or python3 bench/deploy_bench.py;
 BENCH_ONLY=apps,switch runs a subset)
@@ -412,8 +414,8 @@ def measure_sandbox(bench, results):
     inits = [pid for pid in sandbox_inits(bench, "sbx") if psutil.pid_exists(pid)]     # the live ones
     outer = [psutil.Process(pid).ppid() for pid in inits]
     results["sandbox_vassal_mb"] = [pss_mb(inits + outer) / max(1, len(inits))]
-    results["sandbox_cache_mb"] = [du_mb(bench.work / "piku" / "cache" / ".uv" / "sbx")]
-    cache = bench.work / "piku" / "cache" / ".uv"
+    results["sandbox_cache_mb"] = [du_mb(bench.work / "piku" / "uv" / "sbx")]
+    cache = bench.work / "piku" / "uv"
     for run_index in range(RUNS):
         for warm in (False, True):
             app = f"first{'w' if warm else 'e'}{run_index}"
@@ -423,6 +425,49 @@ def measure_sandbox(bench, results):
             started = bench.push(path, app)
             results[f"sandbox_first_{'warm' if warm else 'empty'}"].append(
                 wait_for(bench.url(app), f"Hello from {app}") - started)
+
+
+NGINX_FILES_PROBE = """
+import os, statistics, sys, time
+sys.path.insert(0, sys.argv[1])
+import piku
+for folder in (piku.PIKU_ROOT, *piku.PIKU_DIRS):
+    piku.make_folder(folder)
+release = piku.Release("app0", "0" * 40, os.path.join(piku.RELEASE_ROOT, "app0", "v1"),
+                       piku.parse_procfile("wsgi: app:app\\n"), {"APP": "app0", "BIND_ADDRESS": "127.0.0.1",
+                       "PORT": "8000", "NGINX_SERVER_NAME": "app0.example.com", "NGINX_CACHE_PREFIXES": "/c"})
+text = piku.finish_vhost(piku.render_nginx(release))
+for index in range(int(sys.argv[2])):
+    with open(os.path.join(piku.NGINX_ROOT, f"app{index}.conf"), "w") as out:
+        out.write(text.replace("app0", f"app{index}"))
+fresh, cold, warm = [], [], []
+for _ in range(15):
+    for times in (fresh, cold, warm):   # no cache; what an earlier command kept; this command's own
+        piku.nginx_named_paths.cache_clear()
+        if times is not warm:
+            piku._NAMED_PATHS.clear()
+        if times is fresh and os.path.exists(piku.NGINX_PATHS_CACHE):
+            os.unlink(piku.NGINX_PATHS_CACHE)
+        began = time.perf_counter()
+        piku.guard_nginx_files()
+        times.append((time.perf_counter() - began) * 1000)
+print(statistics.median(fresh), statistics.median(cold), statistics.median(warm))
+"""
+
+
+def measure_nginx_files(bench, results):
+    """What checking every vhost against NGINX_FILES costs before a reload, with 1 to 100 apps."""
+    for size in NGINX_FILES_SIZES:
+        with tempfile.TemporaryDirectory(prefix="piku-nginx-files-") as root:
+            output = run(["/usr/bin/python3", "-c", NGINX_FILES_PROBE, str(REPO), str(size)],
+                         env=dict(os.environ, PIKU_ROOT=root)).stdout
+            fresh, cold, warm = output.split()[-3:]
+            results[f"nginx_files_{size}_fresh"].append(float(fresh))
+            results[f"nginx_files_{size}"].append(float(cold))
+            results[f"nginx_files_{size}_again"].append(float(warm))
+
+
+NGINX_FILES_SIZES = (1, 10, 50, 100)
 
 
 def measure(bench):
@@ -437,6 +482,8 @@ def measure(bench):
         measure_shapes(bench, results)
     if not ONLY or "sandbox" in ONLY:
         measure_sandbox(bench, results)
+    if not ONLY or "nginxfiles" in ONLY:
+        measure_nginx_files(bench, results)
     return {name: values for name, values in results.items() if values}
 
 
@@ -477,6 +524,10 @@ def main():
                ("sandbox_cache_mb", "one app's own uv cache (flask-uwsgi), MB"),
                ("sandbox_first_empty", "first deploy, the app's uv cache empty, s"),
                ("sandbox_first_warm", "first deploy, the app's uv cache warm, s")]
+    for size in NGINX_FILES_SIZES:
+        labels += [(f"nginx_files_{size}_fresh", f"every vhost checked before a reload, {size} apps, no cache, ms"),
+                   (f"nginx_files_{size}", f"... with the vhosts' paths kept by an earlier command, ms"),
+                   (f"nginx_files_{size}_again", f"... the same command's second check, ms")]
     for name, label in labels:
         if name in results:
             print(f"  {label:60s} {medians[name]:8.3f}   runs: {' '.join(f'{v:.3f}' for v in results[name])}")

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -157,8 +158,19 @@ def test_nothing_an_app_plants_makes_nginxs_root_master_open_what_is_not_its_own
     assert snapshot(*watched) == before
     assert nginx.get("/", host="planter.test")[2] == "the planter's app\n"
 
+    # a vhost an earlier piku.py wrote (no disable_symlinks): doctor warns, setup writes it again
+    vhost = piku.root / "nginx" / "siteplanter.conf"
+    vhost.write_text("".join(line for line in vhost.read_text().splitlines(True) if "disable_symlinks" not in line))
+    doctor = piku("doctor", check=False)
+    assert re.search(r"WARN +siteplanter: line [0-9]+: nginx's workers would follow links", doctor.stdout), doctor.stdout
+    piku("setup")
+    assert "disable_symlinks on from=" in vhost.read_text()
+    status, _, body = nginx.get("/planted", host="siteplanter.test")
+    assert status in (403, 404) and "never-served" not in body
+
 
 def test_every_path_a_vhost_names_is_placed_by_the_table_and_none_is_an_apps(tmp_path, monkeypatch):
+    check = piku_module.check_nginx_files
     # the table: no folder nginx's master opens is one an app's code writes, for any app
     for entry in piku_module.NGINX_FILES:
         sample = os.path.join(entry.folder, "some-app", "x")
@@ -167,18 +179,32 @@ def test_every_path_a_vhost_names_is_placed_by_the_table_and_none_is_an_apps(tmp
     root = piku_module.PIKU_ROOT
     writable = [os.path.join(folder, "app", *(part.replace("*", "1") for part in below), "f")
                 for folder, below in piku_module.APP_WRITES]
+    elsewhere = [f"{root}/nginx/logs/other.access.log", f"{root}/nginx/other.key", f"{root}/cache/.probes.json",
+                 f"{root}/cache/other", f"{root}/releases/other/v1", f"{root}/nginx/../../x", f"{root}/cache//x",
+                 f"{root}/cache/app/$host", "/etc/shadow", f"{root}/nginx/app.conf"]
     for directive in sorted(piku_module.NGINX_PATH_DIRECTIVES):
-        for path in [*writable, "/etc/shadow", f"{root}/nginx/../../x", f"{root}/cache//x"]:
-            word = f"unix:{path}" if directive in piku_module.NGINX_SOCKET_DIRECTIVES else path
-            text = f"server {{\n    location / {{\n        {directive} {word};\n    }}\n}}\n"
-            assert piku_module.check_nginx_files(text), (directive, path)
-    # a served folder without disable_symlinks, or with it from a folder an app writes, is refused
+        for path in writable + elsewhere:
+            for scheme in (("unix:", "UNIX:", "Unix:") if directive in piku_module.NGINX_SOCKET_DIRECTIVES else ("",)):
+                text = f"server {{\n    location / {{\n        {directive} {scheme}{path};\n    }}\n}}\n"
+                assert check(text, "app"), (directive, path)
+    # a served folder without disable_symlinks from its own release, or with it turned off below
     release = f"{piku_module.RELEASE_ROOT}/shop/v1"
-    for extra in ("", f"disable_symlinks on from={release}/public;", "disable_symlinks off;"):
+    for extra in ("", f"disable_symlinks on from={release}/public;", "disable_symlinks off;",
+                  f"disable_symlinks on from={piku_module.RELEASE_ROOT};",
+                  f"disable_symlinks on from={release};\n        location /x/ {{ disable_symlinks off; }}"):
         text = f"server {{\n    location /f/ {{\n        alias {release}/public/;\n        {extra}\n    }}\n}}\n"
-        assert piku_module.check_nginx_files(text), extra
-    assert not piku_module.check_nginx_files(
-        f"server {{\n    location /f/ {{\n        alias {release}/public/;\n        disable_symlinks on from={release};\n    }}\n}}\n")
+        assert check(text, "shop"), extra
+    ok = f"server {{\n    location /f/ {{\n        alias {release}/public/;\n        disable_symlinks on from={release};\n    }}\n}}\n"
+    assert not check(ok, "shop") and check(ok, "other")
+    every = f"server {{ location / {{ root {piku_module.RELEASE_ROOT}; disable_symlinks on from={piku_module.RELEASE_ROOT}; }} }}\n"
+    assert check(every, "shop")
+    # what nginx would not read is a message, not a traceback
+    for broken in ("}\n}\n", "}\naccess_log /etc/passwd;\n", "server {\n access_log /etc/shadow;\n",
+                   "server { access_log; }\n", "server { listen; }\n"):
+        try:
+            check(broken, "app")
+        except piku_module.NginxSyntaxError:
+            pass
     # docs/SECURITY.md names every directive of the table
     security = (Path(__file__).resolve().parent.parent / "docs" / "SECURITY.md").read_text()
     for entry in piku_module.NGINX_FILES:

@@ -159,7 +159,7 @@ def test_static_paths_are_served_beside_wsgi_and_kept_inside_the_release(tmp_pat
 
 
 def nginx_release(tmp_path, procfile, **settings):
-    root = tmp_path / "release"
+    root = tmp_path / "shop" / "release"       # as RELEASE_ROOT/APP/ID (releases_in)
     (root / "public").mkdir(parents=True, exist_ok=True)
     env = {**ENV, "NGINX_SERVER_NAME": "shop.example.com www.shop.example.com", "NGINX_IPV4_ADDRESS": "127.0.0.1",
            **settings}

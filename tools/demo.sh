@@ -46,7 +46,7 @@ stop() {
 trap stop EXIT
 
 answer() {   # the app's answer on PORT, once it has one that contains $1
-  URL=$(sed -n "s/^PORT='\([0-9]*\)'/http:\/\/127.0.0.1:\1\//p" "$PIKU_ROOT/envs/shop/LIVE_ENV")
+  URL=$(sed -n "s/^PORT='\?\([0-9]*\)'\?$/http:\/\/127.0.0.1:\1\//p" "$PIKU_ROOT/envs/shop/LIVE_ENV")
   for _ in $(seq 150); do
     if ANSWER=$($PYTHON -c "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode(), end='')" "$URL" 2>/dev/null) \
        && printf '%s' "$ANSWER" | grep -q "$1"; then
