@@ -3420,6 +3420,7 @@ NginxProblem = collections.namedtuple("NginxProblem", "path text remove master")
 
 def nginx_file(app, directive, path, *rest, scheme=""):
     """One directive naming path, as NGINX_FILES places it (a path it does not place is a bug)."""
+    nginx_path(path, f"the {directive} path")      # a path of the user's choosing: refused with the reason
     if not nginx_file_place(app, directive, path):
         raise ValueError(f"NGINX_FILES places no {directive} of {app} at {path}")
     return " ".join([directive, scheme + path, *rest]) + ";"
@@ -3459,20 +3460,36 @@ def nginx_named_paths(text):
     the vhost text names (NGINX_PATH_DIRECTIVES), and every disable_symlinks that is not 'on' (as
     its directive, with its words as the path). NginxSyntaxError for what nginx would not read.
     Kept by the text's digest in NGINX_PATHS_CACHE: a reload reads each unchanged vhost once."""
-    key = hashlib.sha256(text.encode()).hexdigest()
+    key = named_paths_key(text)
     known = _named_paths_cache()
-    if key not in known:
+    if not named_paths_shaped(known.get(key)):
         known[key] = parse_named_paths(text)
         known[None] = True          # to be written (keep_named_paths)
     return tuple(tuple(item) for item in known[key])
 
 
+def named_paths_key(text):
+    """The digest a vhost text's entry is kept by: of the text, and of what decides the reading."""
+    return hashlib.sha256("\0".join([NAMED_PATHS_VERSION, *sorted(NGINX_PATH_DIRECTIVES), text]).encode()).hexdigest()
+
+
+NAMED_PATHS_VERSION = "1"       # one more when parse_named_paths reads differently
+
+
+def named_paths_shaped(entry):
+    """Is a kept entry as parse_named_paths makes them (the cache is read again otherwise)?"""
+    return isinstance(entry, list) and all(
+        isinstance(item, list) and len(item) == 4 and isinstance(item[0], str) and isinstance(item[1], str)
+        and (item[2] is None or isinstance(item[2], str)) and type(item[3]) is int for item in entry)
+
+
 def _named_paths_cache():
     if not _NAMED_PATHS:
         try:
-            _NAMED_PATHS.update(json.loads(read_text(NGINX_PATHS_CACHE) or "{}"))
-        except ValueError:
-            pass        # parsed again, and written anew
+            kept = json.loads(read_text(NGINX_PATHS_CACHE) or "{}")
+        except (ValueError, UnicodeDecodeError):
+            kept = {}       # parsed again, and written anew
+        _NAMED_PATHS.update(kept if isinstance(kept, dict) else {})
         _NAMED_PATHS[None] = False
     return _NAMED_PATHS
 
@@ -3480,7 +3497,7 @@ def _named_paths_cache():
 def keep_named_paths(texts):
     """Write NGINX_PATHS_CACHE with the entries of these vhost texts only (when it changed)."""
     known = _named_paths_cache()
-    keys = {hashlib.sha256(text.encode()).hexdigest() for text in texts}
+    keys = {named_paths_key(text) for text in texts}
     if known.get(None) or set(known) - {None} != keys & set(known):
         kept = {key: value for key, value in known.items() if key in keys}
         with contextlib.suppress(OSError):      # a cache: without it, the next command parses again
@@ -3512,7 +3529,7 @@ def parse_named_paths(text):
                 stack[-1]["paths"].append(((words[0], path), line))
     if len(stack) != 1:
         raise NginxSyntaxError("a block is not closed")
-    return found + [(*named, stack[0]["from"], at) for named, at in stack[0]["paths"]]
+    return [list(item) for item in found + [(*named, stack[0]["from"], at) for named, at in stack[0]["paths"]]]
 
 
 def nginx_named_path(words):
@@ -3568,7 +3585,8 @@ def nginx_file_problems(entry, base, path):
         except FileNotFoundError:
             return []
         except OSError as error:
-            return [NginxProblem(path, f"{current} cannot be checked ({error.strerror})", None, True)]
+            # below a folder nginx's workers own (a cache it made: mode 700), which no app writes
+            return [NginxProblem(path, f"{current} cannot be checked ({error.strerror})", None, False)]
         if stat.S_ISLNK(info.st_mode) and not (entry.kind == "socket" and current == path):
             return [NginxProblem(path, f"{current} is a link: nginx's {entry.opener} would follow it",
                                  None if entry.reads_only else current, not entry.reads_only)]
@@ -3608,24 +3626,59 @@ def clear_nginx_files(app, text, master_only=False):
     return left
 
 
-def guard_nginx_files():
-    """Before nginx reads the vhosts again: every vhost's files are checked (and cleared); a vhost
-    that names what nginx's root master must not open stops the reload. (What concerns nginx's
-    workers only -- a served folder without disable_symlinks, in a vhost of an earlier piku.py --
-    is doctor's to report, and setup writes such vhosts again.)"""
+def guard_nginx_files(replacing=None):
+    """Before nginx reads the vhosts again: every vhost's files are checked (and cleared), and a
+    vhost that would still have nginx's root master open what it must not -- one written by hand,
+    or by a piku.py older than NGINX_FILES -- is set aside as APP.conf.refused (nginx includes
+    *.conf), so that no reload opens it and no other app's change stops on it. replacing: the
+    app whose vhost is about to be written anew (checked as its new text, before the change
+    commits). What concerns nginx's workers only is doctor's to report; setup writes the vhosts
+    of an earlier piku.py again."""
     texts = []
     for path in sorted(glob.glob(os.path.join(NGINX_ROOT, "*.conf"))):
         app = os.path.basename(path)[:-len(".conf")]
-        texts.append(read_text(path))
+        if app == replacing:
+            continue
+        text = read_vhost(path)
         try:
-            left = clear_nginx_files(app, texts[-1], master_only=True)
+            left = clear_nginx_files(app, text, master_only=True) if text is not None else \
+                [NginxProblem(path, "not a regular UTF-8 file", None, True)]
         except NginxSyntaxError as error:
             left = [NginxProblem(path, str(error), None, True)]
         if left:
-            shown = f"the vhost of {app} names what nginx's master must not open ({left[0].text})" \
-                if visible_to_key(app) else "another app's vhost names what nginx's master must not open"
-            raise PikuError(f"nginx was not reloaded: {shown}", "Run doctor: it names the file and the fix.")
+            set_vhost_aside(app, path, left[0].text)
+        else:
+            texts.append(text)
     keep_named_paths(texts)
+
+
+def read_vhost(path):
+    """A vhost's text, read without following a link or waiting on a FIFO (None: not a regular
+    UTF-8 file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, PUSHED_TEXT_MAX).decode()
+    except (OSError, UnicodeDecodeError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def set_vhost_aside(app, path, why):
+    try:
+        os.replace(path, path + ".refused")
+    except OSError as error:
+        raise PikuError(f"nginx was not reloaded: a vhost nginx's master must not read could not be set aside "
+                        f"({error.strerror})", "Remove it by hand (doctor names it).")
+    warning(f"the vhost of {app} was set aside ({path}.refused), so nginx no longer serves it: {why}"
+            if visible_to_key(app) else "another app's vhost was set aside: nginx's master must not read it")
+    if visible_to_key(app):
+        warning(f"a deploy writes it again from the app's settings: deploy {app}")
 
 
 def nginx_address(env, key, default, family):
@@ -4282,6 +4335,7 @@ def self_signed(names, folder):
 
 def install_certificate(app, crt_source, key_source):
     crt, key = certificate_files(app)
+    guard_nginx_files()         # the path unit reloads nginx once they are written
     write_atomic(key, read_text(key_source), mode=0o600)
     write_atomic(crt, read_text(crt_source))
 
@@ -5301,6 +5355,7 @@ def restore_vhost(app, record):
         vhost = finish_vhost(render_nginx(release_from_record(app, record)))
         if vhost != read_text(nginx_vhost_file(app), None):
             if vhost:
+                check_vhost(app, vhost)
                 ensure_certificate(app, nginx_server_names(record["env"]))
             install_vhost(app, vhost)
     except PikuError as error:
@@ -5322,7 +5377,8 @@ def write_vhost(app, text):
             os.unlink(nginx_vhost_file(app))
     else:
         make_folder(NGINX_LOGS)         # nginx writes its logs there but makes no folder
-        guard_nginx_files()             # the path unit reloads nginx once the vhost is written
+        guard_nginx_files(replacing=app)        # the path unit reloads nginx once the vhost is written;
+        clear_nginx_files(app, text, master_only=True)  # its text was checked before the change committed
         write_atomic(nginx_vhost_file(app), text)
 
 
@@ -6534,6 +6590,10 @@ def check_app_logs(app, record):
 @app_check
 def check_app_vhost(app, record):
     path = nginx_vhost_file(app)
+    if os.path.lexists(path + ".refused"):
+        yield Finding("FAIL", f"{app}: its vhost was set aside ({path}.refused): it named what nginx's root master "
+                      "must not open, so nginx does not serve it", piku_command("deploy", app),
+                      also=f"a deploy writes it again from the app's settings; then: rm {shlex.quote(path)}.refused")
     if not os.path.exists(path) or not nginx_binary():
         return
     text = read_text(path)

@@ -158,6 +158,14 @@ def test_nothing_an_app_plants_makes_nginxs_root_master_open_what_is_not_its_own
     assert snapshot(*watched) == before
     assert nginx.get("/", host="planter.test")[2] == "the planter's app\n"
 
+    # a vhost by hand that has root's nginx write where an app writes: set aside, no reload stops on it
+    by_hand = piku.root / "nginx" / "planter2.conf"
+    by_hand.write_text(f"server {{\n    listen 127.0.0.1:{nginx.port};\n    server_name byhand.test;\n"
+                       f"    access_log {piku.root}/data/planter/by-hand.log;\n}}\n")
+    pushed = reload_through("bystander", piku, 63)
+    assert "the vhost of planter2 was set aside" in pushed.stderr and (piku.root / "nginx" / "planter2.conf.refused").exists()
+    assert not (piku.root / "data" / "planter" / "by-hand.log").exists()
+
     # a vhost an earlier piku.py wrote (no disable_symlinks): doctor warns, setup writes it again
     vhost = piku.root / "nginx" / "siteplanter.conf"
     vhost.write_text("".join(line for line in vhost.read_text().splitlines(True) if "disable_symlinks" not in line))
