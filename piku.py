@@ -29,11 +29,12 @@ Code map -- one push, and the section that holds each step:
      -> build_release (Buildpacks, Interpreters: the first manifest in PYTHON_MANIFESTS picks
         uv, Poetry, Pipenv or requirements; dependencies go into a shared environment keyed by
         its fingerprint, the app's own packages into RELEASE.site) -> release
-  -> activate: checked_vhost (render_nginx + nginx -t) and plan_generation (Config writers
-     render every file) -> start_beside (start_generation beside the live workers,
-     check_generation, start_front) -> under the names lock: check_shared_names, record_release,
-     write_vhost -> switch_traffic (point_slots for the front and nginx alike, serve_vhost,
-     drain_old: Process control) -> obtain_certificate (ACME, when none is held for the names)
+  -> activate: checked_vhost (render_nginx from NGINX_FILES, check_nginx_files, nginx -t) and
+     plan_generation (Config writers render every file) -> start_beside (start_generation beside
+     the live workers, check_generation, start_front) -> under the names lock: check_shared_names,
+     record_release, write_vhost (guard_nginx_files first) -> switch_traffic (point_slots for the
+     front and nginx alike, serve_vhost, drain_old: Process control) -> obtain_certificate (ACME,
+     when none is held for the names)
   -> keep_lock_until_branch_moves: the lock is held until git has moved the branch.
 `config:set`, `ps:scale`, `restart` and `rollback` take the same path from plan or activate on.
 
@@ -41,10 +42,12 @@ Sections, in order (search for the banner):
   Paths            every path derived from PIKU_ROOT; piku's own files (HOST_FILES); folder modes
   Errors and output  PikuError, step/notice/problem, DeployRecord, ClientWatch (a client that left)
   Parsers          Procfile, ENV, SCALING, names and settings: pure functions
-  The app          an app's files and lock; files in folders app code writes, opened without links
+  The app          an app's files and lock; what app code may write (APP_WRITES), opened without
+                   links; the sandbox
   Buildpacks       uv, Poetry, Pipenv, requirements, static, generic
   Interpreters     which Python an app gets, which one uWSGI embeds
-  Config writers   uWSGI vassals, gunicorn, the front, the emperor, nginx vhosts (NginxReader), ACME
+  Config writers   uWSGI vassals, gunicorn, the front, the emperor, nginx vhosts (NginxReader), what
+                   nginx's root master opens (NGINX_FILES), ACME
   Deploy pipeline  plan, build, release, start beside, check, switch; shared names; releases, rollback
   Process control  the emperor's vassals: start, stop, scale
   Git plumbing     hooks, receive-pack, the keeper of the lock
