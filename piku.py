@@ -1179,6 +1179,8 @@ def make_folder(path):
 
 def write_atomic(path, text, mode=0o644, mtime=None):
     """Write text to path through a temporary file and a rename (with mtime, if given)."""
+    if os.path.basename(path) in os.environ.get("PIKU_TEST_WRITE_FAILS", "").split(","):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)     # the tests' full disk, one file at a time
     directory = os.path.dirname(path)
     make_folder(directory)
     handle, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-")     # a new file (O_EXCL): no link followed
@@ -5555,8 +5557,16 @@ def record_release(release, cause, gen, state="live"):
               "root": release.root, "env": release.env, "config": release.config, "scaling": release.scaling,
               "created": time.strftime("%Y-%m-%d %H:%M:%S"), "by": who_deploys(), "cause": cause,
               "gen": gen, "state": state}
-    save_releases(release.app, records + [record])
-    write_live_files(release.app, record)
+    try:
+        save_releases(release.app, records + [record])      # the commit point: the record names what is live
+    except OSError as error:
+        raise PikuError(f"the release could not be recorded ({error.strerror}); nothing was changed",
+                        f"Make room (df -h {PIKU_ROOT}), then try again.")
+    try:
+        write_live_files(release.app, record)
+    except OSError as error:        # derived from the record: the next command writes them again
+        warning(f"v{record['version']} is live, but {os.path.basename(error.filename or '') or 'a file'} could not "
+                f"be written ({error.strerror}); the next command writes it from the release record")
     return record
 
 

@@ -660,3 +660,35 @@ def test_lesser_promises_of_the_review(piku, emperor, make_app):
     changed = piku("config:set", "tidy", "NGINX_STATIC_PATHS=/files/:.")
     assert "NGINX_STATIC_PATHS is served by nginx" in changed.stderr
     assert re.search(r"^-----> Starting web\.1 beside the live workers$", changed.stdout, re.M), changed.stdout
+
+
+def test_a_write_that_fails_at_the_commit_leaves_the_old_release_or_the_new_one(piku, emperor, make_app):
+    """A full disk when the release record is written: refused, and nothing of it goes live later;
+    when a file derived from the record is written: live, said so, and the next command writes it."""
+    app = make_app(EXAMPLES / "web", "disk")
+    app.push()
+    url = piku.url("disk")
+    versions = len(piku.releases("disk"))
+    full = dict(piku.env)
+    piku.env["PIKU_TEST_WRITE_FAILS"] = "releases.json"
+    try:
+        refused = piku("config:set", "disk", "GREETING=refused", check=False)
+    finally:
+        piku.env = full
+    assert refused.returncode == 1 and "the release could not be recorded (No space left on device); nothing was " \
+        "changed" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    assert len(piku.releases("disk")) == versions and piku.live_env("disk")["GREETING"] == "hello"
+    piku("restart", "disk")             # the next command does not put the refused setting live
+    wait_for_body(url, "GREETING=hello\n")
+    assert "GREETING=refused" not in fetch(url)[1] and len(piku.releases("disk")) == versions
+    piku.env = dict(full, PIKU_TEST_WRITE_FAILS="LIVE_ENV")
+    try:
+        live = piku("config:set", "disk", "GREETING=live")
+    finally:
+        piku.env = full
+    assert f"v{versions + 1} is live, but LIVE_ENV could not be written (No space left on device)" in live.stderr
+    wait_for_body(url, "GREETING=live")
+    assert piku.releases("disk")[-1]["config"]["GREETING"] == "live" and piku.live_env("disk")["GREETING"] == "hello"
+    piku("config:set", "disk", "OTHER=1")       # its lock's reconcile writes LIVE_ENV from the record first
+    assert piku.live_env("disk")["GREETING"] == "live" and piku.live_env("disk")["OTHER"] == "1"
+    wait_for_body(url, "GREETING=live")
