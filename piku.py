@@ -3503,7 +3503,7 @@ def keep_named_paths(texts):
     """Write NGINX_PATHS_CACHE with the entries of these vhost texts only (when it changed)."""
     known = _named_paths_cache()
     keys = {named_paths_key(text) for text in texts}
-    if known.get(None) or set(known) - {None} != keys & set(known):
+    if known.get(None) or set(known) - {None} - keys:       # new entries, or ones of vhosts gone
         kept = {key: value for key, value in known.items() if key in keys}
         with contextlib.suppress(OSError):      # a cache: without it, the next command parses again
             write_atomic(NGINX_PATHS_CACHE, json.dumps(kept) + "\n", mode=0o600)
@@ -3550,9 +3550,6 @@ def nginx_named_path(words):
     return argument
 
 
-NGINX_SERVED_PROBLEM = "nginx's workers would follow links (no disable_symlinks from the release, or the ACME folder)"
-
-
 def check_nginx_files(text, app, sockets=False):
     """What is wrong with the paths app's vhost text names, as [NginxProblem]: a path NGINX_FILES
     does not give the app, one app code may write, a link or a file of another kind where nginx's
@@ -3572,7 +3569,9 @@ def check_nginx_files(text, app, sockets=False):
         if entry.kind == "served":
             release = base if entry.folder == ACME_WWW else os.path.join(base, app, path[len(base) + 1:].split("/")[1])
             if from_ is None or from_.rstrip("/") != release:
-                problems.append(NginxProblem(path, f"line {line}: {NGINX_SERVED_PROBLEM} in {path}", None, False))
+                problems.append(NginxProblem(path, f"line {line}: nginx's workers would follow links (no "
+                                                   f"disable_symlinks from the release, or the ACME folder) in {path}",
+                                             None, False))
         elif app_may_write(path):
             problems.append(NginxProblem(path, f"line {line}: {path} is in a folder app code writes", None, master))
         elif entry.kind != "socket" or sockets:
