@@ -181,6 +181,7 @@ NGINX_PATHS_CACHE = host_file(CACHE_ROOT, ".nginx-paths.json")    # what each vh
 SANDBOX_WRAPPER = host_file(SANDBOX_ROOT, "vassal-wrapper")     # the emperor starts every vassal with it
 WORKER_SECCOMP = host_file(SANDBOX_ROOT, "worker.seccomp")      # what no worker may do (seccomp_program)
 TERMINAL_SECCOMP = host_file(SANDBOX_ROOT, "terminal.seccomp")  # ... nor `run` with a terminal
+PROCESS_GUARD = host_file(SANDBOX_ROOT, "process-guard")        # outside a sandbox, ties a command to its master
 NGINX_RELOAD_TRIGGER = host_file(NGINX_ROOT, ".reload")     # not *.conf: nginx never reads it
 HOST_ENV = os.path.join(PIKU_ROOT, "piku.env")
 SYSTEMD_FOLDER = os.path.join(PIKU_ROOT, "systemd")
@@ -1605,7 +1606,10 @@ def vassal_description(app, unit, view):
     if view is None:
         return {sandbox_file(app, unit, "host"): "piku's own: no app code\n"}
     make_folder(os.path.join(TMP_ROOT, app))
-    args = ["--clearenv", *view_args(view)]
+    # the uWSGI master is the sandbox's PID 1: when it dies, however, the kernel ends every
+    # process it started (attach-daemons, cron jobs, their children), so the emperor's new copy
+    # never runs beside an old one. (bwrap's own init would keep the namespace, and them, alive.)
+    args = ["--clearenv", "--as-pid-1", *view_args(view)]
     return {sandbox_file(app, unit, "view"): "".join(arg + "\0" for arg in args)}
 
 
@@ -1680,6 +1684,72 @@ def seccomp_program(worker):
     return program
 
 
+# Outside a sandbox nothing ends what a worker's command started when its uWSGI master dies
+# (uWSGI kills only the shell it started), so the emperor's next copy would run beside it. There,
+# every command a vassal runs (attach-daemon, cron) runs under this guard, in the process group
+# uWSGI made for it: when the master dies (PR_SET_PDEATHSIG) or stops it, and when the command's
+# first process exits, the guard ends the whole group. In a sandbox the master is the sandbox's
+# PID 1, and the kernel does this.
+PROCESS_GUARD_TEXT = """\
+# written by piku: runs one command of a vassal outside a sandbox (python3 -I -S process-guard GRACE COMMAND)
+import ctypes, os, signal, sys
+grace, command = float(sys.argv[1]), sys.argv[2]
+stops = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+master = os.getppid()
+ctypes.CDLL(None).prctl(1, signal.SIGTERM)              # PR_SET_PDEATHSIG: told when the master dies
+if os.getppid() != master:
+    sys.exit(1)                                         # it died before it could tell
+if os.getpgrp() != os.getpid():
+    os.setpgid(0, 0)                                    # a group of its own (uWSGI's cron jobs have none)
+group = os.getpgrp()
+def end(number):
+    handler = signal.signal(number, signal.SIG_IGN)     # the guard stays to see its command out
+    try:
+        os.killpg(group, number)
+    finally:
+        signal.signal(number, handler)
+def forward(number, frame):
+    end(number)
+    if not signal.getitimer(signal.ITIMER_REAL)[0]:
+        signal.setitimer(signal.ITIMER_REAL, grace)     # then SIGKILL, as uWSGI's mercy would
+signal.signal(signal.SIGALRM, lambda number, frame: os.killpg(group, signal.SIGKILL))
+for number in stops:
+    signal.signal(number, forward)
+child = os.fork()
+if child == 0:
+    for number in stops:
+        signal.signal(number, signal.SIG_DFL)
+    os.execv("/bin/sh", ["/bin/sh", "-c", command])
+status = os.waitpid(child, 0)[1]
+def left():
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[2]) == group and int(name) != os.getpid():
+                    yield int(name)
+        except (OSError, IndexError, ValueError):
+            continue                                    # gone while we looked
+for attempt in range(10):                               # what the command left behind goes with it
+    pids = list(left())
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if not pids:
+        break
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+DAEMON_GRACE = 10       # seconds a command has to stop after its guard passed the signal on
+
+
+def guarded(command, grace=DAEMON_GRACE):
+    """command as a vassal runs it outside a sandbox: under PROCESS_GUARD."""
+    return "exec " + shlex.join([SYSTEM_PYTHON, "-I", "-S", PROCESS_GUARD, f"{grace:g}", command])
+
+
 def render_wrapper():
     return WRAPPER_TEMPLATE.substitute(folder=shlex.quote(SANDBOX_ROOT), bwrap=shlex.quote(bwrap_binary() or "bwrap"),
                                        seccomp=shlex.quote(WORKER_SECCOMP),
@@ -1689,10 +1759,10 @@ def render_wrapper():
 def write_wrapper():
     """The vassal wrapper and the seccomp programs, rewritten when they changed (bubblewrap or
     uWSGI moved: install's copy of bwrap)."""
-    text = render_wrapper()
-    if read_text(SANDBOX_WRAPPER, None) != text:
-        make_folder(SANDBOX_ROOT)
-        write_atomic(SANDBOX_WRAPPER, text, mode=0o700)
+    for path, text in ((SANDBOX_WRAPPER, render_wrapper()), (PROCESS_GUARD, PROCESS_GUARD_TEXT)):
+        if read_text(path, None) != text:
+            make_folder(SANDBOX_ROOT)
+            write_atomic(path, text, mode=0o700)
     for path, program in ((WORKER_SECCOMP, seccomp_program(worker=True)),
                           (TERMINAL_SECCOMP, seccomp_program(worker=False))):
         if read_bytes(path) != program:
@@ -1723,17 +1793,18 @@ def enable_vassal(app, unit, text, view=None):
 
 
 def master_pid(app, unit):
-    """The real PID of a vassal's uWSGI master (0: none). In a sandbox its pidfile says 2, and
-    the app could write anything there: bwrap's report in SANDBOX_ROOT names its init, whose one
-    child is the master. piku's own vassals write their pidfile where no app process writes."""
+    """The real PID of a vassal's uWSGI master (0: none). In a sandbox its pidfile says 1, and
+    the app could write anything there: bwrap's report in SANDBOX_ROOT names the master (its
+    sandbox's PID 1), or for a vassal an earlier piku.py started, bwrap's init, whose one child
+    is the master. piku's own vassals write their pidfile where no app process writes."""
     if os.path.exists(sandbox_file(app, unit, "info")):     # written by the wrapper's bwrap only
         try:
             init = int(json.loads(read_text(sandbox_file(app, unit, "info")) or "{}").get("child-pid", 0))
         except (ValueError, TypeError, AttributeError):
             return 0
-        if init and not pid_alive(init):
-            return init         # it ran and exited: callers see a master that is gone
-        children = child_pids(init) if init else None
+        if init and not pid_alive(init) or is_uwsgi(init):
+            return init         # the master itself (--as-pid-1), or gone: callers see a master that is gone
+        children = child_pids(init) if init else None       # bwrap's init, before --as-pid-1
         return children[0] if children and is_uwsgi(children[0]) else 0
     if os.path.exists(sandbox_file(app, unit, "view")):
         return 0            # in its sandbox, not started yet: its pidfile is the app's to write
@@ -3017,9 +3088,9 @@ plugin = rawrouter
 rawrouter = $socket
 rawrouter-to = $private
 rawrouter-timeout = $idle
-attach-daemon = $command
+attach-daemon = $daemon
 """),
-    "worker": string.Template("attach-daemon = $command\n"),
+    "worker": string.Template("attach-daemon = $daemon\n"),
     "cron": string.Template("cron = $cron\n"),
     "wsgi": string.Template("""\
 plugin = python3
@@ -3084,9 +3155,11 @@ def uwsgi_number(env, key):
     return setting_number(env, (key,), UWSGI_NUMBERS[key])
 
 
-def vassal_values(instance, command, env, root):
-    """The plain dict a vassal template is filled from (everything escaped)."""
+def vassal_values(instance, command, env, root, sandboxed=False):
+    """The plain dict a vassal template is filled from (everything escaped). Outside a sandbox
+    each command the vassal runs runs under PROCESS_GUARD."""
     kind = worker_kind(instance.kind, env)
+    guard = (lambda line, grace=DAEMON_GRACE: line) if sandboxed else guarded
     values = {
         "app": instance.app, "name": instance.name, "gen": instance.gen,
         "chdir": root,
@@ -3095,6 +3168,7 @@ def vassal_values(instance, command, env, root):
         "log": instance.log,
         "log_maxsize": uwsgi_number(env, "UWSGI_LOG_MAXSIZE"),
         "command": command,
+        "daemon": guard(command),
         "processes": uwsgi_number(env, "UWSGI_PROCESSES"),
         "threads": uwsgi_number(env, "UWSGI_THREADS"),
         "max_requests": uwsgi_number(env, "UWSGI_MAX_REQUESTS"),
@@ -3110,12 +3184,13 @@ def vassal_values(instance, command, env, root):
         values["folder"] = static_path(command, root)   # planning checked it stays inside the app
     if kind.template == "gunicorn":
         venv_bin = os.path.join(env["VIRTUAL_ENV"], "bin", "gunicorn") if env.get("VIRTUAL_ENV") else "gunicorn"
-        values["gunicorn"] = "exec " + " ".join(shlex.quote(part) for part in (
-            venv_bin, "--config", instance.gunicorn_config, command.strip()))
-        values["mercy"] = setting_number(env, ("GUNICORN_GRACEFUL_TIMEOUT",), 20) + 1
+        graceful = setting_number(env, ("GUNICORN_GRACEFUL_TIMEOUT",), 20)
+        values["gunicorn"] = guard("exec " + " ".join(shlex.quote(part) for part in (
+            venv_bin, "--config", instance.gunicorn_config, command.strip())), graceful)
+        values["mercy"] = graceful + 1
     if kind.name == "cron":
         schedule, cron_command = parse_cron(command, 0)
-        values["cron"] = f"{schedule} {cron_command}"
+        values["cron"] = f"{schedule} {guard(cron_command)}"
     escaped = {key: uwsgi_escape(str(value)) for key, value in values.items()}
     escaped["virtualenv"] = f"virtualenv = {uwsgi_escape(env['VIRTUAL_ENV'])}\n" if env.get("VIRTUAL_ENV") else ""
     escaped["pythonpath"] = "".join(f"pythonpath = {uwsgi_escape(path)}\n"
@@ -3135,7 +3210,7 @@ endif =
 
 def render_vassal(instance, command, env, root, extra=(), sandboxed=False):
     """The uWSGI vassal .ini for one worker instance, as text. env is what its processes see."""
-    values = vassal_values(instance, command, env, root)
+    values = vassal_values(instance, command, env, root, sandboxed)
     text = VASSAL_HEADER.substitute(values) + (SANDBOX_GUARD if sandboxed else "")
     text += VASSAL_TEMPLATES[worker_kind(instance.kind, env).template].substitute(values)
     for key, value in extra:
@@ -6052,6 +6127,45 @@ def daemon_pids(master):
     return found
 
 
+def process_table():
+    """{pid: (parent pid, its environment's words, its command words)} of this user's processes."""
+    table = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != os.getuid():
+                continue
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                parent = int(stat.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as environ, open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                table[int(entry)] = (parent, environ.read().split(b"\0"), cmdline.read().split(b"\0"))
+        except (OSError, IndexError, ValueError):
+            continue        # gone meanwhile, or not ours to read
+    return table
+
+
+def stray_processes(app):
+    """{pid: command} of the app's processes (its environment names it) that neither the emperor
+    nor a piku command started: what a worker left running when its master died. Only while the
+    emperor runs (without it doctor says so first)."""
+    emperor = running_emperor()
+    if not emperor:
+        return {}
+    table = process_table()
+    marks = {f"APP={app}".encode(), f"PIKU_ROOT={PIKU_ROOT}".encode()}
+    piku_script = os.fsencode(PIKU_SCRIPT)
+
+    def anchored(pid):
+        for _ in range(64):
+            if pid == emperor or pid in table and piku_script in table[pid][2]:
+                return True
+            if pid not in table:
+                return False
+            pid = table[pid][0]
+        return False
+    return {pid: b" ".join(words).decode(errors="replace").strip() for pid, (parent, environ, words) in table.items()
+            if marks <= set(environ) and not anchored(parent)}
+
+
 def child_pids(pid):
     """The direct children of pid (None when /proc cannot tell)."""
     try:
@@ -6678,6 +6792,18 @@ def check_app_workers(app, record):
     if outside and sandbox_mode() != "off" and not sandbox_problem() and not emperor_problem():
         yield Finding("WARN", f"{app}: {', '.join(outside)} run outside the app's sandbox (started by an earlier "
                       "piku.py, or while the sandbox could not start)", piku_command("restart", app))
+
+
+@app_check
+def check_app_strays(app, record):
+    """Processes of the app that no worker started (a master that died left them): a second copy
+    of a worker, running whatever code it had."""
+    strays = stray_processes(app)
+    if strays:
+        listed = ", ".join(f"{pid} ({command[:40]})" for pid, command in sorted(strays.items()))
+        yield Finding("FAIL", f"{app}: {len(strays)} process(es) run its code that no worker started (their "
+                      f"master died): {listed}", "kill " + " ".join(map(str, sorted(strays))),
+                      also="they belong to no release: ps does not count them and no deploy stops them")
 
 
 def run_doctor(apps, health):
@@ -7557,9 +7683,12 @@ def cmd_ps(app, as_json):
                 for kind, count in sorted(record["scaling"].items()) for index in range(1, count + 1)]
     measure_processes(statuses, psutil)
     rows = [status for status, _ in statuses]
+    strays = stray_processes(app)
     if as_json:
         click.echo(json.dumps({"app": app, "release": f"v{record['version']}", "rev": record["rev"],
-                               "generation": record["gen"], "workers": rows}, indent=1))
+                               "generation": record["gen"], "workers": rows,
+                               "strays": [{"pid": pid, "command": command} for pid, command in sorted(strays.items())]},
+                              indent=1))
         return
     click.echo(f"{app} v{record['version']} ({record['rev'][:12]}), generation {record['gen']}")
     click.echo(f"{'WORKER':<16} {'PID':>8} {'STATE':<8} {'CPU%':>6} {'RSS':>9} {'UPTIME':>8} {'RESTARTS':>8} RELEASE")
@@ -7567,6 +7696,9 @@ def cmd_ps(app, as_json):
         click.echo(f"{row['worker']:<16} {row['pid'] or '-':>8} {row['state']:<8} {row['cpu_percent']:>6.1f} "
                    f"{row['rss_bytes'] / 2**20:>7.1f}MB {format_duration(row['uptime_seconds']):>8} "
                    f"{row['restarts']:>8} {row['release']}")
+    for pid, command in sorted(strays.items()):
+        warning(f"stray: PID {pid} ({command[:60]}) runs {app}'s code, but no worker started it (its master "
+                f"died); end it on the server: kill {pid}")
 
 
 @cli.command("ps:scale")

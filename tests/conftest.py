@@ -157,6 +157,8 @@ class Piku:
         if info.exists():
             try:
                 init = json.loads(info.read_text() or "{}").get("child-pid", 0)
+                if "uwsgi" in os.readlink(f"/proc/{init}/exe"):
+                    return init         # the master is the sandbox's PID 1
                 children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
             except (OSError, ValueError):
                 return 0

@@ -4,6 +4,7 @@ and no input -- typed, pushed or malformed -- gets a traceback."""
 import json
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import time
@@ -177,18 +178,26 @@ def test_procfile_commands_reach_uwsgi_byte_for_byte_or_are_refused(tmp_path):
     commands = ["echo %(chdir)", "run --log %(procname-prefix)x", "printf '%d %s' 1 $(HOME) @(x)"]
     commands += ["".join(rng.choice(COMMAND_PIECES) for _ in range(rng.randint(1, 12))).strip() for _ in range(300)]
     verdicts = {"exact": 0, "refused": 0}
-    for command in filter(None, commands):
+    for number, command in enumerate(filter(None, commands)):
+        sandboxed = number % 2 == 0     # outside a sandbox the command is the guard's argument
         for kind, option, prefix in (("worker", "attach-daemon", ""), ("web", "attach-daemon", ""),
                                      ("cron", "cron", "-1 -1 -1 -1 -1 ")):
             procfile_command = f"* * * * * {command}" if kind == "cron" else command
             instance = piku.Instance("shop", 3, kind, 1)
             try:
-                text = piku.render_vassal(instance, procfile_command, env, "/srv/release")
+                text = piku.render_vassal(instance, procfile_command, env, "/srv/release", sandboxed=sandboxed)
             except PikuError as error:
                 assert "which uWSGI would replace" in error.message, (command, error.message)
                 verdicts["refused"] += 1
                 continue
-            assert uwsgi_reads(text, option, tmp_path) == prefix + command, (kind, command)
+            read = uwsgi_reads(text.replace(piku.SANDBOX_GUARD, ""), option, tmp_path)   # (no sandbox here)
+            assert read.startswith(prefix), (kind, command, read)
+            if sandboxed:
+                assert read == prefix + command, (kind, command)
+            else:
+                guard = shlex.split(read.removeprefix(prefix))
+                assert guard[:5] == ["exec", piku.SYSTEM_PYTHON, "-I", "-S", piku.PROCESS_GUARD], guard
+                assert guard[6:] == [command], (kind, command, guard)
             verdicts["exact"] += 1
     print(f"Procfile commands: {verdicts}")
     assert verdicts["exact"] > 300 and verdicts["refused"] > 30, verdicts

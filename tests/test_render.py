@@ -128,8 +128,9 @@ def test_values_reach_the_app_byte_for_byte_or_are_refused():
 def test_asgi_vassal_and_config_run_gunicorn_with_uvicorns_worker():
     env = dict(VENV_ENV, GUNICORN_WORKERS="3")
     vassal = render("asgi", "main:app", env)
-    assert "attach-daemon = exec /home/piku/.piku/envs/shop/python-0123456789abcdef/bin/gunicorn --config " \
-           "/home/piku/.piku/sandbox/shop@g7.asgi.1.gunicorn.py main:app\n" in vassal
+    assert "attach-daemon = exec /usr/bin/python3 -I -S /home/piku/.piku/sandbox/process-guard 20 " \
+           "'exec /home/piku/.piku/envs/shop/python-0123456789abcdef/bin/gunicorn --config " \
+           "/home/piku/.piku/sandbox/shop@g7.asgi.1.gunicorn.py main:app'\n" in vassal
     check_golden("asgi-gunicorn.conf.py", piku.render_gunicorn_config(instance("asgi"), env, ROOT))
     namespace = {}
     exec(compile(piku.render_gunicorn_config(instance("asgi"), env, ROOT), "gunicorn.conf.py", "exec"), namespace)

@@ -1,0 +1,127 @@
+"""Crash-consistent state (issue 23): masters killed, records lost, disks full, commands killed.
+
+Real emperors, real filesystems, loopback only; every load loop is bounded.
+"""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import EXAMPLES, Emperor, LoadLoop, fetch, kill_and_wait, wait_for_body, wait_until
+
+WEB = EXAMPLES / "web"
+WORKER = "import os, time\nwhile True:\n    time.sleep(1)\n"
+
+
+def app_processes(piku, app):
+    """{pid: command line} of every process that runs the app's code: what the app's
+    environment names (APP and PIKU_ROOT), whoever its parent is."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            environ = open(f"/proc/{name}/environ", "rb").read().split(b"\0")
+            command = open(f"/proc/{name}/cmdline", "rb").read().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        if f"APP={app}".encode() in environ and f"PIKU_ROOT={piku.root}".encode() in environ:
+            found[int(name)] = command
+    return found
+
+
+def copies(processes, text):
+    """The PIDs running the Python program text (not the shell that started it)."""
+    return sorted(pid for pid, command in processes.items() if command == f"python3 {text}")
+
+
+def every_kind(make_app, name):
+    app = make_app(WEB, name)
+    app.write("stay.py", WORKER)
+    app.write("Procfile", "web: python3 app.py\nworker: python3 stay.py\n")
+    app.commit("a web and a worker")
+    app.push()
+    return app
+
+
+@pytest.mark.parametrize("sandbox", ["sandbox", "no sandbox"])
+@pytest.mark.parametrize("killed", ["emperor", "web master", "worker master"])
+def test_workers_die_with_their_master(killed, sandbox, piku, make_app, tmp_path):
+    if sandbox == "no sandbox":
+        with open(piku.root / "piku.env", "a") as settings:
+            settings.write("PIKU_SANDBOX=off\n")
+    emperor = Emperor(piku.root)
+    try:
+        every_kind(make_app, "twice")
+        url = piku.url("twice")
+        wait_for_body(url, "Hello from twice")
+        before = app_processes(piku, "twice")
+        assert len(copies(before, "app.py")) == 1 and len(copies(before, "stay.py")) == 1, before
+        with LoadLoop(url) as load:
+            if killed == "emperor":
+                os.kill(emperor.process.pid, signal.SIGKILL)
+                emperor.process.wait()
+                emperor = Emperor(piku.root)
+            else:
+                unit = next(v for v in piku.vassals("twice") if (".web." if killed == "web master" else ".worker.") in v)
+                os.kill(piku.master_pid("twice", unit[len("twice@"):-4]), signal.SIGKILL)
+
+            renewed = {"emperor": ("app.py", "stay.py"), "web master": ("app.py",), "worker master": ("stay.py",)}[killed]
+
+            def settled():
+                now = app_processes(piku, "twice")
+                web, worker = copies(now, "app.py"), copies(now, "stay.py")
+                new = all(set(copies(now, program)).isdisjoint(before) for program in renewed)
+                return (web, worker) if len(web) == 1 and len(worker) == 1 and new else None
+            wait_until(settled, timeout=30, message="exactly one new copy of each worker")
+            time.sleep(3)       # and still one copy a while later
+            assert settled(), app_processes(piku, "twice")
+            wait_for_body(url, "Hello from twice")
+        report = json.loads(piku("ps", "twice", "--json").stdout)
+        pids = {row["worker"]: set(row["processes"]) for row in report["workers"]}
+        now = app_processes(piku, "twice")
+        assert copies(now, "app.py")[0] in pids["web.1"] and copies(now, "stay.py")[0] in pids["worker.1"]
+        assert report["strays"] == [], report
+        if killed != "emperor":
+            assert not load.failures or killed == "web master", load.report()
+    finally:
+        leftovers = app_processes(piku, "twice")
+        emperor.stop()
+        import psutil
+        kill_and_wait([psutil.Process(pid) for pid in leftovers if psutil.pid_exists(pid)])
+
+
+def test_a_stray_is_named_by_ps_and_doctor_and_their_fix_ends_it(piku, emperor, make_app):
+    """Outside a sandbox a guard ties each command to its master; a guard SIGKILLed itself is the
+    one way past it: what it ran is then a stray, and ps and doctor say so and how to end it."""
+    import shlex
+    import subprocess
+    with open(piku.root / "piku.env", "a") as settings:
+        settings.write("PIKU_SANDBOX=off\n")
+    every_kind(make_app, "strays")
+    wait_for_body(piku.url("strays"), "Hello from strays")
+    assert json.loads(piku("ps", "strays", "--json").stdout)["strays"] == []
+    assert "process(es) run its code" not in piku("doctor", check=False).stdout
+    guard = next(pid for pid, command in app_processes(piku, "strays").items()
+                 if "process-guard" in command and command.endswith("stay.py"))
+    old = copies(app_processes(piku, "strays"), "stay.py")
+    os.kill(guard, signal.SIGKILL)
+    wait_until(lambda: len(copies(app_processes(piku, "strays"), "stay.py")) == 2, message="uWSGI's second copy")
+    report = json.loads(piku("ps", "strays", "--json").stdout)
+    assert old[0] in {row["pid"] for row in report["strays"]}, report
+    assert all("stay.py" in row["command"] for row in report["strays"]), report
+    table = piku("ps", "strays")
+    assert f"stray: PID {old[0]} (python3 stay.py) runs strays's code" in table.stderr, table.stderr
+    doctor = piku("doctor", check=False).stdout
+    line = next(line for line in doctor.splitlines() if "process(es) run its code" in line)
+    assert line.startswith("FAIL") and str(old[0]) in line, doctor
+    fix = doctor.splitlines()[doctor.splitlines().index(line) + 1].split("fix: ", 1)[1]
+    assert fix.startswith("kill "), fix
+    subprocess.run(shlex.split(fix), check=True)
+    wait_until(lambda: len(copies(app_processes(piku, "strays"), "stay.py")) == 1, message="the stray to end")
+    assert copies(app_processes(piku, "strays"), "stay.py") != old
+    assert json.loads(piku("ps", "strays", "--json").stdout)["strays"] == []
+    assert "process(es) run its code" not in piku("doctor", check=False).stdout
