@@ -5325,8 +5325,9 @@ def start_generation(generation):
     make_folder(generation_dir(release.app, generation.gen))
     make_folder(os.path.join(LOG_ROOT, release.app, f"g{generation.gen}"))
     write_wrapper()
-    meta = {"root": release.root, "virtualenv": release.env.get("VIRTUAL_ENV")}
-    write_atomic(generation_record(release.app, generation.gen), json.dumps(meta) + "\n")
+    meta = {"root": release.root, "virtualenv": release.env.get("VIRTUAL_ENV"), "rev": release.rev,
+            "ref": release.ref, "env": release.env, "config": release.config, "scaling": generation.scaling}
+    write_atomic(generation_record(release.app, generation.gen), json.dumps(meta) + "\n", mode=0o600)
     for path, text in generation.files.items():
         write_atomic(path, text, mode=0o600)
     if generation.instances:
@@ -5595,15 +5596,27 @@ def link_logs(app, instances):
 # --- releases -----------------------------------------------------------------------
 
 def load_releases(app):
-    """The app's release records, oldest first."""
+    """The app's release records, oldest first ([] when there are none; damaged ones refused
+    with the fix -- the next locked command rebuilds them, recover_records)."""
     text = read_text(releases_file(app))
-    if not text:
+    if not text.strip():
         return []
     try:
         records = json.loads(text)
-    except ValueError:
-        raise PikuError(f"{releases_file(app)} is damaged", "Restore it from a backup, or remove it and push again.")
-    return records if isinstance(records, list) else []
+    except (ValueError, RecursionError):
+        records = None
+    if not releases_shaped(records):
+        raise PikuError(f"{releases_file(app)} is damaged", f"Rebuild it from the running workers (or the branch): "
+                        f"{piku_command('deploy', app)}")
+    return records
+
+
+RELEASE_KEYS = ("version", "rev", "root", "env", "config", "scaling", "gen")
+
+
+def releases_shaped(records):
+    return isinstance(records, list) and all(isinstance(record, dict) and all(key in record for key in RELEASE_KEYS)
+                                             for record in records)
 
 
 def save_releases(app, records):
@@ -5670,13 +5683,14 @@ def switch_symlink(link, target):
 def release_from_record(app, record):
     """A kept release, ready to run again: its code, environment, settings and scaling."""
     root = record["root"]
+    again = (f"Build it again from the branch: {piku_command('deploy', app)}" if record == live_release(app)
+             else "Push that revision again instead.")
     if not os.path.isdir(root) or (project_site(root) in record["env"].get("PYTHONPATH", "").split(":")
                                    and not os.path.isdir(project_site(root))):
-        raise PikuError(f"the code of v{record['version']} is no longer kept", "Push that revision again instead.")
+        raise PikuError(f"the code of v{record['version']} is no longer kept ({root} is gone)", again)
     venv = record["env"].get("VIRTUAL_ENV")
     if venv and not os.path.exists(os.path.join(venv, ENV_MARKER)):
-        raise PikuError(f"the Python environment of v{record['version']} is no longer kept ({venv})",
-                        "Push that revision again instead.")
+        raise PikuError(f"the Python environment of v{record['version']} is no longer kept ({venv})", again)
     processes = parse_procfile(read_pushed_text(root, "Procfile"))
     return Release(app, record["rev"], root, processes, dict(record["env"]), dict(record["scaling"]),
                    {}, dict(record["config"]), record.get("ref") or "refs/heads/main")
@@ -5862,7 +5876,7 @@ def restart_app(app):
     """Start the live release again beside itself: new processes, same release."""
     record = live_release(app)
     if not record:
-        raise PikuError(f"{app} has not been deployed yet", "Push to deploy it.")
+        raise not_deployed(app)
     activate(release_from_record(app, record), lambda gen: set_live_generation(app, gen))
     prune(app)
 
@@ -5895,9 +5909,86 @@ def confirm_release(app, rev):
         save_releases(app, records)
 
 
+def records_problem(app):
+    """What is wrong with the app's release records ('missing', 'empty', 'damaged'), or None.
+    Missing is a problem only once the app's branch exists (it was deployed)."""
+    text = read_text(releases_file(app), None)
+    if text is None:
+        return "missing" if any(branch_revision(app, ref) for ref in app_branches(app)) else None
+    if not text.strip():
+        return "empty"
+    try:
+        return None if releases_shaped(json.loads(text)) else "damaged"
+    except (ValueError, RecursionError):
+        return "damaged"
+
+
+def app_branches(app):
+    """The refs the app's repo has under refs/heads."""
+    try:
+        listed = git("--git-dir", repo_path(app), "for-each-ref", "--format=%(refname)", "refs/heads/", env=git_env())
+    except PikuError:
+        return []
+    return listed.stdout.split()
+
+
+def recover_records(app):
+    """Release records that are missing, empty (a power cut before they reached the disk) or
+    damaged are rebuilt from what runs: the newest running generation whose revision the branch
+    names. Without one, nothing is stopped: the app keeps serving, and `deploy APP` builds the
+    branch again. Returns the problem that remains, or None."""
+    problem = records_problem(app)
+    if problem is None:
+        return None
+    if problem == "damaged":
+        os.replace(releases_file(app), releases_file(app) + ".damaged")
+        warning(f"{releases_file(app)} was damaged; it is kept as releases.json.damaged")
+    for gen in sorted(running_generations(app), reverse=True):
+        record = record_from_generation(app, gen)
+        if record:
+            save_releases(app, [record])
+            warning(f"the release records of {app} were {problem}: rebuilt v{record['version']} from the running "
+                    f"workers ({record['rev'][:12]}, generation {gen})")
+            return None
+    warning(f"the release records of {app} are {problem}, and no running worker runs the branch's commit: "
+            f"the workers were left running; 'deploy {app}' builds the branch again")
+    return problem
+
+
+def record_from_generation(app, gen):
+    """A release record for a running generation, from its generation record (None: it names no
+    revision the branch has, or was written by an earlier piku.py)."""
+    try:
+        meta = json.loads(read_text(generation_record(app, gen)) or "{}")
+    except ValueError:
+        return None
+    if not isinstance(meta, dict) or not all(key in meta for key in ("rev", "ref", "root", "env", "config")):
+        return None
+    if branch_revision(app, meta["ref"]) != meta["rev"] or not isinstance(meta["env"], dict):
+        return None
+    scaling = {}
+    for unit in app_units(app):
+        match = GENERATION_UNIT.fullmatch(unit)
+        if match and int(match.group(1)) == gen:
+            scaling[match.group(2)] = max(scaling.get(match.group(2), 0), int(match.group(3)))
+    return {"version": 1, "rev": meta["rev"], "ref": meta["ref"], "root": meta["root"], "env": meta["env"],
+            "config": meta["config"], "scaling": scaling, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "by": "piku", "cause": "rebuilt from the running workers", "gen": gen, "state": "live"}
+
+
+def not_deployed(app):
+    """The refusal of a command that needs a live release when there is none."""
+    if records_problem(app):
+        return PikuError(f"{app} has no release record (its records are {records_problem(app)})",
+                         f"Build the branch again: {piku_command('deploy', app)}")
+    return PikuError(f"{app} has not been deployed yet", "Push to deploy it.")
+
+
 def reconcile(app):
     """Finish or undo what an interrupted command left, so that the live workers, the files
     and the branch describe one release. Runs under the app's lock before every change."""
+    if recover_records(app):
+        return          # nothing to compare with: the workers stay as they are
     records = load_releases(app)
     if records and records[-1].get("state") == "pending":
         pending = records[-1]
@@ -6811,7 +6902,19 @@ def run_doctor(apps, health):
     for check in (HOST_CHECKS if not health else []):
         findings += list(check())
     for app in apps:
+        if records_problem(app):
+            findings.append(Finding("FAIL", f"{app}: its release records are {records_problem(app)}; its workers "
+                                    "keep running", piku_command("deploy", app),
+                                    also="any command that changes the app first rebuilds them from the running "
+                                    "workers; deploy also builds the branch again"))
+            continue
         record = live_release(app)
+        if record and not os.path.isdir(record["root"]):
+            findings.append(Finding("FAIL", f"{app}: the folder of its live release v{record['version']} is gone "
+                                    f"({record['root']}); its workers run what they had loaded",
+                                    piku_command("deploy", app), also="deploy builds the branch's commit again"))
+            findings += list(check_app_workers(app, record))
+            continue
         if record is None:
             findings.append(Finding("WARN", f"{app}: not deployed yet", also="push to deploy it: git push piku main"))
             continue
@@ -7659,7 +7762,7 @@ def ps_inputs(app):
     require_app(app)
     record = live_release(app)
     if not record:
-        raise PikuError(f"{app} has no workers", "Push to deploy it.")
+        raise not_deployed(app)
     try:
         import psutil
     except ImportError:
@@ -7710,7 +7813,7 @@ def cmd_ps_scale(app, settings):
     with locked(app):
         record = live_release(app)
         if not record:
-            raise PikuError(f"{app} has not been deployed yet", "Push to deploy it.")
+            raise not_deployed(app)
         processes = parse_procfile(read_pushed_text(record["root"], "Procfile"))
         scaling = scale_app(app, parse_scale_args(settings, processes))
         step("Workers: " + ", ".join(f"{kind}={count}" for kind, count in sorted(scaling.items())))

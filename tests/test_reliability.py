@@ -125,3 +125,71 @@ def test_a_stray_is_named_by_ps_and_doctor_and_their_fix_ends_it(piku, emperor, 
     assert copies(app_processes(piku, "strays"), "stay.py") != old
     assert json.loads(piku("ps", "strays", "--json").stdout)["strays"] == []
     assert "process(es) run its code" not in piku("doctor", check=False).stdout
+
+
+def doctor_fix(piku, app, words):
+    """doctor APP's finding that contains words: (its line, the fix under it)."""
+    lines = piku("doctor", app, check=False).stdout.splitlines()
+    line = next((line for line in lines if words in line), None)
+    assert line is not None, "\n".join(lines)
+    return line, lines[lines.index(line) + 1].split("fix: ", 1)[1]
+
+
+def type_fix(piku, fix):
+    import subprocess
+    typed = subprocess.run(["/bin/sh", "-c", fix], env=piku.env, capture_output=True, text=True, timeout=300)
+    assert typed.returncode == 0, typed.stdout + typed.stderr
+    return typed
+
+
+def test_lost_records_and_a_removed_release_folder_never_stop_a_serving_app(piku, emperor, make_app):
+    app = make_app(WEB, "lost")
+    app.write("ENV", "GREETING=one\n")
+    app.commit("a greeting")
+    app.push()
+    url = piku.url("lost")
+    wait_for_body(url, "GREETING=one")
+    records = piku.root / "envs" / "lost" / "releases.json"
+    with LoadLoop(url, seconds=300) as load:
+        # empty (a power cut before the rename reached the disk), then removed: the next command rebuilds
+        records.write_text("")
+        changed = piku("config:set", "lost", "GREETING=two")
+        assert "the release records of lost were empty: rebuilt v1 from the running workers" in changed.stderr
+        wait_for_body(url, "GREETING=two")
+        records.unlink()
+        line, fix = doctor_fix(piku, "lost", "release records are missing")
+        assert line.startswith("FAIL") and fix.endswith("deploy lost"), (line, fix)
+        scaled = piku("ps:scale", "lost", "web=2")
+        assert "were missing: rebuilt" in scaled.stderr and piku.workers("lost") == ["web.1", "web.2"]
+        assert [r["scaling"] for r in piku.releases("lost")][-1] == {"web": 2}
+        # damaged: set aside, and doctor's fix rebuilds it
+        records.write_text('[{"version": 3, "rev": ')
+        line, fix = doctor_fix(piku, "lost", "release records are damaged")
+        typed = type_fix(piku, fix)
+        assert "releases.json was damaged; it is kept as releases.json.damaged" in typed.stderr, typed.stderr
+        assert "lost is live at" in typed.stdout, typed.stdout
+        assert (records.parent / "releases.json.damaged").read_text() == '[{"version": 3, "rev": '
+        assert piku.releases("lost")[-1]["cause"] == "deploy" and fetch(url)[1].endswith("GREETING=two\n")
+        # nothing to rebuild from (the generation's own record gone too): commands refuse, nothing stops
+        records.unlink()
+        for meta in (piku.root / "sandbox").glob("lost@g*.json"):
+            meta.unlink()
+        refused = piku("restart", "lost", check=False)
+        assert refused.returncode == 1 and "lost has no release record (its records are missing)" in refused.stderr
+        assert refused.stderr.rstrip().endswith("deploy lost"), refused.stderr
+        assert fetch(url)[0] == 200 and len(piku.workers("lost")) == 2
+        line, fix = doctor_fix(piku, "lost", "release records are missing")
+        type_fix(piku, fix)
+        assert fetch(url)[1].endswith("GREETING=two\n") and len(piku.releases("lost")) == 1
+        # the live release's folder removed by hand: doctor says so, restart names the fix, the fix works
+        import shutil
+        shutil.rmtree(piku.releases("lost")[-1]["root"])
+        line, fix = doctor_fix(piku, "lost", "the folder of its live release")
+        assert line.startswith("FAIL") and "Procfile" not in piku("doctor", "lost", check=False).stdout
+        refused = piku("restart", "lost", check=False)
+        assert refused.returncode == 1 and "is gone" in refused.stderr and "deploy lost" in refused.stderr
+        type_fix(piku, fix)
+        assert "the folder of its live release" not in piku("doctor", "lost", check=False).stdout
+        piku("restart", "lost")
+    assert load.count > 100 and not load.failures, load.report()
+    assert fetch(url)[1].endswith("GREETING=two\n")
