@@ -75,6 +75,7 @@ import glob
 import grp
 import hashlib
 import io
+import itertools
 import json
 import os
 import pwd
@@ -554,8 +555,11 @@ class DeployRecord:
             self.output.append(f" !     {'interrupted' if isinstance(error, KeyboardInterrupt) else repr(error)}\n")
         outcome = "ok" if error is None else "interrupted" if isinstance(error, (KeyboardInterrupt, ClientGone)) \
             else "failed"
-        with contextlib.suppress(OSError):      # a full disk: the deploy's own outcome matters more
+        try:
             self.save(outcome)
+        except OSError as problem_writing:      # a full disk: the deploy's own outcome matters more
+            warning(f"the record of this deploy could not be written ({problem_writing.strerror}): "
+                    f"'deploys {self.app}' will not show it")
         return False
 
     def allocate(self):
@@ -1178,17 +1182,46 @@ def make_folder(path):
     return path
 
 
+WRITES = itertools.count(1)        # piku's writes in this process, for PIKU_TEST_WRITE_FAILS's #N
+
+
+def test_write_fault(path):
+    """The tests' full disk (PIKU_TEST_WRITE_FAILS, tests only): the writes it names -- by the
+    file's name, or '#N', the Nth write of this process -- fail with ENOSPC; PIKU_TEST_WRITE_LOG
+    lists every write, so a test can fail each in turn."""
+    number = next(WRITES)
+    log = os.environ.get("PIKU_TEST_WRITE_LOG")
+    if log:
+        with open(log, "a", encoding="utf-8") as out:
+            out.write(f"{number} {path}\n")
+    if {os.path.basename(path), f"#{number}"} & set(os.environ.get("PIKU_TEST_WRITE_FAILS", "").split(",")):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def fsync_folder(folder):
+    """A new name in folder (a rename, a link) survives a crash once this returns."""
+    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def write_atomic(path, text, mode=0o644, mtime=None):
-    """Write text to path through a temporary file and a rename (with mtime, if given)."""
-    if os.path.basename(path) in os.environ.get("PIKU_TEST_WRITE_FAILS", "").split(","):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)     # the tests' full disk, one file at a time
+    """Write text (or bytes) to path durably: a temporary file, fsynced, renamed over path, and
+    its folder fsynced -- after a crash path holds the old text or the new one, never less."""
+    if not isinstance(text, bytes):
+        text = text.encode("utf-8")
+    test_write_fault(path)
     directory = os.path.dirname(path)
     make_folder(directory)
     handle, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-")     # a new file (O_EXCL): no link followed
     try:
         os.fchmod(handle, mode)
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
+        with os.fdopen(handle, "wb") as out:
             out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
         if mtime is not None:
             os.utime(temp, (mtime, mtime))
         os.replace(temp, path)
@@ -1196,6 +1229,20 @@ def write_atomic(path, text, mode=0o644, mtime=None):
         if os.path.exists(temp):
             os.unlink(temp)
         raise
+    fsync_folder(directory)
+
+
+def write_link(path, target, durable=True):
+    """Make path a symbolic link to target in one step (a temporary link renamed over it), and
+    durably unless it is runtime state that is rebuilt after a restart anyway."""
+    test_write_fault(path)
+    temp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.piku-new")
+    if os.path.lexists(temp):
+        os.unlink(temp)
+    os.symlink(target, temp)
+    os.replace(temp, path)
+    if durable:
+        fsync_folder(os.path.dirname(path))
 
 
 def load_config(app, repair=False):
@@ -1766,10 +1813,7 @@ def write_wrapper():
     for path, program in ((WORKER_SECCOMP, seccomp_program(worker=True)),
                           (TERMINAL_SECCOMP, seccomp_program(worker=False))):
         if read_bytes(path) != program:
-            make_folder(SANDBOX_ROOT)
-            with open(path + ".new", "wb") as handle:
-                handle.write(program)
-            os.replace(path + ".new", path)
+            write_atomic(path, program)
 
 
 def describe_earlier_vassals():
@@ -3076,9 +3120,7 @@ procname-prefix = $app:$name:
 pidfile = $pidfile
 master-fifo = $fifo
 logto = $log
-log-backupname = $log.old
-log-maxsize = $log_maxsize
-die-on-term = true
+${rotation}die-on-term = true
 chmod-socket = 660
 """)
 
@@ -3192,6 +3234,7 @@ def vassal_values(instance, command, env, root, sandboxed=False):
         schedule, cron_command = parse_cron(command, 0)
         values["cron"] = f"{schedule} {guard(cron_command)}"
     escaped = {key: uwsgi_escape(str(value)) for key, value in values.items()}
+    escaped["rotation"] = log_rotation(instance.log, instance.log + ".old", values["log_maxsize"])
     escaped["virtualenv"] = f"virtualenv = {uwsgi_escape(env['VIRTUAL_ENV'])}\n" if env.get("VIRTUAL_ENV") else ""
     escaped["pythonpath"] = "".join(f"pythonpath = {uwsgi_escape(path)}\n"
                                     for path in [root, *filter(None, env.get("PYTHONPATH", "").split(":"))])
@@ -3206,6 +3249,19 @@ wrapper: restart the emperor (doctor says how)
 hook-asap = exit:1
 endif =
 """
+
+
+LOG_ROTATION_MARK = "piku-rotate-log"
+
+
+def log_rotation(log, old, maxsize):
+    """uWSGI config lines that, once a minute, rotate log in place when it passed maxsize bytes:
+    copied to old, then emptied (the process keeps appending to the same file). uWSGI's own
+    log-maxsize renames the log and opens a new file -- and exits when it cannot, so a disk
+    without free inodes would stop every worker in turn. The job's own lines are drained."""
+    command = (f": {LOG_ROTATION_MARK}; if find {shlex.quote(log)} -size +{maxsize}c | grep -q .; "
+               f"then cat {shlex.quote(log)} > {shlex.quote(old)}; : > {shlex.quote(log)}; fi")
+    return f"log-drain = {LOG_ROTATION_MARK}\ncron = -1 -1 -1 -1 -1 {uwsgi_escape(command)}\n"
 
 
 def render_vassal(instance, command, env, root, extra=(), sandboxed=False):
@@ -3311,9 +3367,7 @@ plugin = rawrouter
 procname-prefix = $app:front:
 pidfile = $pidfile
 logto = $log
-log-backupname = $log.old
-log-maxsize = $log_maxsize
-die-on-term = true
+${rotation}die-on-term = true
 rawrouter = $bind
 rawrouter-gracetime = 1
 rawrouter-timeout = $idle
@@ -3331,7 +3385,8 @@ def render_front(app, env):
     slots = "".join(f"rawrouter-to = {uwsgi_escape(slot_path(app, slot))}\n" for slot in range(1, FRONT_SLOTS + 1))
     values = {"app": app, "bind": uwsgi_escape(bind_address(env)), "log": uwsgi_escape(log), "slots": slots,
               "pidfile": uwsgi_escape(os.path.join(runtime_dir(app), unit + ".pid")),
-              "log_maxsize": uwsgi_number(env, "UWSGI_LOG_MAXSIZE"), "idle": idle_timeout(env)}
+              "rotation": log_rotation(log, log + ".old", uwsgi_number(env, "UWSGI_LOG_MAXSIZE")),
+              "idle": idle_timeout(env)}
     return FRONT_TEMPLATE.substitute(values)
 
 
@@ -3357,16 +3412,14 @@ emperor-graceful-shutdown = true
 ; piku wakes the emperor with SIGWINCH when it adds or removes a vassal
 emperor-pidfile = $pidfile
 logto = $log
-log-backupname = $old_log
-log-maxsize = $log_maxsize
-die-on-term = true
+${rotation}die-on-term = true
 """)
 
 
 def render_emperor():
     return EMPEROR_TEMPLATE.substitute(config=EMPEROR_CONFIG, root=UWSGI_ROOT, enabled=UWSGI_ENABLED, wrapper=SANDBOX_WRAPPER,
-                                       pidfile=EMPEROR_PID, log=EMPEROR_LOG, old_log=EMPEROR_OLD_LOG,
-                                       log_maxsize=UWSGI_LOG_MAXSIZE)
+                                       pidfile=EMPEROR_PID, log=EMPEROR_LOG,
+                                       rotation=log_rotation(EMPEROR_LOG, EMPEROR_OLD_LOG, UWSGI_LOG_MAXSIZE))
 
 
 # --- nginx ------------------------------------------------------------------------
@@ -4625,16 +4678,15 @@ DAILY_JOB = string.Template("""\
 master = true
 procname-prefix = piku:daily:
 logto = $log
-log-backupname = $old_log
-log-maxsize = 1048576
-cron = $minute $hour -1 -1 -1 $command
+${rotation}cron = $minute $hour -1 -1 -1 $command
 """)
 
 
 def write_daily_job():
     """The daily job, as a uWSGI cron vassal (its name has no '@', so it is no app's)."""
     command = " ".join(shlex.quote(part) for part in (sys.executable, PIKU_SCRIPT, "daily"))
-    text = DAILY_JOB.substitute(hour=3, minute=17, log=DAILY_LOG, old_log=DAILY_OLD_LOG,
+    text = DAILY_JOB.substitute(hour=3, minute=17, log=DAILY_LOG, rotation=log_rotation(DAILY_LOG, DAILY_OLD_LOG,
+                                                                                        UWSGI_LOG_MAXSIZE),
                                 command=uwsgi_escape(f"env PIKU_ROOT={shlex.quote(PIKU_ROOT)} {command}"))
     write_wrapper()
     description = os.path.join(SANDBOX_ROOT, os.path.basename(DAILY_VASSAL)[:-len(".ini")] + ".host")
@@ -5328,6 +5380,9 @@ def start_generation(generation):
     meta = {"root": release.root, "virtualenv": release.env.get("VIRTUAL_ENV"), "rev": release.rev,
             "ref": release.ref, "env": release.env, "config": release.config, "scaling": generation.scaling}
     write_atomic(generation_record(release.app, generation.gen), json.dumps(meta) + "\n", mode=0o600)
+    for instance in generation.instances:       # bwrap's report of an earlier instance of that name (ps:scale)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sandbox_file(release.app, instance.unit, "info"))
     for path, text in generation.files.items():
         write_atomic(path, text, mode=0o600)
     if generation.instances:
@@ -5362,32 +5417,60 @@ def activate(release, commit):
     check_shared_names(app, release.env, release.processes)      # a rollback's PORT may be taken since
     release_folder_readable(release.root)
     vhost, vhost_changed = checked_vhost(release)
-    generation = plan_generation(release, next_generation(app), release.scaling)
+    started = []
+    try:
+        generation = plan_generation(release, next_generation(app), release.scaling)
+        started = [instance.unit for instance in generation.instances]
+        switch_to(release, generation, commit, vhost, vhost_changed)
+    except BaseException as error:      # refused, failed, or the client went
+        if release.committed and isinstance(error, OSError):    # the change stands: it says what is left to do
+            live_but(app, f"v{live_release(app)['version']} is recorded as live", error, " (until then some "
+                     "visitors may still reach the release before it)")
+            return
+        if release.committed:
+            raise
+        stop_units(app, started, graceful=False)        # nothing live changed
+        restore_live_front(app)
+        raise stopped_before_commit("the change", error) if isinstance(error, OSError) else error
+
+
+def switch_to(release, generation, commit, vhost, vhost_changed):
+    """activate's steps from the start of the new workers: the commit, the switch, the drain."""
+    app = release.app
     first = not any(front_alive(app, None, unit) for unit in front_units(app))
     if generation.instances:
         step(f"Starting {', '.join(instance.name for instance in generation.instances)}"
              + ("" if first else " beside the live workers"))
-    try:
-        front = start_beside(release, generation, first)
-        with ClientWatch.shielded(), flocked(NAMES_LOCK):     # from here on it goes live, client or not
-            check_shared_names(app, release.env, release.processes)
-            commit(generation.gen)
-            release.committed = True
-            ClientWatch.hold()          # committed: whatever happens to the client, the command finishes
-            if vhost:
-                ensure_certificate(app, nginx_server_names(release.env))
-            if vhost_changed:
-                write_vhost(app, vhost)
-    except BaseException:       # refused, failed, or the client went: nothing live changed
-        if not release.committed:
-            stop_units(app, [instance.unit for instance in generation.instances], graceful=False)
-            restore_live_front(app)
-        raise
+    front = start_beside(release, generation, first)
+    with ClientWatch.shielded(), flocked(NAMES_LOCK):     # from here on it goes live, client or not
+        check_shared_names(app, release.env, release.processes)
+        commit(generation.gen)
+        release.committed = True
+        ClientWatch.hold()          # committed: whatever happens to the client, the command finishes
+        if vhost:
+            ensure_certificate(app, nginx_server_names(release.env))
+        if vhost_changed:
+            write_vhost(app, vhost)
     with ClientWatch.shielded():
         switch_traffic(release, generation, front, first, vhost, vhost_changed)
         if vhost:
             obtain_certificate(app, release.env, nginx_server_names(release.env))
             write_daily_job()
+
+
+def stopped_before_commit(what, error):
+    """The refusal of a change that failed before its commit point: nothing live changed."""
+    where = os.path.relpath(error.filename, PIKU_ROOT) if error.filename else "a file"
+    return PikuError(f"{what} stopped: {error.strerror or error} ({where}); nothing live changed",
+                     f"Free some disk space (df -h {PIKU_ROOT}) or fix the permissions, and try again.")
+
+
+def live_but(app, what, error, meanwhile=""):
+    """The warning of a change that failed after its commit point: it stands (a push moves the
+    branch to it), and the next command (reconcile) finishes what this one could not."""
+    where = os.path.relpath(error.filename, PIKU_ROOT) if error.filename else "a file"
+    warning(f"{what}, but {where} could not be written ({error.strerror}); the next command for {app} finishes "
+            f"the switch{meanwhile}: make room (df -h {PIKU_ROOT}), then run {piku_command('restart', app)}")
 
 
 def checked_vhost(release):
@@ -5568,13 +5651,8 @@ def point_slots(app, sockets, prefix="slot"):
                 os.unlink(path)
             continue
         target = sockets[(slot - 1) % len(sockets)]
-        if os.path.islink(path) and os.readlink(path) == target:
-            continue
-        temp = path + ".new"
-        if os.path.lexists(temp):
-            os.unlink(temp)
-        os.symlink(target, temp)
-        os.replace(temp, path)
+        if not (os.path.islink(path) and os.readlink(path) == target):
+            write_link(path, target, durable=False)     # runtime state: reconcile points them again
 
 
 def link_logs(app, instances):
@@ -5586,11 +5664,9 @@ def link_logs(app, instances):
         if name.endswith(".log") and os.path.islink(path) and name not in wanted:
             os.unlink(path)
     for name, target in wanted.items():
-        temp = os.path.join(folder, f".{name}.new")
-        if os.path.lexists(temp):
-            os.unlink(temp)
-        os.symlink(target, temp)
-        os.replace(temp, os.path.join(folder, name))
+        path = os.path.join(folder, name)
+        if not (os.path.islink(path) and os.readlink(path) == target):
+            write_link(path, target, durable=False)
 
 
 # --- releases -----------------------------------------------------------------------
@@ -5644,15 +5720,11 @@ def record_release(release, cause, gen, state="live"):
               "root": release.root, "env": release.env, "config": release.config, "scaling": release.scaling,
               "created": time.strftime("%Y-%m-%d %H:%M:%S"), "by": who_deploys(), "cause": cause,
               "gen": gen, "state": state}
-    try:
-        save_releases(release.app, records + [record])      # the commit point: the record names what is live
-    except OSError as error:
-        raise PikuError(f"the release could not be recorded ({error.strerror}); nothing was changed",
-                        f"Make room (df -h {PIKU_ROOT}), then try again.")
+    commit_releases(release.app, records + [record])     # the commit point: the record names what is live
     try:
         write_live_files(release.app, record)
     except OSError as error:        # derived from the record: the next command writes them again
-        warning(f"v{record['version']} is live, but {os.path.basename(error.filename or '') or 'a file'} could not "
+        warning(f"v{record['version']} is recorded as live, but {os.path.relpath(error.filename or 'a file', PIKU_ROOT)} could not "
                 f"be written ({error.strerror}); the next command writes it from the release record")
     return record
 
@@ -5673,11 +5745,7 @@ def switch_symlink(link, target):
         shutil.rmtree(link)
     if os.path.islink(link) and os.readlink(link) == target:
         return
-    temp = os.path.join(os.path.dirname(link), f".{os.path.basename(link)}.piku-new")
-    if os.path.lexists(temp):
-        os.unlink(temp)
-    os.symlink(target, temp)
-    os.replace(temp, link)
+    write_link(link, target)
 
 
 def release_from_record(app, record):
@@ -5771,6 +5839,28 @@ def prune_generation_folders(app, running):
 
 # --- deploys, rollbacks and recovery ---------------------------------------------------
 
+DEPLOY_BYTES = 200 * 2**20      # what one deploy needs under PIKU_ROOT at least: a release, an environment
+DEPLOY_FILES = 10000            # ... and inodes: a Python environment alone holds thousands of files
+
+
+def disk_problem():
+    """Why one deploy may not fit under PIKU_ROOT now, or None. (A file system without an inode
+    limit reports none.)"""
+    stat = os.statvfs(PIKU_ROOT)
+    if stat.f_bavail * stat.f_frsize < DEPLOY_BYTES:
+        return f"only {stat.f_bavail * stat.f_frsize / 2**20:.0f} MB free under {PIKU_ROOT}"
+    if stat.f_files and stat.f_favail < DEPLOY_FILES:
+        return f"only {stat.f_favail} inodes (files) free under {PIKU_ROOT}"
+    return None
+
+
+def warn_disk():
+    """Said before a push or deploy starts, when it may not fit."""
+    if disk_problem():
+        warning(f"{disk_problem()}: a deploy needs about {DEPLOY_BYTES // 2**20} MB and {DEPLOY_FILES} files; this one "
+                "may stop half-way (nothing live changes if it does). See what takes the room: doctor")
+
+
 def auto_restart(env):
     return env.get("PIKU_AUTO_RESTART", "true").lower() not in ("0", "false", "no", "off")
 
@@ -5785,6 +5875,7 @@ def deploy_app(app, rev, ref="refs/heads/main", cause="push", config=None, state
 def build_and_go_live(app, rev, ref, cause, config, state):
     started = time.monotonic()
     step(f"Deploying {app} at {rev[:12]}")
+    warn_disk()
     for folder in (DATA_ROOT, LOG_ROOT):
         make_folder(os.path.join(folder, app))
     root = new_release_dir(app, rev)
@@ -5800,9 +5891,7 @@ def build_and_go_live(app, rev, ref, cause, config, state):
         if release.committed:
             raise
         remove_release_dir(root)
-        raise PikuError(f"the deploy stopped: {error.strerror or error} ({error.filename or 'a file'}); "
-                        "nothing live changed", "Free some disk space (df -h) or fix the permissions, "
-                        "and push again.")
+        raise stopped_before_commit("the deploy", error)
     except BaseException:
         if not release.committed:
             remove_release_dir(root)
@@ -5862,14 +5951,20 @@ def run_kept_release(app, version):
     step(f"Rolling {app} back to v{target['version']} ({target['rev'][:12]})")
     release = release_from_record(app, target)
     release.ref = live.get("ref") or release.ref
-    moves = branch_revision(app, release.ref) != release.rev
-    activate(release, lambda gen: record_release(release, f"rollback to v{target['version']}", gen,
-                                                 "pending" if moves else "live"))
-    if moves:
-        git("--git-dir", repo_path(app), "update-ref", release.ref, release.rev, env=git_env())
-        confirm_release(app, release.rev)
+    activate(release, lambda gen: commit_rollback(release, f"rollback to v{target['version']}", gen))
     prune(app)
     announce(release, time.monotonic() - started)
+
+
+def commit_rollback(release, cause, gen):
+    """A rollback's commit: recorded as pending, the branch moved back, then confirmed -- killed
+    before the branch moves, the next command drops the pending record (reconcile)."""
+    moves = branch_revision(release.app, release.ref) != release.rev
+    record = record_release(release, cause, gen, "pending" if moves else "live")
+    if moves:
+        git("--git-dir", repo_path(release.app), "update-ref", release.ref, release.rev, env=git_env())
+        confirm_release(release.app, release.rev)
+    return record
 
 
 def restart_app(app):
@@ -5885,7 +5980,18 @@ def set_live_generation(app, gen):
     """The live release now runs as generation gen (restart, or recovery after a crash)."""
     records = load_releases(app)
     records[-1]["gen"] = gen
-    save_releases(app, records)
+    commit_releases(app, records)
+    return records[-1]
+
+
+def commit_releases(app, records):
+    """Write the release records: the commit point of every change. A failure leaves the old
+    records, and refuses the change."""
+    try:
+        save_releases(app, records)
+    except OSError as error:
+        raise PikuError(f"the release could not be recorded ({error.strerror}); nothing was changed",
+                        f"Make room (df -h {PIKU_ROOT}), then try again.")
 
 
 def branch_revision(app, ref):
@@ -6004,6 +6110,7 @@ def reconcile(app):
         stop_units(app, list(app_units(app)), graceful=True)
         return
     if live["gen"] in running:
+        stop_unrecorded(app, live)
         sockets = http_sockets(app, live["gen"], live["scaling"], live["env"])
         point_slots(app, sockets)
         usockets = uwsgi_sockets(app, live["gen"], live["scaling"], live["env"])
@@ -6018,6 +6125,17 @@ def reconcile(app):
         write_live_files(app, live)
 
 
+def stop_unrecorded(app, live):
+    """Instances of the live generation its record does not count (a ps:scale killed before
+    its commit started them): stopped, so what runs is what ps shows."""
+    extra = [unit for unit in app_units(app) if unit_generation(unit) == live["gen"]
+             and int(GENERATION_UNIT.fullmatch(unit).group(3)) > live["scaling"].get(
+                 GENERATION_UNIT.fullmatch(unit).group(2), 0)]
+    if extra:
+        warning(f"stopping {', '.join(sorted(extra))}: started by a command that did not finish")
+        stop_units(app, extra, graceful=True)
+
+
 def scale_app(app, changes):
     """Start or stop instances of the live generation; new ones are checked before they get traffic."""
     records = load_releases(app)
@@ -6027,24 +6145,37 @@ def scale_app(app, changes):
     new = scaling_for(release.processes, old, changes)
     gen = live["gen"]
     running = gen in running_generations(app)
-    if running:
-        added = {(kind, index) for kind, count in new.items() for index in range(old.get(kind, 0) + 1, count + 1)}
-        generation = plan_generation(release, gen, new, only=added)
-        start_generation(generation)
-        check_generation(generation)
-    live["scaling"] = new
-    save_releases(app, records)
-    write_atomic(scaling_file(app), format_scaling(new))
-    if running:
-        point_slots(app, http_sockets(app, gen, new, release.env))
-        link_logs(app, [Instance(app, gen, kind, index) for kind, count in new.items()
-                        for index in range(1, count + 1)])
-        removed = [Instance(app, gen, kind, index).unit for kind, count in old.items()
-                   for index in range(new.get(kind, 0) + 1, count + 1)]
-        if removed:
-            wait_for_empty_queues([unit_runtime(app, unit, "sock") for unit in removed])
-            stop_units(app, removed, graceful=True)
+    added = {(kind, index) for kind, count in new.items() for index in range(old.get(kind, 0) + 1, count + 1)}
+    generation = plan_generation(release, gen, new, only=added)
+    try:
+        if running:
+            start_generation(generation)
+            check_generation(generation)
+        live["scaling"] = new
+        commit_releases(app, records)
+    except BaseException as error:       # nothing live changed: the instances it started go again
+        stop_units(app, [instance.unit for instance in generation.instances], graceful=False, wait=15.0)
+        if isinstance(error, OSError):
+            raise stopped_before_commit("the scaling", error)
+        raise
+    try:
+        write_atomic(scaling_file(app), format_scaling(new))
+        if running:
+            switch_scaled(app, release, gen, old, new)
+    except OSError as error:
+        live_but(app, " ".join(f"{kind}={count}" for kind, count in sorted(new.items())) + " is recorded", error)
     return new
+
+
+def switch_scaled(app, release, gen, old, new):
+    """After ps:scale's commit: traffic and logs to the instances it names, the others stopped."""
+    point_slots(app, http_sockets(app, gen, new, release.env))
+    link_logs(app, [Instance(app, gen, kind, index) for kind, count in new.items() for index in range(1, count + 1)])
+    removed = [Instance(app, gen, kind, index).unit for kind, count in old.items()
+               for index in range(new.get(kind, 0) + 1, count + 1)]
+    if removed:
+        wait_for_empty_queues([unit_runtime(app, unit, "sock") for unit in removed])
+        stop_units(app, removed, graceful=True, wait=15.0)     # gone before a ps:scale up names them again
 
 
 def deployed_revision(app):
@@ -6203,7 +6334,8 @@ def stop_app(app, wait=15.0):
 
 
 def daemon_pids(master):
-    """The commands a vassal runs with attach-daemon: its children that are not uWSGI."""
+    """The commands a vassal runs with attach-daemon: its children that are neither uWSGI nor
+    piku's log rotation (a cron job of the master's, log_rotation)."""
     try:
         exe = os.readlink(f"/proc/{master}/exe")
     except OSError:
@@ -6211,7 +6343,9 @@ def daemon_pids(master):
     found = []
     for child in child_pids(master) or []:
         try:
-            if os.readlink(f"/proc/{child}/exe") != exe:
+            with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                rotation = LOG_ROTATION_MARK.encode() in cmdline.read()
+            if os.readlink(f"/proc/{child}/exe") != exe and not rotation:
                 found.append(child)
         except OSError:
             continue
@@ -6303,7 +6437,9 @@ def install_hooks(app):
     values = {"root": shlex.quote(PIKU_ROOT), "python": shlex.quote(sys.executable),
               "script": shlex.quote(PIKU_SCRIPT), "app": shlex.quote(app)}
     text = HOOK_TEMPLATE.substitute(values, purpose="deploys each push before git accepts it", stage="--stage=pre")
-    write_atomic(os.path.join(repo_path(app), "hooks", "pre-receive"), text, mode=0o755)
+    hook = os.path.join(repo_path(app), "hooks", "pre-receive")
+    if read_text(hook, None) != text or not os.access(hook, os.X_OK):
+        write_atomic(hook, text, mode=0o755)
     post = os.path.join(repo_path(app), "hooks", "post-receive")
     if "installed by piku" in read_text(post):
         os.unlink(post)
@@ -6774,8 +6910,9 @@ def check_disk():
     stat = os.statvfs(PIKU_ROOT)
     free = stat.f_bavail * stat.f_frsize
     inodes = stat.f_favail / stat.f_files if stat.f_files else 1.0
-    level = "FAIL" if free < 200 * 2**20 else "WARN" if free < 2 * 2**30 or inodes < 0.05 else "OK"
-    yield Finding(level, f"{free / 2**30:.1f} GiB and {inodes:.0%} of inodes free for builds",
+    level = "FAIL" if disk_problem() else "WARN" if free < 2 * 2**30 or inodes < 0.05 else "OK"
+    yield Finding(level, f"{free / 2**30:.1f} GiB and {inodes:.0%} of inodes free for builds"
+                  + (f": {disk_problem()}, less than one deploy needs" if level == "FAIL" else ""),
                   also="" if level == "OK" else f"see what takes it: du -sh {shlex.quote(PIKU_ROOT)}/*; "
                   "remove apps you no longer need (destroy APP) and old logs")
 
@@ -7462,7 +7599,8 @@ def change_config(app, update):
             deploy_app(app, rev, ref, cause=f"config: {' '.join(sorted(changed_keys(saved, settings)))}",
                        config=settings)
         except PikuError:
-            problem("the settings were not changed; the running app was left as it was")
+            if (live_release(app) or {}).get("config") != settings:     # (after its commit it says what is live)
+                problem("the settings were not changed; the running app was left as it was")
             raise
 
 
@@ -7579,8 +7717,8 @@ def log_file_of(path):
 
 class LogFollower:
     """One log (followed by its name in logs/APP/, usually piku's link to the live instance's
-    file): prints what is new, and when the file is replaced -- uWSGI's log-maxsize renames it to
-    .old, a redeploy re-links the name -- finishes the old file before it reads the new one. The
+    file): prints what is new, starts again at the top when piku's rotation empties it, and when
+    the file is replaced -- a redeploy re-links the name -- finishes the old file before it reads the new one. The
     history shown first is read from the file's end, so a huge log costs only those lines."""
 
     def __init__(self, path, prefix, lines):
@@ -8445,6 +8583,7 @@ SERVER_ONLY_COMMANDS = frozenset({"install", "update"})     # typed on the serve
 def cmd_git_receive_pack(app):
     """INTERNAL: receive a push (creates the repo on the first one)."""
     app = git_path_to_app(app)
+    warn_disk()             # before git unpacks anything: it fails first, and says less
     path = ensure_repo(app)
     sys.stdout.flush()
     os.execvp("git", ["git", "receive-pack", path])

@@ -686,7 +686,7 @@ def test_a_write_that_fails_at_the_commit_leaves_the_old_release_or_the_new_one(
         live = piku("config:set", "disk", "GREETING=live")
     finally:
         piku.env = full
-    assert f"v{versions + 1} is live, but LIVE_ENV could not be written (No space left on device)" in live.stderr
+    assert f"v{versions + 1} is recorded as live, but envs/disk/LIVE_ENV could not be written (No space left on device)" in live.stderr
     wait_for_body(url, "GREETING=live")
     assert piku.releases("disk")[-1]["config"]["GREETING"] == "live" and piku.live_env("disk")["GREETING"] == "hello"
     piku("config:set", "disk", "OTHER=1")       # its lock's reconcile writes LIVE_ENV from the record first

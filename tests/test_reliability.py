@@ -193,3 +193,169 @@ def test_lost_records_and_a_removed_release_folder_never_stop_a_serving_app(piku
         piku("restart", "lost")
     assert load.count > 100 and not load.failures, load.report()
     assert fetch(url)[1].endswith("GREETING=two\n")
+
+
+# --- every write of every command, failed in turn (a full disk at that instant) --------------
+
+def write_sites(log):
+    """The first write of each kind in a write log ('N PATH' lines): the numbers to fail. Writes
+    that differ only by a number (slot.1 ... slot.16, generation 4 or 5) are one kind."""
+    import re
+    sites = {}
+    for line in log.read_text().splitlines():
+        number, path = line.split(" ", 1)
+        sites.setdefault(re.sub(r"[0-9]+", "#", path), int(number))
+    return sorted(sites.values())
+
+
+def live_state(piku, app):
+    """What the live release record says: (version, generation, scaling, GREETING)."""
+    record = piku.releases(app)[-1]
+    return record["version"], record["gen"], record["scaling"], record["env"].get("GREETING")
+
+
+def check_agreement(piku, app, url):
+    record = piku.releases(app)[-1]
+    assert piku.live_env(app) == record["env"], "LIVE_ENV is the live record's"
+    assert os.readlink(piku.root / "apps" / app) == record["root"]
+    assert piku.branch(app) == record["rev"], "the branch names the live release"
+    assert fetch(url)[1].endswith(f"GREETING={record['env'].get('GREETING', '')}\n"), "it serves the record"
+    assert sorted(piku.workers(app)) == sorted(f"{kind}.{index}" for kind, count in record["scaling"].items()
+                                              for index in range(1, count + 1)), "one generation runs"
+
+
+FAULTED = {     # command -> (the arguments of trial i, is the state after it the new one?, what undoes it)
+    "config:set": (lambda i: ["config:set", "faulty", f"GREETING=g{i}"],
+                   lambda i, old, new: new[3] == f"g{i}", None),
+    "ps:scale": (lambda i: ["ps:scale", "faulty", "web=2"],
+                 lambda i, old, new: new[2] == {"web": 2}, ["ps:scale", "faulty", "web=1"]),
+    "restart": (lambda i: ["restart", "faulty"], lambda i, old, new: new[1] > old[1], None),
+    "deploy": (lambda i: ["deploy", "faulty"], lambda i, old, new: new[0] > old[0], None),
+    "rollback": (lambda i: ["rollback", "faulty"], lambda i, old, new: new[0] > old[0], None),
+    "push": (None, lambda i, old, new: new[3] == f"p{i}", None),      # git push of GREETING=p{i}
+}
+
+
+def run_faulted(piku, app, command, trial, check):
+    """Run trial `trial` of command -> (exit code, stdout, stderr)."""
+    if command == "push":
+        app.write("ENV", f"GREETING=p{trial}\n")
+        app.commit(f"push {trial}")
+        pushed = app.push(check=check)
+        return pushed.returncode, pushed.stdout, pushed.stderr
+    ran = piku(*FAULTED[command][0](trial), check=check)
+    return ran.returncode, ran.stdout, ran.stderr
+
+
+@pytest.mark.parametrize("command", sorted(FAULTED))
+def test_each_write_of_a_command_failing_leaves_the_old_state_or_the_new_one(command, piku, emperor, make_app,
+                                                                             tmp_path):
+    _, is_new, undo = FAULTED[command]
+    app = make_app(WEB, "faulty")
+    app.write("ENV", "GREETING=first\n")
+    app.commit("first")
+    app.push()
+    app.write("ENV", "GREETING=second\n")
+    app.commit("second")
+    app.push()
+    url = piku.url("faulty")
+    wait_for_body(url, "GREETING=second")
+    log = tmp_path / "writes.log"
+    piku.env["PIKU_TEST_WRITE_LOG"] = str(log)
+    run_faulted(piku, app, command, 0, check=True)
+    del piku.env["PIKU_TEST_WRITE_LOG"]
+    if undo:
+        piku(*undo)
+    sites = write_sites(log)
+    assert len(sites) >= 5, log.read_text()
+    outcomes = []
+    with LoadLoop(url, seconds=600, limit=10**6) as load:
+        for trial, number in enumerate(sites, start=1):
+            old = live_state(piku, "faulty")
+            piku.env["PIKU_TEST_WRITE_FAILS"] = f"#{number}"
+            code, out, err = run_faulted(piku, app, command, trial, check=False)
+            del piku.env["PIKU_TEST_WRITE_FAILS"]
+            said = out + err
+            assert "Traceback" not in said, said
+            new = live_state(piku, "faulty")
+            changed = is_new(trial, old, new)
+            if changed:
+                assert piku.branch("faulty") == piku.releases("faulty")[-1]["rev"], "the branch names what is recorded"
+            if code:
+                assert " !     " in err, said
+                assert ("is recorded" in err) if changed else ("nothing" in err or "not changed" in err), said
+                assert changed or new == old, (old, new, said)
+            else:
+                assert changed, (number, said)
+                assert "is recorded" in err or "could not" not in said, said
+            outcomes.append((number, code, "new" if changed else "old",
+                             next((line for line in err.splitlines() if " !" in line), "")))
+            again = run_faulted(piku, app, command, trial, check=True)     # the next command works, and then
+            assert "Traceback" not in again[1] + again[2]                   # everything agrees
+            assert is_new(trial, new, live_state(piku, "faulty")) or command == "ps:scale"
+            check_agreement(piku, "faulty", url)
+            if undo:
+                piku(*undo)
+    print(f"\n{command}: {len(sites)} writes failed in turn: {load.report()}")
+    for outcome in outcomes:
+        print("   ", outcome)
+    assert load.count > 50 and not load.failures, load.report()
+
+
+@pytest.fixture
+def few_inodes(tmp_path):
+    """A PIKU_ROOT on its own tmpfs with 3,000 inodes, so a test can use them all (needs root, as CI is)."""
+    import subprocess
+    root = tmp_path / "few"
+    root.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m,nr_inodes=3000", "tmpfs",
+                                            str(root)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield root
+    subprocess.run(["umount", "-l", str(root)])
+
+
+def test_out_of_inodes_the_workers_keep_serving_and_doctor_and_push_say_so(few_inodes, tmp_path):
+    """A minute with no free inode and logs passing their size cap: the rotation (every minute)
+    copies and empties them in place, so no worker stops; doctor FAILs and a push says why."""
+    from conftest import AppRepo, Piku
+    piku = Piku(few_inodes / "piku")
+    piku("setup")
+    emperor = Emperor(piku.root)
+    filler = few_inodes / "filler"
+    try:
+        app = AppRepo(piku, WEB, tmp_path / "work" / "inodes", "inodes")
+        app.write("ENV", "UWSGI_LOG_MAXSIZE=2000\n")        # each request logs a line: it passes this in seconds
+        app.commit("a small log cap")
+        app.push()
+        url = piku.url("inodes")
+        wait_for_body(url, "Hello from inodes")
+        log = next((piku.root / "logs" / "inodes").glob("g*/web.1.log"))
+        filler.mkdir()
+        with LoadLoop(url, clients=2, seconds=65, limit=10**6) as load:
+            count = 0
+            try:
+                while True:
+                    (filler / str(count)).touch()
+                    count += 1
+            except OSError as error:
+                assert error.errno == 28, error     # ENOSPC: no inode left
+            assert os.statvfs(few_inodes).f_favail == 0
+            line = next(line for line in piku("doctor", check=False).stdout.splitlines() if "inodes free" in line)
+            assert line.startswith("FAIL") and "less than one deploy needs" in line, line
+            sizes = []
+            while load.stopping.wait(1) is False and time.monotonic() < load.deadline:
+                sizes.append(log.stat().st_size)
+        assert load.count > 1000 and not load.failures, load.report()
+        assert max(sizes) > 2000 and min(sizes[sizes.index(max(sizes)):]) < max(sizes), \
+            f"the log passed its cap and was emptied in place: {sizes}"
+        assert fetch(url)[0] == 200
+        app.write("ENV", "UWSGI_LOG_MAXSIZE=4000\n")
+        app.commit("pushed with no inode free")
+        pushed = app.push(check=False)
+        assert "inodes (files) free under" in pushed.output and "Traceback" not in pushed.output, pushed.output
+        assert pushed.returncode != 0 and fetch(url)[0] == 200
+    finally:
+        import shutil
+        shutil.rmtree(filler, ignore_errors=True)
+        emperor.stop()
