@@ -3254,13 +3254,25 @@ endif =
 LOG_ROTATION_MARK = "piku-rotate-log"
 
 
+def keep_room_for_rotation(log):
+    """log.old, made (empty) when its process starts: the rotation then copies into a file that
+    exists and needs no free inode. Opened without following links or waiting on a FIFO (the
+    folder may be one the app writes); what is already there is left as it is."""
+    try:
+        os.close(os.open(log + ".old", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         0o600))
+    except OSError as error:        # a link or a FIFO the app put there: the rotation's copy fails, not the log
+        notice(f"{log}.old cannot be made ({error.strerror}); that log is emptied without a copy when it is full")
+
+
 def log_rotation(log, old, maxsize):
     """uWSGI config lines that, once a minute, rotate log in place when it passed maxsize bytes:
     copied to old, then emptied (the process keeps appending to the same file). uWSGI's own
     log-maxsize renames the log and opens a new file -- and exits when it cannot, so a disk
     without free inodes would stop every worker in turn. The job's own lines are drained."""
     command = (f": {LOG_ROTATION_MARK}; if find {shlex.quote(log)} -size +{maxsize}c | grep -q .; "
-               f"then cat {shlex.quote(log)} > {shlex.quote(old)}; : > {shlex.quote(log)}; fi")
+               f"then cat {shlex.quote(log)} > {shlex.quote(old)}; : > {shlex.quote(log)}; fi")   # (emptied even
+    # when the copy fails: a log that cannot be copied must not grow until the disk is full)
     return f"log-drain = {LOG_ROTATION_MARK}\ncron = -1 -1 -1 -1 -1 {uwsgi_escape(command)}\n"
 
 
@@ -3412,14 +3424,16 @@ emperor-graceful-shutdown = true
 ; piku wakes the emperor with SIGWINCH when it adds or removes a vassal
 emperor-pidfile = $pidfile
 logto = $log
-${rotation}die-on-term = true
+log-backupname = $old_log
+log-maxsize = $log_maxsize
+die-on-term = true
 """)
 
 
 def render_emperor():
     return EMPEROR_TEMPLATE.substitute(config=EMPEROR_CONFIG, root=UWSGI_ROOT, enabled=UWSGI_ENABLED, wrapper=SANDBOX_WRAPPER,
-                                       pidfile=EMPEROR_PID, log=EMPEROR_LOG,
-                                       rotation=log_rotation(EMPEROR_LOG, EMPEROR_OLD_LOG, UWSGI_LOG_MAXSIZE))
+                                       pidfile=EMPEROR_PID, log=EMPEROR_LOG, old_log=EMPEROR_OLD_LOG,
+                                       log_maxsize=UWSGI_LOG_MAXSIZE)
 
 
 # --- nginx ------------------------------------------------------------------------
@@ -5383,6 +5397,7 @@ def start_generation(generation):
     for instance in generation.instances:       # bwrap's report of an earlier instance of that name (ps:scale)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sandbox_file(release.app, instance.unit, "info"))
+        keep_room_for_rotation(instance.log)
     for path, text in generation.files.items():
         write_atomic(path, text, mode=0o600)
     if generation.instances:
@@ -5562,6 +5577,7 @@ def start_front(release, generation):
     if os.path.exists(vassal_file(app, unit)):      # BIND_ADDRESS changed, PORT did not:
         stop_units(app, [unit], graceful=True, wait=10)     # the old front must let go of the port
     make_folder(os.path.join(LOG_ROOT, app))
+    keep_room_for_rotation(os.path.join(LOG_ROOT, app, "front.log"))
     enable_vassal(app, unit, render_front(app, env))       # piku's own: no app code runs in it
     wake_emperor()
     deadline = time.monotonic() + 10
@@ -5687,12 +5703,14 @@ def load_releases(app):
     return records
 
 
-RELEASE_KEYS = ("version", "rev", "root", "env", "config", "scaling", "gen")
+RELEASE_KEYS = {"version": int, "rev": str, "root": str, "env": dict, "config": dict, "scaling": dict, "gen": int}
 
 
 def releases_shaped(records):
-    return isinstance(records, list) and all(isinstance(record, dict) and all(key in record for key in RELEASE_KEYS)
-                                             for record in records)
+    """Are these release records as piku writes them (every key, each of its type)?"""
+    return isinstance(records, list) and all(
+        isinstance(record, dict) and all(isinstance(record.get(key), kind) for key, kind in RELEASE_KEYS.items())
+        for record in records)
 
 
 def save_releases(app, records):
@@ -6024,9 +6042,12 @@ def records_problem(app):
     if not text.strip():
         return "empty"
     try:
-        return None if releases_shaped(json.loads(text)) else "damaged"
+        records = json.loads(text)
     except (ValueError, RecursionError):
         return "damaged"
+    if not releases_shaped(records):
+        return "damaged"
+    return "empty" if not records and any(branch_revision(app, ref) for ref in app_branches(app)) else None
 
 
 def app_branches(app):
@@ -6090,9 +6111,10 @@ def not_deployed(app):
     return PikuError(f"{app} has not been deployed yet", "Push to deploy it.")
 
 
-def reconcile(app):
+def reconcile(app, vhost=True):
     """Finish or undo what an interrupted command left, so that the live workers, the files
-    and the branch describe one release. Runs under the app's lock before every change."""
+    and the branch describe one release. Runs under the app's lock before every change (and,
+    without rewriting the vhost, when doctor settles an app)."""
     if recover_records(app):
         return          # nothing to compare with: the workers stay as they are
     records = load_releases(app)
@@ -6116,7 +6138,8 @@ def reconcile(app):
         usockets = uwsgi_sockets(app, live["gen"], live["scaling"], live["env"])
         if usockets:
             point_slots(app, usockets, "uslot")
-        restore_vhost(app, live)
+        if vhost:
+            restore_vhost(app, live)
         drain_old(app, live["gen"], front_unit(live["env"]) if sockets else None)
         write_live_files(app, live)
     elif running:
@@ -6199,6 +6222,23 @@ def locked(app):
         still_there(app)
         reconcile(app)
         yield lock
+
+
+def settle(app):
+    """What doctor does first for each app: when no change of it is under way, finish or undo
+    what an interrupted one left (reconcile), so that what it reports -- and what visitors get --
+    agrees with the branch and the record. A change under way settles the app itself."""
+    make_folder(LOCK_ROOT)
+    with open(os.path.join(LOCK_ROOT, app + ".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        try:
+            if os.path.isdir(repo_path(app)):
+                reconcile(app, vhost=False)     # what nginx is given, doctor checks and names the fix of
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def still_there(app):
@@ -7039,6 +7079,10 @@ def run_doctor(apps, health):
     for check in (HOST_CHECKS if not health else []):
         findings += list(check())
     for app in apps:
+        try:
+            settle(app)
+        except PikuError as error:      # what it could not settle, the checks below report
+            findings.append(Finding("WARN", f"{app}: {error.message}", also=error.hint))
         if records_problem(app):
             findings.append(Finding("FAIL", f"{app}: its release records are {records_problem(app)}; its workers "
                                     "keep running", piku_command("deploy", app),
@@ -7742,12 +7786,27 @@ class LogFollower:
         if info.st_ino == self.inode and info.st_size >= self.offset:
             os.close(fd)
             return
+        if info.st_ino == self.inode:
+            self.drain_copy()   # emptied in place by piku's rotation: what it had not shown is in the copy
         self.drain()        # what reached the old file before the writer moved
         if self.partial:
             click.echo(f"{self.prefix} | {self.partial.decode(errors='replace').rstrip()}")
         os.close(self.fd)
         self.fd, self.inode, self.offset, self.partial = fd, info.st_ino, 0, b""
         self.drain()
+
+    def drain_copy(self):
+        """Show what the rotation's copy (LOG.old) holds beyond what was shown of the log."""
+        try:
+            copy = open_app_file(log_file_of(self.path) + ".old")
+        except OSError:
+            return          # no copy (it could not be made): those lines are gone
+        live, self.fd = self.fd, copy
+        try:
+            self.drain()
+        finally:
+            self.fd = live
+            os.close(copy)
 
     def drain(self):
         while True:
@@ -8568,8 +8627,38 @@ def cmd_ssh_command():
     context = ssh_invocation(args, key_apps())
     if context is None:
         raise SystemExit(main(args))        # --help or --version: nothing runs
+    if context.info_name in CHANGING_COMMANDS:
+        outlive_a_kill(context.params.get("app"))
     with context:
         context.command.invoke(context)
+
+
+CHANGING_COMMANDS = frozenset({"config:set", "config:unset", "ps:scale", "restart", "rollback", "deploy", "destroy"})
+
+
+def outlive_a_kill(app):
+    """Over ssh, a command that changes an app runs in a child of this process, which only waits:
+    when the child is killed (kill -9, the out-of-memory killer), the client is told so and what
+    to do, instead of ssh's bare exit status 255. Signals for the command are passed on."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ClientWatch.stop()          # (a fork takes no threads along: the child starts its own watch)
+    child = os.fork()
+    if child == 0:
+        ClientWatch.start()
+        return
+    for number in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda number, frame: os.kill(child, number))
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    status = os.waitpid(child, 0)[1]
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in (signal.SIGHUP, signal.SIGPIPE):
+        with contextlib.suppress(OSError):      # the client may be gone too
+            problem(f"the command was killed (signal {os.WTERMSIG(status)}) before it finished: {app} runs the "
+                    "release it ran before, or the new one if it had gone live")
+            problem(f"The next command for {app} finishes or undoes what it left; see what is live: "
+                    f"{ssh_prefix()}releases {app}")
+        os._exit(1)
+    os._exit(os.waitstatus_to_exitcode(status))
 
 
 # Hidden commands that only piku itself runs (hooks, the forced command): never over ssh.

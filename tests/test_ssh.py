@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, PIKU_PY, PYTHON, Emperor, clean_env, kill_and_wait, wait_for_body, wait_until
+from conftest import EXAMPLES, PIKU_PY, PYTHON, Emperor, clean_env, fetch, kill_and_wait, wait_for_body, wait_until
 
 WEB = EXAMPLES / "web"
 SSHD = "/usr/sbin/sshd"
@@ -699,3 +699,43 @@ def test_a_removed_key_is_let_in_no_more(host, bob):
     assert removed.returncode == 0 and "Removed key 'bob'" in removed.stdout, removed.stderr
     assert host.ssh("apps", key=bob).returncode == 255, "sshd refuses the key"
     assert "bob" not in host.ssh("keys").stdout
+
+
+def test_a_change_killed_on_the_server_tells_its_client_why(host, deployed, tmp_path):
+    """kill -9 (or the out-of-memory killer) of a command that changes an app: the ssh client
+    gets the reason and what to do, not ssh's bare 255; the app keeps serving and its lock is free."""
+    import fcntl
+
+    import psutil
+    work = working_copy(host, tmp_path / "killedapp", "a release that waits")
+    (work / "Procfile").write_text("web: python3 app.py\nrelease: sleep $RELEASE_SLEEP\n")
+    (work / "ENV").write_text("RELEASE_SLEEP=0\n")
+    env = host.git_env()
+    run(["git", "add", "--all"], cwd=work, env=env)
+    run(["git", "commit", "--quiet", "-m", "a release phase"], cwd=work, env=env)
+    run(["git", "push", host.url("killedapp"), "HEAD:main"], cwd=work, env=env, timeout=300)
+    url = f"http://127.0.0.1:{host.live_env('killedapp')['PORT']}/"
+    wait_for_body(url, "Hello from killedapp")
+    client = subprocess.Popen(["ssh", *host.ssh_options(), "-p", str(host.port), f"{host.user}@127.0.0.1",
+                               "config:set", "killedapp", "RELEASE_SLEEP=309"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        wait_until(lambda: sleeping(host, "309"), message="the release phase to run")
+        commands = [proc for proc in psutil.process_iter(["username", "cmdline"])
+                    if proc.info["username"] == host.user and "ssh-command" in (proc.info["cmdline"] or [])]
+        working = [proc for proc in commands if proc.ppid() in {other.pid for other in commands}]
+        assert len(working) == 1, commands
+        working[0].kill()
+        out, err = client.communicate(timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert client.returncode == 1, (client.returncode, out, err)
+    assert " !     the command was killed (signal 9) before it finished: killedapp runs the release" in err, err
+    assert "releases killedapp" in err, err
+    assert fetch(url)[1].startswith("Hello from killedapp")
+    with open(host.root / "locks" / "killedapp.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    wait_until(lambda: not sleeping(host, "309"), timeout=20, message="the release phase to end with its command")
+    again = host.ssh("config:set", "killedapp", "RELEASE_SLEEP=0")
+    assert again.returncode == 0, again.stderr
