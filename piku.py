@@ -3254,15 +3254,17 @@ endif =
 LOG_ROTATION_MARK = "piku-rotate-log"
 
 
-def keep_room_for_rotation(log):
-    """log.old, made (empty) when its process starts: the rotation then copies into a file that
-    exists and needs no free inode. Opened without following links or waiting on a FIFO (the
-    folder may be one the app writes); what is already there is left as it is."""
+def keep_room_for_rotation(log, old=None):
+    """log.old (or old), made (empty) when its process starts: the rotation then copies into a
+    file that exists and needs no free inode. Opened without following links or waiting on a
+    FIFO (the folder may be one the app writes); what is already there is left as it is."""
     try:
-        os.close(os.open(log + ".old", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+        make_folder(os.path.dirname(log))
+        os.close(os.open(old or log + ".old", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                          0o600))
     except OSError as error:        # a link or a FIFO the app put there: the rotation's copy fails, not the log
-        notice(f"{log}.old cannot be made ({error.strerror}); that log is emptied without a copy when it is full")
+        warning(f"{old or log + '.old'} cannot be made ({error.strerror}); that log is emptied without a copy "
+                "when it is full")
 
 
 def log_rotation(log, old, maxsize):
@@ -3270,9 +3272,10 @@ def log_rotation(log, old, maxsize):
     copied to old, then emptied (the process keeps appending to the same file). uWSGI's own
     log-maxsize renames the log and opens a new file -- and exits when it cannot, so a disk
     without free inodes would stop every worker in turn. The job's own lines are drained."""
-    command = (f": {LOG_ROTATION_MARK}; if find {shlex.quote(log)} -size +{maxsize}c | grep -q .; "
-               f"then cat {shlex.quote(log)} > {shlex.quote(old)}; : > {shlex.quote(log)}; fi")   # (emptied even
-    # when the copy fails: a log that cannot be copied must not grow until the disk is full)
+    log, old = shlex.quote(log), shlex.quote(old)
+    command = (f": {LOG_ROTATION_MARK}; if find {log} -size +{maxsize}c | grep -q .; then "
+               f"[ -f {old} ] && [ ! -h {old} ] && timeout 10 cat {log} > {old}; : > {log}; fi")   # (emptied
+    # even when the copy fails: a log that cannot be copied must not grow until the disk is full)
     return f"log-drain = {LOG_ROTATION_MARK}\ncron = -1 -1 -1 -1 -1 {uwsgi_escape(command)}\n"
 
 
@@ -4699,6 +4702,7 @@ ${rotation}cron = $minute $hour -1 -1 -1 $command
 def write_daily_job():
     """The daily job, as a uWSGI cron vassal (its name has no '@', so it is no app's)."""
     command = " ".join(shlex.quote(part) for part in (sys.executable, PIKU_SCRIPT, "daily"))
+    keep_room_for_rotation(DAILY_LOG, DAILY_OLD_LOG)
     text = DAILY_JOB.substitute(hour=3, minute=17, log=DAILY_LOG, rotation=log_rotation(DAILY_LOG, DAILY_OLD_LOG,
                                                                                         UWSGI_LOG_MAXSIZE),
                                 command=uwsgi_escape(f"env PIKU_ROOT={shlex.quote(PIKU_ROOT)} {command}"))
@@ -6126,6 +6130,7 @@ def reconcile(app, vhost=True):
             warning(f"v{pending['version']} never reached the branch (its deploy was interrupted); "
                     "the release before it stays live")
             save_releases(app, records[:-1])
+            vhost = True        # it may have written its own vhost before it was stopped
     live = live_release(app)
     running = running_generations(app)
     if live is None:
@@ -6228,6 +6233,9 @@ def settle(app):
     """What doctor does first for each app: when no change of it is under way, finish or undo
     what an interrupted one left (reconcile), so that what it reports -- and what visitors get --
     agrees with the branch and the record. A change under way settles the app itself."""
+    if os.environ.get("PIKU_DOCTOR_READ_ONLY") or os.stat(PIKU_ROOT).st_uid != os.getuid() \
+            or not os.path.isdir(repo_path(app)):
+        return          # (update's check of a new piku.py; another user -- root -- must not own piku's files)
     make_folder(LOCK_ROOT)
     with open(os.path.join(LOCK_ROOT, app + ".lock"), "a") as handle:
         try:
@@ -6235,8 +6243,7 @@ def settle(app):
         except BlockingIOError:
             return
         try:
-            if os.path.isdir(repo_path(app)):
-                reconcile(app, vhost=False)     # what nginx is given, doctor checks and names the fix of
+            reconcile(app, vhost=False)     # what nginx is given, doctor checks and names the fix of
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -7083,8 +7090,12 @@ def run_doctor(apps, health):
             settle(app)
         except PikuError as error:      # what it could not settle, the checks below report
             findings.append(Finding("WARN", f"{app}: {error.message}", also=error.hint))
-        if records_problem(app):
-            findings.append(Finding("FAIL", f"{app}: its release records are {records_problem(app)}; its workers "
+        except OSError as error:
+            findings.append(Finding("WARN", f"{app}: what an interrupted command left could not be settled: "
+                                    f"{error.strerror} ({error.filename})", also="the checks below say why"))
+        lost = records_problem(app)
+        if lost:
+            findings.append(Finding("FAIL", f"{app}: its release records are {lost}; its workers "
                                     "keep running", piku_command("deploy", app),
                                     also="any command that changes the app first rebuilds them from the running "
                                     "workers; deploy also builds the branch again"))
@@ -7472,7 +7483,8 @@ def self_check(candidate):
                         "Nothing was replaced. Check the file you passed.")
     fails = {}
     for script in (PIKU_SCRIPT, candidate):
-        report = subprocess.run([sys.executable, script, "doctor"], capture_output=True, text=True).stdout
+        report = subprocess.run([sys.executable, script, "doctor"], capture_output=True, text=True,
+                                env=dict(os.environ, PIKU_DOCTOR_READ_ONLY="1")).stdout     # it only looks
         fails[script] = {line for line in report.splitlines() if line.startswith("FAIL ")}
     new = sorted(fails[candidate] - fails[PIKU_SCRIPT])
     if new:
@@ -8633,7 +8645,8 @@ def cmd_ssh_command():
         context.command.invoke(context)
 
 
-CHANGING_COMMANDS = frozenset({"config:set", "config:unset", "ps:scale", "restart", "rollback", "deploy", "destroy"})
+CHANGING_COMMANDS = frozenset({"config:set", "config:unset", "ps:scale", "restart", "rollback", "deploy", "destroy",
+                               "stop"})
 
 
 def outlive_a_kill(app):
@@ -8647,18 +8660,19 @@ def outlive_a_kill(app):
     if child == 0:
         ClientWatch.start()
         return
+    terminal = os.isatty(0)         # (with a terminal, its ^C and hang-up reach the child themselves)
     for number in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda number, frame: os.kill(child, number))
+        signal.signal(number, signal.SIG_IGN if terminal and number != signal.SIGTERM else
+                      lambda number, frame: os.kill(child, number))
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     status = os.waitpid(child, 0)[1]
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in (signal.SIGHUP, signal.SIGPIPE):
-        with contextlib.suppress(OSError):      # the client may be gone too
+        with contextlib.suppress(OSError, ClientGone):      # the client may be gone too
             problem(f"the command was killed (signal {os.WTERMSIG(status)}) before it finished: {app} runs the "
                     "release it ran before, or the new one if it had gone live")
-            problem(f"The next command for {app} finishes or undoes what it left; see what is live: "
-                    f"{ssh_prefix()}releases {app}")
-        os._exit(1)
-    os._exit(os.waitstatus_to_exitcode(status))
+            problem(f"The next command for {app} finishes or undoes what it left; settle it and see what is "
+                    f"live: {ssh_prefix()}doctor {app}")
+    os._exit(1 if os.WIFSIGNALED(status) else os.waitstatus_to_exitcode(status))
 
 
 # Hidden commands that only piku itself runs (hooks, the forced command): never over ssh.

@@ -23,6 +23,9 @@ Measures, each RUNS times (median reported):
             app's uv cache on disk, and a first deploy with that cache empty and warm
   nginxfiles  the check of every vhost against NGINX_FILES that runs before each nginx reload,
             with 1, 10, 50 and 100 apps' vhosts
+  durable   one of piku's writes (temporary file, fsync, rename, folder fsync) against a plain
+            rename, and the process guard that runs each command of a vassal outside a sandbox:
+            its start-up and its resident memory
 and the ratio/overhead deps - sync. Needs uv on PATH, uWSGI with its python3 plugin, and
 Debian's python3.11 (the Python uWSGI embeds). Run: make bench  (or python3 bench/deploy_bench.py;
 BENCH_ONLY=apps,switch runs a subset)
@@ -469,6 +472,49 @@ def measure_nginx_files(bench, results):
 
 NGINX_FILES_SIZES = (1, 10, 50, 100)
 
+DURABLE_PROBE = """
+import os, statistics, sys, tempfile, time
+sys.path.insert(0, sys.argv[1])
+import piku
+folder = os.path.join(piku.PIKU_ROOT, "w")
+os.makedirs(folder)
+def renamed(path, text):
+    handle, temp = tempfile.mkstemp(dir=folder)
+    with os.fdopen(handle, "w") as out:
+        out.write(text)
+    os.replace(temp, path)
+for write in (piku.write_atomic, renamed):
+    began = time.perf_counter()
+    for index in range(50):
+        write(os.path.join(folder, str(index)), "x" * 2000)
+    print((time.perf_counter() - began) / 50 * 1000)
+with open(os.path.join(folder, "guard.py"), "w") as out:
+    out.write(piku.PROCESS_GUARD_TEXT)
+print(folder)
+"""
+
+
+def measure_durable(results):
+    """A durable write against a plain rename; the process guard's start-up and memory."""
+    with tempfile.TemporaryDirectory(prefix="piku-durable-") as root:
+        for _ in range(RUNS):
+            shutil.rmtree(os.path.join(root, "w"), ignore_errors=True)
+            durable, renamed, folder = run(["/usr/bin/python3", "-c", DURABLE_PROBE, str(REPO)],
+                                           env=dict(os.environ, PIKU_ROOT=root)).stdout.split()
+            results["durable_write"].append(float(durable))
+            results["renamed_write"].append(float(renamed))
+            guard = ["/usr/bin/python3", "-I", "-S", os.path.join(folder, "guard.py"), "10"]
+            began = time.perf_counter()
+            run([*guard, "true"])
+            results["guard_start"].append((time.perf_counter() - began) * 1000)
+            sleeper = subprocess.Popen([*guard, "sleep 30"], start_new_session=True)
+            time.sleep(0.5)
+            with open(f"/proc/{sleeper.pid}/status") as status:
+                rss = next(line for line in status if line.startswith("VmRSS:")).split()[1]
+            results["guard_rss"].append(int(rss) / 1024)
+            os.killpg(sleeper.pid, signal.SIGKILL)
+            sleeper.wait()
+
 
 def measure(bench):
     results = collections.defaultdict(list)
@@ -484,6 +530,8 @@ def measure(bench):
         measure_sandbox(bench, results)
     if not ONLY or "nginxfiles" in ONLY:
         measure_nginx_files(bench, results)
+    if not ONLY or "durable" in ONLY:
+        measure_durable(results)
     return {name: values for name, values in results.items() if values}
 
 
@@ -528,6 +576,10 @@ def main():
         labels += [(f"nginx_files_{size}_fresh", f"every vhost checked before a reload, {size} apps, no cache, ms"),
                    (f"nginx_files_{size}", f"... with the vhosts' paths kept by an earlier command, ms"),
                    (f"nginx_files_{size}_again", f"... the same command's second check, ms")]
+    labels += [("durable_write", "one durable write (fsync, rename, folder fsync), ms"),
+               ("renamed_write", "... the same write renamed without fsync, ms"),
+               ("guard_start", "the process guard: start, run `true`, end, ms"),
+               ("guard_rss", "the process guard's resident memory, MiB")]
     for name, label in labels:
         if name in results:
             print(f"  {label:60s} {medians[name]:8.3f}   runs: {' '.join(f'{v:.3f}' for v in results[name])}")

@@ -732,7 +732,7 @@ def test_a_change_killed_on_the_server_tells_its_client_why(host, deployed, tmp_
             client.kill()
     assert client.returncode == 1, (client.returncode, out, err)
     assert " !     the command was killed (signal 9) before it finished: killedapp runs the release" in err, err
-    assert "releases killedapp" in err, err
+    assert "doctor killedapp" in err, err
     assert fetch(url)[1].startswith("Hello from killedapp")
     with open(host.root / "locks" / "killedapp.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
