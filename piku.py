@@ -6390,9 +6390,12 @@ def daemon_pids(master):
     found = []
     for child in child_pids(master) or []:
         try:
+            program = os.readlink(f"/proc/{child}/exe")     # first: a fork of the master that is about to
+            if program == exe:                              # exec its cron job is still uWSGI here
+                continue
             with open(f"/proc/{child}/cmdline", "rb") as cmdline:
                 rotation = LOG_ROTATION_MARK.encode() in cmdline.read()
-            if os.readlink(f"/proc/{child}/exe") != exe and not rotation:
+            if not rotation and os.readlink(f"/proc/{child}/exe") == program:
                 found.append(child)
         except OSError:
             continue
