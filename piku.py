@@ -6381,8 +6381,10 @@ def stop_app(app, wait=15.0):
 
 
 def daemon_pids(master):
-    """The commands a vassal runs with attach-daemon: its children that are neither uWSGI nor
-    piku's log rotation (a cron job of the master's, log_rotation)."""
+    """The commands a vassal runs with attach-daemon: its children that uWSGI started in a
+    session of their own (as it does each attach-daemon), neither uWSGI nor piku's log rotation
+    (a cron job of the master's, log_rotation). (In a sandbox the master is PID 1, so what a
+    command leaves behind becomes its child too: those are in the command's session.)"""
     try:
         exe = os.readlink(f"/proc/{master}/exe")
     except OSError:
@@ -6395,9 +6397,11 @@ def daemon_pids(master):
                 continue
             with open(f"/proc/{child}/cmdline", "rb") as cmdline:
                 rotation = LOG_ROTATION_MARK.encode() in cmdline.read()
-            if not rotation and os.readlink(f"/proc/{child}/exe") == program:
+            with open(f"/proc/{child}/stat", "rb") as stat_file:
+                leader = int(stat_file.read().rsplit(b")", 1)[1].split()[3]) == child
+            if leader and not rotation and os.readlink(f"/proc/{child}/exe") == program:
                 found.append(child)
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
     return found
 
