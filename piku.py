@@ -5166,13 +5166,10 @@ def observe(instance, watch, kind):
         watch.master = pid
     if kind.daemon and daemon_exited(instance):
         return f"the command of {instance.name} exited while starting"
-    if kind.daemon and watch.master:
-        if not watch.daemons:
-            found = daemon_pids(watch.master)
-            if found:
-                watch.daemons, watch.since = frozenset(found), time.monotonic()
-        elif not all(pid_alive(daemon) for daemon in watch.daemons):
-            return f"the command of {instance.name} exited while starting"
+    if kind.daemon and watch.master and not watch.daemons:
+        found = daemon_pids(watch.master)       # (an exit of the command is uWSGI's respawn, in its log: above)
+        if found:
+            watch.daemons, watch.since = frozenset(found), time.monotonic()
     return None
 
 
