@@ -3198,10 +3198,8 @@ def uwsgi_number(env, key):
 
 
 def vassal_values(instance, command, env, root, sandboxed=False):
-    """The plain dict a vassal template is filled from (everything escaped). Outside a sandbox
-    each command the vassal runs runs under PROCESS_GUARD."""
+    """The plain dict a vassal template is filled from (everything escaped)."""
     kind = worker_kind(instance.kind, env)
-    guard = (lambda line, grace=DAEMON_GRACE: line) if sandboxed else guarded
     values = {
         "app": instance.app, "name": instance.name, "gen": instance.gen,
         "chdir": root,
@@ -3210,11 +3208,11 @@ def vassal_values(instance, command, env, root, sandboxed=False):
         "log": instance.log,
         "log_maxsize": uwsgi_number(env, "UWSGI_LOG_MAXSIZE"),
         "command": command,
-        "daemon": guard(command),
         "processes": uwsgi_number(env, "UWSGI_PROCESSES"),
         "threads": uwsgi_number(env, "UWSGI_THREADS"),
         "max_requests": uwsgi_number(env, "UWSGI_MAX_REQUESTS"),
         "listen": uwsgi_number(env, "UWSGI_LISTEN"),
+        **vassal_commands(instance, kind, command, env, sandboxed),
     }
     if kind.http:
         values["socket"] = instance.socket
@@ -3224,15 +3222,6 @@ def vassal_values(instance, command, env, root, sandboxed=False):
         values["idle"] = idle_timeout(env)
     if kind.name == "static":
         values["folder"] = static_path(command, root)   # planning checked it stays inside the app
-    if kind.template == "gunicorn":
-        venv_bin = os.path.join(env["VIRTUAL_ENV"], "bin", "gunicorn") if env.get("VIRTUAL_ENV") else "gunicorn"
-        graceful = setting_number(env, ("GUNICORN_GRACEFUL_TIMEOUT",), 20)
-        values["gunicorn"] = guard("exec " + " ".join(shlex.quote(part) for part in (
-            venv_bin, "--config", instance.gunicorn_config, command.strip())), graceful)
-        values["mercy"] = graceful + 1
-    if kind.name == "cron":
-        schedule, cron_command = parse_cron(command, 0)
-        values["cron"] = f"{schedule} {guard(cron_command)}"
     escaped = {key: uwsgi_escape(str(value)) for key, value in values.items()}
     escaped["rotation"] = log_rotation(instance.log, instance.log + ".old", values["log_maxsize"])
     escaped["virtualenv"] = f"virtualenv = {uwsgi_escape(env['VIRTUAL_ENV'])}\n" if env.get("VIRTUAL_ENV") else ""
@@ -3277,6 +3266,23 @@ def log_rotation(log, old, maxsize):
                f"[ -f {old} ] && [ ! -h {old} ] && timeout 10 cat {log} > {old}; : > {log}; fi")   # (emptied
     # even when the copy fails: a log that cannot be copied must not grow until the disk is full)
     return f"log-drain = {LOG_ROTATION_MARK}\ncron = -1 -1 -1 -1 -1 {uwsgi_escape(command)}\n"
+
+
+def vassal_commands(instance, kind, command, env, sandboxed):
+    """The commands a vassal runs (attach-daemon, gunicorn, cron); outside a sandbox each under
+    PROCESS_GUARD."""
+    guard = (lambda line, grace=DAEMON_GRACE: line) if sandboxed else guarded
+    values = {"daemon": guard(command)}
+    if kind.template == "gunicorn":
+        venv_bin = os.path.join(env["VIRTUAL_ENV"], "bin", "gunicorn") if env.get("VIRTUAL_ENV") else "gunicorn"
+        graceful = setting_number(env, ("GUNICORN_GRACEFUL_TIMEOUT",), 20)
+        values["gunicorn"] = guard("exec " + " ".join(shlex.quote(part) for part in (
+            venv_bin, "--config", instance.gunicorn_config, command.strip())), graceful)
+        values["mercy"] = graceful + 1
+    if kind.name == "cron":
+        schedule, cron_command = parse_cron(command, 0)
+        values["cron"] = f"{schedule} {guard(cron_command)}"
+    return values
 
 
 def render_vassal(instance, command, env, root, extra=(), sandboxed=False):
