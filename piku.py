@@ -157,7 +157,7 @@ UMASK = 0o027                       # files piku (and what it runs) creates: the
 HOST_FILES = {}
 # How each shared folder names an app's entry: '' the app's name itself, '.conf' APP.conf, ...
 APP_ENTRIES = {APP_ROOT: ("",), CACHE_ROOT: ("",), DATA_ROOT: ("",), ENV_ROOT: ("",), GIT_ROOT: ("",),
-               LOG_ROOT: ("",), RELEASE_ROOT: ("",), UWSGI_ROOT: ("",), LOCK_ROOT: (".lock",),
+               LOG_ROOT: ("",), RELEASE_ROOT: ("",), UWSGI_ROOT: ("",), LOCK_ROOT: (".lock", ".destroyed"),
                NGINX_ROOT: (".conf", ".crt", ".key", ".acme"), UWSGI_ENABLED: ("@",), SANDBOX_ROOT: ("@",),
                TMP_ROOT: ("",), UV_CACHE_ROOT: ("",)}
 
@@ -946,9 +946,10 @@ def parse_scale_args(args, processes):
 ##############################################################################
 
 def require_app(app):
-    """Validate the name and check the app exists."""
+    """Validate the name and check the app exists (a destroy it committed to is finished first)."""
     validate_app_name(app)
-    if not os.path.isdir(repo_path(app)) and not os.path.exists(app_path(app)):
+    finish_destroy_left(app)
+    if is_destroyed(app) or not os.path.isdir(repo_path(app)) and not os.path.exists(app_path(app)):
         raise PikuError(f"app '{app}' not found",
                         "List apps with 'apps'; push with 'git push piku main' to create one.")
     return app
@@ -6239,21 +6240,34 @@ def settle(app):
     if os.environ.get("PIKU_DOCTOR_READ_ONLY") or os.stat(PIKU_ROOT).st_uid != os.getuid() \
             or not os.path.isdir(repo_path(app)):
         return          # (update's check of a new piku.py; another user -- root -- must not own piku's files)
+    with lock_if_free(app) as free:
+        if free:
+            reconcile(app, vhost=False)     # what nginx is given, doctor checks and names the fix of
+
+
+@contextlib.contextmanager
+def lock_if_free(app):
+    """`with lock_if_free(app) as free:` -- the app's lock if no command holds it (free is True),
+    else nothing: a command under way finishes its own work."""
     make_folder(LOCK_ROOT)
     with open(os.path.join(LOCK_ROOT, app + ".lock"), "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            yield False
             return
         try:
-            reconcile(app, vhost=False)     # what nginx is given, doctor checks and names the fix of
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def still_there(app):
     """A command that waited for the app's lock behind `destroy` finds the app gone and stops,
-    so it cannot bring back a destroyed app's settings or records for a new app to inherit."""
+    so it cannot bring back a destroyed app's settings or records for a new app to inherit.
+    (A destroy that was stopped after its commit point, it finishes first.)"""
+    if is_destroyed(app):
+        finish_destroy(app)
     if not os.path.isdir(repo_path(app)) and not os.path.exists(app_path(app)):
         raise PikuError(f"app '{app}' no longer exists: it was destroyed while this command waited",
                         "Nothing was changed. Push to create it again.")
@@ -6503,6 +6517,9 @@ def install_hooks(app):
 
 
 def ensure_repo(app):
+    finish_destroy_left(app)
+    if is_destroyed(app):
+        raise PikuError(f"{app} is being destroyed", "Push again when its destroy has finished.")
     path = repo_path(app)
     if not os.path.exists(os.path.join(path, "HEAD")):
         with flocked(NAMES_LOCK):       # two first pushes of 'Shop' and 'shop' at once: one is first
@@ -7593,9 +7610,11 @@ def apps_hint():
     return f" Your apps: {', '.join(apps)}." if apps else ""
 
 
-def visible_apps(allowed):
-    """The existing apps a key sees (allowed: its apps, None for every app)."""
-    return [app for app in list_apps() if allowed is None or app in allowed]
+def visible_apps(allowed, destroyed=False):
+    """The existing apps a key sees (allowed: its apps, None for every app), and those whose
+    destroy was stopped half-way if asked."""
+    return [app for app in list_apps()
+            if (allowed is None or app in allowed) and (destroyed or not is_destroyed(app))]
 
 
 @click.group(cls=PikuGroup, context_settings=CONTEXT)
@@ -7612,10 +7631,7 @@ def cli():
 @cli.command("apps")
 def cmd_apps():
     """List apps (* marks the running ones)."""
-    allowed = key_apps()
-    for app in list_apps():
-        if allowed is not None and app not in allowed:
-            continue
+    for app in finish_destroys(visible_apps(key_apps(), destroyed=True)):
         click.echo(("* " if app_units(app) else "  ") + app)
 
 
@@ -7736,34 +7752,93 @@ def set_aside_cache(app):
 @click.argument("app")
 def cmd_destroy(app):
     """Remove the app (its data/APP folder is kept)."""
-    require_app(app)
+    validate_app_name(app)
+    if not is_destroyed(app):
+        require_app(app)
     with AppLock(app):
-        still_there(app)
-        install_vhost(app, None)
-        legacy = [os.path.join(ACME_WWW, "lego", "certificates", os.path.basename(lego_certificate(app, [name])))
-                  + suffix for name in certificate_state(app).get("names", [])
-                  for suffix in (".crt", ".key", ".issuer.crt", ".json")]     # lego's shared folder of earlier versions
-        logs = [nginx_log(app, kind) + suffix for kind in ("access", "error") for suffix in ("", ".1")]
-        for path in (*certificate_files(app), os.path.join(NGINX_ROOT, f"{app}.acme"), *legacy, *logs):
-            if os.path.lexists(path):
-                os.unlink(path)
-        stop_app(app)
-        set_aside_cache(app)
-        for record in glob.glob(os.path.join(SANDBOX_ROOT, glob.escape(app + "@")) + "*"):
-            os.unlink(record)
-        # the repo and apps/APP last: while either is there the app exists, and a destroy that was
-        # stopped half-way can be run again; nothing of it is left for a new app of that name
-        for path in (env_dir(app), os.path.join(LOG_ROOT, app), os.path.join(RELEASE_ROOT, app), runtime_dir(app),
-                     os.path.join(TMP_ROOT, app), os.path.join(UV_CACHE_ROOT, app), app_path(app), repo_path(app)):
-            if os.path.islink(path):
-                os.unlink(path)
-            elif os.path.isdir(path):
-                step(f"Removing {path}")
-                shutil.rmtree(path)
+        if not is_destroyed(app):
+            still_there(app)
+            try:
+                write_atomic(destroy_mark(app), f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n", mode=0o600)
+            except OSError as error:
+                raise PikuError(f"{app} was not destroyed: {destroy_mark(app)} could not be written "
+                                f"({error.strerror}); nothing was changed",
+                                f"Make room under {PIKU_ROOT} (df -h, df -i) and run destroy again.") from None
+        finish_destroy(app)
     data = os.path.join(DATA_ROOT, app)
     if os.path.isdir(data):
         notice(f"kept {data}; remove it yourself if you no longer need it")
     step(f"{app} destroyed")
+
+
+def destroy_mark(app):
+    """locks/APP.destroyed: the commit point of `destroy`, written (durably) before anything of the
+    app is removed and removed last. While it is there the app is gone for every command, and the
+    next piku process that touches the name -- a command for it, `apps`, doctor, a push -- finishes
+    the removal (finish_destroy)."""
+    return os.path.join(LOCK_ROOT, app + ".destroyed")
+
+
+def is_destroyed(app):
+    return os.path.lexists(destroy_mark(app))
+
+
+def finish_destroys(apps):
+    """apps without the destroyed ones: a destroy that was stopped half-way is finished first."""
+    for app in apps:
+        finish_destroy_left(app)
+    return [app for app in apps if not is_destroyed(app) and (os.path.isdir(repo_path(app))
+                                                               or os.path.lexists(app_path(app)))]
+
+
+def finish_destroy_left(app):
+    """Finish the destroy of app that was stopped after its commit point, unless a command holds
+    the app's lock (that one finishes it). Outside the app's lock only."""
+    if not is_destroyed(app):
+        return
+    with lock_if_free(app) as free:
+        if free and is_destroyed(app):
+            warning(f"finishing the destroy of {app}, which was stopped half-way")
+            finish_destroy(app, quiet=True)
+
+
+def finish_destroy(app, quiet=False):
+    """Remove everything of a destroyed app but its data folder, in an order that can be run again
+    from any point: the vhost first (nginx stops sending visitors), then its processes, its files,
+    and the mark last. Under the app's lock."""
+    try:
+        write_vhost(app, None)
+        serve_vhost(app, None)          # even when the vhost had gone already: a stopped destroy may
+        remove_app_files(app, quiet)    # have removed it before nginx was reloaded
+        os.unlink(destroy_mark(app))
+        fsync_folder(LOCK_ROOT)
+    except OSError as error:
+        raise PikuError(f"{app} is destroyed, but {error.filename} could not be removed ({error.strerror})",
+                        f"Its workers and vhost are gone or going; run '{piku_command('destroy', app)}' "
+                        "again to finish.") from None
+
+
+def remove_app_files(app, quiet):
+    legacy = [os.path.join(ACME_WWW, "lego", "certificates", os.path.basename(lego_certificate(app, [name])))
+              + suffix for name in certificate_state(app).get("names", [])
+              for suffix in (".crt", ".key", ".issuer.crt", ".json")]     # lego's shared folder of earlier versions
+    logs = [nginx_log(app, kind) + suffix for kind in ("access", "error") for suffix in ("", ".1")]
+    for path in (*certificate_files(app), os.path.join(NGINX_ROOT, f"{app}.acme"), *legacy, *logs):
+        if os.path.lexists(path):
+            os.unlink(path)
+    stop_app(app)
+    set_aside_cache(app)
+    for record in glob.glob(os.path.join(SANDBOX_ROOT, glob.escape(app + "@")) + "*"):
+        os.unlink(record)
+    # the repo and apps/APP last: the name is free for a new app only when all else has gone
+    for path in (env_dir(app), os.path.join(LOG_ROOT, app), os.path.join(RELEASE_ROOT, app), runtime_dir(app),
+                 os.path.join(TMP_ROOT, app), os.path.join(UV_CACHE_ROOT, app), app_path(app), repo_path(app)):
+        if os.path.islink(path):
+            os.unlink(path)
+        elif os.path.isdir(path):
+            if not quiet:
+                step(f"Removing {path}")
+            shutil.rmtree(path)
 
 
 LOG_LINK = re.compile(r"g[0-9]+/[A-Za-z0-9_-]+\.[0-9]+\.log")
@@ -8155,7 +8230,7 @@ def cmd_doctor(app):
     else:
         if app:
             require_app(app)
-        findings = run_doctor([app] if app else list_apps(), health=bool(app))
+        findings = run_doctor([app] if app else finish_destroys(list_apps()), health=bool(app))
     show_findings(findings)
     failed = sum(finding.level == "FAIL" for finding in findings)
     warned = sum(finding.level == "WARN" for finding in findings)
@@ -8678,10 +8753,14 @@ def outlive_a_kill(app):
     status = os.waitpid(child, 0)[1]
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in (signal.SIGHUP, signal.SIGPIPE):
         with contextlib.suppress(OSError, ClientGone):      # the client may be gone too
-            problem(f"the command was killed (signal {os.WTERMSIG(status)}) before it finished: {app} runs the "
-                    "release it ran before, or the new one if it had gone live")
-            problem(f"The next command for {app} finishes or undoes what it left; settle it and see what is "
-                    f"live: {ssh_prefix()}doctor {app}")
+            killed = f"the command was killed (signal {os.WTERMSIG(status)}) before it finished"
+            if is_destroyed(app):
+                problem(f"{killed}: {app} is destroyed, and the next command that names it removes what is left")
+                problem(f"Finish it now: {ssh_prefix()}destroy {app}")
+            else:
+                problem(f"{killed}: {app} runs the release it ran before, or the new one if it had gone live")
+                problem(f"The next command for {app} finishes or undoes what it left; settle it and see what is "
+                        f"live: {ssh_prefix()}doctor {app}")
     os._exit(1 if os.WIFSIGNALED(status) else os.waitstatus_to_exitcode(status))
 
 
@@ -8707,7 +8786,7 @@ def cmd_git_receive_pack(app):
 def cmd_git_upload_pack(app):
     """INTERNAL: serve a clone or fetch."""
     app = git_path_to_app(app)
-    if not os.path.isdir(repo_path(app)):
+    if not os.path.isdir(repo_path(app)) or is_destroyed(app):
         raise PikuError(f"app '{app}' not found")
     os.execvp("git", ["git", "upload-pack", repo_path(app)])
 

@@ -422,3 +422,76 @@ def test_a_command_killed_at_a_random_moment_leaves_old_or_new_and_the_next_touc
     print(f"\n{command} SIGKILLed 30 times after 0-{took * 1.2:.2f} s: {outcomes}; {load.report()}")
     assert load.count > 100 and not load.failures, load.report()
 
+
+
+# --- destroy: failed at each write, killed at random moments -------------------------------------
+
+def destroy_left(piku, app):
+    """What is left of app after a destroy: its entries in piku's folders, its processes."""
+    root = piku.root
+    left = [str(path.relative_to(root)) for path in
+            (*(root / folder / app for folder in ("repos", "apps", "envs", "logs", "releases", "uwsgi", "tmp", "uv")),
+             root / "nginx" / f"{app}.conf", root / "locks" / f"{app}.destroyed") if os.path.lexists(path)]
+    left += [f"{folder}/{path.name}" for folder in ("uwsgi-enabled", "sandbox") for path in
+             (root / folder).glob(f"{app}@*")]
+    return left + [f"process {pid}: {command}" for pid, command in app_processes(piku, app).items()]
+
+
+def test_a_destroy_failed_at_any_write_or_killed_at_any_moment_leaves_the_app_or_nothing(piku, emperor, make_app,
+                                                                                        tmp_path):
+    """Its commit point is locks/APP.destroyed: before it the app is whole and serving, after it
+    the app is gone for every command and the next touch (apps, doctor, a push) removes the rest.
+    A neighbour app serves throughout."""
+    import random
+    import subprocess
+    from conftest import PIKU_PY, PYTHON
+    rng = random.Random(2323)
+    make_app(WEB, "neighbour").push()
+    neighbour = piku.url("neighbour")
+    app = make_app(WEB, "doomed")
+    app.push()
+    log = tmp_path / "writes.log"
+    started = time.monotonic()
+    piku.env["PIKU_TEST_WRITE_LOG"] = str(log)
+    piku("destroy", "doomed")
+    del piku.env["PIKU_TEST_WRITE_LOG"]
+    took = time.monotonic() - started
+    assert destroy_left(piku, "doomed") == []
+    sites = write_sites(log)
+    outcomes = {"old": 0, "new": 0}
+    with LoadLoop(neighbour, clients=1, seconds=600, limit=10**6, pause=0.005) as load:
+        for number in sites:                    # each write failed in turn: nothing changed, or destroyed
+            app.push()
+            url = piku.url("doomed")
+            piku.env["PIKU_TEST_WRITE_FAILS"] = f"#{number}"
+            failed = piku("destroy", "doomed", check=False)
+            del piku.env["PIKU_TEST_WRITE_FAILS"]
+            said = failed.stdout + failed.stderr
+            assert "Traceback" not in said and (failed.returncode == 0 or " !     " in failed.stderr), said
+            if failed.returncode and "nothing was changed" in failed.stderr:
+                check_agreement(piku, "doomed", url)
+                piku("destroy", "doomed")
+            assert "doomed" not in piku("apps").stdout.split() and destroy_left(piku, "doomed") == [], said
+        for trial in range(30):                 # killed at random moments
+            if not os.path.exists(piku.root / "repos" / "doomed"):
+                app.push()
+                wait_until(lambda: lock_free(piku, "doomed"), timeout=10, message="the push's keeper let go")
+            url = piku.url("doomed")
+            running = subprocess.Popen([PYTHON, str(PIKU_PY), "destroy", "doomed"], env=piku.env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0, took * 1.2))
+            running.send_signal(signal.SIGKILL)
+            running.wait()
+            assert lock_free(piku, "doomed")
+            touch = piku(*(["apps"] if trial % 5 else ["doctor"]), check=False)     # the next touch
+            assert "Traceback" not in touch.stdout + touch.stderr, touch.stderr
+            if os.path.exists(piku.root / "repos" / "doomed"):
+                outcomes["old"] += 1
+                assert "doomed" in piku("apps").stdout.split()
+                check_agreement(piku, "doomed", url)
+            else:
+                outcomes["new"] += 1
+                assert "doomed" not in piku("apps").stdout.split() and destroy_left(piku, "doomed") == [], touch.stderr
+    print(f"\ndestroy: {len(sites)} writes failed in turn; SIGKILLed 30 times after 0-{took * 1.2:.2f} s: "
+          f"{outcomes}; neighbour: {load.report()}")
+    assert load.count > 100 and not load.failures, load.report()
