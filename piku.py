@@ -4633,7 +4633,7 @@ def renew_certificates(days=RENEW_DAYS, spread=False):
     as a daily job should, so the CA does not get every host's renewals at the same minute."""
     client = lego_client()         # what issued them, whatever else the host has since
     failed = []
-    for app in list_apps():
+    for app in visible_apps(None):
         state = certificate_state(app)
         if not state.get("issued") or state.get("client") != "lego":
             continue
@@ -4732,7 +4732,7 @@ def rotate_nginx_logs():
     if not WHOLE_NUMBER.fullmatch(value):
         raise PikuError(f"PIKU_NGINX_LOG_MAXSIZE={value!r} is not a number of bytes", f"Fix it in {HOST_ENV}.")
     rotated = []
-    for app in list_apps():
+    for app in visible_apps(None):
         moved = False
         for path in (nginx_log(app, "access"), nginx_log(app, "error")):
             try:
@@ -6237,12 +6237,18 @@ def settle(app):
     """What doctor does first for each app: when no change of it is under way, finish or undo
     what an interrupted one left (reconcile), so that what it reports -- and what visitors get --
     agrees with the branch and the record. A change under way settles the app itself."""
-    if os.environ.get("PIKU_DOCTOR_READ_ONLY") or os.stat(PIKU_ROOT).st_uid != os.getuid() \
-            or not os.path.isdir(repo_path(app)):
-        return          # (update's check of a new piku.py; another user -- root -- must not own piku's files)
+    if not may_settle() or not os.path.isdir(repo_path(app)):
+        return
     with lock_if_free(app) as free:
         if free:
             reconcile(app, vhost=False)     # what nginx is given, doctor checks and names the fix of
+
+
+def may_settle():
+    """May this process finish what an interrupted command left? Not update's check of a new
+    piku.py (PIKU_DOCTOR_READ_ONLY: it only looks), nor another user -- root -- who must not own
+    piku's files or miss the piku user's processes."""
+    return not os.environ.get("PIKU_DOCTOR_READ_ONLY") and os.stat(PIKU_ROOT).st_uid == os.getuid()
 
 
 @contextlib.contextmanager
@@ -6989,6 +6995,17 @@ def check_disk():
                   + (f": {disk_problem()}, less than one deploy needs" if level == "FAIL" else ""),
                   also="" if level == "OK" else f"see what takes it: du -sh {shlex.quote(PIKU_ROOT)}/*; "
                   "remove apps you no longer need (destroy APP) and old logs")
+
+
+@host_check
+def check_destroys():
+    """A destroy stopped half-way that the finish (before the checks) could not complete."""
+    allowed = key_apps()
+    marks = os.listdir(LOCK_ROOT) if os.path.isdir(LOCK_ROOT) else []
+    for app in sorted(name[:-len(".destroyed")] for name in marks if name.endswith(".destroyed")):
+        if APP_NAME.fullmatch(app) and (allowed is None or app in allowed):
+            yield Finding("FAIL", f"{app}: its destroy stopped half-way and what is left of it could not be "
+                          "removed (the message above says what)", piku_command("destroy", app))
 
 
 @app_check
@@ -7739,13 +7756,12 @@ def set_aside_cache(app):
     """nginx's cache of a destroyed app: renamed at once (a new app of that name starts with an
     empty one), then removed as far as the piku user may -- nginx's workers own what they wrote."""
     cache = os.path.join(CACHE_ROOT, app)
-    if not os.path.isdir(cache) or os.path.islink(cache):
-        return
-    aside = os.path.join(CACHE_ROOT, f".destroyed-{app}-{time.strftime('%Y%m%d%H%M%S')}")
-    os.replace(cache, aside)
-    shutil.rmtree(aside, ignore_errors=True)
-    if os.path.exists(aside):
-        warning(f"{aside} holds nginx's cached answers, which only root may remove: rm -rf {aside}")
+    if os.path.isdir(cache) and not os.path.islink(cache):
+        os.replace(cache, os.path.join(CACHE_ROOT, f".destroyed-{app}-{time.strftime('%Y%m%d%H%M%S')}"))
+    for aside in glob.glob(os.path.join(CACHE_ROOT, glob.escape(f".destroyed-{app}-")) + "[0-9]" * 14):
+        shutil.rmtree(aside, ignore_errors=True)        # (and what a destroy stopped half-way left)
+        if os.path.exists(aside):
+            warning(f"{aside} holds nginx's cached answers, which only root may remove: rm -rf {aside}")
 
 
 @cli.command("destroy")
@@ -7761,9 +7777,11 @@ def cmd_destroy(app):
             try:
                 write_atomic(destroy_mark(app), f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n", mode=0o600)
             except OSError as error:
-                raise PikuError(f"{app} was not destroyed: {destroy_mark(app)} could not be written "
-                                f"({error.strerror}); nothing was changed",
-                                f"Make room under {PIKU_ROOT} (df -h, df -i) and run destroy again.") from None
+                if not is_destroyed(app):   # (renamed into place, then its folder's fsync failed: committed)
+                    raise PikuError(f"{app} was not destroyed: {destroy_mark(app)} could not be written "
+                                    f"({error.strerror}); nothing was changed",
+                                    f"See what the disk says (df -h {PIKU_ROOT}; df -i; dmesg) and run destroy "
+                                    "again.") from None
         finish_destroy(app)
     data = os.path.join(DATA_ROOT, app)
     if os.path.isdir(data):
@@ -7793,13 +7811,17 @@ def finish_destroys(apps):
 
 def finish_destroy_left(app):
     """Finish the destroy of app that was stopped after its commit point, unless a command holds
-    the app's lock (that one finishes it). Outside the app's lock only."""
-    if not is_destroyed(app):
+    the app's lock (that one finishes it) or this process only looks (may_settle). What cannot be
+    removed is said, and the app stays out of every list. Outside the app's lock only."""
+    if not is_destroyed(app) or not may_settle():
         return
     with lock_if_free(app) as free:
         if free and is_destroyed(app):
             warning(f"finishing the destroy of {app}, which was stopped half-way")
-            finish_destroy(app, quiet=True)
+            try:
+                finish_destroy(app, quiet=True)
+            except PikuError as error:
+                problem(f"{error.message}\n{error.hint}")
 
 
 def finish_destroy(app, quiet=False):
@@ -7813,7 +7835,8 @@ def finish_destroy(app, quiet=False):
         os.unlink(destroy_mark(app))
         fsync_folder(LOCK_ROOT)
     except OSError as error:
-        raise PikuError(f"{app} is destroyed, but {error.filename} could not be removed ({error.strerror})",
+        raise PikuError(f"{app} is destroyed, but {error.filename or 'one of its files'} could not be removed "
+                        f"({error.strerror})",
                         f"Its workers and vhost are gone or going; run '{piku_command('destroy', app)}' "
                         "again to finish.") from None
 

@@ -492,6 +492,27 @@ def test_a_destroy_failed_at_any_write_or_killed_at_any_moment_leaves_the_app_or
             else:
                 outcomes["new"] += 1
                 assert "doomed" not in piku("apps").stdout.split() and destroy_left(piku, "doomed") == [], touch.stderr
+        if not os.path.exists(piku.root / "repos" / "doomed"):
+            app.push()
+        mark = piku.root / "locks" / "doomed.destroyed"
+        mark.write_text("")                     # a destroy stopped after its commit point, and
+        piku.env["PIKU_DOCTOR_READ_ONLY"] = "1"     # update's check of a new piku.py, which only looks
+        looked = piku("doctor", check=False)
+        del piku.env["PIKU_DOCTOR_READ_ONLY"]
+        assert os.path.exists(piku.root / "repos" / "doomed") and "Traceback" not in looked.stderr
+        mark.unlink()
+        (mark / "stuck").mkdir(parents=True)    # what cannot be removed: said, and nothing else stops
+        listed = piku("apps")
+        assert "doomed" not in listed.stdout.split() and "neighbour" in listed.stdout.split()
+        assert " !     doomed is destroyed, but" in listed.stderr, listed.stderr
+        doctor = piku("doctor", check=False)
+        assert doctor.returncode == 1 and "FAIL  doomed: its destroy stopped half-way" in doctor.stdout, doctor.stdout
+        assert "destroy doomed" in doctor.stdout and "neighbour" in doctor.stdout
+        (mark / "stuck").rmdir()
+        mark.rmdir()
+        mark.write_text("")
+        assert piku("destroy", "doomed").stdout.endswith("doomed destroyed\n")     # the fix, typed
+        assert destroy_left(piku, "doomed") == []
     print(f"\ndestroy: {len(sites)} writes failed in turn; SIGKILLed 30 times after 0-{took * 1.2:.2f} s: "
           f"{outcomes}; neighbour: {load.report()}")
     assert load.count > 100 and not load.failures, load.report()
