@@ -1913,6 +1913,7 @@ class BuildContext:
 @dataclass
 class BuildResult:
     env: dict = field(default_factory=dict)      # additions for every process of the app
+    environments: list = field(default_factory=list)    # the folders in envs/APP/ the release runs with
 
 
 class StaticBuildpack:
@@ -2116,7 +2117,7 @@ class PythonBuildpack:
             additions["WSGI_SERVER"] = server
         notice(f"Python environment ready in {time.monotonic() - started:.2f} s")
         collect_static(context, dict(context.env, **additions))
-        return BuildResult(additions)
+        return BuildResult(additions, [venv])
 
     def check(self, context, uv, tool_env):
         """Refuse what cannot build, before any work (tools, project shape)."""
@@ -4771,6 +4772,7 @@ class Release:
     ref: str = "refs/heads/main"
     committed: bool = False
     sandboxed: bool = True          # its code runs in the app's sandbox (app_sandboxed)
+    environments: list = field(default_factory=list)    # what its build made or reused in envs/APP/
 
 
 def new_release_dir(app, rev):
@@ -5084,6 +5086,7 @@ def build_release(release):
     result = pack.build(BuildContext(release.app, release.root, release.processes, dict(release.env),
                                      release.config, release.repo_env, release.sandboxed))
     release.env.update(result.env)
+    release.environments = list(result.environments)
     check_environment_size(release.app, release.env)
     served = next((kind for kind in HTTP_APP_KINDS if kind in release.processes), None)
     if release.env.get("NGINX_STATIC_PATHS") and served and worker_kind(served, release.env).name != "wsgi" \
@@ -5400,7 +5403,8 @@ def start_generation(generation):
     make_folder(os.path.join(LOG_ROOT, release.app, f"g{generation.gen}"))
     write_wrapper()
     meta = {"root": release.root, "virtualenv": release.env.get("VIRTUAL_ENV"), "rev": release.rev,
-            "ref": release.ref, "env": release.env, "config": release.config, "scaling": generation.scaling}
+            "ref": release.ref, "env": release.env, "config": release.config, "scaling": generation.scaling,
+            "environments": release.environments}
     write_atomic(generation_record(release.app, generation.gen), json.dumps(meta) + "\n", mode=0o600)
     for instance in generation.instances:       # bwrap's report of an earlier instance of that name (ps:scale)
         with contextlib.suppress(FileNotFoundError):
@@ -5744,8 +5748,8 @@ def record_release(release, cause, gen, state="live"):
     records = load_releases(release.app)
     record = {"version": records[-1]["version"] + 1 if records else 1, "rev": release.rev, "ref": release.ref,
               "root": release.root, "env": release.env, "config": release.config, "scaling": release.scaling,
-              "created": time.strftime("%Y-%m-%d %H:%M:%S"), "by": who_deploys(), "cause": cause,
-              "gen": gen, "state": state}
+              "environments": release.environments, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "by": who_deploys(), "cause": cause, "gen": gen, "state": state}
     commit_releases(release.app, records + [record])     # the commit point: the record names what is live
     try:
         write_live_files(release.app, record)
@@ -5782,12 +5786,13 @@ def release_from_record(app, record):
     if not os.path.isdir(root) or (project_site(root) in record["env"].get("PYTHONPATH", "").split(":")
                                    and not os.path.isdir(project_site(root))):
         raise PikuError(f"the code of v{record['version']} is no longer kept ({root} is gone)", again)
-    venv = record["env"].get("VIRTUAL_ENV")
-    if venv and not os.path.exists(os.path.join(venv, ENV_MARKER)):
-        raise PikuError(f"the Python environment of v{record['version']} is no longer kept ({venv})", again)
+    gone = environments_gone(app, record)
+    if gone:
+        raise PikuError(f"the environment of v{record['version']} is no longer kept ({gone[0]})", again)
     processes = parse_procfile(read_pushed_text(root, "Procfile"))
     return Release(app, record["rev"], root, processes, dict(record["env"]), dict(record["scaling"]),
-                   {}, dict(record["config"]), record.get("ref") or "refs/heads/main")
+                   {}, dict(record["config"]), record.get("ref") or "refs/heads/main",
+                   environments=record_environments(app, record))
 
 
 def keep_count(env):
@@ -5795,11 +5800,20 @@ def keep_count(env):
     return max(1, int(value)) if WHOLE_NUMBER.fullmatch(value) else int(KEEP_RELEASES)
 
 
-def environment_gone(app, record):
-    """Is the environment piku built for a release record gone (or never finished)? A VIRTUAL_ENV
-    of the app's own settings, outside piku's environments, is none of piku's business."""
+def record_environments(app, record):
+    """The environments (folders in envs/APP/) a release record runs with: what its build listed,
+    or for a record of an earlier piku.py, its VIRTUAL_ENV when that is one of piku's. (A
+    VIRTUAL_ENV of the app's own settings, outside envs/APP/, is none of piku's business.)"""
+    listed = record.get("environments")
+    if isinstance(listed, list) and all(isinstance(path, str) for path in listed):
+        return [path for path in listed if inside(path, env_dir(app))]
     venv = record["env"].get("VIRTUAL_ENV")
-    return bool(venv) and inside(venv, env_dir(app)) and not os.path.exists(os.path.join(venv, ENV_MARKER))
+    return [venv] if isinstance(venv, str) and venv and inside(venv, env_dir(app)) else []
+
+
+def environments_gone(app, record):
+    """The environments of a release record that are gone (or were never finished)."""
+    return [path for path in record_environments(app, record) if not os.path.exists(os.path.join(path, ENV_MARKER))]
 
 
 def prune(app):
@@ -5809,31 +5823,33 @@ def prune(app):
     if not records:
         return
     kept = records[-keep_count(records[-1]["env"]):]
-    for record in [record for record in kept[:-1] if environment_gone(app, record)]:
+    for record in [record for record in kept[:-1] if environments_gone(app, record)]:
         notice(f"v{record['version']} is no longer kept: its environment is gone, so it could not run again")
         kept.remove(record)
     if len(kept) < len(records):
         save_releases(app, kept)
     roots = {record["root"] for record in kept}
-    venvs = {record["env"].get("VIRTUAL_ENV") for record in kept}
+    used = {path for record in kept for path in record_environments(app, record)}
     running = running_generations(app)
     for gen in running:
         try:
             meta = json.loads(read_text(generation_record(app, gen)) or "{}")
         except ValueError:
             continue
-        roots.add(meta.get("root"))
-        venvs.add(meta.get("virtualenv"))
+        if isinstance(meta, dict):
+            roots.add(meta.get("root"))
+            used.update(meta.get("environments") or [meta.get("virtualenv")])
     parent = os.path.join(RELEASE_ROOT, app)
     for name in os.listdir(parent) if os.path.isdir(parent) else []:
         path = os.path.join(parent, name)
         if path not in roots and path.removesuffix(".site") not in roots:     # RELEASE.site: its packages
             shutil.rmtree(path, ignore_errors=True)
-    for path in glob.glob(os.path.join(env_dir(app), "python-*")):
-        if path not in venvs:
+    for name in os.listdir(env_dir(app)):
+        path = os.path.join(env_dir(app), name)
+        if ENVIRONMENT_NAME.fullmatch(name) and path not in used:
             shutil.rmtree(path, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):      # (none for one built before the sandbox)
-                os.unlink(os.path.join(SANDBOX_ROOT, f"{app}@{os.path.basename(path)}.python"))
+                os.unlink(os.path.join(SANDBOX_ROOT, f"{app}@{name}.python"))
     prune_generation_folders(app, running)
 
 
@@ -6106,9 +6122,11 @@ def record_from_generation(app, gen):
         match = GENERATION_UNIT.fullmatch(unit)
         if match and int(match.group(1)) == gen:
             scaling[match.group(2)] = max(scaling.get(match.group(2), 0), int(match.group(3)))
-    return {"version": 1, "rev": meta["rev"], "ref": meta["ref"], "root": meta["root"], "env": meta["env"],
-            "config": meta["config"], "scaling": scaling, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "by": "piku", "cause": "rebuilt from the running workers", "gen": gen, "state": "live"}
+    record = {"version": 1, "rev": meta["rev"], "ref": meta["ref"], "root": meta["root"], "env": meta["env"],
+              "config": meta["config"], "scaling": scaling, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "by": "piku", "cause": "rebuilt from the running workers", "gen": gen, "state": "live"}
+    record["environments"] = record_environments(app, dict(record, environments=meta.get("environments")))
+    return record
 
 
 def not_deployed(app):
@@ -7090,10 +7108,11 @@ def check_app_python(app, record):
 @app_check
 def check_app_environments(app, record):
     for kept in load_releases(app):
-        if environment_gone(app, kept):
+        gone = environments_gone(app, kept)
+        if gone:
             live = kept["version"] == record["version"]
-            yield Finding("FAIL" if live else "WARN", f"{app}: the Python environment of v{kept['version']} is "
-                          f"gone ({kept['env']['VIRTUAL_ENV']})" +
+            yield Finding("FAIL" if live else "WARN", f"{app}: the environment of v{kept['version']} is "
+                          f"gone ({', '.join(gone)})" +
                           ("; the live workers use it" if live else "; it cannot be rolled back to"),
                           piku_command("deploy" if live else "restart", app),
                           also="a deploy builds it again" if live else

@@ -162,7 +162,7 @@ def test_doctor_passes_a_healthy_host_and_finds_each_seeded_fault(piku, emperor,
     old_env = piku.releases("doc")[0]["env"]["VIRTUAL_ENV"]
     shutil.rmtree(old_env)
     code, report = doctor(piku)
-    assert code == 0 and f"doc: the Python environment of v1 is gone ({old_env})" in report, report
+    assert code == 0 and f"doc: the environment of v1 is gone ({old_env})" in report, report
 
     # an app served by uWSGI whose environment has another Python than uWSGI embeds
     records = piku.releases("doc")
@@ -257,10 +257,14 @@ def test_doctor_as_root_on_a_host_without_piku_says_install(tmp_path):
 
 def test_a_kept_release_is_dropped_only_when_its_piku_built_environment_is_gone(tmp_path):
     import piku as piku_module
+    gone = piku_module.environments_gone
     built = os.path.join(piku_module.env_dir("shop"), "python-0123")
-    assert piku_module.environment_gone("shop", {"env": {"VIRTUAL_ENV": built}})
-    assert not piku_module.environment_gone("shop", {"env": {"VIRTUAL_ENV": str(tmp_path)}})   # the app's own setting
-    assert not piku_module.environment_gone("shop", {"env": {}})
+    assert gone("shop", {"env": {"VIRTUAL_ENV": built}}) == [built]            # a record of an earlier piku.py
+    assert gone("shop", {"env": {"VIRTUAL_ENV": str(tmp_path)}}) == []         # the app's own setting
+    assert gone("shop", {"env": {}}) == []
+    node = os.path.join(piku_module.env_dir("shop"), "node-4567")             # the record lists them all
+    assert gone("shop", {"env": {"VIRTUAL_ENV": built}, "environments": [built, node]}) == [built, node]
+    assert gone("shop", {"env": {}, "environments": [str(tmp_path), "/etc"]}) == []   # none of piku's
 
 
 def assert_every_line_says_something(report):

@@ -107,8 +107,11 @@ def test_rollback_runs_the_kept_release_without_building(piku, emperor, make_app
     mark(app, FLASK_UWSGI, "wsgi.py", "Sixed")
     assert "Running uv sync" in app.push().output
     wait_for_body(piku.url("back", "/import/six"), "yes")
+    first, second = piku.releases("back")           # each record lists the environments it runs with
+    assert first["environments"] == [first["env"]["VIRTUAL_ENV"]] != second["environments"], (first, second)
 
     result = piku("rollback", "back")
+    assert piku.releases("back")[-1]["environments"] == first["environments"]
     assert "uv" not in result.stdout and "Building" not in result.stdout, result.stdout
     wait_for_body(url, "Hello from back")
     wait_for_body(piku.url("back", "/import/six"), "no")
@@ -127,6 +130,10 @@ def test_rollback_runs_the_kept_release_without_building(piku, emperor, make_app
         refused = piku("rollback", "back", bad, check=False)
         assert refused.returncode == 1 and message in refused.stderr, (bad, refused.stderr)
         assert "Traceback" not in refused.stderr
+    piku("config:set", "back", "PIKU_KEEP_RELEASES=1")     # prune: only what the kept record lists stays
+    live = piku.releases("back")
+    assert len(live) == 1 and sorted(map(str, (piku.root / "envs" / "back").glob("python-*"))) == \
+        live[0]["environments"], live
 
 
 def test_failed_deploys_change_nothing_a_visitor_sees(piku, emperor, make_app, toolchain):
