@@ -973,10 +973,11 @@ def inside(path, root):
     return os.path.commonpath([os.path.realpath(path), real_root]) == real_root
 
 
-def read_pushed_bytes(root, name, limit):
+def read_pushed_bytes(root, name, limit, head=False):
     """A file of the pushed tree, or None when there is none. It must stay inside the release
-    once symlinks are followed and be a regular file of at most limit bytes; it is opened without
-    blocking, so a link to a FIFO or a device is refused instead of hanging or filling memory."""
+    once symlinks are followed and be a regular file of at most limit bytes (head: its first limit
+    bytes, whatever its size); it is opened without blocking, so a link to a FIFO or a device is
+    refused instead of hanging or filling memory."""
     path = os.path.join(root, name)
     if not os.path.lexists(path):
         return None
@@ -991,7 +992,7 @@ def read_pushed_bytes(root, name, limit):
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise PikuError(f"{name} in the pushed code is not a regular file", f"Commit {name} as a plain file.")
-        if info.st_size > limit:
+        if info.st_size > limit and not head:
             raise PikuError(f"{name} in the pushed code is {info.st_size} bytes; piku reads at most {limit}")
         return handle.read(limit + 1)[:limit]
 
@@ -1961,6 +1962,135 @@ PYTHON_MANIFESTS = ("uv.lock", "poetry.lock", "Pipfile.lock", "requirements.txt"
 
 def python_manifests(root):
     return [name for name in PYTHON_MANIFESTS if os.path.isfile(os.path.join(root, name))]
+
+
+# --- Node: package.json, its package manager and its lock ---------------------------------------
+# A package.json with no Python manifest beside it is a Node app; beside one, the Python app's
+# assets are built with Node first. Which manager installs it: package.json's packageManager,
+# else upstream piku's NODE_PACKAGE_MANAGER setting (its first word), else the lockfile.
+
+NODE_LOCKFILES = {"npm-shrinkwrap.json": "npm", "package-lock.json": "npm", "pnpm-lock.yaml": "pnpm",
+                  "yarn.lock": "yarn"}      # (npm installs from its shrinkwrap when both are there)
+NODE_MANAGERS = ("npm", "pnpm", "yarn")
+PACKAGE_MANAGER_FIELD = re.compile(r"(npm|pnpm|yarn)@([0-9]+)\.[0-9]+\.[0-9]+(-[0-9A-Za-z.-]+)?"
+                                   r"(\+[A-Za-z0-9]+\.[0-9a-fA-F]+)?")
+PACKAGE_JSON_MAX = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class NodeManager:
+    """The package manager that installs a Node app, and why it was chosen."""
+    name: str               # npm, pnpm or yarn
+    version: str            # what packageManager pins ('' when nothing does)
+    lockfile: str           # the lock it installs from ('' when there is none)
+    source: str             # what chose it, as the push says
+    berry: bool = False     # Yarn 2 or later (Berry), not Yarn 1
+    ignored: str = ""       # words of NODE_PACKAGE_MANAGER after the manager's name
+
+
+def read_package_json(root):
+    """package.json of the pushed tree as a dict ({} when there is none)."""
+    text = read_pushed_text(root, "package.json", PACKAGE_JSON_MAX)
+    if not text:
+        return {}
+    try:
+        package = json.loads(text)
+    except ValueError as error:
+        raise PikuError(f"package.json is not valid JSON: {error}",
+                        "Fix it (npm pkg fix, or a JSON linter), commit, and push again.") from None
+    if not isinstance(package, dict):
+        raise PikuError("package.json is not a JSON object", "Fix it, commit, and push again.")
+    return package
+
+
+def node_package_manager(root, env, package):
+    """-> NodeManager for the pushed tree at root with settings env and package.json package."""
+    locks = [name for name in NODE_LOCKFILES if os.path.lexists(os.path.join(root, name))]
+    field, setting, ignored = package.get("packageManager"), env.get("NODE_PACKAGE_MANAGER", "").split(), ""
+    version = ""
+    if field is not None:
+        match = PACKAGE_MANAGER_FIELD.fullmatch(field) if isinstance(field, str) else None
+        if not match:
+            raise PikuError(f"package.json's packageManager {json.dumps(field)} names no version of npm, pnpm "
+                            "or Yarn that piku installs (it reads NAME@X.Y.Z)",
+                            'Write it as, for example, "packageManager": "pnpm@9.15.0" (or remove it to choose '
+                            "by the lockfile), commit, and push again.")
+        name, version, source = match.group(1), field.split("@", 1)[1].split("+")[0], f"packageManager {field}"
+    elif setting:
+        if setting[0] not in NODE_MANAGERS:
+            raise PikuError(f"NODE_PACKAGE_MANAGER={shlex.quote(' '.join(setting))} names no package manager "
+                            "piku knows", "Set npm, pnpm or yarn: config:set APP NODE_PACKAGE_MANAGER=npm")
+        name, source, ignored = setting[0], "NODE_PACKAGE_MANAGER", " ".join(setting[1:])
+    elif len({NODE_LOCKFILES[lock] for lock in locks}) > 1:
+        raise PikuError(f"the app has the lockfiles of two package managers: {' and '.join(locks)}",
+                        "Keep the one of the manager you use (git rm the other), or name it in package.json "
+                        '("packageManager": "npm@10.9.2"); commit, and push again.')
+    else:
+        name = NODE_LOCKFILES[locks[0]] if locks else "npm"
+        source = locks[0] if locks else "no lockfile"
+    own = [lock for lock in locks if NODE_LOCKFILES[lock] == name]
+    if locks and not own:
+        raise PikuError(f"{source} chooses {name}, but the app's lockfile is {locks[0]} "
+                        f"({NODE_LOCKFILES[locks[0]]}'s)", f"Lock it with {name} and commit that lockfile (and "
+                        f"git rm {locks[0]}), or choose {NODE_LOCKFILES[locks[0]]}; push again.")
+    berry = name == "yarn" and (int(version.split(".")[0]) >= 2 if version else
+                                os.path.lexists(os.path.join(root, ".yarnrc.yml")) or
+                                b"__metadata:" in (read_pushed_bytes(root, "yarn.lock", 4096, head=True) or b""))
+    return NodeManager(name, version, own[0] if own else "", source, berry, ignored)
+
+
+# Which Node: NODE_VERSION (config:set, then ENV), .node-version or .nvmrc, package.json's
+# engines.node; each is a version or an npm range, matched against the Nodes there are.
+NODE_CODENAMES = {"argon": 4, "boron": 6, "carbon": 8, "dubnium": 10, "erbium": 12, "fermium": 14,
+                  "gallium": 16, "hydrogen": 18, "iron": 20, "jod": 22, "krypton": 24}
+NODE_RANGE_WORD = re.compile(r"(<=|>=|<|>|=|~>|~|\^)?\s*v?([0-9xX*]+)(?:\.([0-9xX*]+))?(?:\.([0-9xX*]+))?"
+                             r"(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?")
+
+
+def node_range(text):
+    """An npm version range (`^20.11`, `>=18 <21`, `18 || 20.x`, `18.0 - 20`, `lts/iron`, `v20.11.0`)
+    -> a test of (major, minor, patch); PikuError when it is not one."""
+    text = text.strip().lower()
+    if text in ("node", "latest", "current", "lts/*", "lts"):
+        text = "*"
+    elif text.startswith("lts/"):
+        if text[4:] not in NODE_CODENAMES:
+            raise PikuError(f"'{text}' names no Node LTS line piku knows",
+                            f"Use a version number, or one of: lts/{', lts/'.join(NODE_CODENAMES)}")
+        text = str(NODE_CODENAMES[text[4:]])
+    alternatives = [_node_comparators(part) for part in text.split("||")]
+    return lambda version: any(all(test(version) for test in tests) for tests in alternatives)
+
+
+def _node_comparators(text):
+    hyphen = re.fullmatch(r"\s*(\S+)\s+-\s+(\S+)\s*", text)
+    if hyphen:
+        return _node_comparators(f">={hyphen.group(1)}") + _node_comparators(f"<={hyphen.group(2)}")
+    tests = []
+    for word in re.findall(r"(?:<=|>=|<|>|=|~>|~|\^)?\s*[^\s<>=~^]+|\S+", text.strip()) or ["*"]:
+        match = NODE_RANGE_WORD.fullmatch(word.strip())
+        if not match:
+            raise PikuError(f"'{text.strip()}' is not a Node version or npm version range",
+                            "Write one like 20, 20.11.1, ^20.11, >=18 <21 or 18 || 20.")
+        operator = match.group(1) or "="
+        parts = [None if part is None or part in "xX*" else int(part) for part in match.groups()[1:]]
+        known = len(list(itertools.takewhile(lambda part: part is not None, parts)))
+        low = tuple(part or 0 for part in parts[:known]) + (0,) * (3 - known)
+        if known == 0:
+            tests.append(lambda version, operator=operator: operator not in ("<", ">"))
+            continue
+        # the first version past this partial one (1.2 -> 1.3.0; 1.2.3 -> 1.2.4)
+        past = tuple(low[:known - 1]) + (low[known - 1] + 1,) + (0,) * (3 - known)
+        if operator == "^":
+            first = next((index for index, part in enumerate(low[:known]) if part), known - 1)
+            past = low[:first] + (low[first] + 1,) + (0,) * (2 - first)
+        elif operator in ("~", "~>"):
+            past = (low[0] + 1, 0, 0) if known == 1 else (low[0], low[1] + 1, 0)
+        bounds = {"=": (low, past), "^": (low, past), "~": (low, past), "~>": (low, past), ">=": (low, None),
+                  ">": (past, None), "<": (None, low), "<=": (None, past)}[operator]
+        tests.append(lambda version, bounds=bounds: (bounds[0] is None or version >= bounds[0])
+                     and (bounds[1] is None or version < bounds[1]))
+    return tests
 
 
 def load_toml(text, name):

@@ -1,0 +1,168 @@
+"""Node apps (issue 18): which package manager installs an app, decided from package.json's
+packageManager, upstream's NODE_PACKAGE_MANAGER setting and the lockfiles -- pure functions,
+tried on every combination."""
+
+import itertools
+import json
+
+import pytest
+
+import piku
+
+LOCKS = tuple(piku.NODE_LOCKFILES)
+FIELDS = (None, "npm@10.9.2", "pnpm@9.15.0", "yarn@1.22.22", "yarn@4.5.3+sha512.0123abcd", "bun@1.1.0",
+          "pnpm", "pnpm@latest", 42, "")
+SETTINGS = ("", "npm", "yarn", "pnpm --prefer-offline", "npm --package-lock=false", "bower", "   ")
+
+
+def tree(tmp_path, locks, field=None, yarnrc=False, berry_lock=False):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    package = {"name": "shop", "version": "1.0.0"}
+    if field is not None:
+        package["packageManager"] = field
+    (tmp_path / "package.json").write_text(json.dumps(package))
+    for lock in locks:
+        text = "__metadata:\n  version: 8\n" if lock == "yarn.lock" and berry_lock else "# yarn lockfile v1\n"
+        (tmp_path / lock).write_text(text if lock == "yarn.lock" else "{}")
+    if yarnrc:
+        (tmp_path / ".yarnrc.yml").write_text("nodeLinker: node-modules\n")
+    return piku.read_package_json(str(tmp_path))
+
+
+def test_every_combination_of_locks_field_and_setting_chooses_one_manager_or_says_why(tmp_path):
+    tried = refused = 0
+    for count in range(len(LOCKS) + 1):
+        for locks in itertools.combinations(LOCKS, count):
+            for field, setting in itertools.product(FIELDS, SETTINGS):
+                root = tmp_path / f"t{tried}"
+                package = tree(root, locks, field)
+                tried += 1
+                try:
+                    chosen = piku.node_package_manager(str(root), {"NODE_PACKAGE_MANAGER": setting}, package)
+                except piku.PikuError as error:
+                    refused += 1
+                    assert error.message and error.hint, (locks, field, setting)
+                    continue
+                managers = {piku.NODE_LOCKFILES[lock] for lock in locks}
+                assert chosen.name in piku.NODE_MANAGERS
+                if field is not None:
+                    assert chosen.name == field.split("@")[0] and chosen.version == field.split("@")[1].split("+")[0]
+                elif setting.split():
+                    assert chosen.name == setting.split()[0] and chosen.ignored == " ".join(setting.split()[1:])
+                else:
+                    assert len(managers) <= 1, "two managers' locks and nothing to choose: refused"
+                    assert chosen.name == (managers.pop() if managers else "npm")
+                assert (chosen.lockfile == "" and not locks) or piku.NODE_LOCKFILES[chosen.lockfile] == chosen.name
+                if "npm-shrinkwrap.json" in locks and chosen.name == "npm":
+                    assert chosen.lockfile == "npm-shrinkwrap.json", "npm installs from its shrinkwrap"
+    assert tried == 16 * len(FIELDS) * len(SETTINGS) and 0 < refused < tried, (tried, refused)
+
+
+@pytest.mark.parametrize("locks, field, setting, message", [
+    (("package-lock.json", "yarn.lock"), None, "", "lockfiles of two package managers: package-lock.json and yarn.lock"),
+    (("package-lock.json",), "pnpm@9.15.0", "", "packageManager pnpm@9.15.0 chooses pnpm, but the app's lockfile "
+                                               "is package-lock.json (npm's)"),
+    ((), "bun@1.1.0", "", "package.json's packageManager \"bun@1.1.0\" names no version of npm, pnpm or Yarn"),
+    ((), None, "bower", "NODE_PACKAGE_MANAGER=bower names no package manager piku knows"),
+    (("yarn.lock",), None, "npm --package-lock=false", "NODE_PACKAGE_MANAGER chooses npm, but the app's lockfile "
+                                                       "is yarn.lock (yarn's)"),
+])
+def test_what_cannot_be_decided_is_refused_with_the_fix(tmp_path, locks, field, setting, message):
+    package = tree(tmp_path, locks, field)
+    with pytest.raises(piku.PikuError) as refused:
+        piku.node_package_manager(str(tmp_path), {"NODE_PACKAGE_MANAGER": setting}, package)
+    assert message in refused.value.message and refused.value.hint, refused.value.message
+
+
+def test_yarn_1_and_berry_are_told_apart(tmp_path):
+    cases = [((), "yarn@1.22.22", False, False, False), ((), "yarn@4.5.3", False, False, True),
+             (("yarn.lock",), None, False, False, False), (("yarn.lock",), None, True, False, True),
+             (("yarn.lock",), None, False, True, True)]
+    for index, (locks, field, yarnrc, berry_lock, berry) in enumerate(cases):
+        root = tmp_path / str(index)
+        package = tree(root, locks, field, yarnrc=yarnrc, berry_lock=berry_lock)
+        assert piku.node_package_manager(str(root), {}, package).berry is berry, cases[index]
+
+
+@pytest.mark.parametrize("text, message", [("{", "package.json is not valid JSON"), ("[]", "not a JSON object"),
+                                           ('{"a": 1}\n\xff', "is not UTF-8")])
+def test_a_malformed_package_json_is_refused_with_a_message(tmp_path, text, message):
+    (tmp_path / "package.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(piku.PikuError) as refused:
+        piku.read_package_json(str(tmp_path))
+    assert message in refused.value.message
+
+
+SEMVER = "/usr/lib/node_modules/npm/node_modules/semver"
+
+
+@pytest.mark.parametrize("text, inside, outside", [
+    ("20", ["20.0.0", "20.11.1"], ["19.9.9", "21.0.0"]),
+    ("v20.11.1", ["20.11.1"], ["20.11.0", "20.11.2"]),
+    ("^20.11", ["20.11.0", "20.99.0"], ["20.10.9", "21.0.0"]),
+    ("^0.2.3", ["0.2.3", "0.2.9"], ["0.3.0", "0.2.2"]),
+    ("~18.1", ["18.1.0", "18.1.7"], ["18.2.0"]),
+    (">=18 <21", ["18.0.0", "20.9.9"], ["17.9.9", "21.0.0"]),
+    (">18.2", ["18.3.0"], ["18.2.9"]),
+    ("<=18.2", ["18.2.9"], ["18.3.0"]),
+    ("18 || 22.x", ["18.5.0", "22.1.0"], ["20.0.0"]),
+    ("18.1 - 20", ["18.1.0", "20.9.0"], ["18.0.9", "21.0.0"]),
+    ("lts/iron", ["20.11.1"], ["22.0.0"]),
+    ("lts/*", ["22.1.0", "4.0.0"], []),
+    ("*", ["0.0.1", "24.0.0"], []),
+])
+def test_node_versions_and_npm_ranges(text, inside, outside):
+    test = piku.node_range(text)
+    for version in inside:
+        assert test(tuple(map(int, version.split(".")))), (text, version)
+    for version in outside:
+        assert not test(tuple(map(int, version.split(".")))), (text, version)
+
+
+def test_npm_ranges_agree_with_npms_own_semver_on_generated_ranges():
+    """Random ranges (every operator, partial and x versions, hyphens, ||) against npm's semver
+    package, the one npm itself uses, on a grid of versions."""
+    import os
+    import random
+    import subprocess
+    if not os.path.isdir(SEMVER):
+        pytest.skip("npm's semver package is not at " + SEMVER)
+    rng = random.Random(18)
+
+    def partial():
+        parts = [str(rng.randint(0, 3)) for _ in range(rng.randint(1, 3))]
+        if rng.random() < 0.2:
+            parts[-1] = rng.choice("xX*")
+        return ".".join(parts)
+
+    def comparator():
+        return rng.choice(["", "=", "<", ">", "<=", ">=", "~", "^", "v"]) + partial()
+
+    ranges = []
+    for _ in range(400):
+        shape = rng.random()
+        if shape < 0.15:
+            ranges.append(f"{partial()} - {partial()}")
+        else:
+            alternatives = [" ".join(comparator() for _ in range(rng.randint(1, 2))) for _ in range(rng.randint(1, 2))]
+            ranges.append(" || ".join(alternatives))
+    versions = [f"{a}.{b}.{c}" for a in range(5) for b in range(5) for c in range(5)]
+    script = ("const semver = require(process.argv[1]); const input = JSON.parse(require('fs').readFileSync(0));"
+              "console.log(JSON.stringify(input.ranges.map(r => input.versions.map(v => semver.satisfies(v, r)))));")
+    result = subprocess.run(["node", "-e", script, SEMVER], input=json.dumps({"ranges": ranges, "versions": versions}),
+                            capture_output=True, text=True, check=True)
+    expected = json.loads(result.stdout)
+    differ = []
+    for text, answers in zip(ranges, expected):
+        test = piku.node_range(text)
+        ours = [test(tuple(map(int, version.split(".")))) for version in versions]
+        if ours != answers:
+            differ.append((text, [v for v, a, b in zip(versions, ours, answers) if a != b][:5]))
+    assert not differ, f"{len(differ)} of {len(ranges)} ranges differ: {differ[:10]}"
+
+
+@pytest.mark.parametrize("text", ["twenty", "lts/foo", ">=18 <", "20.1.2.3", "^", "1.2.3 - "])
+def test_what_is_no_node_version_is_refused_with_a_message(text):
+    with pytest.raises(piku.PikuError) as refused:
+        piku.node_range(text)((20, 0, 0))
+    assert refused.value.hint
