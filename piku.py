@@ -2093,6 +2093,45 @@ def _node_comparators(text):
     return tests
 
 
+NodeRequest = collections.namedtuple("NodeRequest", "text source")     # text None: any (the host's node)
+
+
+def resolve_node_request(root, config, repo_env, package):
+    """The Node the app asks for, first match wins: config:set NODE_VERSION, then its ENV's,
+    .node-version, .nvmrc, package.json's engines.node. A request that is no version or range
+    is refused, naming where it came from."""
+    engines = package.get("engines") if isinstance(package.get("engines"), dict) else {}
+    for text, source in ((config.get("NODE_VERSION"), "config:set NODE_VERSION"),
+                         (repo_env.get("NODE_VERSION"), "NODE_VERSION in the app's ENV"),
+                         (read_pushed_text(root, ".node-version").strip().split("\n")[0], ".node-version"),
+                         (read_pushed_text(root, ".nvmrc").strip().split("\n")[0], ".nvmrc"),
+                         (engines.get("node"), "engines.node in package.json")):
+        if text is None or text == "":
+            continue
+        if not isinstance(text, str) or len(text) > 200:
+            raise PikuError(f"{source} is not a Node version or npm version range",
+                            "Write one like 20, 20.11.1, ^20.11 or >=18 <21.")
+        try:
+            node_range(text)
+        except PikuError as error:
+            raise PikuError(f"{source}: {error.message}", error.hint) from None
+        return NodeRequest(text.strip(), source)
+    return NodeRequest(None, "no version asked for: the host's node")
+
+
+def choose_node(request, available):
+    """The newest of available ({version string: node binary}) that request allows -> (version,
+    binary); PikuError naming what there is when none does."""
+    test = node_range(request.text or "*")
+    allowed = [version for version in available if test(tuple(map(int, version.split("."))))]
+    if not allowed:
+        found = ", ".join(sorted(available, key=lambda version: tuple(map(int, version.split("."))))) or "none"
+        raise PikuError(f"no Node on this host is {request.text} ({request.source}); found: {found}",
+                        "Ask for one of those, and push again.")
+    newest = max(allowed, key=lambda version: tuple(map(int, version.split("."))))
+    return newest, available[newest]
+
+
 def load_toml(text, name):
     try:
         import tomllib

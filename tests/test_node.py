@@ -166,3 +166,35 @@ def test_what_is_no_node_version_is_refused_with_a_message(text):
     with pytest.raises(piku.PikuError) as refused:
         piku.node_range(text)((20, 0, 0))
     assert refused.value.hint
+
+
+def test_the_node_request_comes_from_the_first_place_that_names_one(tmp_path):
+    (tmp_path / ".node-version").write_text("20.11.1\n")
+    (tmp_path / ".nvmrc").write_text("lts/hydrogen\n")
+    package = {"engines": {"node": ">=18"}}
+    places = [({"NODE_VERSION": "22"}, {"NODE_VERSION": "21"}, "22", "config:set NODE_VERSION"),
+              ({}, {"NODE_VERSION": "21"}, "21", "NODE_VERSION in the app's ENV"),
+              ({}, {}, "20.11.1", ".node-version")]
+    for config, repo_env, text, source in places:
+        assert piku.resolve_node_request(str(tmp_path), config, repo_env, package) == (text, source)
+    (tmp_path / ".node-version").unlink()
+    assert piku.resolve_node_request(str(tmp_path), {}, {}, package) == ("lts/hydrogen", ".nvmrc")
+    (tmp_path / ".nvmrc").unlink()
+    assert piku.resolve_node_request(str(tmp_path), {}, {}, package) == (">=18", "engines.node in package.json")
+    assert piku.resolve_node_request(str(tmp_path), {}, {}, {})[0] is None
+    for bad, source in ((["20"], "engines.node"), ("twenty", "engines.node"), ({"x": 1}, "engines.node")):
+        with pytest.raises(piku.PikuError) as refused:
+            piku.resolve_node_request(str(tmp_path), {}, {}, {"engines": {"node": bad}})
+        assert refused.value.message.startswith(source), refused.value.message
+
+
+def test_the_newest_node_the_request_allows_is_chosen_or_what_there_is_is_named():
+    available = {"18.19.0": "/a/node", "20.20.2": "/usr/bin/node", "22.3.0": "/b/node"}
+    request = piku.NodeRequest
+    assert piku.choose_node(request(None, "the host's"), available) == ("22.3.0", "/b/node")
+    assert piku.choose_node(request("^20", "x"), available) == ("20.20.2", "/usr/bin/node")
+    assert piku.choose_node(request("lts/hydrogen", "x"), available) == ("18.19.0", "/a/node")
+    with pytest.raises(piku.PikuError) as refused:
+        piku.choose_node(request(">=23", "engines.node in package.json"), available)
+    assert refused.value.message == ("no Node on this host is >=23 (engines.node in package.json); "
+                                     "found: 18.19.0, 20.20.2, 22.3.0")
