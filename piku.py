@@ -2132,6 +2132,37 @@ def choose_node(request, available):
     return newest, available[newest]
 
 
+# What decides a Node environment's contents: the fingerprint its folder is named by. Not the
+# app's name or version in package.json, nor scripts other than the ones an install runs.
+NODE_CONFIG_FILES = (".npmrc", ".yarnrc", ".yarnrc.yml", "pnpm-workspace.yaml")
+NODE_PATCH_FOLDERS = ("patches", ".yarn/patches")      # patch-package's, Yarn's and pnpm's patches
+NODE_INSTALL_SCRIPTS = ("preinstall", "install", "postinstall", "prepare", "dependencies")
+NODE_SETTINGS = ("NPM_CONFIG_", "YARN_", "PNPM_")
+
+
+def node_fingerprint(root, manager, node_version, production, env):
+    """Everything that decides what a Node environment contains (secrets left out)."""
+    package = read_package_json(root)
+    manifest = {key: value for key, value in package.items() if key not in ("name", "version", "scripts")}
+    scripts = package.get("scripts") if isinstance(package.get("scripts"), dict) else {}
+    manifest["scripts"] = {key: scripts[key] for key in NODE_INSTALL_SCRIPTS if key in scripts}
+    files = {}
+    for name in (manager.lockfile, *NODE_CONFIG_FILES):
+        data = read_pushed_bytes(root, name, PUSHED_LOCK_MAX) if name else None
+        files[name] = hashlib.sha256(data).hexdigest() if data is not None else None
+    for folder in NODE_PATCH_FOLDERS:
+        for parent, folders, names in os.walk(os.path.join(root, folder)):     # (links not followed)
+            folders.sort()
+            for name in sorted(names):
+                relative = os.path.relpath(os.path.join(parent, name), root)
+                files[relative] = hashlib.sha256(read_pushed_bytes(root, relative, PUSHED_LOCK_MAX) or b"").hexdigest()
+    settings = {key: strip_url_credentials(value) for key, value in sorted(env.items())
+                if key.upper().startswith(NODE_SETTINGS) and not is_secret(key.upper()) and "AUTH" not in key.upper()}
+    return {"layout": 1, "buildpack": "node", "manifest": manifest, "files": files, "node": node_version,
+            "manager": [manager.name, manager.version, manager.berry], "production": production,
+            "settings": settings}
+
+
 def load_toml(text, name):
     try:
         import tomllib

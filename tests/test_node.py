@@ -198,3 +198,44 @@ def test_the_newest_node_the_request_allows_is_chosen_or_what_there_is_is_named(
         piku.choose_node(request(">=23", "engines.node in package.json"), available)
     assert refused.value.message == ("no Node on this host is >=23 (engines.node in package.json); "
                                      "found: 18.19.0, 20.20.2, 22.3.0")
+
+
+def test_the_fingerprint_changes_with_what_an_install_depends_on_and_nothing_else(tmp_path):
+    base = {"package.json": json.dumps({"name": "shop", "version": "1.0.0", "dependencies": {"express": "^4.21.0"},
+                                        "scripts": {"start": "node index.js", "postinstall": "node setup.js"}}),
+            "package-lock.json": '{"lockfileVersion": 3}', ".npmrc": "fund=false\n", "patches/a.patch": "--- a\n",
+            "index.js": "console.log(1)\n"}
+    settings = {"NPM_CONFIG_PRODUCTION": "true", "NPM_CONFIG__AUTHTOKEN": "s3cret", "NPM_TOKEN": "s3cret",
+                "GREETING": "hi"}
+
+    def fingerprint(files=base, node="20.20.2", manager=("npm", "", False), production=True, env=settings):
+        root = tmp_path / f"t{len(list(tmp_path.iterdir()))}"
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        chosen = piku.NodeManager(manager[0], manager[1], "package-lock.json", "test", manager[2])
+        return piku.fingerprint_digest(piku.node_fingerprint(str(root), chosen, node, production, env))
+
+    def package(**changes):
+        data = json.loads(base["package.json"])
+        data.update(changes)
+        return dict(base, **{"package.json": json.dumps(data)})
+
+    first = fingerprint()
+    same = {"code": fingerprint(dict(base, **{"index.js": "console.log(2)\n"})),
+            "name and version": fingerprint(package(name="store", version="2.0.0")),
+            "start script": fingerprint(package(scripts={"start": "node other.js", "postinstall": "node setup.js"})),
+            "a secret setting": fingerprint(env=dict(settings, NPM_CONFIG__AUTHTOKEN="other", NPM_TOKEN="x")),
+            "another setting": fingerprint(env=dict(settings, GREETING="hello"))}
+    differ = {"dependencies": fingerprint(package(dependencies={"express": "^5.0.0"})),
+              "postinstall": fingerprint(package(scripts={"start": "node index.js", "postinstall": "node x.js"})),
+              "the lock": fingerprint(dict(base, **{"package-lock.json": '{"lockfileVersion": 2}'})),
+              ".npmrc": fingerprint(dict(base, **{".npmrc": "fund=true\n"})),
+              "a patch": fingerprint(dict(base, **{"patches/a.patch": "--- b\n"})),
+              "a new patch": fingerprint(dict(base, **{"patches/b.patch": "--- b\n"})),
+              "Node": fingerprint(node="22.3.0"), "the manager": fingerprint(manager=("npm", "10.9.2", False)),
+              "dev dependencies": fingerprint(production=False),
+              "an npm setting": fingerprint(env=dict(settings, NPM_CONFIG_PRODUCTION="false"))}
+    assert {what for what, digest in same.items() if digest != first} == set()
+    assert {what for what, digest in differ.items() if digest == first} == set()
+    assert len(set(differ.values())) == len(differ), "each change makes its own environment"
