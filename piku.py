@@ -968,9 +968,13 @@ PUSHED_LOCK_MAX = 64 * 1024 * 1024  # lock files piku only fingerprints
 
 
 def inside(path, root):
-    """Is path, with every symlink followed, root or something inside it?"""
-    real_root = os.path.realpath(root)
-    return os.path.commonpath([os.path.realpath(path), real_root]) == real_root
+    """Is path, with every symlink followed, root or something inside it? (A path no file can
+    have -- a NUL, text that is not UTF-8 -- is inside nothing.)"""
+    try:
+        real_root = os.path.realpath(root)
+        return os.path.commonpath([os.path.realpath(path), real_root]) == real_root
+    except (ValueError, UnicodeError):
+        return False
 
 
 def read_pushed_bytes(root, name, limit, head=False):
@@ -988,10 +992,11 @@ def read_pushed_bytes(root, name, limit, head=False):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as error:
         raise PikuError(f"{name} in the pushed code cannot be read: {error.strerror}")
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):      # (before fdopen, which refuses a folder with a traceback)
+        os.close(fd)
+        raise PikuError(f"{name} in the pushed code is not a regular file", f"Commit {name} as a plain file.")
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise PikuError(f"{name} in the pushed code is not a regular file", f"Commit {name} as a plain file.")
         if info.st_size > limit and not head:
             raise PikuError(f"{name} in the pushed code is {info.st_size} bytes; piku reads at most {limit}")
         return handle.read(limit + 1)[:limit]
@@ -1617,9 +1622,10 @@ def read_nofollow(path, limit):
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return ""       # missing or a link: nothing to show
+    if not stat.S_ISREG(os.fstat(fd).st_mode):     # (before fdopen, which refuses a folder)
+        os.close(fd)
+        return ""
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return ""
         return handle.read(limit).decode(errors="replace")
 
 
@@ -1972,7 +1978,7 @@ def python_manifests(root):
 NODE_LOCKFILES = {"npm-shrinkwrap.json": "npm", "package-lock.json": "npm", "pnpm-lock.yaml": "pnpm",
                   "yarn.lock": "yarn"}      # (npm installs from its shrinkwrap when both are there)
 NODE_MANAGERS = ("npm", "pnpm", "yarn")
-PACKAGE_MANAGER_FIELD = re.compile(r"(npm|pnpm|yarn)@([0-9]+)\.[0-9]+\.[0-9]+(-[0-9A-Za-z.-]+)?"
+PACKAGE_MANAGER_FIELD = re.compile(r"(npm|pnpm|yarn)@([0-9]{1,9})\.[0-9]{1,9}\.[0-9]{1,9}(-[0-9A-Za-z.-]+)?"
                                    r"(\+[A-Za-z0-9]+\.[0-9a-fA-F]+)?")
 PACKAGE_JSON_MAX = 1024 * 1024
 
@@ -1995,6 +2001,8 @@ def read_package_json(root):
         return {}
     try:
         package = json.loads(text)
+    except RecursionError:
+        raise PikuError("package.json nests too deeply to read", "Fix it, commit, and push again.") from None
     except ValueError as error:
         raise PikuError(f"package.json is not valid JSON: {error}",
                         "Fix it (npm pkg fix, or a JSON linter), commit, and push again.") from None
@@ -2043,8 +2051,9 @@ def node_package_manager(root, env, package):
 # engines.node; each is a version or an npm range, matched against the Nodes there are.
 NODE_CODENAMES = {"argon": 4, "boron": 6, "carbon": 8, "dubnium": 10, "erbium": 12, "fermium": 14,
                   "gallium": 16, "hydrogen": 18, "iron": 20, "jod": 22, "krypton": 24}
-NODE_RANGE_WORD = re.compile(r"(<=|>=|<|>|=|~>|~|\^)?\s*v?([0-9xX*]+)(?:\.([0-9xX*]+))?(?:\.([0-9xX*]+))?"
-                             r"(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?")
+NODE_RANGE_PART = r"(0|[1-9][0-9]{0,8}|[xX*])"
+NODE_RANGE_WORD = re.compile(rf"(<=|>=|<|>|=|~>|~|\^)?\s*v?{NODE_RANGE_PART}(?:\.{NODE_RANGE_PART})?"
+                             rf"(?:\.{NODE_RANGE_PART})?(?:\+[0-9A-Za-z.-]+)?")     # (released Nodes only)
 
 
 def node_range(text):
@@ -2075,6 +2084,8 @@ def _node_comparators(text):
         operator = match.group(1) or "="
         parts = [None if part is None or part in "xX*" else int(part) for part in match.groups()[1:]]
         known = len(list(itertools.takewhile(lambda part: part is not None, parts)))
+        if any(part is not None for part in parts[known:]):
+            raise PikuError(f"'{word.strip()}' has a number after a wildcard", "Write it like 20.x or 20.11.x.")
         low = tuple(part or 0 for part in parts[:known]) + (0,) * (3 - known)
         if known == 0:
             tests.append(lambda version, operator=operator: operator not in ("<", ">"))
@@ -2151,13 +2162,19 @@ def node_fingerprint(root, manager, node_version, production, env):
         data = read_pushed_bytes(root, name, PUSHED_LOCK_MAX) if name else None
         files[name] = hashlib.sha256(data).hexdigest() if data is not None else None
     for folder in NODE_PATCH_FOLDERS:
-        for parent, folders, names in os.walk(os.path.join(root, folder)):     # (links not followed)
+        for parent, folders, names in os.walk(os.path.join(root, folder)):     # (links not followed:
+            linked = [name for name in folders if os.path.islink(os.path.join(parent, name))]   # refused)
+            if linked:
+                relative = os.path.relpath(os.path.join(parent, linked[0]), root)
+                raise PikuError(f"{relative} in the pushed code is a link to a folder",
+                                f"Commit the patches in {relative} themselves, and push again.")
             folders.sort()
             for name in sorted(names):
                 relative = os.path.relpath(os.path.join(parent, name), root)
                 files[relative] = hashlib.sha256(read_pushed_bytes(root, relative, PUSHED_LOCK_MAX) or b"").hexdigest()
     settings = {key: strip_url_credentials(value) for key, value in sorted(env.items())
-                if key.upper().startswith(NODE_SETTINGS) and not is_secret(key.upper()) and "AUTH" not in key.upper()}
+                if key.upper().startswith(NODE_SETTINGS) and not is_secret(key.upper())
+                and not any(word in key.upper() for word in ("AUTH", "KEY", "CERT", "OTP"))}
     return {"layout": 1, "buildpack": "node", "manifest": manifest, "files": files, "node": node_version,
             "manager": [manager.name, manager.version, manager.berry], "production": production,
             "settings": settings}
@@ -5548,7 +5565,7 @@ def release_environment(app, root, env):
     return found
 
 
-ENVIRONMENT_NAME = re.compile(r"python-[0-9a-f]{16}")
+ENVIRONMENT_NAME = re.compile(r"(python|node)-[0-9a-f]{16}(-build)?")    # envs/APP/KIND-FINGERPRINT
 
 
 def environment_record(app, venv):
@@ -6005,10 +6022,16 @@ def record_environments(app, record):
     or for a record of an earlier piku.py, its VIRTUAL_ENV when that is one of piku's. (A
     VIRTUAL_ENV of the app's own settings, outside envs/APP/, is none of piku's business.)"""
     listed = record.get("environments")
-    if isinstance(listed, list) and all(isinstance(path, str) for path in listed):
-        return [path for path in listed if inside(path, env_dir(app))]
-    venv = record["env"].get("VIRTUAL_ENV")
-    return [venv] if isinstance(venv, str) and venv and inside(venv, env_dir(app)) else []
+    env = record.get("env") if isinstance(record.get("env"), dict) else {}
+    paths = [*(listed if isinstance(listed, list) else []), env.get("VIRTUAL_ENV")]
+    return list(dict.fromkeys(path for path in paths if piku_environment(app, path)))
+
+
+def piku_environment(app, path):
+    """Is path an environment piku names in envs/APP/ (written as piku writes it: a record that
+    spells it otherwise names none)?"""
+    return isinstance(path, str) and os.path.dirname(path) == env_dir(app) \
+        and bool(ENVIRONMENT_NAME.fullmatch(os.path.basename(path)))
 
 
 def environments_gone(app, record):
@@ -6038,7 +6061,8 @@ def prune(app):
             continue
         if isinstance(meta, dict):
             roots.add(meta.get("root"))
-            used.update(meta.get("environments") or [meta.get("virtualenv")])
+            used.update(record_environments(app, {"environments": meta.get("environments"),
+                                                  "env": {"VIRTUAL_ENV": meta.get("virtualenv")}}))
     parent = os.path.join(RELEASE_ROOT, app)
     for name in os.listdir(parent) if os.path.isdir(parent) else []:
         path = os.path.join(parent, name)
@@ -8710,9 +8734,10 @@ def read_key_file(source):
             raise PikuError(f"public key file '{source}' not found")
         except OSError as error:
             raise PikuError(f"public key file '{source}' cannot be read: {error.strerror}")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):     # (before fdopen, which refuses a folder)
+            os.close(fd)
+            raise PikuError(f"'{source}' is not a file", "Pass the .pub file, for example: setup:ssh ~/alice.pub")
         with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise PikuError(f"'{source}' is not a file", "Pass the .pub file, for example: setup:ssh ~/alice.pub")
             data = handle.read(KEY_FILE_MAX + 1)
     if len(data) > KEY_FILE_MAX:
         raise PikuError(f"the public key is longer than {KEY_FILE_MAX} bytes", "Pass one .pub file: one line.")

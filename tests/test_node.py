@@ -239,3 +239,49 @@ def test_the_fingerprint_changes_with_what_an_install_depends_on_and_nothing_els
     assert {what for what, digest in same.items() if digest != first} == set()
     assert {what for what, digest in differ.items() if digest == first} == set()
     assert len(set(differ.values())) == len(differ), "each change makes its own environment"
+
+
+def test_hostile_pushed_files_and_values_get_a_message_never_a_traceback(tmp_path):
+    import random
+    rng = random.Random(1818)
+    alphabet = "0123456789xX*.^~<>=|- v\t" + "ab\u00e9\x00\ud800"
+    for _ in range(3000):                   # generated ranges: a test, or a refusal with its fix
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+        try:
+            piku.node_range(text)((20, 1, 0))
+        except piku.PikuError as error:
+            assert error.hint
+    for refused in ("x.1", "1.x.3", "01.2", "20.0.0-rc.1", "9" * 5000):
+        with pytest.raises(piku.PikuError):
+            piku.node_range(refused)
+    for field in ("yarn@" + "9" * 5000 + ".0.0", ["npm@10.0.0"], {"npm": 1}, True):
+        root = tmp_path / f"f{len(list(tmp_path.iterdir()))}"
+        with pytest.raises(piku.PikuError):
+            piku.node_package_manager(str(root), {}, tree(root, (), field))
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "package.json").write_text("[" * 200000)
+    with pytest.raises(piku.PikuError):
+        piku.read_package_json(str(deep))
+    for name in ("package.json", "yarn.lock", ".nvmrc"):       # a folder where a file belongs
+        folder = tmp_path / f"dir-{name}"
+        (folder / name).mkdir(parents=True)
+        with pytest.raises(piku.PikuError) as error:
+            piku.read_pushed_bytes(str(folder), name, 1024, head=True)
+        assert "is not a regular file" in error.value.message
+    linked = tmp_path / "linked"
+    (linked / "elsewhere").mkdir(parents=True)
+    (linked / "patches").mkdir()
+    (linked / "patches" / "more").symlink_to(linked / "elsewhere")
+    (linked / "package.json").write_text("{}")
+    with pytest.raises(piku.PikuError) as error:
+        piku.node_fingerprint(str(linked), piku.NodeManager("npm", "", "", "test"), "20.0.0", True, {})
+    assert "patches/more in the pushed code is a link to a folder" in error.value.message
+    secrets = {"NPM_CONFIG_KEY": "-----BEGIN", "NPM_CONFIG_CERT": "x", "NPM_CONFIG_OTP": "123456",
+               "NPM_CONFIG__AUTH": "x", "YARN_NPM_AUTH_TOKEN": "x"}
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "package.json").write_text("{}")
+    taken = piku.node_fingerprint(str(plain), piku.NodeManager("npm", "", "", "t"), "20.0.0", True,
+                                  dict(secrets, NPM_CONFIG_FUND="false"))["settings"]
+    assert taken == {"NPM_CONFIG_FUND": "false"}, taken

@@ -258,13 +258,19 @@ def test_doctor_as_root_on_a_host_without_piku_says_install(tmp_path):
 def test_a_kept_release_is_dropped_only_when_its_piku_built_environment_is_gone(tmp_path):
     import piku as piku_module
     gone = piku_module.environments_gone
-    built = os.path.join(piku_module.env_dir("shop"), "python-0123")
+    built = os.path.join(piku_module.env_dir("shop"), "python-0123456789abcdef")
     assert gone("shop", {"env": {"VIRTUAL_ENV": built}}) == [built]            # a record of an earlier piku.py
     assert gone("shop", {"env": {"VIRTUAL_ENV": str(tmp_path)}}) == []         # the app's own setting
     assert gone("shop", {"env": {}}) == []
-    node = os.path.join(piku_module.env_dir("shop"), "node-4567")             # the record lists them all
+    node = os.path.join(piku_module.env_dir("shop"), "node-fedcba9876543210")             # the record lists them all
     assert gone("shop", {"env": {"VIRTUAL_ENV": built}, "environments": [built, node]}) == [built, node]
     assert gone("shop", {"env": {}, "environments": [str(tmp_path), "/etc"]}) == []   # none of piku's
+    listed = piku_module.record_environments
+    for odd in ("", built, [None], [built + "/"], [built + "/."], 5, True, [[built]], ["\x00"], ["\ud800"], {},
+                [piku_module.env_dir("shop")], [os.path.join(piku_module.env_dir("shop"), "ENV")]):
+        # what a damaged or hand-edited record lists: never a traceback, never a path spelled otherwise,
+        # and the VIRTUAL_ENV the workers run with always counted (prune keeps it)
+        assert listed("shop", {"env": {"VIRTUAL_ENV": built}, "environments": odd}) == [built], odd
 
 
 def assert_every_line_says_something(report):
