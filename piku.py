@@ -949,10 +949,15 @@ def require_app(app):
     """Validate the name and check the app exists (a destroy it committed to is finished first)."""
     validate_app_name(app)
     finish_destroy_left(app)
-    if is_destroyed(app) or not os.path.isdir(repo_path(app)) and not os.path.exists(app_path(app)):
+    if not app_exists(app):
         raise PikuError(f"app '{app}' not found",
                         "List apps with 'apps'; push with 'git push piku main' to create one.")
     return app
+
+
+def app_exists(app):
+    """Does the app exist: its repo or its apps/APP link, and no destroy committed to?"""
+    return not is_destroyed(app) and (os.path.isdir(repo_path(app)) or os.path.lexists(app_path(app)))
 
 
 def read_text(path, default=""):
@@ -6516,7 +6521,7 @@ def still_there(app):
     (A destroy that was stopped after its commit point, it finishes first.)"""
     if is_destroyed(app):
         finish_destroy(app)
-    if not os.path.isdir(repo_path(app)) and not os.path.exists(app_path(app)):
+    if not app_exists(app):
         raise PikuError(f"app '{app}' no longer exists: it was destroyed while this command waited",
                         "Nothing was changed. Push to create it again.")
 
@@ -8048,8 +8053,7 @@ def finish_destroys(apps):
     """apps without the destroyed ones: a destroy that was stopped half-way is finished first."""
     for app in apps:
         finish_destroy_left(app)
-    return [app for app in apps if not is_destroyed(app) and (os.path.isdir(repo_path(app))
-                                                               or os.path.lexists(app_path(app)))]
+    return [app for app in apps if app_exists(app)]
 
 
 def finish_destroy_left(app):
