@@ -8,7 +8,7 @@ VENV   ?= .venv
 # Debian packages piku and its tests use; Dockerfile.test installs them through `make deps` too.
 APT_PACKAGES = git uwsgi uwsgi-plugin-python3 iproute2 openssh-server openssh-client \
                python3 python3-venv python3-pip python3-click python3-dotenv python3-psutil python3-watchdog \
-               nginx openssl pebble lego python3-cryptography bubblewrap patchelf
+               nginx openssl pebble lego python3-cryptography bubblewrap patchelf nodejs g++ make
 PIP_PACKAGES = pytest uv poetry poetry-plugin-export pipenv
 
 .PHONY: deps test demo bench clean
@@ -22,6 +22,8 @@ $(VENV)/.deps-done: Makefile
 	  echo "Installing Debian packages:" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+	@# npm: Debian's package, unless the nodejs installed brings its own (NodeSource's does, and conflicts with it)
+	@command -v npm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm; }
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(VENV)/bin/python -m pip install -q --disable-pip-version-check $(PIP_PACKAGES)
 	@touch $@

@@ -136,9 +136,11 @@ UWSGI_AVAILABLE = os.path.join(PIKU_ROOT, "uwsgi-available")
 UWSGI_ENABLED = os.path.join(PIKU_ROOT, "uwsgi-enabled")
 SANDBOX_ROOT = os.path.join(PIKU_ROOT, "sandbox")  # piku's records of app processes: no sandbox shows it
 TMP_ROOT = os.path.join(PIKU_ROOT, "tmp")          # tmp/APP: the app's /tmp and /var/tmp in its sandbox
-UV_CACHE_ROOT = os.path.join(PIKU_ROOT, "uv")      # uv/APP: the app's own uv cache and tool folder
+UV_CACHE_ROOT = os.path.join(PIKU_ROOT, "uv")      # uv/APP: the app's own uv cache (and npm's) and tool folder
+TOOL_ROOT = os.path.join(PIKU_ROOT, "tools")       # tools/NAME-VERSION: Nodes, pnpm and Yarn piku installed
 PIKU_DIRS = (APP_ROOT, CACHE_ROOT, DATA_ROOT, ENV_ROOT, GIT_ROOT, LOG_ROOT, NGINX_ROOT, RELEASE_ROOT,
-             LOCK_ROOT, UWSGI_ROOT, UWSGI_AVAILABLE, UWSGI_ENABLED, ACME_WWW, SANDBOX_ROOT, TMP_ROOT, UV_CACHE_ROOT)
+             LOCK_ROOT, UWSGI_ROOT, UWSGI_AVAILABLE, UWSGI_ENABLED, ACME_WWW, SANDBOX_ROOT, TMP_ROOT, UV_CACHE_ROOT,
+             TOOL_ROOT)
 
 # Who may enter piku's folders. nginx (www-data, in the piku user's group) walks through the
 # group's folders to what it serves -- the apps' sockets, release files, ACME answers -- and
@@ -148,7 +150,7 @@ PIKU_DIRS = (APP_ROOT, CACHE_ROOT, DATA_ROOT, ENV_ROOT, GIT_ROOT, LOG_ROOT, NGIN
 FOLDER_MODES = {PIKU_ROOT: 0o750, RELEASE_ROOT: 0o750, UWSGI_ROOT: 0o750, ACME_WWW: 0o750, CACHE_ROOT: 0o750,
                 APP_ROOT: 0o700, DATA_ROOT: 0o700, ENV_ROOT: 0o700, GIT_ROOT: 0o700, LOG_ROOT: 0o700,
                 NGINX_ROOT: 0o700, LOCK_ROOT: 0o700, UWSGI_AVAILABLE: 0o700, UWSGI_ENABLED: 0o700,
-                SANDBOX_ROOT: 0o700, TMP_ROOT: 0o700, UV_CACHE_ROOT: 0o700}
+                SANDBOX_ROOT: 0o700, TMP_ROOT: 0o700, UV_CACHE_ROOT: 0o700, TOOL_ROOT: 0o700}
 GROUP_WRITES = (CACHE_ROOT,)        # cache/APP: nginx's proxy and uwsgi caches
 UMASK = 0o027                       # files piku (and what it runs) creates: the group reads, others nothing
 
@@ -1019,7 +1021,7 @@ APP_WRITABLE = (LOG_ROOT, UWSGI_ROOT, DATA_ROOT, TMP_ROOT, UV_CACHE_ROOT)
 # being the app), for every folder a sandbox view may show read-write. View refuses any other,
 # and nothing nginx's root master opens may lie in one (check_nginx_files).
 APP_WRITES = ((UWSGI_ROOT, ("g*",)), (LOG_ROOT, ("g*",)), (DATA_ROOT, ()), (TMP_ROOT, ()), (UV_CACHE_ROOT, ()),
-              (RELEASE_ROOT, ("*",)), (ENV_ROOT, ("python-*",)))
+              (RELEASE_ROOT, ("*",)), (ENV_ROOT, ("python-*",)), (ENV_ROOT, ("node-*",)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -2166,6 +2168,12 @@ def node_fingerprint(root, manager, node_version, production, env):
     for name in (manager.lockfile, *NODE_CONFIG_FILES):
         data = read_pushed_bytes(root, name, PUSHED_LOCK_MAX) if name else None
         files[name] = hashlib.sha256(data).hexdigest() if data is not None else None
+    for name in node_tarballs(package):
+        data = read_pushed_bytes(root, name, PUSHED_LOCK_MAX)
+        if data is None:
+            raise PikuError(f"package.json depends on file:{name}, which is not in the pushed code",
+                            f"Commit {name} (npm pack writes it), and push again.")
+        files[name] = hashlib.sha256(data).hexdigest()
     for folder in NODE_PATCH_FOLDERS:
         for parent, folders, names in os.walk(os.path.join(root, folder)):     # (links not followed:
             linked = [name for name in folders if os.path.islink(os.path.join(parent, name))]   # refused)
@@ -2183,6 +2191,455 @@ def node_fingerprint(root, manager, node_version, production, env):
     return {"layout": 1, "buildpack": "node", "manifest": manifest, "files": files, "node": node_version,
             "manager": [manager.name, manager.version, manager.berry], "production": production,
             "settings": settings}
+
+
+# --- Node: the buildpack ----------------------------------------------------------------------
+# The dependencies go into envs/APP/node-FINGERPRINT, installed from a copy of the files that
+# decide them (package.json, the lock, the managers' settings, patch folders) -- that folder
+# holds none of the app's code, so every release with the same fingerprint shares it and a
+# code-only push runs no package manager. Each release links node_modules to it. A build
+# script runs in the release with node-FINGERPRINT-build, which has the dev dependencies too.
+
+NODE_VERSION_TEXT = re.compile(r"v?([0-9]{1,9})\.([0-9]{1,9})\.([0-9]{1,9})")
+NODE_BUILD_SCRIPTS = ("heroku-postbuild", "build")     # the first one present runs (Heroku's rule)
+NODE_LOCAL_SPECS = ("file:", "link:", "portal:", "./", "../", "/", "~/")
+NODE_TARBALLS = (".tgz", ".tar.gz", ".tar")
+NODE_DEPENDENCY_FIELDS = ("dependencies", "devDependencies", "optionalDependencies")
+NODE_ROOT_HOOKS = ("preinstall", "install", "postinstall", "prepare")
+NODE_FAILURES = (
+    ("can only install packages when your package.json and package-lock.json",
+     "package-lock.json is out of date with package.json", "Run 'npm install', commit package-lock.json, and push again."),
+    ("Missing: ", "package-lock.json is out of date with package.json",
+     "Run 'npm install', commit package-lock.json, and push again."),
+    ("ERR_PNPM_OUTDATED_LOCKFILE", "pnpm-lock.yaml is out of date with package.json",
+     "Run 'pnpm install', commit pnpm-lock.yaml, and push again."),
+    ("Your lockfile needs to be updated", "yarn.lock is out of date with package.json",
+     "Run 'yarn install', commit yarn.lock, and push again."),
+    ("The lockfile would have been modified", "yarn.lock is out of date with package.json",
+     "Run 'yarn install', commit yarn.lock, and push again."),
+    ("ETARGET", "a version package.json asks for is not in the npm registry",
+     "Check the versions in package.json, lock again, commit, and push again."),
+    ("E404", "a package was not found in the npm registry", "Check the package names in package.json."),
+    ("E401", "the npm registry refused the credentials (HTTP 401)",
+     "Set the registry's token with config:set APP NPM_CONFIG_//HOST/:_authToken=... or in the host's ~/.npmrc."),
+)
+
+
+@dataclass
+class NodeSetup:
+    """What a Node build runs with, decided before anything is installed."""
+    package: dict
+    manager: NodeManager
+    version: str            # the Node's full version
+    node: str               # its binary
+    command: list           # how the manager is run: [node, its script]
+    env: dict               # the environment the manager and build scripts run in
+
+
+@buildpack
+class NodeBuildpack:
+    """package.json and no Python manifest: the locked dependencies in a shared environment, the
+    build script in the release, and the Procfile (or package.json's start script) served."""
+    name = "node"
+    priority = 20
+
+    def detect(self, root, processes):
+        return os.path.isfile(os.path.join(root, "package.json")) and not python_manifests(root)
+
+    def build(self, context):
+        started = time.monotonic()
+        setup = prepare_node(context)
+        production = node_environment(context, setup, production=True)
+        environments = [production]
+        script = node_build_script(setup.package)
+        if script:
+            environments.append(run_node_build(context, setup, script))
+        link_node_modules(context.root, production)
+        additions = {"PATH": f"{production}/node_modules/.bin:{os.path.dirname(setup.node)}:{context.env['PATH']}",
+                     "NODE_ENV": context.env.get("NODE_ENV") or "production"}
+        notice(f"Node environment ready in {time.monotonic() - started:.2f} s")
+        return BuildResult(additions, environments)
+
+
+def build_node_assets(context):
+    """A Python app's package.json: its build script runs first, with the dev dependencies, so
+    that the Python build (Django's collectstatic) finds what it made. -> the environments used."""
+    package = read_package_json(context.root)
+    script = node_build_script(package)
+    if not script:
+        notice("package.json has no build script: Node is not run for this Python app")
+        return []
+    step(f"Assets: package.json has a {script} script; it runs before the Python build")
+    setup = prepare_node(context)
+    build = run_node_build(context, setup, script)
+    os.unlink(os.path.join(context.root, "node_modules"))       # the Python app runs without it
+    return [build]
+
+
+def prepare_node(context):
+    """Read package.json and choose the manager and the Node, saying which and why."""
+    package = read_package_json(context.root)
+    check_node_package(package)
+    manager = node_package_manager(context.root, context.env, package)
+    context.host_env = discovery_env(context.env)
+    request = resolve_node_request(context.root, context.config, context.repo_env, package)
+    available = node_versions(context.host_env)
+    if not available:
+        raise PikuError("Node.js is not installed on this server, and this app has a package.json",
+                        "Install it for the piku user (apt-get install nodejs npm), then push again.")
+    try:
+        version, node = choose_node(request, available)
+        how = ""
+    except PikuError as missing:
+        version, node = install_node(request, available, context.host_env, missing)
+        how = "; installed by piku from the npm registry"
+    step(f"Node {version} ({request.text} from {request.source}{how})" if request.text else
+         f"Node {version} ({request.source})")
+    check_plug_and_play(context.root, manager)
+    lock = read_pushed_bytes(context.root, manager.lockfile, 4096, head=True) if manager.lockfile else b""
+    command, folders = node_manager_command(manager, node, context.host_env, (lock or b"").decode(errors="replace"))
+    used = node_tool_version(node, command[-1])
+    step(f"Installing with {manager.name} {used} (from {manager.source})")
+    manager = NodeManager(manager.name, used, manager.lockfile, manager.source, manager.berry, manager.ignored)
+    if manager.ignored:
+        warning(f"NODE_PACKAGE_MANAGER's '{manager.ignored}' is not used: piku runs {manager.name} with the "
+                "lock honoured (docs/NODE.md)")
+    context.tools = (*context.tools, *runtime_folders(node), *folders)
+    return NodeSetup(package, manager, version, node, command, node_tool_env(context, node))
+
+
+def check_plug_and_play(root, manager):
+    """Yarn 2+ installs Plug'n'Play (no node_modules) unless .yarnrc.yml says otherwise."""
+    if not manager.berry:
+        return
+    text = read_pushed_text(root, ".yarnrc.yml")
+    if not re.search(r"^nodeLinker:\s*['\"]?(node-modules|pnpm)['\"]?\s*(#.*)?$", text, re.M):
+        raise PikuError("this Yarn app installs with Plug'n'Play, which piku does not deploy: the release runs "
+                        "from a node_modules folder shared by releases",
+                        "Add 'nodeLinker: node-modules' to .yarnrc.yml, run 'yarn install', commit, and push again.")
+
+
+def check_node_package(package):
+    """Refuse the shapes piku cannot install apart from the app's code, saying why."""
+    if "workspaces" in package:
+        raise PikuError("package.json declares workspaces, which piku does not install: their packages are "
+                        "the app's own code, and piku installs the dependencies apart from the code",
+                        "Deploy one package: give it its own package.json and lock at the top of a repository "
+                        "(or remove 'workspaces'), commit, and push again.")
+    node_tarballs(package)
+
+
+def node_tarballs(package):
+    """The packed packages (file:PATH.tgz in the repository) package.json depends on: files an
+    install reads, copied with package.json. Any other path (a folder, link:, portal:) is the
+    app's own code, which piku installs nothing from: refused."""
+    found = []
+    for kind in NODE_DEPENDENCY_FIELDS:
+        wanted = package.get(kind)
+        for name, spec in (wanted.items() if isinstance(wanted, dict) else ()):
+            spec = spec.strip() if isinstance(spec, str) else ""
+            path = os.path.normpath(spec[len("file:"):]) if spec.startswith("file:") else ""
+            if path.endswith(NODE_TARBALLS) and not path.startswith(("/", "..")):
+                found.append(path)
+            elif spec.startswith(NODE_LOCAL_SPECS):
+                raise PikuError(f"package.json's {kind} name {name} at {spec!r}, a path in the repository; piku "
+                                "installs the dependencies apart from the code, where that path is not",
+                                "Pack it ('npm pack', commit the .tgz and depend on file:PATH.tgz), publish it, or "
+                                "keep its code in the app and import it by path; commit, and push again.")
+    return sorted(set(found))
+
+
+def node_versions(env):
+    """{full version: binary} of the Nodes there are: the host's node on PATH and those piku
+    installed in TOOL_ROOT (each finished: its marker written last)."""
+    found = {}
+    host = shutil.which("node", path=env.get("PATH"))
+    candidates = [host] if host else []
+    for marker in sorted(glob.glob(os.path.join(glob.escape(TOOL_ROOT), "node-*", ENV_MARKER))):
+        candidates.append(os.path.join(os.path.dirname(marker), *TOOL_PACKAGES["node"]))
+    for binary in candidates:
+        version = cached_probe(["node --version", stat_key(os.path.realpath(binary))],
+                               lambda binary=binary: node_binary_version(binary))
+        if version and version not in found:
+            found[version] = binary
+    return found
+
+
+def install_node(request, available, env, missing):
+    """The newest Node the request allows that the npm registry has (the official binaries,
+    repackaged as node-linux-ARCH), installed into TOOL_ROOT/node-VERSION -> (version, binary).
+    The registry is reached as npm reaches it, with the host's settings; none allowed: missing,
+    with what the registry has too."""
+    host = next(iter(available.values()))
+    npm = host_npm(host, env)
+    package = TOOL_REGISTRY_NAMES["node"]
+    result = subprocess.run([*npm, "view", package, "versions", "--json"], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, cwd=PIKU_ROOT, env=tool_install_env(host, env), timeout=120)
+    try:
+        offered = [text for text in json.loads(result.stdout) if NODE_VERSION_TEXT.fullmatch(text)]
+    except (ValueError, TypeError):
+        raise PikuError(f"{missing.message}; and the npm registry could not be asked for others "
+                        f"(npm view {package}: {(result.stderr.strip().splitlines() or ['no answer'])[-1]})",
+                        missing.hint) from None
+    test = node_range(request.text)
+    allowed = [text for text in offered if test(tuple(map(int, text.split("."))))]
+    if not allowed:
+        majors = sorted({int(text.split(".")[0]) for text in offered})
+        raise PikuError(f"{missing.message}; nor does the npm registry have one ({package} has Node "
+                        f"{majors[0]} to {majors[-1]})" if majors else missing.message, missing.hint)
+    version = max(allowed, key=lambda text: tuple(map(int, text.split("."))))
+    folder = installed_tool("node", version, host, npm, env)
+    return version, os.path.join(folder, *TOOL_PACKAGES["node"])
+
+
+def node_binary_version(binary):
+    try:
+        result = subprocess.run([binary, "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = NODE_VERSION_TEXT.fullmatch(result.stdout.strip())
+    return ".".join(match.groups()) if result.returncode == 0 and match else None
+
+
+def node_manager_command(manager, node, env, lockfile_text=""):
+    """-> (how the manager is run, the folders it runs from). npm is the host's, unless
+    packageManager pins another version; pnpm and Yarn are installed by piku (installed_tool)
+    at the pinned version or the default for the lock. Each runs under the chosen Node."""
+    npm = host_npm(node, env)
+    if manager.name == "npm" and (not manager.version or manager.version == node_tool_version(node, npm[-1])):
+        package = os.path.dirname(os.path.dirname(npm[-1]))
+        return npm, [package] if may_show(package) else []
+    name = "berry" if manager.berry else manager.name
+    version = manager.version or default_tool_version(manager, lockfile_text)
+    folder = installed_tool(name, version, node, npm, env)
+    return [node, os.path.join(folder, *TOOL_PACKAGES[name])], [folder]
+
+
+def host_npm(node, env):
+    """[node, npm-cli.js] of the host's npm (npm itself when it is not a script)."""
+    found = shutil.which("npm", path=env.get("PATH"))
+    if not found:
+        raise PikuError("npm is not installed for the piku user; it installs the dependencies of Node apps",
+                        "Install it (apt-get install npm, or NodeSource's nodejs), then push again.")
+    script = os.path.realpath(found)
+    return [node, script] if script.endswith(".js") else [script]
+
+
+# What piku installs from the npm registry into TOOL_ROOT/NAME-VERSION, and the file it runs there.
+NODE_ARCH = {"x86_64": "x64", "aarch64": "arm64", "armv7l": "armv7l", "ppc64le": "ppc64le", "s390x": "s390x"}
+TOOL_PACKAGES = {"npm": ("node_modules", "npm", "bin", "npm-cli.js"), "pnpm": ("node_modules", "pnpm", "bin", "pnpm.cjs"),
+                 "yarn": ("node_modules", "yarn", "bin", "yarn.js"),
+                 "berry": ("node_modules", "@yarnpkg", "cli-dist", "bin", "yarn.js"),
+                 "node": ("node_modules", f"node-linux-{NODE_ARCH.get(os.uname().machine, 'x64')}", "bin", "node")}
+TOOL_REGISTRY_NAMES = {"npm": "npm", "pnpm": "pnpm", "yarn": "yarn", "berry": "@yarnpkg/cli-dist",
+                       "node": TOOL_PACKAGES["node"][1]}
+PNPM_DEFAULTS = {"9": "10.34.9", "6": "8.15.9", "5": "7.33.7"}     # by pnpm-lock.yaml's lockfileVersion
+YARN_DEFAULT = "1.22.22"
+TOOL_VERSION = re.compile(r"[0-9]{1,9}\.[0-9]{1,9}\.[0-9]{1,9}(-[0-9A-Za-z.-]{1,40})?")
+
+
+def default_tool_version(manager, lockfile_text):
+    """The version of pnpm or Yarn 1 piku installs when packageManager pins none (docs/NODE.md)."""
+    if manager.name == "yarn" and not manager.berry:
+        return YARN_DEFAULT
+    if manager.name == "pnpm":
+        match = re.search(r"^lockfileVersion:\s*['\"]?([0-9]+)", lockfile_text, re.M)
+        if match is None or match.group(1) in PNPM_DEFAULTS:
+            return PNPM_DEFAULTS[match.group(1) if match else "9"]
+        raise PikuError(f"pnpm-lock.yaml has lockfileVersion {match.group(1)}, which no pnpm piku installs by "
+                        "default reads", 'Name the pnpm that wrote it in package.json ("packageManager": '
+                        '"pnpm@X.Y.Z"), commit, and push again.')
+    raise PikuError(f"this app uses Yarn {'2 or later (Berry)' if manager.berry else ''}, and package.json's "
+                    "packageManager names no version of it", 'Name it in package.json ("packageManager": '
+                    '"yarn@4.5.3", as `yarn set version` writes it), commit, and push again.')
+
+
+def installed_tool(name, version, node, npm, env):
+    """TOOL_ROOT/NAME-VERSION: the npm package of that tool at that version, installed once with
+    the host's npm and the host's settings only (never an app's registry or .npmrc: every app
+    shares it), in a folder of its own renamed into place with its marker -- never replaced."""
+    if not TOOL_VERSION.fullmatch(version):
+        raise PikuError(f"'{version}' is not a version of {name} piku installs", "Name one like 10.34.9.")
+    folder = os.path.join(TOOL_ROOT, f"{name}-{version}")
+    if os.path.isfile(os.path.join(folder, ENV_MARKER)):
+        return folder
+    package = f"{TOOL_REGISTRY_NAMES[name]}@{version}"
+    step(f"Installing {package} from the npm registry into {folder}")
+    make_folder(TOOL_ROOT)
+    temp = tempfile.mkdtemp(dir=TOOL_ROOT, prefix=f".{name}-{version}-")
+    try:
+        run_build_tool([*npm, "install", "--prefix", temp, "--no-save", "--no-package-lock", "--no-audit",
+                        "--no-fund", "--ignore-scripts", package], temp, tool_install_env(node, env),
+                       failures=NODE_FAILURES, name=f"npm install {package}")
+        if not os.path.exists(os.path.join(temp, *TOOL_PACKAGES[name])):
+            raise PikuError(f"{package} from the npm registry has no {'/'.join(TOOL_PACKAGES[name][2:])}")
+        write_atomic(os.path.join(temp, ENV_MARKER), json.dumps({"package": package}) + "\n")
+        os.chmod(temp, 0o700)
+        try:
+            os.rename(temp, folder)
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not os.path.isfile(os.path.join(folder, ENV_MARKER)):
+                raise       # (else another push installed it meanwhile: that one stays)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return folder
+
+
+def tool_install_env(node, env):
+    """The host's environment, with npm's cache in TOOL_ROOT: nothing of any app's."""
+    return dict(build_tool_env({}), PATH=f"{os.path.dirname(node)}:{env['PATH']}",
+                npm_config_cache=os.path.join(TOOL_ROOT, ".npm-cache"), npm_config_update_notifier="false",
+                npm_config_fund="false", npm_config_audit="false", npm_config_progress="false")
+
+
+def node_tool_version(node, script):
+    return cached_probe(["node tool --version", stat_key(os.path.realpath(node)), stat_key(script)],
+                        lambda: subprocess.run([node, script, "--version"], capture_output=True, text=True,
+                                               stdin=subprocess.DEVNULL).stdout.strip() or None) or "unknown"
+
+
+def node_tool_env(context, node):
+    """The environment a package manager and the build script run in: the app's settings, the
+    chosen Node first on PATH, the cache in the app's own folder, node-gyp's headers."""
+    env = build_tool_env(context.env)
+    env["PATH"] = f"{os.path.dirname(node)}:{context.host_env['PATH']}"
+    env["NODE_ENV"] = context.env.get("NODE_ENV") or "production"
+    cache = app_uv_folder(context.app)
+    env.update(npm_config_cache=os.path.join(cache, "npm"), npm_config_update_notifier="false",
+               npm_config_fund="false", npm_config_audit="false", npm_config_progress="false",
+               # pnpm's store and Yarn's cache are the app's, and files are copied out of them (never
+               # hard-linked: a later build that could write the store must not change an environment)
+               npm_config_store_dir=os.path.join(cache, "pnpm-store"), npm_config_package_import_method="copy",
+               YARN_CACHE_FOLDER=os.path.join(cache, "yarn"), YARN_ENABLE_GLOBAL_CACHE="false",
+               YARN_ENABLE_TELEMETRY="0", YARN_IGNORE_PATH="1", YARN_ENABLE_IMMUTABLE_INSTALLS="true",
+               YARN_DISABLE_SELF_UPDATE_CHECK="true", COREPACK_ENABLE_STRICT="0")
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(node)))
+    if os.path.isfile(os.path.join(prefix, "include", "node", "node.h")):
+        env["npm_config_nodedir"] = prefix      # native addons build against this Node's headers, no download
+    return env
+
+
+def node_build_script(package):
+    scripts = package.get("scripts") if isinstance(package.get("scripts"), dict) else {}
+    return next((name for name in NODE_BUILD_SCRIPTS if isinstance(scripts.get(name), str)
+                 and scripts[name].strip()), None)
+
+
+def node_environment(context, setup, production):
+    """The production environment (or, production False, the build's, with dev dependencies)
+    for the pushed package.json and lock: reused when its marker matches, else built. Both are
+    named by the production fingerprint (the build's with -build), so they are kept together."""
+    fingerprint = node_fingerprint(context.root, setup.manager, setup.version, True, context.env)
+    path = os.path.join(env_dir(context.app), "node-" + fingerprint_digest(fingerprint)[:16])
+    if not production:
+        fingerprint, path = dict(fingerprint, production=False), path + "-build"
+    what = "Dependencies" if production else "Build dependencies (with the dev dependencies)"
+    if environment_intact(path, fingerprint, "node_modules"):
+        step(f"{what} unchanged: reusing {path} (Node {setup.version}); {setup.manager.name} skipped")
+    else:
+        install_node_environment(context, setup, path, fingerprint, production)
+    record_environment(context.app, path, setup.node)
+    return path
+
+
+def install_node_environment(context, setup, path, fingerprint, production):
+    """Install into path from a copy of the files that decide it; the marker written last."""
+    if os.path.lexists(path):
+        shutil.rmtree(path)         # a half-built one from a failed deploy
+    started = time.monotonic()
+    make_folder(path)
+    copy_node_inputs(context.root, path, setup.manager)
+    args = node_install_args(setup.manager, production)
+    if not setup.manager.lockfile:
+        warning(f"no lockfile: {setup.manager.name} resolves the dependencies afresh, so this deploy is not "
+                "reproducible and a new release of any of them can break it")
+        warning(f"run '{setup.manager.name} install', commit its lockfile, and push again")
+    step(f"Running {setup.manager.name} {' '.join(args)}")
+    try:
+        run_build_tool([*setup.command, *args], path, setup.env, failures=NODE_FAILURES,
+                       name=f"{setup.manager.name} {args[0]}", view=context.view(path))
+    except PikuError as error:
+        scripts = setup.package.get("scripts") if isinstance(setup.package.get("scripts"), dict) else {}
+        hooks = [name for name in NODE_ROOT_HOOKS if name in scripts]
+        if not hooks or error.hint != "See its output above.":
+            raise
+        raise PikuError(error.message, f"package.json's {', '.join(hooks)} ran where the dependencies are "
+                        "installed, which holds package.json, the lock and the patch folders but not the app's "
+                        "code: move what needs the code into a build script (docs/NODE.md).") from None
+    make_folder(os.path.join(path, "node_modules"))     # (no dependencies: an empty one to link to)
+    marker = os.path.join(path, ENV_MARKER)
+    if os.path.isdir(marker) and not os.path.islink(marker):
+        shutil.rmtree(marker)       # an install script's, not piku's: piku's marker is written only here
+    write_atomic(marker, fingerprint_text(fingerprint))
+    notice(f"environment built in {time.monotonic() - started:.1f} s: {path}")
+
+
+def copy_node_inputs(root, path, manager):
+    """The pushed files an install reads, copied (never linked) into the environment folder."""
+    names = ["package.json", *([manager.lockfile] if manager.lockfile else []), *NODE_CONFIG_FILES,
+             *node_tarballs(read_package_json(root))]
+    for folder in NODE_PATCH_FOLDERS:
+        for parent, folders, files in os.walk(os.path.join(root, folder)):      # (links to folders: refused
+            names += [os.path.relpath(os.path.join(parent, name), root) for name in files]  # by the fingerprint)
+    for name in names:
+        data = read_pushed_bytes(root, name, PUSHED_LOCK_MAX)
+        if data is not None:
+            target = os.path.join(path, name)
+            make_folder(os.path.dirname(target))
+            with open(target, "xb") as handle:
+                handle.write(data)
+
+
+def node_install_args(manager, production):
+    """The manager's arguments that install exactly the lock (or, with no lock, resolve afresh)."""
+    locked = bool(manager.lockfile)
+    if manager.name == "npm":
+        return ["ci" if locked else "install", "--omit=dev" if production else "--include=dev",
+                "--no-audit", "--no-fund"]
+    if manager.name == "pnpm":
+        return ["install", "--frozen-lockfile" if locked else "--no-frozen-lockfile",
+                "--prod" if production else "--production=false"]
+    if not manager.berry:
+        return ["install", *(["--frozen-lockfile"] if locked else []), f"--production={str(production).lower()}",
+                "--non-interactive", "--no-progress"]
+    return ["workspaces", "focus", "--all", "--production"] if production else ["install"]
+
+
+def run_node_build(context, setup, script):
+    """Run package.json's build script in the release, with the build environment linked as its
+    node_modules. -> that environment"""
+    build = node_environment(context, setup, production=False)
+    link_node_modules(context.root, build)
+    step(f"Running {setup.manager.name} run {script} (package.json's {script} script)")
+    env = dict(setup.env, PATH=f"{build}/node_modules/.bin:{setup.env['PATH']}")
+    run_build_tool([*setup.command, "run", script], context.root, env, name=f"the {script} script",
+                   view=context.view(build))
+    return build
+
+
+def link_node_modules(root, environment):
+    """The release's node_modules: a link to the environment's (a pushed folder is replaced)."""
+    link = os.path.join(root, "node_modules")
+    if os.path.isdir(link) and not os.path.islink(link):
+        notice("node_modules is in the pushed code: piku replaces it with the installed dependencies "
+               "(add it to .gitignore)")
+        shutil.rmtree(link)
+    elif os.path.lexists(link):
+        os.unlink(link)
+    os.symlink(os.path.join(environment, "node_modules"), link)
+
+
+def node_start_command(root):
+    """What `npm start` runs for a Node app's pushed tree: package.json's start script, else
+    `node server.js` when there is a server.js (npm's own default) -- None otherwise."""
+    if not os.path.isfile(os.path.join(root, "package.json")) or python_manifests(root):
+        return None
+    scripts = read_package_json(root).get("scripts")
+    start = scripts.get("start") if isinstance(scripts, dict) else None
+    if isinstance(start, str) and start.strip() and not any(char in start for char in "\r\n\0"):
+        return start.strip()
+    return "node server.js" if os.path.isfile(os.path.join(root, "server.js")) else None
 
 
 def load_toml(text, name):
@@ -2338,7 +2795,7 @@ class PythonBuildpack:
         if server:
             additions["WSGI_SERVER"] = server
         notice(f"Python environment ready in {time.monotonic() - started:.2f} s")
-        collect_static(context, dict(context.env, **additions))
+        collect_static(context, dict(context.env, **additions), [venv])
         return BuildResult(additions, [venv])
 
     def check(self, context, uv, tool_env):
@@ -2753,7 +3210,7 @@ def locate_tool(name, env, folders=(".local/bin",)):
 
 # --- Django -----------------------------------------------------------------------
 
-def collect_static(context, env):
+def collect_static(context, env, environments):
     """A Django project's static files, collected into the release at build time."""
     if not os.path.isfile(os.path.join(context.root, "manage.py")) or not has_module(env["VIRTUAL_ENV"], "django"):
         return
@@ -2762,7 +3219,7 @@ def collect_static(context, env):
         return
     step("Django: running manage.py collectstatic --noinput")
     args = [os.path.join(env["VIRTUAL_ENV"], "bin", "python"), "manage.py", "collectstatic", "--noinput"]
-    view = context.view(read=release_environment(context.app, context.root, env))
+    view = context.view(read=release_environment(context.app, context.root, environments))
     with launch(view, args, dict(env, PWD=context.root)) as (argv, run_env, fds):
         result = subprocess.run(argv, cwd=context.root, env=run_env, pass_fds=fds, text=True,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -2779,7 +3236,7 @@ def collect_static(context, env):
 ENV_MARKER = ".piku-fingerprint"
 UV_UNRELATED_SETTINGS = frozenset({"UV_CACHE_DIR", "UV_PROJECT_ENVIRONMENT", "UV_NO_PROGRESS", "UV_NO_SYNC",
                                    "UV_LINK_MODE", "UV_TOOL_DIR"})
-TOOL_ENV_PASSTHROUGH = ("HOME", "USER", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR",
+TOOL_ENV_PASSTHROUGH = ("HOME", "USER", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS",
                         "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 UV_CONFIG_FILES = ("~/.config/uv/uv.toml", "/etc/uv/uv.toml")
 
@@ -2837,10 +3294,10 @@ def fingerprint_digest(fingerprint):
     return hashlib.sha256(fingerprint_text(fingerprint).encode()).hexdigest()
 
 
-def environment_intact(venv, fingerprint):
-    """A finished environment (marker matches) whose interpreter still exists."""
-    return (read_text(os.path.join(venv, ENV_MARKER)) == fingerprint_text(fingerprint)
-            and os.path.exists(os.path.join(venv, "bin", "python")))
+def environment_intact(path, fingerprint, needed="bin/python"):
+    """A finished environment (marker matches) whose interpreter (or node_modules) still exists."""
+    return (read_text(os.path.join(path, ENV_MARKER)) == fingerprint_text(fingerprint)
+            and os.path.exists(os.path.join(path, needed)))
 
 
 def install_packages(uv, venv, args, tool_env, cwd, view):
@@ -5247,12 +5704,26 @@ def check_environment_size(app, env):
                         f"holds here ({limit})", "Move large values into files under DATA_ROOT.")
 
 
+def release_processes(root, say=False):
+    """The Procfile's processes; for a Node app without one, package.json's start script as
+    'web:' (what `npm start` runs, without npm between the worker and its signals)."""
+    if os.path.lexists(os.path.join(root, "Procfile")):
+        return parse_procfile(read_pushed_text(root, "Procfile"))
+    start = node_start_command(root)
+    if start is None:
+        node = os.path.isfile(os.path.join(root, "package.json")) and not python_manifests(root)
+        raise PikuError("no Procfile in the pushed code" + (", and package.json has no start script" if node else ""),
+                        "Add a Procfile with a line like " + ("'web: node server.js' (or a start script in "
+                                                              "package.json)" if node else "'web: python app.py'")
+                        + ", commit, and push again.")
+    if say:
+        step(f"No Procfile: running package.json's start script as 'web: {start}' (what npm start runs)")
+    return parse_procfile(f"web: {start}\n")
+
+
 def plan_release(app, rev, root, ref="refs/heads/main", config=None):
     """Read and validate everything the pushed code asks for, before anything runs."""
-    if not os.path.lexists(os.path.join(root, "Procfile")):
-        raise PikuError("no Procfile in the pushed code",
-                        "Add a Procfile with lines like 'web: python app.py', commit, and push again.")
-    processes = parse_procfile(read_pushed_text(root, "Procfile"))
+    processes = release_processes(root, say=True)
     if "static" in processes:
         static_folder(processes["static"].command, processes["static"].line, root)
     repo_env, config = settings_layers(app, root, config)
@@ -5287,7 +5758,7 @@ def run_phase(release, kind):
     env = dict(release.env, PWD=release.root)
     timeout = setting_number(release.env, ("PIKU_RELEASE_TIMEOUT",), RELEASE_TIMEOUT)
     view = View(release.app, write=(release.root, app_data(release.app)),
-                read=release_environment(release.app, release.root, release.env)) if release.sandboxed else None
+                read=release_environment(release.app, release.root, release.environments)) if release.sandboxed else None
     try:
         returncode, _ = stream_command(["/bin/sh", "-c", process.command], release.root, env,
                                        secret_values(release.env), timeout, view)
@@ -5305,10 +5776,13 @@ def run_phase(release, kind):
 def build_release(release):
     pack = select_buildpack(release.root, release.processes)
     describe_detection(pack, release.root)
-    result = pack.build(BuildContext(release.app, release.root, release.processes, dict(release.env),
-                                     release.config, release.repo_env, release.sandboxed))
+    context = BuildContext(release.app, release.root, release.processes, dict(release.env), release.config,
+                           release.repo_env, release.sandboxed)
+    assets = build_node_assets(context) if pack.name != "node" and os.path.isfile(
+        os.path.join(release.root, "package.json")) else []
+    result = pack.build(context)
     release.env.update(result.env)
-    release.environments = list(result.environments)
+    release.environments = [*result.environments, *assets]
     check_environment_size(release.app, release.env)
     served = next((kind for kind in HTTP_APP_KINDS if kind in release.processes), None)
     if release.env.get("NGINX_STATIC_PATHS") and served and worker_kind(served, release.env).name != "wsgi" \
@@ -5550,45 +6024,62 @@ def worker_view(release, instance, kind):
     """A worker sees its release, site folder and environment read-only, and writes its own
     generation's sockets and logs and the app's data."""
     app = release.app
-    read = [release.root, *release_environment(app, release.root, release.env), instance.vassal]
+    read = [release.root, *release_environment(app, release.root, release.environments), instance.vassal]
     if kind.template == "gunicorn":
         read.append(instance.gunicorn_config)
     write = [generation_dir(app, instance.gen), os.path.dirname(instance.log), app_data(app)]
     return View(app, write=tuple(write), read=tuple(read))
 
 
-def release_environment(app, root, env):
-    """What a release runs besides its code: its site folder, the environment piku built for
-    it (never one the app's settings point elsewhere) and the Python that environment uses."""
+def release_environment(app, root, environments):
+    """What a release runs besides its code: its site folder, the environments piku built for it
+    (never one the app's settings point elsewhere) and the runtime each was built with -- not the
+    environments only its build used (NAME-build)."""
     site = project_site(root)
     found = [site] if os.path.isdir(site) else []
-    venv = env.get("VIRTUAL_ENV") or ""
-    record = environment_record(app, venv)
-    if record and os.path.isdir(venv) and not os.path.islink(venv):
-        python = read_text(record).strip()
-        found += [venv, *(tool_folders(python) if os.path.isabs(python) else [])]
-    return found
+    for path in environments:
+        record = environment_record(app, path)
+        if record and not path.endswith("-build") and os.path.isdir(path) and not os.path.islink(path):
+            runtime = read_text(record).strip()
+            found += [path, *(runtime_folders(runtime) if os.path.isabs(runtime) else [])]
+    return list(dict.fromkeys(found))
+
+
+def runtime_folders(binary):
+    """The folders a runtime (a Python, a Node) is shown from: one piku installed is its whole
+    folder in TOOL_ROOT (which no view shows otherwise); the host's are found as tools are."""
+    if binary.startswith(TOOL_ROOT + os.sep):
+        top = os.path.join(TOOL_ROOT, binary[len(TOOL_ROOT) + 1:].split(os.sep)[0])
+        return [top] if os.path.isdir(top) and not os.path.islink(top) else []
+    return tool_folders(binary)
 
 
 ENVIRONMENT_NAME = re.compile(r"(python|node)-[0-9a-f]{16}(-build)?")    # envs/APP/KIND-FINGERPRINT
 
 
-def environment_record(app, venv):
-    """piku's record of the Python an environment of the app was built with (SANDBOX_ROOT/
-    APP@python-DIGEST.python, written by the build that made or reused it), or None for anything
-    else VIRTUAL_ENV may name. Not the environment's own pyvenv.cfg or marker: the build writes
-    the environment. An environment without a record is not shown to a sandbox."""
-    if os.path.dirname(venv) != env_dir(app) or not ENVIRONMENT_NAME.fullmatch(os.path.basename(venv)):
+def runtime_record(app, path):
+    """Where piku records the runtime an environment of the app was built with: SANDBOX_ROOT/
+    APP@NAME.KIND (APP@python-DIGEST.python, APP@node-DIGEST.node)."""
+    name = os.path.basename(path)
+    return os.path.join(SANDBOX_ROOT, f"{app}@{name}.{name.split('-', 1)[0]}")
+
+
+def environment_record(app, path):
+    """piku's record of the runtime an environment of the app was built with (written by the
+    build that made or reused it), or None for anything else a setting may name. Not the
+    environment's own pyvenv.cfg or marker: the build writes the environment. An environment
+    without a record is not shown to a sandbox."""
+    if not piku_environment(app, path):
         return None
-    record = os.path.join(SANDBOX_ROOT, f"{app}@{os.path.basename(venv)}.python")
+    record = runtime_record(app, path)
     return record if os.path.isfile(record) else None
 
 
-def record_environment(app, venv, python):
-    path = os.path.join(SANDBOX_ROOT, f"{app}@{os.path.basename(venv)}.python")
-    if read_text(path, None) != python + "\n":
+def record_environment(app, path, runtime):
+    record = runtime_record(app, path)
+    if read_text(record, None) != runtime + "\n":
         make_folder(SANDBOX_ROOT)
-        write_atomic(path, python + "\n", mode=0o600)
+        write_atomic(record, runtime + "\n", mode=0o600)
 
 
 def record_earlier_environments():
@@ -5604,7 +6095,7 @@ def record_earlier_environments():
                      if isinstance(record, dict) and isinstance(record.get("env"), dict)}:
             if not ENVIRONMENT_NAME.fullmatch(os.path.basename(venv)) or os.path.dirname(venv) != env_dir(app):
                 continue
-            if os.path.exists(os.path.join(SANDBOX_ROOT, f"{app}@{os.path.basename(venv)}.python")):
+            if os.path.exists(runtime_record(app, venv)):
                 continue
             try:
                 python = json.loads(read_nofollow(os.path.join(venv, ENV_MARKER), 65536) or "{}")["python"][0]
@@ -6011,7 +6502,7 @@ def release_from_record(app, record):
     gone = environments_gone(app, record)
     if gone:
         raise PikuError(f"the environment of v{record['version']} is no longer kept ({gone[0]})", again)
-    processes = parse_procfile(read_pushed_text(root, "Procfile"))
+    processes = release_processes(root)
     return Release(app, record["rev"], root, processes, dict(record["env"]), dict(record["scaling"]),
                    {}, dict(record["config"]), record.get("ref") or "refs/heads/main",
                    environments=record_environments(app, record))
@@ -6040,8 +6531,10 @@ def piku_environment(app, path):
 
 
 def environments_gone(app, record):
-    """The environments of a release record that are gone (or were never finished)."""
-    return [path for path in record_environments(app, record) if not os.path.exists(os.path.join(path, ENV_MARKER))]
+    """The environments a release record runs with that are gone (or were never finished); one
+    only its build used (NAME-build) is not needed to run it again."""
+    return [path for path in record_environments(app, record)
+            if not path.endswith("-build") and not os.path.exists(os.path.join(path, ENV_MARKER))]
 
 
 def prune(app):
@@ -6078,7 +6571,7 @@ def prune(app):
         if ENVIRONMENT_NAME.fullmatch(name) and path not in used:
             shutil.rmtree(path, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):      # (none for one built before the sandbox)
-                os.unlink(os.path.join(SANDBOX_ROOT, f"{app}@{name}.python"))
+                os.unlink(runtime_record(app, path))
     prune_generation_folders(app, running)
 
 
@@ -8378,7 +8871,7 @@ def cmd_ps_scale(app, settings):
         record = live_release(app)
         if not record:
             raise not_deployed(app)
-        processes = parse_procfile(read_pushed_text(record["root"], "Procfile"))
+        processes = release_processes(record["root"])
         scaling = scale_app(app, parse_scale_args(settings, processes))
         step("Workers: " + ", ".join(f"{kind}={count}" for kind, count in sorted(scaling.items())))
 
@@ -8389,7 +8882,8 @@ def run_view(app, env, args, terminal):
         raise PikuError(f"command not found: {args[0]}", "Use 'run APP -- sh -c \"...\"' for shell syntax.")
     cwd = app_path(app)
     root = os.path.realpath(cwd)          # apps/APP: a link to the live release, there too
-    view = View(app, write=(app_data(app),), read=(root, *release_environment(app, root, env)),
+    environments = record_environments(app, live_release(app) or {"env": env})
+    view = View(app, write=(app_data(app),), read=(root, *release_environment(app, root, environments)),
                 links=((root, cwd),), cwd=cwd, terminal=terminal)
     # ^C and ^\ reach every process of the terminal's group: bwrap ignores them (inherited from
     # piku), and the command gets their default back from env, as it has without a sandbox.
