@@ -816,16 +816,18 @@ def static_path(command, root):
     return os.path.realpath(os.path.join(root, static_relative(command)))
 
 
-def static_folder(command, lineno, root):
+def static_folder(command, lineno, root, built=True):
     """The folder a 'static:' line serves, with every symlink resolved, checked to be inside
-    the app. Workers are given this resolved path, so what is checked is what is served."""
+    the app. Workers are given this resolved path, so what is checked is what is served. Before
+    the build (built False) it need not exist yet: a build script may make it (`static: dist`)."""
     folder = static_path(command, root)
     if not inside(folder, root):
         raise PikuError(f"Procfile line {lineno}: static folder {command!r} is outside the app",
                         "Serve a folder of the app (symlinks that lead out of it are refused).")
-    if not os.path.isdir(folder):
-        raise PikuError(f"Procfile line {lineno}: static folder {command!r} does not exist in the pushed code",
-                        "Commit the folder, or fix the path in the Procfile.")
+    if built and not os.path.isdir(folder):
+        raise PikuError(f"Procfile line {lineno}: static folder {command!r} does not exist in the pushed code, "
+                        "nor did the build make it", "Commit the folder (or have the build script write it), "
+                        "or fix the path in the Procfile.")
     return folder
 
 
@@ -1158,6 +1160,28 @@ def read_pushed_text(root, name, limit=PUSHED_TEXT_MAX):
         line = data[:error.start].count(b"\n") + 1
         raise PikuError(f"{name} line {line} is not UTF-8 text (byte 0x{data[error.start]:02x})",
                         f"Save {name} as UTF-8, commit, and push again.")
+
+
+def pushed_folder_files(root, folder):
+    """The files below a folder of the pushed tree (paths relative to root, sorted): that folder,
+    each folder on the way to it and every folder below it must be a real folder -- a link to a
+    folder is refused, so nothing outside the release is ever listed or read."""
+    parts = folder.split("/")
+    for count in range(1, len(parts) + 1):
+        if os.path.islink(os.path.join(root, *parts[:count])):
+            link = "/".join(parts[:count])
+            raise PikuError(f"{link} in the pushed code is a link", f"Commit {link} itself, and push again.")
+    if not os.path.isdir(os.path.join(root, folder)):
+        return []
+    found = []
+    for parent, folders, names in os.walk(os.path.join(root, folder)):
+        linked = [name for name in folders if os.path.islink(os.path.join(parent, name))]
+        if linked:
+            relative = os.path.relpath(os.path.join(parent, linked[0]), root)
+            raise PikuError(f"{relative} in the pushed code is a link to a folder",
+                            f"Commit what is in {relative} itself, and push again.")
+        found += [os.path.relpath(os.path.join(parent, name), root) for name in names]
+    return sorted(found)
 
 
 def folder_mode(path):
@@ -1988,6 +2012,7 @@ NODE_MANAGERS = ("npm", "pnpm", "yarn")
 PACKAGE_MANAGER_FIELD = re.compile(r"(npm|pnpm|yarn)@([0-9]{1,9})\.[0-9]{1,9}\.[0-9]{1,9}(-[0-9A-Za-z.-]+)?"
                                    r"(\+[A-Za-z0-9]+\.[0-9a-fA-F]+)?")
 PACKAGE_JSON_MAX = 1024 * 1024
+PACKAGE_JSON_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -2015,7 +2040,25 @@ def read_package_json(root):
                         "Fix it (npm pkg fix, or a JSON linter), commit, and push again.") from None
     if not isinstance(package, dict):
         raise PikuError("package.json is not a JSON object", "Fix it, commit, and push again.")
+    if json_depth(package) > PACKAGE_JSON_DEPTH:
+        raise PikuError(f"package.json nests more than {PACKAGE_JSON_DEPTH} levels deep", "Fix it, commit, and push again.")
+    try:
+        json.dumps(package, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise PikuError("package.json has a string that is no Unicode text (a lone \\ud800-style escape)",
+                        "Fix it, commit, and push again.") from None
     return package
+
+
+def json_depth(value):
+    """How deeply a parsed JSON value nests (without recursion: it may nest thousands deep)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def node_package_manager(root, env, package):
@@ -2137,11 +2180,18 @@ def resolve_node_request(root, config, repo_env, package):
     return NodeRequest(None, "no version asked for: the host's node")
 
 
-def choose_node(request, available):
-    """The newest of available ({version string: node binary}) that request allows -> (version,
-    binary); PikuError naming what there is when none does."""
+def choose_node(request, available, host=None):
+    """The Node for request among available ({version string: node binary}; host: the version
+    of the host's own) -> (version, binary): with no request, the host's; else the host's when
+    it is allowed, or the newest allowed (one piku installed for this app or another). A Node
+    another app asked for is never chosen for an app that asks for none, or that the host's
+    satisfies. PikuError naming what there is when none is allowed."""
+    if request.text is None and host in available:
+        return host, available[host]
     test = node_range(request.text or "*")
     allowed = [version for version in available if test(tuple(map(int, version.split("."))))]
+    if host in allowed:
+        return host, available[host]
     if not allowed:
         found = ", ".join(sorted(available, key=lambda version: tuple(map(int, version.split("."))))) or "none"
         raise PikuError(f"no Node on this host is {request.text} ({request.source}); found: {found}",
@@ -2153,7 +2203,8 @@ def choose_node(request, available):
 # What decides a Node environment's contents: the fingerprint its folder is named by. Not the
 # app's name or version in package.json, nor scripts other than the ones an install runs.
 NODE_CONFIG_FILES = (".npmrc", ".yarnrc", ".yarnrc.yml", "pnpm-workspace.yaml")
-NODE_PATCH_FOLDERS = ("patches", ".yarn/patches")      # patch-package's, Yarn's and pnpm's patches
+NODE_INPUT_FOLDERS = ("patches", ".yarn/patches", ".yarn/plugins")   # patch-package's, Yarn's and pnpm's
+                                                                     # patches; Yarn's plugins
 NODE_INSTALL_SCRIPTS = ("preinstall", "install", "postinstall", "prepare", "dependencies")
 NODE_SETTINGS = ("NPM_CONFIG_", "YARN_", "PNPM_")
 
@@ -2174,17 +2225,9 @@ def node_fingerprint(root, manager, node_version, production, env):
             raise PikuError(f"package.json depends on file:{name}, which is not in the pushed code",
                             f"Commit {name} (npm pack writes it), and push again.")
         files[name] = hashlib.sha256(data).hexdigest()
-    for folder in NODE_PATCH_FOLDERS:
-        for parent, folders, names in os.walk(os.path.join(root, folder)):     # (links not followed:
-            linked = [name for name in folders if os.path.islink(os.path.join(parent, name))]   # refused)
-            if linked:
-                relative = os.path.relpath(os.path.join(parent, linked[0]), root)
-                raise PikuError(f"{relative} in the pushed code is a link to a folder",
-                                f"Commit the patches in {relative} themselves, and push again.")
-            folders.sort()
-            for name in sorted(names):
-                relative = os.path.relpath(os.path.join(parent, name), root)
-                files[relative] = hashlib.sha256(read_pushed_bytes(root, relative, PUSHED_LOCK_MAX) or b"").hexdigest()
+    for folder in NODE_INPUT_FOLDERS:
+        for relative in pushed_folder_files(root, folder):
+            files[relative] = hashlib.sha256(read_pushed_bytes(root, relative, PUSHED_LOCK_MAX) or b"").hexdigest()
     settings = {key: strip_url_credentials(value) for key, value in sorted(env.items())
                 if key.upper().startswith(NODE_SETTINGS) and not is_secret(key.upper())
                 and not any(word in key.upper() for word in ("AUTH", "KEY", "CERT", "OTP"))}
@@ -2221,7 +2264,8 @@ NODE_FAILURES = (
      "Check the versions in package.json, lock again, commit, and push again."),
     ("E404", "a package was not found in the npm registry", "Check the package names in package.json."),
     ("E401", "the npm registry refused the credentials (HTTP 401)",
-     "Set the registry's token with config:set APP NPM_CONFIG_//HOST/:_authToken=... or in the host's ~/.npmrc."),
+     "Commit an .npmrc with the line //HOST/:_authToken=${NPM_TOKEN} and set the token with "
+     "config:set APP NPM_TOKEN=... (docs/NODE.md)."),
 )
 
 
@@ -2272,30 +2316,30 @@ def build_node_assets(context):
     step(f"Assets: package.json has a {script} script; it runs before the Python build")
     setup = prepare_node(context)
     build = run_node_build(context, setup, script)
-    os.unlink(os.path.join(context.root, "node_modules"))       # the Python app runs without it
+    remove_node_modules(context.root)       # the Python app runs without it
     return [build]
 
 
 def prepare_node(context):
     """Read package.json and choose the manager and the Node, saying which and why."""
     package = read_package_json(context.root)
-    check_node_package(package)
+    check_node_package(package, context.root)
     manager = node_package_manager(context.root, context.env, package)
     context.host_env = discovery_env(context.env)
     request = resolve_node_request(context.root, context.config, context.repo_env, package)
-    available = node_versions(context.host_env)
-    if not available:
+    available, host = node_versions(context.host_env)
+    if host is None:
         raise PikuError("Node.js is not installed on this server, and this app has a package.json",
                         "Install it for the piku user (apt-get install nodejs npm), then push again.")
     try:
-        version, node = choose_node(request, available)
+        version, node = choose_node(request, available, host)
         how = ""
     except PikuError as missing:
         version, node = install_node(request, available, context.host_env, missing)
         how = "; installed by piku from the npm registry"
     step(f"Node {version} ({request.text} from {request.source}{how})" if request.text else
          f"Node {version} ({request.source})")
-    check_plug_and_play(context.root, manager)
+    check_yarn_berry(context.root, manager)
     lock = read_pushed_bytes(context.root, manager.lockfile, 4096, head=True) if manager.lockfile else b""
     command, folders = node_manager_command(manager, node, context.host_env, (lock or b"").decode(errors="replace"))
     used = node_tool_version(node, command[-1])
@@ -2305,13 +2349,19 @@ def prepare_node(context):
         warning(f"NODE_PACKAGE_MANAGER's '{manager.ignored}' is not used: piku runs {manager.name} with the "
                 "lock honoured (docs/NODE.md)")
     context.tools = (*context.tools, *runtime_folders(node), *folders)
-    return NodeSetup(package, manager, version, node, command, node_tool_env(context, node))
+    return NodeSetup(package, manager, version, node, command, node_tool_env(context, node, manager.berry))
 
 
-def check_plug_and_play(root, manager):
-    """Yarn 2+ installs Plug'n'Play (no node_modules) unless .yarnrc.yml says otherwise."""
+def check_yarn_berry(root, manager):
+    """Yarn 2+: version 4 or later (its production install, `yarn workspaces focus`, is built in
+    from 4 on), and not Plug'n'Play (no node_modules), which it installs unless .yarnrc.yml says
+    otherwise."""
     if not manager.berry:
         return
+    if manager.version and int(manager.version.split(".")[0]) < 4:
+        raise PikuError(f"this app uses Yarn {manager.version}; piku deploys Yarn 1 and Yarn 4 or later (it "
+                        "installs the production dependencies with 'yarn workspaces focus', built into Yarn 4)",
+                        "Run 'yarn set version 4' and 'yarn install', commit, and push again.")
     text = read_pushed_text(root, ".yarnrc.yml")
     if not re.search(r"^nodeLinker:\s*['\"]?(node-modules|pnpm)['\"]?\s*(#.*)?$", text, re.M):
         raise PikuError("this Yarn app installs with Plug'n'Play, which piku does not deploy: the release runs "
@@ -2319,13 +2369,14 @@ def check_plug_and_play(root, manager):
                         "Add 'nodeLinker: node-modules' to .yarnrc.yml, run 'yarn install', commit, and push again.")
 
 
-def check_node_package(package):
+def check_node_package(package, root):
     """Refuse the shapes piku cannot install apart from the app's code, saying why."""
-    if "workspaces" in package:
+    if "workspaces" in package or re.search(r"^packages\s*:", read_pushed_text(root, "pnpm-workspace.yaml"), re.M):
         raise PikuError("package.json declares workspaces, which piku does not install: their packages are "
                         "the app's own code, and piku installs the dependencies apart from the code",
                         "Deploy one package: give it its own package.json and lock at the top of a repository "
-                        "(or remove 'workspaces'), commit, and push again.")
+                        "(or remove 'workspaces' from package.json, 'packages' from pnpm-workspace.yaml), commit, "
+                        "and push again.")
     node_tarballs(package)
 
 
@@ -2350,8 +2401,8 @@ def node_tarballs(package):
 
 
 def node_versions(env):
-    """{full version: binary} of the Nodes there are: the host's node on PATH and those piku
-    installed in TOOL_ROOT (each finished: its marker written last)."""
+    """-> ({full version: binary} of the Nodes there are: the host's node on PATH and those piku
+    installed in TOOL_ROOT, each finished: its marker written last; the host's version or None)."""
     found = {}
     host = shutil.which("node", path=env.get("PATH"))
     candidates = [host] if host else []
@@ -2362,7 +2413,7 @@ def node_versions(env):
                                lambda binary=binary: node_binary_version(binary))
         if version and version not in found:
             found[version] = binary
-    return found
+    return found, (next(iter(found)) if host and found and found[next(iter(found))] == host else None)
 
 
 def install_node(request, available, env, missing):
@@ -2370,7 +2421,7 @@ def install_node(request, available, env, missing):
     repackaged as node-linux-ARCH), installed into TOOL_ROOT/node-VERSION -> (version, binary).
     The registry is reached as npm reaches it, with the host's settings; none allowed: missing,
     with what the registry has too."""
-    host = next(iter(available.values()))
+    host = next(iter(available.values()))       # (the host's: it comes first)
     npm = host_npm(host, env)
     package = TOOL_REGISTRY_NAMES["node"]
     result = subprocess.run([*npm, "view", package, "versions", "--json"], capture_output=True, text=True,
@@ -2499,7 +2550,7 @@ def node_tool_version(node, script):
                                                stdin=subprocess.DEVNULL).stdout.strip() or None) or "unknown"
 
 
-def node_tool_env(context, node):
+def node_tool_env(context, node, berry=False):
     """The environment a package manager and the build script run in: the app's settings, the
     chosen Node first on PATH, the cache in the app's own folder, node-gyp's headers."""
     env = build_tool_env(context.env)
@@ -2511,9 +2562,10 @@ def node_tool_env(context, node):
                # pnpm's store and Yarn's cache are the app's, and files are copied out of them (never
                # hard-linked: a later build that could write the store must not change an environment)
                npm_config_store_dir=os.path.join(cache, "pnpm-store"), npm_config_package_import_method="copy",
-               YARN_CACHE_FOLDER=os.path.join(cache, "yarn"), YARN_ENABLE_GLOBAL_CACHE="false",
-               YARN_ENABLE_TELEMETRY="0", YARN_IGNORE_PATH="1", YARN_ENABLE_IMMUTABLE_INSTALLS="true",
-               YARN_DISABLE_SELF_UPDATE_CHECK="true", COREPACK_ENABLE_STRICT="0")
+               YARN_CACHE_FOLDER=os.path.join(cache, "yarn"), COREPACK_ENABLE_STRICT="0")
+    # (Yarn 2+ refuses settings it does not know, Yarn 1's among them)
+    env.update(dict(YARN_ENABLE_GLOBAL_CACHE="false", YARN_ENABLE_TELEMETRY="0", YARN_IGNORE_PATH="1") if berry
+               else dict(YARN_DISABLE_SELF_UPDATE_CHECK="true"))
     prefix = os.path.dirname(os.path.dirname(os.path.realpath(node)))
     if os.path.isfile(os.path.join(prefix, "include", "node", "node.h")):
         env["npm_config_nodedir"] = prefix      # native addons build against this Node's headers, no download
@@ -2550,15 +2602,18 @@ def install_node_environment(context, setup, path, fingerprint, production):
     started = time.monotonic()
     make_folder(path)
     copy_node_inputs(context.root, path, setup.manager)
-    args = node_install_args(setup.manager, production)
+    commands = node_install_args(setup.manager, production)
     if not setup.manager.lockfile:
         warning(f"no lockfile: {setup.manager.name} resolves the dependencies afresh, so this deploy is not "
                 "reproducible and a new release of any of them can break it")
         warning(f"run '{setup.manager.name} install', commit its lockfile, and push again")
-    step(f"Running {setup.manager.name} {' '.join(args)}")
+    env = dict(setup.env, **({"YARN_ENABLE_IMMUTABLE_INSTALLS": str(bool(setup.manager.lockfile)).lower()}
+                             if setup.manager.berry else {}))
     try:
-        run_build_tool([*setup.command, *args], path, setup.env, failures=NODE_FAILURES,
-                       name=f"{setup.manager.name} {args[0]}", view=context.view(path))
+        for args in commands:
+            step(f"Running {setup.manager.name} {' '.join(args)}")
+            run_build_tool([*setup.command, *args], path, env, failures=NODE_FAILURES,
+                           name=f"{setup.manager.name} {args[0]}", view=context.view(path))
     except PikuError as error:
         scripts = setup.package.get("scripts") if isinstance(setup.package.get("scripts"), dict) else {}
         hooks = [name for name in NODE_ROOT_HOOKS if name in scripts]
@@ -2579,10 +2634,9 @@ def copy_node_inputs(root, path, manager):
     """The pushed files an install reads, copied (never linked) into the environment folder."""
     names = ["package.json", *([manager.lockfile] if manager.lockfile else []), *NODE_CONFIG_FILES,
              *node_tarballs(read_package_json(root))]
-    for folder in NODE_PATCH_FOLDERS:
-        for parent, folders, files in os.walk(os.path.join(root, folder)):      # (links to folders: refused
-            names += [os.path.relpath(os.path.join(parent, name), root) for name in files]  # by the fingerprint)
-    for name in names:
+    for folder in NODE_INPUT_FOLDERS:
+        names += pushed_folder_files(root, folder)
+    for name in dict.fromkeys(names):
         data = read_pushed_bytes(root, name, PUSHED_LOCK_MAX)
         if data is not None:
             target = os.path.join(path, name)
@@ -2592,18 +2646,24 @@ def copy_node_inputs(root, path, manager):
 
 
 def node_install_args(manager, production):
-    """The manager's arguments that install exactly the lock (or, with no lock, resolve afresh)."""
+    """The manager's commands (argument lists) that install exactly the lock (or, with no lock,
+    resolve afresh)."""
     locked = bool(manager.lockfile)
     if manager.name == "npm":
-        return ["ci" if locked else "install", "--omit=dev" if production else "--include=dev",
-                "--no-audit", "--no-fund"]
+        return [["ci" if locked else "install", "--omit=dev" if production else "--include=dev",
+                 "--no-audit", "--no-fund"]]
     if manager.name == "pnpm":
-        return ["install", "--frozen-lockfile" if locked else "--no-frozen-lockfile",
-                "--prod" if production else "--production=false"]
+        return [["install", "--frozen-lockfile" if locked else "--no-frozen-lockfile",
+                 "--prod" if production else "--production=false"]]
     if not manager.berry:
-        return ["install", *(["--frozen-lockfile"] if locked else []), f"--production={str(production).lower()}",
-                "--non-interactive", "--no-progress"]
-    return ["workspaces", "focus", "--all", "--production"] if production else ["install"]
+        return [["install", *(["--frozen-lockfile"] if locked else []), f"--production={str(production).lower()}",
+                 "--non-interactive", "--no-progress"]]
+    if not production:
+        return [["install"]]
+    # `workspaces focus` resolves what the lock lacks, immutable or not: an immutable install checks
+    # the lock first (building nothing; focus then leaves only the production dependencies)
+    return [*([["install", "--immutable", "--mode=skip-build"]] if locked else []),
+            ["workspaces", "focus", "--all", "--production"]]
 
 
 def run_node_build(context, setup, script):
@@ -2620,26 +2680,36 @@ def run_node_build(context, setup, script):
 
 def link_node_modules(root, environment):
     """The release's node_modules: a link to the environment's (a pushed folder is replaced)."""
-    link = os.path.join(root, "node_modules")
-    if os.path.isdir(link) and not os.path.islink(link):
+    if remove_node_modules(root) == "folder":
         notice("node_modules is in the pushed code: piku replaces it with the installed dependencies "
                "(add it to .gitignore)")
-        shutil.rmtree(link)
-    elif os.path.lexists(link):
-        os.unlink(link)
-    os.symlink(os.path.join(environment, "node_modules"), link)
+    os.symlink(os.path.join(environment, "node_modules"), os.path.join(root, "node_modules"))
+
+
+def remove_node_modules(root):
+    """Remove the release's node_modules, whatever a push or a build left there (never following
+    a link) -> what it was: 'folder', 'file' or None."""
+    path = os.path.join(root, "node_modules")
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+        return "folder"
+    if os.path.lexists(path):
+        os.unlink(path)
+        return "file"
+    return None
 
 
 def node_start_command(root):
-    """What `npm start` runs for a Node app's pushed tree: package.json's start script, else
-    `node server.js` when there is a server.js (npm's own default) -- None otherwise."""
+    """What `npm start` runs for a Node app's pushed tree -> (command, why): package.json's start
+    script, else `node server.js` when there is a server.js (npm's own default); None otherwise."""
     if not os.path.isfile(os.path.join(root, "package.json")) or python_manifests(root):
         return None
     scripts = read_package_json(root).get("scripts")
     start = scripts.get("start") if isinstance(scripts, dict) else None
     if isinstance(start, str) and start.strip() and not any(char in start for char in "\r\n\0"):
-        return start.strip()
-    return "node server.js" if os.path.isfile(os.path.join(root, "server.js")) else None
+        return start.strip(), "package.json's start script"
+    return ("node server.js", "npm start's default for a server.js") \
+        if os.path.isfile(os.path.join(root, "server.js")) else None
 
 
 def load_toml(text, name):
@@ -3296,7 +3366,8 @@ def fingerprint_digest(fingerprint):
 
 def environment_intact(path, fingerprint, needed="bin/python"):
     """A finished environment (marker matches) whose interpreter (or node_modules) still exists."""
-    return (read_text(os.path.join(path, ENV_MARKER)) == fingerprint_text(fingerprint)
+    # (read without following a link or blocking: a build script may write its -build environment)
+    return (read_nofollow(os.path.join(path, ENV_MARKER), 1024 * 1024) == fingerprint_text(fingerprint)
             and os.path.exists(os.path.join(path, needed)))
 
 
@@ -4748,7 +4819,8 @@ def nginx_root_location(release, served, uwsgi):
     static = release.processes.get("static")
     if not static:
         return nginx_block("location /", nginx_pass(release.app, uwsgi, env)) if served else []
-    root = [nginx_file(release.app, "root", served_folder(release, static_folder(static.command, static.line, release.root))),
+    folder = static_folder(static.command, static.line, release.root, release.built)
+    root = [nginx_file(release.app, "root", served_folder(release, folder)),
             nginx_no_links(release.root)]
     if served:          # files first, then the app (as uWSGI's static-map does)
         return [*nginx_block("location /", [*root, "add_header X-Served-By nginx-static;",
@@ -5452,6 +5524,7 @@ class Release:
     committed: bool = False
     sandboxed: bool = True          # its code runs in the app's sandbox (app_sandboxed)
     environments: list = field(default_factory=list)    # what its build made or reused in envs/APP/
+    built: bool = True              # False while it is planned: what its build makes is not there yet
 
 
 def new_release_dir(app, rev):
@@ -5717,15 +5790,15 @@ def release_processes(root, say=False):
                                                               "package.json)" if node else "'web: python app.py'")
                         + ", commit, and push again.")
     if say:
-        step(f"No Procfile: running package.json's start script as 'web: {start}' (what npm start runs)")
-    return parse_procfile(f"web: {start}\n")
+        step(f"No Procfile: running 'web: {start[0]}' ({start[1]}; npm's prestart and poststart do not run)")
+    return parse_procfile(f"web: {start[0]}\n")
 
 
 def plan_release(app, rev, root, ref="refs/heads/main", config=None):
     """Read and validate everything the pushed code asks for, before anything runs."""
     processes = release_processes(root, say=True)
     if "static" in processes:
-        static_folder(processes["static"].command, processes["static"].line, root)
+        static_folder(processes["static"].command, processes["static"].line, root, built=False)
     repo_env, config = settings_layers(app, root, config)
     live = live_release(app)
     env = expand_settings(config, expand_settings(repo_env, base_env(app)))
@@ -5736,7 +5809,7 @@ def plan_release(app, rev, root, ref="refs/heads/main", config=None):
     check_health_settings(app, env)
     saved = live["scaling"] if live else load_scaling(app)
     release = Release(app, rev, root, processes, env, scaling_for(processes, saved), dict(repo_env), dict(config), ref,
-                      sandboxed=app_sandboxed(app))
+                      sandboxed=app_sandboxed(app), built=False)
     plan_generation(release, 0, release.scaling)        # every worker config renders: refused now, not after a build
     render_nginx(release)                               # and the vhost (nginx -t runs before the switch)
     return release
@@ -5783,6 +5856,7 @@ def build_release(release):
     result = pack.build(context)
     release.env.update(result.env)
     release.environments = [*result.environments, *assets]
+    release.built = True
     check_environment_size(release.app, release.env)
     served = next((kind for kind in HTTP_APP_KINDS if kind in release.processes), None)
     if release.env.get("NGINX_STATIC_PATHS") and served and worker_kind(served, release.env).name != "wsgi" \
@@ -5985,7 +6059,7 @@ def plan_generation(release, gen, scaling, only=None):
     wsgi_extra = []
     if "static" in release.processes:       # the wsgi worker serves the folder's files itself
         static = release.processes["static"]
-        wsgi_extra.append(("static-map", "/=" + static_folder(static.command, static.line, release.root)))
+        wsgi_extra.append(("static-map", "/=" + static_folder(static.command, static.line, release.root, release.built)))
     for prefix, folder in static_paths(release.env, release.root):
         wsgi_extra.append(("static-map", f"{prefix}={folder}"))
     for kind, count in sorted(scaling.items()):
@@ -6533,8 +6607,15 @@ def piku_environment(app, path):
 def environments_gone(app, record):
     """The environments a release record runs with that are gone (or were never finished); one
     only its build used (NAME-build) is not needed to run it again."""
-    return [path for path in record_environments(app, record)
-            if not path.endswith("-build") and not os.path.exists(os.path.join(path, ENV_MARKER))]
+    return [path for path in record_environments(app, record) if not path.endswith("-build")
+            and (not os.path.exists(os.path.join(path, ENV_MARKER)) or runtime_gone(app, path))]
+
+
+def runtime_gone(app, path):
+    """Is the runtime piku recorded for an environment gone (a Node piku or apt removed)?"""
+    record = environment_record(app, path)
+    runtime = read_text(record).strip() if record else ""
+    return os.path.isabs(runtime) and not os.path.exists(runtime)
 
 
 def prune(app):
@@ -7833,12 +7914,43 @@ def check_app_environments(app, record):
         gone = environments_gone(app, kept)
         if gone:
             live = kept["version"] == record["version"]
-            yield Finding("FAIL" if live else "WARN", f"{app}: the environment of v{kept['version']} is "
-                          f"gone ({', '.join(gone)})" +
+            runtimes = [read_text(environment_record(app, path)).strip() for path in gone if runtime_gone(app, path)]
+            what = (f"the runtime v{kept['version']}'s environment was built with is gone ({', '.join(runtimes)})"
+                    if runtimes else f"the environment of v{kept['version']} is gone ({', '.join(gone)})")
+            yield Finding("FAIL" if live else "WARN", f"{app}: {what}" +
                           ("; the live workers use it" if live else "; it cannot be rolled back to"),
                           piku_command("deploy" if live else "restart", app),
                           also="a deploy builds it again" if live else
                           f"a restart (or the next deploy) stops keeping v{kept['version']}")
+
+
+@app_check
+def check_app_nodes(app, record):
+    """The Node each kept release's environments were built for is still there, at that version
+    (an apt upgrade of the host's nodejs changes it under the release: native addons stop loading)."""
+    for kept in load_releases(app):
+        for path in record_environments(app, kept):
+            record_file = environment_record(app, path)
+            if not record_file or not record_file.endswith(".node") or path.endswith("-build"):
+                continue
+            binary = read_text(record_file).strip()
+            try:
+                built = json.loads(read_nofollow(os.path.join(path, ENV_MARKER), 65536) or "{}").get("node")
+            except (ValueError, AttributeError):
+                built = None
+            if not os.path.isabs(binary) or not os.path.exists(binary):
+                continue            # (check_app_environments: a release whose runtime is gone)
+            now = node_binary_version(binary)
+            if now == built:
+                continue
+            what = f"the Node of v{kept['version']} ({binary}) is now {now}; its environment was built for {built}"
+            if kept["version"] == record["version"]:
+                yield Finding("FAIL", f"{app}: {what}, and the live workers run on it", piku_command("deploy", app),
+                              also="a deploy installs the dependencies again for the Node there is (native addons "
+                              "are built for one Node)")
+            else:
+                yield Finding("WARN", f"{app}: {what}; a rollback to it runs on {now}, where its native addons "
+                              "(if any) may not load")
 
 
 @app_check

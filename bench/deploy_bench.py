@@ -23,6 +23,8 @@ Measures, each RUNS times (median reported):
             app's uv cache on disk, and a first deploy with that cache empty and warm
   nginxfiles  the check of every vhost against NGINX_FILES that runs before each nginx reload,
             with 1, 10, 50 and 100 apps' vhosts
+  node      examples/express: code-only redeploys alternating with examples/flask-uwsgi's (the
+            ratio), dependency-change redeploys against a bare `npm ci --omit=dev` of each lock
   durable   one of piku's writes (temporary file, fsync, rename, folder fsync) against a plain
             rename, and the process guard that runs each command of a vassal outside a sandbox:
             its start-up and its resident memory
@@ -516,6 +518,47 @@ def measure_durable(results):
             sleeper.wait()
 
 
+NODE_PACKAGES = ["left-pad", "kleur", "is-number", "camelcase", "escape-string-regexp", "slash", "ansi-regex",
+                 "picomatch", "yocto-queue", "strip-final-newline"]
+
+
+def measure_node(bench, results):
+    """examples/express: a code-only redeploy alternating with the Python app's (the ratio), and
+    dependency-change redeploys against a bare `npm ci --omit=dev` of the same lock with the same
+    (warm) cache."""
+    python = bench.checkout("py")
+    bench.seed_cache("py")
+    bench.push(python, "py")
+    wait_for(bench.url("py"), "Hello from py")
+    node = bench.checkout("node", example="express")
+    bench.push(node, "node")
+    wait_for(bench.url("node"), "Hello from")
+    for run_index in range(RUNS):
+        for app, path, example, main in (("py", python, "flask-uwsgi", "wsgi.py"), ("node", node, "express", "server.js")):
+            marker = f"Code{run_index}"
+            bench.mark(path, marker, example, main)
+            bench.commit(path, marker)
+            started = bench.push(path, app)
+            results[f"node_code_{app}"].append(wait_for(bench.url(app), marker) - started)
+    npm_env = dict(bench.env, npm_config_cache=str(bench.work / "piku" / "uv" / "node" / "npm"),
+                   npm_config_update_notifier="false")
+    for run_index in range(RUNS):
+        marker = f"Deps{run_index}"
+        bench.mark(node, marker, "express", "server.js")
+        run(["npm", "install", "--package-lock-only", "--no-audit", "--no-fund", NODE_PACKAGES[run_index % len(NODE_PACKAGES)]],
+            cwd=node, env=npm_env)
+        bench.commit(node, marker)
+        started = bench.push(node, "node")
+        results["node_deps"].append(wait_for(bench.url("node"), marker) - started)
+        alone = bench.work / f"npm-alone-{run_index}"
+        alone.mkdir()
+        for name in ("package.json", "package-lock.json"):
+            shutil.copy(node / name, alone / name)
+        began = time.monotonic()
+        run(["npm", "ci", "--omit=dev", "--no-audit", "--no-fund"], cwd=alone, env=npm_env)
+        results["node_npm_ci"].append(time.monotonic() - began)
+
+
 def measure(bench):
     results = collections.defaultdict(list)
     if not ONLY or "deploys" in ONLY:
@@ -532,6 +575,8 @@ def measure(bench):
         measure_nginx_files(bench, results)
     if not ONLY or "durable" in ONLY:
         measure_durable(results)
+    if not ONLY or "node" in ONLY:
+        measure_node(bench, results)
     return {name: values for name, values in results.items() if values}
 
 
@@ -574,17 +619,24 @@ def main():
                ("sandbox_first_warm", "first deploy, the app's uv cache warm, s")]
     for size in NGINX_FILES_SIZES:
         labels += [(f"nginx_files_{size}_fresh", f"every vhost checked before a reload, {size} apps, no cache, ms"),
-                   (f"nginx_files_{size}", f"... with the vhosts' paths kept by an earlier command, ms"),
-                   (f"nginx_files_{size}_again", f"... the same command's second check, ms")]
+                   (f"nginx_files_{size}", "... with the vhosts' paths kept by an earlier command, ms"),
+                   (f"nginx_files_{size}_again", "... the same command's second check, ms")]
     labels += [("durable_write", "one durable write (fsync, rename, folder fsync), ms"),
                ("renamed_write", "... the same write renamed without fsync, ms"),
                ("guard_start", "the process guard: start, run `true`, end, ms"),
                ("guard_rss", "the process guard's resident memory, MiB")]
+    labels += [("node_code_py", "code-only redeploy, Flask (uWSGI), alternating with Express, s"),
+               ("node_code_node", "code-only redeploy, Express (examples/express), s"),
+               ("node_deps", "Express: dependency-change redeploy (push -> new code answers), s"),
+               ("node_npm_ci", "the same npm ci --omit=dev on its own, warm cache, s")]
     for name, label in labels:
         if name in results:
             print(f"  {label:60s} {medians[name]:8.3f}   runs: {' '.join(f'{v:.3f}' for v in results[name])}")
     if "sandbox_code_off" in medians:
         print(f"  {'code-only redeploy, sandboxed / not':60s} {medians['sandbox_code_auto'] / medians['sandbox_code_off']:8.3f}")
+    if "node_code_node" in medians:
+        print(f"  {'code-only redeploy, Express / Flask':60s} {medians['node_code_node'] / medians['node_code_py']:8.3f}")
+        print(f"  {'overhead over npm ci, push -> new code answers, s':60s} {medians['node_deps'] - medians['node_npm_ci']:8.3f}")
     if "deps" in medians:
         print(f"  {'overhead over uv sync, push -> new code answers, s':60s} {medians['deps'] - medians['sync']:8.3f}")
         print(f"  {'overhead over uv sync, git push alone, s':60s} {medians['deps_push'] - medians['sync']:8.3f}")

@@ -226,8 +226,8 @@ def test_update_replaces_piku_py_only_after_its_self_check_and_reverts(tmp_path)
     refused = piku("update", str(broken))
     assert refused.returncode == 1 and "the new piku.py does not run" in refused.stderr, refused.stderr
     assert "Nothing was replaced" in refused.stderr and script.read_bytes() == original
-    failing = variant(tmp_path, "failing.py", "SANDBOX_ROOT, TMP_ROOT, UV_CACHE_ROOT)",
-                      "SANDBOX_ROOT, TMP_ROOT, UV_CACHE_ROOT, os.path.join(PIKU_ROOT, 'never-made'))")
+    failing = variant(tmp_path, "failing.py", "UV_CACHE_ROOT,\n             TOOL_ROOT)",
+                      "UV_CACHE_ROOT,\n             TOOL_ROOT, os.path.join(PIKU_ROOT, 'never-made'))")
     refused = piku("update", str(failing))
     assert refused.returncode == 1 and "doctor finds what this one does not" in refused.stderr, refused.stderr
     assert "never-made is missing" in refused.stderr and script.read_bytes() == original

@@ -85,7 +85,9 @@ def test_yarn_1_and_berry_are_told_apart(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [("{", "package.json is not valid JSON"), ("[]", "not a JSON object"),
-                                           ('{"a": 1}\n\xff', "is not UTF-8")])
+                                           ('{"a": 1}\n\xff', "is not UTF-8"),
+                                           ('{"scripts": {"start": "node \\ud800.js"}}', "no Unicode text"),
+                                           ('{"a": ' + "[" * 900 + "]" * 900 + "}", "nests more than 64 levels")])
 def test_a_malformed_package_json_is_refused_with_a_message(tmp_path, text, message):
     (tmp_path / "package.json").write_bytes(text.encode("latin-1"))
     with pytest.raises(piku.PikuError) as refused:
@@ -191,9 +193,12 @@ def test_the_node_request_comes_from_the_first_place_that_names_one(tmp_path):
 def test_the_newest_node_the_request_allows_is_chosen_or_what_there_is_is_named():
     available = {"18.19.0": "/a/node", "20.20.2": "/usr/bin/node", "22.3.0": "/b/node"}
     request = piku.NodeRequest
-    assert piku.choose_node(request(None, "the host's"), available) == ("22.3.0", "/b/node")
+    assert piku.choose_node(request(None, "the host's"), available, "20.20.2") == ("20.20.2", "/usr/bin/node")
+    assert piku.choose_node(request(">=18", "x"), available, "20.20.2") == ("20.20.2", "/usr/bin/node"), \
+        "the host's, while it is allowed: never a Node another app asked for"
+    assert piku.choose_node(request(">=21", "x"), available, "20.20.2") == ("22.3.0", "/b/node")
     assert piku.choose_node(request("^20", "x"), available) == ("20.20.2", "/usr/bin/node")
-    assert piku.choose_node(request("lts/hydrogen", "x"), available) == ("18.19.0", "/a/node")
+    assert piku.choose_node(request("lts/hydrogen", "x"), available, "20.20.2") == ("18.19.0", "/a/node")
     with pytest.raises(piku.PikuError) as refused:
         piku.choose_node(request(">=23", "engines.node in package.json"), available)
     assert refused.value.message == ("no Node on this host is >=23 (engines.node in package.json); "
@@ -277,6 +282,15 @@ def test_hostile_pushed_files_and_values_get_a_message_never_a_traceback(tmp_pat
     with pytest.raises(piku.PikuError) as error:
         piku.node_fingerprint(str(linked), piku.NodeManager("npm", "", "", "test"), "20.0.0", True, {})
     assert "patches/more in the pushed code is a link to a folder" in error.value.message
+    for link, folder in (("patches", "patches"), (".yarn", ".yarn/patches")):     # the folder itself a link
+        top = tmp_path / f"top-{link.strip('.')}"
+        (top / "elsewhere" / "patches").mkdir(parents=True)
+        (top / "elsewhere" / "patches" / "secret").write_text("x")
+        (top / "package.json").write_text("{}")
+        (top / link).symlink_to(top / "elsewhere" / ("patches" if link == "patches" else ""))
+        with pytest.raises(piku.PikuError) as error:
+            piku.node_fingerprint(str(top), piku.NodeManager("npm", "", "", "test"), "20.0.0", True, {})
+        assert f"{link} in the pushed code is a link" in error.value.message
     secrets = {"NPM_CONFIG_KEY": "-----BEGIN", "NPM_CONFIG_CERT": "x", "NPM_CONFIG_OTP": "123456",
                "NPM_CONFIG__AUTH": "x", "YARN_NPM_AUTH_TOKEN": "x"}
     plain = tmp_path / "plain"
@@ -285,3 +299,28 @@ def test_hostile_pushed_files_and_values_get_a_message_never_a_traceback(tmp_pat
     taken = piku.node_fingerprint(str(plain), piku.NodeManager("npm", "", "", "t"), "20.0.0", True,
                                   dict(secrets, NPM_CONFIG_FUND="false"))["settings"]
     assert taken == {"NPM_CONFIG_FUND": "false"}, taken
+
+
+def test_a_marker_the_apps_code_could_write_is_never_followed_nor_waited_for(tmp_path):
+    """A build script writes its -build environment: whatever it leaves where piku's marker goes
+    (a link to /dev/zero, a FIFO, a folder, bytes that are not UTF-8) means 'not finished'."""
+    import os
+    fingerprint = {"layout": 1}
+    shapes = {"link": lambda marker: marker.symlink_to("/dev/zero"), "fifo": lambda marker: os.mkfifo(marker),
+              "folder": lambda marker: marker.mkdir(), "bytes": lambda marker: marker.write_bytes(b"\xff\xfe"),
+              "good": lambda marker: marker.write_text(piku.fingerprint_text(fingerprint))}
+    for name, make in shapes.items():
+        environment = tmp_path / name
+        (environment / "node_modules").mkdir(parents=True)
+        make(environment / piku.ENV_MARKER)
+        assert piku.environment_intact(str(environment), fingerprint, "node_modules") is (name == "good"), name
+
+
+def test_a_file_the_manifest_names_twice_is_copied_once(tmp_path):
+    (tmp_path / "patches").mkdir()
+    (tmp_path / "patches" / "dep-1.0.0.tgz").write_bytes(b"tarball")
+    (tmp_path / "package.json").write_text(json.dumps({"dependencies": {"dep": "file:patches/dep-1.0.0.tgz"}}))
+    target = tmp_path / "environment"
+    target.mkdir()
+    piku.copy_node_inputs(str(tmp_path), str(target), piku.NodeManager("npm", "", "", "test"))
+    assert (target / "patches" / "dep-1.0.0.tgz").read_bytes() == b"tarball"

