@@ -527,7 +527,6 @@ def measure_node(bench, results):
     dependency-change redeploys against a bare `npm ci --omit=dev` of the same lock with the same
     (warm) cache."""
     python = bench.checkout("py")
-    bench.seed_cache("py")
     bench.push(python, "py")
     wait_for(bench.url("py"), "Hello from py")
     node = bench.checkout("node", example="express")
