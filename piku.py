@@ -1394,9 +1394,13 @@ class View:
     links: tuple = ()       # (target, path): symlinks made at path
     cwd: str = ""           # where it starts (bwrap sets PWD to it); else where its caller is
     terminal: bool = False  # keeps the caller's terminal session (run with a terminal: ^C reaches it)
+    binds: tuple = ()       # (source, path): a folder it writes, also shown read-write at path (an
+                            # empty folder in one it writes): a build's node_modules inside its release
 
     def __post_init__(self):
-        stray = [path for path in self.write if not app_may_write(path, self.app)]
+        stray = [path for path in (*self.write, *(source for source, _ in self.binds))
+                 if not app_may_write(path, self.app)]
+        stray += [path for _, path in self.binds if not any(path.startswith(folder + os.sep) for folder in self.write)]
         if stray:       # a bug of piku's: every writable folder is one of APP_WRITES
             raise ValueError(f"a view of {self.app} would write {stray}, which APP_WRITES does not list")
 
@@ -1594,6 +1598,8 @@ def view_args(view):
         args += ["--ro-bind", path, path]
     for path in view.write:
         args += ["--bind", path, path]
+    for source, path in view.binds:
+        args += ["--bind", source, path]
     for target, path in view.links:
         args += ["--symlink", target, path]
     args += ["--chdir", view.cwd] if view.cwd else []
@@ -1938,14 +1944,15 @@ class BuildContext:
     tools: tuple = ()       # folders of the build's Python and tools, shown read-only
     host_env: dict = field(default_factory=dict)    # where piku finds uv, Pythons, tools (discovery_env)
 
-    def view(self, *made, read=()):
-        """The view a build step runs in: the release, what the step makes (created here) and the
-        app's uv cache read-write; None without a sandbox."""
+    def view(self, *made, read=(), release=True, binds=()):
+        """The view a build step runs in: the release (unless release is False), what the step
+        makes (created here) and the app's uv cache read-write; None without a sandbox."""
         if not self.sandboxed:
             return None
         for path in made:
             os.makedirs(path, exist_ok=True)
-        return View(self.app, write=(self.root, app_uv_folder(self.app), *made), read=(*self.tools, *read))
+        own = (self.root,) if release else ()
+        return View(self.app, write=(*own, app_uv_folder(self.app), *made), read=(*self.tools, *read), binds=binds)
 
 
 @dataclass
@@ -2292,17 +2299,38 @@ class NodeBuildpack:
 
     def build(self, context):
         started = time.monotonic()
+        drop_pushed_node_modules(context.root)
         setup = prepare_node(context)
         production = node_environment(context, setup, production=True)
         environments = [production]
         script = node_build_script(setup.package)
         if script:
             environments.append(run_node_build(context, setup, script))
+            check_dev_only_commands(context, production, environments[-1])
         link_node_modules(context.root, production)
         additions = {"PATH": f"{production}/node_modules/.bin:{os.path.dirname(setup.node)}:{context.env['PATH']}",
                      "NODE_ENV": context.env.get("NODE_ENV") or "production"}
         notice(f"Node environment ready in {time.monotonic() - started:.2f} s")
         return BuildResult(additions, environments)
+
+
+def check_dev_only_commands(context, production, build):
+    """A command of the app whose program only a dev dependency provides would fail when it
+    starts (the workers run without them, as `nest start` does): refused now, with the fix."""
+    for kind, process in sorted(context.processes.items()):
+        try:
+            words = shlex.split(process.command)
+        except ValueError:
+            continue            # (the shell says what is wrong with it)
+        program = next((word for word in words if not re.match(r"[A-Za-z_][A-Za-z0-9_]*=", word)), "")
+        if not program or "/" in program or os.path.exists(os.path.join(production, "node_modules", ".bin", program)) \
+                or shutil.which(program, path=context.host_env.get("PATH")):
+            continue
+        if os.path.exists(os.path.join(build, "node_modules", ".bin", program)):
+            raise PikuError(f"'{kind}: {process.command}' runs {program}, which only a dev dependency provides; "
+                            "the app's processes run without the dev dependencies",
+                            "Move the package that provides it to 'dependencies', or run what the build made "
+                            "(for NestJS: 'web: node dist/main' in a Procfile); commit, and push again.")
 
 
 def build_node_assets(context):
@@ -2313,10 +2341,14 @@ def build_node_assets(context):
     if not script:
         notice("package.json has no build script: Node is not run for this Python app")
         return []
+    if context.env.get("DISABLE_NODE_BUILD", "").strip() in ("1", "true", "yes"):
+        notice(f"DISABLE_NODE_BUILD is set: package.json's {script} script is not run")
+        return []
     step(f"Assets: package.json has a {script} script; it runs before the Python build")
+    drop_pushed_node_modules(context.root)
     setup = prepare_node(context)
     build = run_node_build(context, setup, script)
-    remove_node_modules(context.root)       # the Python app runs without it
+    context.tools = (*context.tools, build)      # collectstatic may collect from node_modules
     return [build]
 
 
@@ -2330,13 +2362,13 @@ def prepare_node(context):
     available, host = node_versions(context.host_env)
     if host is None:
         raise PikuError("Node.js is not installed on this server, and this app has a package.json",
-                        "Install it for the piku user (apt-get install nodejs npm), then push again.")
-    try:
-        version, node = choose_node(request, available, host)
+                        "Install it for the piku user (apt-get install nodejs npm), then push again. (A Python app "
+                        f"can skip its package.json build: config:set {context.app} DISABLE_NODE_BUILD=1)")
+    try:       # the host's, or the one the app's live release runs on: never one only another app uses
+        version, node = choose_node(request, {host: available[host], **live_node(context.app, available)}, host)
         how = ""
     except PikuError as missing:
-        version, node = install_node(request, available, context.host_env, missing)
-        how = "; installed by piku from the npm registry"
+        version, node, how = install_node(request, available, context.host_env, missing)
     step(f"Node {version} ({request.text} from {request.source}{how})" if request.text else
          f"Node {version} ({request.source})")
     check_yarn_berry(context.root, manager)
@@ -2371,8 +2403,10 @@ def check_yarn_berry(root, manager):
 
 def check_node_package(package, root):
     """Refuse the shapes piku cannot install apart from the app's code, saying why."""
-    if "workspaces" in package or re.search(r"^packages\s*:", read_pushed_text(root, "pnpm-workspace.yaml"), re.M):
-        raise PikuError("package.json declares workspaces, which piku does not install: their packages are "
+    pnpm = re.search(r"^packages\s*:", read_pushed_text(root, "pnpm-workspace.yaml"), re.M)
+    if "workspaces" in package or pnpm:
+        where = "pnpm-workspace.yaml declares workspace packages" if pnpm else "package.json declares workspaces"
+        raise PikuError(f"{where}, which piku does not install: their packages are "
                         "the app's own code, and piku installs the dependencies apart from the code",
                         "Deploy one package: give it its own package.json and lock at the top of a repository "
                         "(or remove 'workspaces' from package.json, 'packages' from pnpm-workspace.yaml), commit, "
@@ -2409,38 +2443,67 @@ def node_versions(env):
     for marker in sorted(glob.glob(os.path.join(glob.escape(TOOL_ROOT), "node-*", ENV_MARKER))):
         candidates.append(os.path.join(os.path.dirname(marker), *TOOL_PACKAGES["node"]))
     for binary in candidates:
-        version = cached_probe(["node --version", stat_key(os.path.realpath(binary))],
-                               lambda binary=binary: node_binary_version(binary))
+        version = node_version_of(binary)
         if version and version not in found:
             found[version] = binary
     return found, (next(iter(found)) if host and found and found[next(iter(found))] == host else None)
 
 
+def live_node(app, available):
+    """{version: binary} of the Node the app's live release runs on, when it is one of available."""
+    try:
+        record = live_release(app)
+    except PikuError:
+        return {}           # (doctor reports a damaged record)
+    for path in record_environments(app, record) if record else []:
+        found = environment_record(app, path)
+        if found and found.endswith(".node") and not path.endswith("-build"):
+            binary = read_text(found).strip()
+            version = node_version_of(binary) if os.path.isabs(binary) and os.path.exists(binary) else None
+            if version and available.get(version) == binary:
+                return {version: binary}
+    return {}
+
+
 def install_node(request, available, env, missing):
     """The newest Node the request allows that the npm registry has (the official binaries,
-    repackaged as node-linux-ARCH), installed into TOOL_ROOT/node-VERSION -> (version, binary).
-    The registry is reached as npm reaches it, with the host's settings; none allowed: missing,
-    with what the registry has too."""
+    repackaged as node-linux-ARCH), installed into TOOL_ROOT/node-VERSION unless it is there
+    -> (version, binary, how it was found). The registry is reached as npm reaches it, with the
+    host's settings. None allowed: missing, with what the registry has too; no answer: the
+    newest allowed Node piku installed earlier, with a warning, else missing."""
     host = next(iter(available.values()))       # (the host's: it comes first)
     npm = host_npm(host, env)
     package = TOOL_REGISTRY_NAMES["node"]
-    result = subprocess.run([*npm, "view", package, "versions", "--json"], capture_output=True, text=True,
-                            stdin=subprocess.DEVNULL, cwd=PIKU_ROOT, env=tool_install_env(host, env), timeout=120)
-    try:
-        offered = [text for text in json.loads(result.stdout) if NODE_VERSION_TEXT.fullmatch(text)]
-    except (ValueError, TypeError):
-        raise PikuError(f"{missing.message}; and the npm registry could not be asked for others "
-                        f"(npm view {package}: {(result.stderr.strip().splitlines() or ['no answer'])[-1]})",
-                        missing.hint) from None
     test = node_range(request.text)
+    try:
+        result = subprocess.run([*npm, "view", package, "versions", "--json"], capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL, cwd=PIKU_ROOT, env=tool_install_env(host, env), timeout=120)
+        offered = [text for text in json.loads(result.stdout) if NODE_VERSION_TEXT.fullmatch(text)]
+    except (OSError, subprocess.TimeoutExpired, ValueError, TypeError) as error:
+        why = (result.stderr.strip().splitlines() or ["no answer"])[-1] if isinstance(error, (ValueError, TypeError)) \
+            else "it did not answer within 120 s" if isinstance(error, subprocess.TimeoutExpired) else error.strerror
+        earlier = [text for text in available if test(tuple(map(int, text.split("."))))]
+        if not earlier:
+            raise PikuError(f"{missing.message}; and the npm registry could not be asked for others "
+                            f"(npm view {package}: {why})", missing.hint) from None
+        warning(f"the npm registry could not be asked for Node versions ({why}): using the newest one piku "
+                "installed earlier")
+        version = max(earlier, key=lambda text: tuple(map(int, text.split("."))))
+        return version, available[version], "; installed by piku earlier (the npm registry did not answer)"
     allowed = [text for text in offered if test(tuple(map(int, text.split("."))))]
     if not allowed:
         majors = sorted({int(text.split(".")[0]) for text in offered})
         raise PikuError(f"{missing.message}; nor does the npm registry have one ({package} has Node "
                         f"{majors[0]} to {majors[-1]})" if majors else missing.message, missing.hint)
     version = max(allowed, key=lambda text: tuple(map(int, text.split("."))))
+    how = "; the newest the npm registry has" + (", installed by piku earlier" if version in available else "")
     folder = installed_tool("node", version, host, npm, env)
-    return version, os.path.join(folder, *TOOL_PACKAGES["node"])
+    return version, os.path.join(folder, *TOOL_PACKAGES["node"]), how
+
+
+def node_version_of(binary):
+    """The full version of a Node binary, asked once while the file stays the same (None: no Node)."""
+    return cached_probe(["node --version", stat_key(os.path.realpath(binary))], lambda: node_binary_version(binary))
 
 
 def node_binary_version(binary):
@@ -2613,7 +2676,7 @@ def install_node_environment(context, setup, path, fingerprint, production):
         for args in commands:
             step(f"Running {setup.manager.name} {' '.join(args)}")
             run_build_tool([*setup.command, *args], path, env, failures=NODE_FAILURES,
-                           name=f"{setup.manager.name} {args[0]}", view=context.view(path))
+                           name=f"{setup.manager.name} {args[0]}", view=context.view(path, release=False))
     except PikuError as error:
         scripts = setup.package.get("scripts") if isinstance(setup.package.get("scripts"), dict) else {}
         hooks = [name for name in NODE_ROOT_HOOKS if name in scripts]
@@ -2670,20 +2733,31 @@ def run_node_build(context, setup, script):
     """Run package.json's build script in the release, with the build environment linked as its
     node_modules. -> that environment"""
     build = node_environment(context, setup, production=False)
-    link_node_modules(context.root, build)
+    modules, binds = os.path.join(context.root, "node_modules"), ()
+    remove_node_modules(context.root)
+    if context.sandboxed:       # a real folder there, not a link out of the project (Turbopack refuses one)
+        os.mkdir(modules)
+        binds = ((os.path.join(build, "node_modules"), modules),)
+    else:
+        link_node_modules(context.root, build)
     step(f"Running {setup.manager.name} run {script} (package.json's {script} script)")
     env = dict(setup.env, PATH=f"{build}/node_modules/.bin:{setup.env['PATH']}")
     run_build_tool([*setup.command, "run", script], context.root, env, name=f"the {script} script",
-                   view=context.view(build))
+                   view=context.view(build, binds=binds))
+    link_node_modules(context.root, build)      # (what follows -- collectstatic -- sees it as a link)
     return build
 
 
 def link_node_modules(root, environment):
     """The release's node_modules: a link to the environment's (a pushed folder is replaced)."""
+    remove_node_modules(root)
+    os.symlink(os.path.join(environment, "node_modules"), os.path.join(root, "node_modules"))
+
+
+def drop_pushed_node_modules(root):
     if remove_node_modules(root) == "folder":
         notice("node_modules is in the pushed code: piku replaces it with the installed dependencies "
                "(add it to .gitignore)")
-    os.symlink(os.path.join(environment, "node_modules"), os.path.join(root, "node_modules"))
 
 
 def remove_node_modules(root):
@@ -5787,16 +5861,17 @@ def release_processes(root, say=False):
         node = os.path.isfile(os.path.join(root, "package.json")) and not python_manifests(root)
         raise PikuError("no Procfile in the pushed code" + (", and package.json has no start script" if node else ""),
                         "Add a Procfile with a line like " + ("'web: node server.js' (or a start script in "
-                                                              "package.json)" if node else "'web: python app.py'")
+                                                              "package.json; for a site its build writes to "
+                                                              "files: 'static: dist')" if node else "'web: python app.py'")
                         + ", commit, and push again.")
     if say:
         step(f"No Procfile: running 'web: {start[0]}' ({start[1]}; npm's prestart and poststart do not run)")
     return parse_procfile(f"web: {start[0]}\n")
 
 
-def plan_release(app, rev, root, ref="refs/heads/main", config=None):
+def plan_release(app, rev, root, ref="refs/heads/main", config=None, say=True):
     """Read and validate everything the pushed code asks for, before anything runs."""
-    processes = release_processes(root, say=True)
+    processes = release_processes(root, say)
     if "static" in processes:
         static_folder(processes["static"].command, processes["static"].line, root, built=False)
     repo_env, config = settings_layers(app, root, config)
@@ -5854,6 +5929,8 @@ def build_release(release):
     assets = build_node_assets(context) if pack.name != "node" and os.path.isfile(
         os.path.join(release.root, "package.json")) else []
     result = pack.build(context)
+    if assets:
+        remove_node_modules(release.root)       # the Python app runs without it
     release.env.update(result.env)
     release.environments = [*result.environments, *assets]
     release.built = True
@@ -7832,7 +7909,8 @@ def check_destroys():
 @app_check
 def check_app_settings(app, record):
     try:
-        plan_release(app, record["rev"], record["root"], record.get("ref") or "refs/heads/main", record["config"])
+        plan_release(app, record["rev"], record["root"], record.get("ref") or "refs/heads/main", record["config"],
+                     say=False)
     except PikuError as error:
         yield Finding("FAIL", f"{app}: {error.message}", also=error.hint)
         return
@@ -7940,7 +8018,7 @@ def check_app_nodes(app, record):
                 built = None
             if not os.path.isabs(binary) or not os.path.exists(binary):
                 continue            # (check_app_environments: a release whose runtime is gone)
-            now = node_binary_version(binary)
+            now = node_version_of(binary)
             if now == built:
                 continue
             what = f"the Node of v{kept['version']} ({binary}) is now {now}; its environment was built for {built}"

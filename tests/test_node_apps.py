@@ -120,6 +120,13 @@ def test_a_build_script_runs_with_dev_dependencies_that_the_served_app_lacks_and
     wait_for_body(piku.url("site"), "Howdy (ESM)")
     assert fetch(piku.url("site", "/built"))[1] == "built with left-pad: 007\n"
 
+    app.write("Procfile", "web: esbuild --serve=$PORT\n")
+    app.commit("a web command only a dev dependency provides")
+    refused = app.push(check=False)
+    assert refused.returncode != 0
+    assert " !     'web: esbuild --serve=$PORT' runs esbuild, which only a dev dependency provides" in refused.output
+    assert "Move the package that provides it to 'dependencies'" in refused.output
+    app.git("rm", "--quiet", "Procfile")
     app.write("ENV", "FAIL_BUILD=1\n")
     app.commit("a failing build")
     with LoadLoop(piku.url("site")) as load:
@@ -149,6 +156,11 @@ def test_a_static_folder_the_build_script_writes_is_served(piku, emperor, node_a
 def test_a_django_app_builds_its_assets_with_node_before_collectstatic(piku, emperor, node_app, toolchain):
     toolchain.require("3.11")
     app = node_app(EXAMPLES / "django-assets", "dj")
+    settings = (app.path / "mysite" / "settings.py").read_text()
+    app.write("mysite/settings.py", settings.replace('STATICFILES_DIRS = [BASE_DIR / "assets" / "dist"]',
+                                                     'STATICFILES_DIRS = [BASE_DIR / "assets" / "dist", '
+                                                     '("vendor", BASE_DIR / "node_modules" / "esbuild")]'))
+    app.commit("a package's files collected from node_modules")
     first = app.push()
     output = first.output
     assert "Assets: package.json has a build script; it runs before the Python build" in output
@@ -157,6 +169,8 @@ def test_a_django_app_builds_its_assets_with_node_before_collectstatic(piku, emp
     status, bundle = fetch(piku.url("dj", "/static/app.js"))
     assert status == 200 and "Hello from the bundle" in bundle and "import" not in bundle
     assert not (piku.root / "apps" / "dj" / "node_modules").exists(), "the workers run without Node's modules"
+    status, vendored = fetch(piku.url("dj", "/static/vendor/package.json"))
+    assert status == 200 and '"name": "esbuild"' in vendored, "collectstatic collected from node_modules"
     envs = node_envs(piku, "dj")
     assert len(envs) == 1 and envs[0].endswith("-build")
     assert any(path.endswith(envs[0]) for path in piku.releases("dj")[-1]["environments"])
@@ -236,7 +250,8 @@ def test_node_version_and_nvmrc_switch_nodes_under_load_and_a_native_addon_is_re
     with LoadLoop(url, slow=5.0) as load:
         nvmrc = app.push()
         load.stop()
-    assert f"-----> Node {newer.group(1)} (22 from .nvmrc)" in nvmrc.output, "the installed one is reused"
+    assert f"-----> Node {newer.group(1)} (22 from .nvmrc; the newest the npm registry has, installed by piku " \
+           "earlier)" in nvmrc.output, "the installed one is reused"
     assert "npm skipped" in nvmrc.output
     assert load.failures == [], load.report()
     assert fetch(url)[1] == f"running v{newer.group(1)}, addon built for v{newer.group(1)}\n"
@@ -381,12 +396,14 @@ PROBE = """
 const fs = require("fs");
 const path = require("path");
 const root = process.env.PIKU_ROOT;
-const production = fs.realpathSync("node_modules").replace(/-build\\/node_modules$/, "/node_modules");
+const build = process.env.PATH.split(":").find((folder) => folder.endsWith("-build/node_modules/.bin"));
+const production = build.replace(/-build\\/node_modules\\/\\.bin$/, "/node_modules");
 const attempts = {
   "read-other-envs": () => fs.readdirSync(path.join(root, "envs", "other")),
   "write-tools": () => fs.writeFileSync(path.join(root, "tools", "planted"), "x"),
   "write-production-env": () => fs.writeFileSync(path.join(production, "planted.js"), "x"),
   "write-own-release": () => fs.writeFileSync("written-by-" + process.argv[2], "x"),
+  "node_modules-a-link": () => { if (!fs.lstatSync("node_modules").isSymbolicLink()) throw new Error("a folder"); },
 };
 const lines = Object.entries(attempts).map(([name, attempt]) => {
   try { attempt(); return `${name}: done`; } catch (error) { return `${name}: blocked`; }
@@ -408,7 +425,8 @@ def test_a_node_build_and_worker_reach_nothing_but_their_own_folders(piku, emper
     app.push()
     wait_for_body(piku.url("probe"), "Hello (ESM)")
     report = (piku.root / "apps" / "probe" / "public" / "probe-build.txt").read_text()
+    # (node_modules is a real folder of the project while the build runs: Turbopack refuses a link out of it)
     assert report == ("read-other-envs: blocked\nwrite-tools: blocked\nwrite-production-env: blocked\n"
-                      "write-own-release: done\n"), report
+                      "write-own-release: done\nnode_modules-a-link: blocked\n"), report
     assert not list((piku.root / "envs" / "probe").glob("node-*/node_modules/planted.js"))
     assert not (piku.root / "tools" / "planted").exists()
