@@ -430,3 +430,15 @@ def test_a_node_build_and_worker_reach_nothing_but_their_own_folders(piku, emper
                       "write-own-release: done\nnode_modules-a-link: blocked\n"), report
     assert not list((piku.root / "envs" / "probe").glob("node-*/node_modules/planted.js"))
     assert not (piku.root / "tools" / "planted").exists()
+
+
+def test_a_pinned_npm_is_installed_by_piku_and_installs_the_app(piku, emperor, node_app):
+    app = node_app(EXPRESS, "pinned")
+    package = json.loads((app.path / "package.json").read_text())
+    app.write("package.json", json.dumps(dict(package, packageManager="npm@10.9.2"), indent=2))
+    app.commit("npm pinned")
+    result = app.push()
+    assert "Installing npm@10.9.2 from the npm registry into" in result.output
+    assert "-----> Installing with npm 10.9.2 (from packageManager npm@10.9.2)" in result.output
+    assert (piku.root / "tools" / "npm-10.9.2" / "node_modules" / "npm" / "bin" / "npm-cli.js").is_file()
+    wait_for_body(piku.url("pinned"), "Hello from")
