@@ -27,8 +27,9 @@ Code map -- one push, and the section that holds each step:
   -> deploy_app (Deploy pipeline, inside a DeployRecord of what it prints): checkout -> plan_release
      (Parsers; PORT and server names checked against the other apps) -> preflight
      -> build_release (Buildpacks, Interpreters: the first manifest in PYTHON_MANIFESTS picks
-        uv, Poetry, Pipenv or requirements; dependencies go into a shared environment keyed by
-        its fingerprint, the app's own packages into RELEASE.site) -> release
+        uv, Poetry, Pipenv or requirements, a package.json alone the Node buildpack; dependencies
+        go into a shared environment keyed by its fingerprint, the app's own packages into
+        RELEASE.site) -> release
   -> activate: checked_vhost (render_nginx from NGINX_FILES, check_nginx_files, nginx -t) and
      plan_generation (Config writers render every file) -> start_beside (start_generation beside
      the live workers, check_generation, start_front) -> under the names lock: check_shared_names,
@@ -44,13 +45,15 @@ Sections, in order (search for the banner):
   Parsers          Procfile, ENV, SCALING, names and settings: pure functions
   The app          an app's files and lock; what app code may write (APP_WRITES), opened without
                    links; the sandbox
-  Buildpacks       uv, Poetry, Pipenv, requirements, static, generic
+  Buildpacks       uv, Poetry, Pipenv, requirements, Node (npm, pnpm, Yarn; assets of Python
+                   apps), static, generic
   Interpreters     which Python an app gets, which one uWSGI embeds
   Config writers   uWSGI vassals, gunicorn, the front, the emperor, nginx vhosts (NginxReader), what
                    nginx's root master opens (NGINX_FILES), ACME
   Deploy pipeline  plan, build, release, start beside, check, switch; shared names; releases, rollback
   Process control  the emperor's vassals: start, stop, scale
   Git plumbing     hooks, receive-pack, the keeper of the lock
+  Export           a kept release as an OCI image: one reproducible tar writer, layers on a base
   Doctor           host and app checks
   Install and update  `install` as root, `update` with a self-check
   CLI              click commands: thin
@@ -7513,6 +7516,126 @@ def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack):
         pass
     finally:
         os._exit(0)
+
+
+##############################################################################
+# Export
+##############################################################################
+# A kept release as an OCI image, written by piku itself (as ko, jib and apko do): layers
+# appended to a base, no daemon, the same bytes every time. One tar writer makes every layer:
+# entries sorted, owned by 0:0 with no names, PAX, one mtime (the commit's), hard links as
+# files, no sockets or devices, every parent folder written as it is on the host, and gzip
+# with mtime 0 and no file name.
+
+class DigestWriter(io.RawIOBase):
+    """A write-only stream that passes what it is given on (or nowhere) and hashes it."""
+
+    def __init__(self, target=None):
+        self.target, self.sha, self.size = target, hashlib.sha256(), 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.sha.update(data)
+        self.size += len(data)
+        if self.target is not None:
+            self.target.write(data)
+        return len(data)
+
+    @property
+    def digest(self):
+        return "sha256:" + self.sha.hexdigest()
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer written to a file: its blob's digest and size, and the digest of its tar."""
+    path: str               # the gzipped tar
+    digest: str             # sha256:... of the gzipped bytes (the blob)
+    size: int
+    diff_id: str            # sha256:... of the tar (the config's rootfs.diff_ids)
+
+
+def layer_entries(roots):
+    """{path in the image: host path} of everything below each root (a host folder, shown at the
+    same path in the image) and every folder above it. Links are kept as links, never followed."""
+    entries = {}
+    for root in roots:
+        root = os.path.normpath(root)
+        parent = os.path.dirname(root)
+        while parent != "/":
+            entries.setdefault(parent.lstrip("/"), parent)
+            parent = os.path.dirname(parent)
+        entries[root.lstrip("/")] = root
+        if os.path.isdir(root) and not os.path.islink(root):
+            for folder, folders, names in os.walk(root):
+                for name in folders + names:
+                    path = os.path.join(folder, name)
+                    entries[path.lstrip("/")] = path
+    return entries
+
+
+def layer_member(name, host, mtime):
+    """The tar header of one entry (None: a socket, FIFO or device, which no image holds) and,
+    for a file, what opens its content (read as it is written, never held whole: a .pyc aside)."""
+    import tarfile              # (here: only export uses it, and every command would pay its import)
+    info = os.lstat(host)
+    member = tarfile.TarInfo(name)
+    member.mode, member.mtime = stat.S_IMODE(info.st_mode), mtime
+    member.uid = member.gid = 0
+    member.uname = member.gname = ""
+    if stat.S_ISDIR(info.st_mode):
+        member.type = tarfile.DIRTYPE
+        return member, None
+    if stat.S_ISLNK(info.st_mode):
+        member.type, member.linkname = tarfile.SYMTYPE, os.readlink(host)
+        return member, None
+    if not stat.S_ISREG(info.st_mode):
+        return None, None
+    member.size = info.st_size              # (a hard link is written as the file it is)
+    if not name.endswith(".pyc"):
+        return member, lambda: open(host, "rb")
+    with open(host, "rb") as handle:
+        data = pyc_for_mtime(handle.read(), host, mtime)
+    return member, lambda: io.BytesIO(data)
+
+
+def pyc_for_mtime(data, host, mtime):
+    """A timestamp .pyc (PEP 552 flags 0) that matched its source on the host gets the image's
+    source mtime, so it still matches once every file has that mtime: else every start
+    recompiles (or cannot, as a non-root user). Other .pyc files are left as they are."""
+    source = os.path.join(os.path.dirname(os.path.dirname(host)), os.path.basename(host).split(".", 1)[0] + ".py")
+    if len(data) < 16 or int.from_bytes(data[4:8], "little") != 0 or not os.path.isfile(source):
+        return data
+    info = os.stat(source)
+    if int.from_bytes(data[8:12], "little") != int(info.st_mtime) & 0xFFFFFFFF or \
+            int.from_bytes(data[12:16], "little") != info.st_size & 0xFFFFFFFF:
+        return data
+    return data[:8] + (mtime & 0xFFFFFFFF).to_bytes(4, "little") + data[12:]
+
+
+def write_layer(roots, target, mtime):
+    """The layer of roots (host folders, at their own paths) as a reproducible gzipped tar at
+    target -> Layer."""
+    import gzip
+    import tarfile
+    entries = layer_entries(roots)
+    with open(target, "wb") as output:
+        blob = DigestWriter(output)
+        with gzip.GzipFile(filename="", mode="wb", fileobj=blob, mtime=0, compresslevel=6) as compressed:
+            tar_stream = DigestWriter(compressed)
+            with tarfile.open(fileobj=tar_stream, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+                for name in sorted(entries):
+                    member, content = layer_member(name, entries[name], mtime)
+                    if member is None:
+                        continue
+                    if content is None:
+                        archive.addfile(member)
+                        continue
+                    with content() as handle:
+                        archive.addfile(member, handle)
+    return Layer(target, blob.digest, blob.size, tar_stream.digest)
 
 
 ##############################################################################
