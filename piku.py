@@ -7638,6 +7638,88 @@ def write_layer(roots, target, mtime):
     return Layer(target, blob.digest, blob.size, tar_stream.digest)
 
 
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
+
+
+def canonical_json(value):
+    """JSON as image digests need it: keys sorted, no spaces, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def blob_name(digest):
+    return "blobs/" + digest.replace(":", "/", 1)
+
+
+def write_image_archive(target, blobs, manifest, tag, mtime):
+    """An oci-archive at target: oci-layout, index.json naming the manifest by tag, every blob
+    (blobs: {digest: host file or bytes}), and Docker's manifest.json beside them (docker load
+    of Docker < 25 reads only that). Entries sorted, owned by 0:0, one mtime."""
+    import tarfile
+    manifest_bytes = canonical_json(manifest)
+    manifest_digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX,
+             "manifests": [{"mediaType": OCI_MANIFEST, "digest": manifest_digest, "size": len(manifest_bytes),
+                            "annotations": {"org.opencontainers.image.ref.name": tag.split(":", 1)[-1]}}]}
+    docker = [{"Config": blob_name(manifest["config"]["digest"]), "RepoTags": [tag],
+               "Layers": [blob_name(layer["digest"]) for layer in manifest["layers"]]}]
+    files = {"oci-layout": OCI_LAYOUT, "index.json": canonical_json(index), "manifest.json": canonical_json(docker),
+             blob_name(manifest_digest): manifest_bytes, **{blob_name(digest): blob for digest, blob in blobs.items()}}
+    with tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as archive:
+        for folder in ("blobs", "blobs/sha256"):
+            member = tarfile.TarInfo(folder)
+            member.type, member.mode, member.mtime = tarfile.DIRTYPE, 0o755, mtime
+            archive.addfile(member)
+        for name in sorted(files):
+            content = files[name]
+            member = tarfile.TarInfo(name)
+            member.mode, member.mtime = 0o644, mtime
+            if isinstance(content, bytes):
+                member.size = len(content)
+                archive.addfile(member, io.BytesIO(content))
+            else:
+                member.size = os.path.getsize(content)
+                with open(content, "rb") as handle:
+                    archive.addfile(member, handle)
+    return manifest_digest
+
+
+def read_image_archive(path):
+    """An oci-archive (a base the sysadmin trusts) -> (manifest, config, {digest: bytes}) of its
+    one image; PikuError when it is not one."""
+    import tarfile
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            names = set(archive.getnames())
+
+            def read(name, limit=64 * 1024 * 1024):
+                member = archive.getmember(name)
+                if not member.isfile() or member.size > limit:
+                    raise PikuError(f"{path}: {name} is not a file piku reads")
+                return archive.extractfile(member).read()
+            if "oci-layout" not in names or "index.json" not in names:
+                raise PikuError(f"{path} is not an OCI image archive (no oci-layout and index.json)",
+                                "Give an oci-archive: skopeo copy docker://IMAGE oci-archive:base.tar")
+            index = json.loads(read("index.json"))
+            descriptor = index["manifests"][0]
+            manifest = json.loads(read(blob_name(descriptor["digest"])))
+            if manifest.get("mediaType", descriptor.get("mediaType")) == OCI_INDEX:
+                raise PikuError(f"{path} holds an index of several images, not one",
+                                "Copy one platform's image: skopeo copy --override-arch amd64 ...")
+            config = json.loads(read(blob_name(manifest["config"]["digest"])))
+            blobs = {layer["digest"]: read(blob_name(layer["digest"]), 16 * 1024 ** 3) for layer in manifest["layers"]}
+    except (OSError, tarfile.TarError, KeyError, IndexError, TypeError, ValueError) as error:
+        raise PikuError(f"{path} is not an OCI image archive piku can read ({type(error).__name__}: {error})",
+                        "Give an oci-archive: skopeo copy docker://IMAGE oci-archive:base.tar") from None
+    for digest, data in blobs.items():
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise PikuError(f"{path}: the layer {digest} does not match its digest", "Copy the base again.")
+    return manifest, config, blobs
+
+
 ##############################################################################
 # Doctor
 ##############################################################################

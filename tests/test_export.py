@@ -4,6 +4,8 @@ is what an image needs (parents, modes, links, .pyc fields)."""
 
 import gzip
 import hashlib
+import io
+import json
 import os
 import py_compile
 import socket
@@ -121,3 +123,51 @@ def test_a_big_file_is_written_whole(tmp_path):
     with tarfile.open(layer.path, "r:gz") as archive:
         data = archive.extractfile(f"{str(big).lstrip('/')}/blob").read()
     assert data == (big / "blob").read_bytes()
+
+
+def image_of(tmp_path, layer, name="image.tar"):
+    config = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/true"]},
+              "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]}}
+    config_bytes = piku.canonical_json(config)
+    config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+    manifest = {"schemaVersion": 2, "mediaType": piku.OCI_MANIFEST,
+                "config": {"mediaType": piku.OCI_CONFIG, "digest": config_digest, "size": len(config_bytes)},
+                "layers": [{"mediaType": piku.OCI_LAYER, "digest": layer.digest, "size": layer.size}]}
+    target = tmp_path / name
+    digest = piku.write_image_archive(str(target), {config_digest: config_bytes, layer.digest: layer.path},
+                                      manifest, "shop:v1", MTIME)
+    return target, digest, config
+
+
+def test_an_image_archive_is_the_same_bytes_every_time_and_reads_back_as_written(tmp_path):
+    app = tree(tmp_path)
+    layer = piku.write_layer([str(app)], str(tmp_path / "layer.tar.gz"), MTIME)
+    first, digest, config = image_of(tmp_path, layer, "one.tar")
+    second, again, _ = image_of(tmp_path, layer, "two.tar")
+    assert first.read_bytes() == second.read_bytes() and digest == again
+    with tarfile.open(first) as archive:
+        names = archive.getnames()
+        assert {"oci-layout", "index.json", "manifest.json"} <= set(names)
+        docker = json.loads(archive.extractfile("manifest.json").read())
+    assert docker[0]["RepoTags"] == ["shop:v1"] and docker[0]["Layers"] == ["blobs/sha256/" + layer.digest[7:]]
+    manifest, read_config, blobs = piku.read_image_archive(str(first))
+    assert read_config == config and list(blobs) == [layer.digest]
+    assert "sha256:" + hashlib.sha256(blobs[layer.digest]).hexdigest() == layer.digest
+
+
+def test_what_is_no_oci_archive_is_refused_with_the_fix(tmp_path):
+    for name, content in (("empty", b""), ("text", b"hello"), ("tar-without-layout", None)):
+        path = tmp_path / name
+        if content is None:
+            with tarfile.open(path, "w") as archive:
+                member = tarfile.TarInfo("index.json")
+                member.size = 2
+                archive.addfile(member, io.BytesIO(b"{}"))
+        else:
+            path.write_bytes(content)
+        try:
+            piku.read_image_archive(str(path))
+        except piku.PikuError as error:
+            assert "is not an OCI image archive" in error.message and "skopeo copy" in error.hint
+        else:
+            raise AssertionError(f"{name} was read as an image")
