@@ -8,7 +8,8 @@ VENV   ?= .venv
 # Debian packages piku and its tests use; Dockerfile.test installs them through `make deps` too.
 APT_PACKAGES = git uwsgi uwsgi-plugin-python3 iproute2 openssh-server openssh-client \
                python3 python3-venv python3-pip python3-click python3-dotenv python3-psutil python3-watchdog \
-               nginx openssl pebble lego python3-cryptography bubblewrap patchelf nodejs g++ make
+               nginx openssl pebble lego python3-cryptography bubblewrap patchelf nodejs g++ make \
+               skopeo umoci podman runc docker-registry
 PIP_PACKAGES = pytest uv poetry poetry-plugin-export pipenv
 
 .PHONY: deps test demo bench clean

@@ -7558,32 +7558,36 @@ class Layer:
 
 
 def layer_entries(roots):
-    """{path in the image: host path} of everything below each root (a host folder, shown at the
-    same path in the image) and every folder above it. Links are kept as links, never followed."""
+    """{path in the image: host path} of everything below each root and every folder above it.
+    A root is a host folder shown at its own path, or (host folder, its path in the image): a
+    tree whose top is the image's / ('/'), its parents then left to the layers below. Links are
+    kept as links, never followed."""
     entries = {}
     for root in roots:
-        root = os.path.normpath(root)
-        parent = os.path.dirname(root)
-        while parent != "/":
-            entries.setdefault(parent.lstrip("/"), parent)
+        host, image = root if isinstance(root, tuple) else (root, root)
+        host, image = os.path.normpath(host), os.path.normpath(image)
+        parent = os.path.dirname(image)
+        while image != "/" and parent != "/":
+            entries.setdefault(parent.lstrip("/"), parent if host == image else None)
             parent = os.path.dirname(parent)
-        entries[root.lstrip("/")] = root
-        if os.path.isdir(root) and not os.path.islink(root):
-            for folder, folders, names in os.walk(root):
+        if image != "/":
+            entries[image.lstrip("/")] = host
+        if os.path.isdir(host) and not os.path.islink(host):
+            for folder, folders, names in os.walk(host):
                 for name in folders + names:
                     path = os.path.join(folder, name)
-                    entries[path.lstrip("/")] = path
-    return entries
+                    entries[os.path.join(image, os.path.relpath(path, host)).lstrip("/")] = path
+    return {name: path for name, path in entries.items() if path is not None}
 
 
-def layer_member(name, host, mtime):
+def layer_member(name, host, mtime, owner=0):
     """The tar header of one entry (None: a socket, FIFO or device, which no image holds) and,
     for a file, what opens its content (read as it is written, never held whole: a .pyc aside)."""
     import tarfile              # (here: only export uses it, and every command would pay its import)
     info = os.lstat(host)
     member = tarfile.TarInfo(name)
     member.mode, member.mtime = stat.S_IMODE(info.st_mode), mtime
-    member.uid = member.gid = 0
+    member.uid = member.gid = owner
     member.uname = member.gname = ""
     if stat.S_ISDIR(info.st_mode):
         member.type = tarfile.DIRTYPE
@@ -7615,19 +7619,25 @@ def pyc_for_mtime(data, host, mtime):
     return data[:8] + (mtime & 0xFFFFFFFF).to_bytes(4, "little") + data[12:]
 
 
-def write_layer(roots, target, mtime):
+def write_layer(roots, target, mtime, owner=0, skip=None):
     """The layer of roots (host folders, at their own paths) as a reproducible gzipped tar at
-    target -> Layer."""
+    target -> Layer. owner: the uid and gid of every entry; skip(path in the image): left out."""
+    entries = layer_entries(roots)
+    return write_entries({name: host for name, host in entries.items() if not (skip and skip(name))},
+                         target, mtime, owner)
+
+
+def write_entries(entries, target, mtime, owner=0):
+    """{path in the image: host path} as a reproducible gzipped tar at target -> Layer."""
     import gzip
     import tarfile
-    entries = layer_entries(roots)
     with open(target, "wb") as output:
         blob = DigestWriter(output)
         with gzip.GzipFile(filename="", mode="wb", fileobj=blob, mtime=0, compresslevel=6) as compressed:
             tar_stream = DigestWriter(compressed)
             with tarfile.open(fileobj=tar_stream, mode="w|", format=tarfile.PAX_FORMAT) as archive:
                 for name in sorted(entries):
-                    member, content = layer_member(name, entries[name], mtime)
+                    member, content = layer_member(name, entries[name], mtime, owner)
                     if member is None:
                         continue
                     if content is None:
@@ -7636,6 +7646,352 @@ def write_layer(roots, target, mtime):
                     with content() as handle:
                         archive.addfile(member, handle)
     return Layer(target, blob.digest, blob.size, tar_stream.digest)
+
+
+# The default base: the host's own Debian/Ubuntu packages a Python or Node runtime needs, at the
+# versions the host has (alternatives: the first one the host has), unpacked without root.
+BASE_PACKAGES = ("libc6", "libgcc-s1", "libstdc++6", "libssl3|libssl3t64", "zlib1g", "libffi8", "libsqlite3-0",
+                 "liblzma5", "libbz2-1.0", "libexpat1", "libuuid1", "libncursesw6", "libtinfo6",
+                 "libreadline8|libreadline8t64", "libcrypt1", "tzdata", "ca-certificates", "netbase", "dash")
+IMAGE_USER = ("piku", 10001)        # the non-root user an image runs as
+IMAGE_ROOT_FILES = {
+    "etc/passwd": f"root:x:0:0:root:/root:/bin/sh\n{IMAGE_USER[0]}:x:{IMAGE_USER[1]}:{IMAGE_USER[1]}::/tmp:/bin/sh\n",
+    "etc/group": f"root:x:0:\n{IMAGE_USER[0]}:x:{IMAGE_USER[1]}:\n",
+}
+
+
+def base_package_versions(packages):
+    """[name=version] of the packages the host has installed (the first of each 'a|b' it has)."""
+    names = [name for group in packages for name in group.split("|")]
+    result = subprocess.run(["dpkg-query", "-W", "-f", "${Package}=${Version} ${db:Status-Status}\n", *names],
+                            capture_output=True, text=True, env=dict(os.environ, LC_ALL="C"))
+    have = dict(line.split()[0].split("=", 1) for line in result.stdout.splitlines()
+                if line.endswith(" installed") and "=" in line.split()[0])
+    found, missing = [], []
+    for group in packages:
+        name = next((name for name in group.split("|") if name in have), None)
+        (found.append(f"{name}={have[name]}") if name else missing.append(group))
+    if missing:
+        raise PikuError(f"the host has no {', '.join(missing)}: piku builds the image's base from the host's own "
+                        "packages", "Give a base you trust: export APP --base FILE (an oci-archive).")
+    return found
+
+
+def package_files(versions):
+    """{path in the image: host path} of the files the host's dpkg installed for the packages
+    (each name=version), parents resolved as the host resolves them (merged /usr: /lib is a link
+    to usr/lib, kept as one), and the bytecode Debian compiled beside each .py at install."""
+    result = subprocess.run(["dpkg-query", "-L", *[version.split("=", 1)[0] for version in versions]],
+                            capture_output=True, text=True, env=dict(os.environ, LC_ALL="C"))
+    entries = {}
+    for line in result.stdout.splitlines():
+        if not line.startswith("/") or line in ("/", "/."):
+            continue
+        path = os.path.join(os.path.realpath(os.path.dirname(line)), os.path.basename(line))
+        if not os.path.lexists(path):
+            continue        # (a file the sysadmin removed, or one dpkg diverted)
+        parent = os.path.dirname(path)
+        while parent != "/":
+            entries.setdefault(parent.lstrip("/"), parent)
+            parent = os.path.dirname(parent)
+        entries[path.lstrip("/")] = path
+        if path.endswith(".py"):
+            for compiled in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), "__pycache__",
+                                                   glob.escape(os.path.basename(path)[:-3]) + ".*.pyc")):
+                entries.setdefault(os.path.dirname(compiled).lstrip("/"), os.path.dirname(compiled))
+                entries[compiled.lstrip("/")] = compiled
+    for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):        # merged /usr's links
+        if os.path.islink("/" + top):
+            entries[top] = "/" + top
+    return entries
+
+
+def write_base_layer(versions, target, mtime):
+    """The default base as one layer at target: the files of the host's own packages (exactly
+    the versions the release was built and checked on; no download, no root), /tmp (1777), the
+    CA bundle the host uses, passwd and group with the image's user. -> Layer"""
+    entries = package_files(versions)
+    with tempfile.TemporaryDirectory(prefix="piku-base-", dir=TOOL_ROOT) as work:
+        for name, text in IMAGE_ROOT_FILES.items():
+            with open(os.path.join(work, os.path.basename(name)), "w") as handle:
+                handle.write(text)
+            os.chmod(os.path.join(work, os.path.basename(name)), 0o644)
+            entries[name] = os.path.join(work, os.path.basename(name))
+        for folder, mode in (("tmp", 0o1777), ("var-tmp", 0o1777), ("root", 0o700)):
+            os.mkdir(os.path.join(work, folder), mode)
+            os.chmod(os.path.join(work, folder), mode)
+            entries[folder.replace("-", "/")] = os.path.join(work, folder)
+        for folder in ("var", "etc", "usr", "usr/local", "usr/local/bin"):
+            entries.setdefault(folder, "/" + folder)
+        for folder in ("etc/ssl", "etc/ssl/certs"):
+            entries.setdefault(folder, "/" + folder)
+        entries["etc/ssl/certs/ca-certificates.crt"] = os.path.realpath("/etc/ssl/certs/ca-certificates.crt")
+        return write_entries(entries, target, mtime)
+
+
+# --- what an image of a release holds --------------------------------------------------------
+
+EXPORT_SKIPPED = ("test", "idlelib", "tkinter", "turtledemo", "lib2to3/tests", "ensurepip")   # of a runtime's
+EXPORT_PORT = "8000"                    # lib/pythonX.Y; PORT when the orchestrator gives none
+EXPORT_HOST_SETTINGS = ("PORT", "BIND_ADDRESS", "HOME", "USER", "DATA_ROOT", "LOG_ROOT", "PIKU_ROOT", "APP")
+EXPORT_CACHE = os.path.join(TOOL_ROOT, "export")        # layers kept by what decides them
+LAUNCHER = "/usr/local/bin/piku-launch"
+
+
+@dataclass
+class ExportPlan:
+    """What an image of one kept release is made of, decided before anything is written."""
+    app: str
+    record: dict
+    processes: dict
+    packages: list          # name=version of the host's packages in the default base
+    runtimes: list          # host folders (or files) of the interpreters, not the system's
+    environments: list      # the environments the release runs with, and its site folder
+    server: str             # how wsgi runs: 'gunicorn' or 'uwsgi' (the host's, standalone)
+    mtime: int              # the commit's time: every file's mtime
+
+
+def debian_package_of(path):
+    """The host package that installed path (None: none did)."""
+    result = subprocess.run(["dpkg-query", "-S", os.path.realpath(path)], capture_output=True, text=True,
+                            env=dict(os.environ, LC_ALL="C"))
+    return result.stdout.split(":", 1)[0].strip() if result.returncode == 0 and result.stdout else None
+
+
+def package_closure(names):
+    """The packages and, following Depends and Pre-Depends, every library package (lib*) they
+    need, as the host has them installed: [name=version]."""
+    seen, pending, found = set(), list(names), []
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        result = subprocess.run(["dpkg-query", "-W", "-f", "${Version}\\t${Depends}, ${Pre-Depends}", name],
+                                capture_output=True, text=True, env=dict(os.environ, LC_ALL="C"))
+        if result.returncode != 0 or "\t" not in result.stdout:
+            continue
+        version, depends = result.stdout.split("\t", 1)
+        found.append(f"{name}={version}")
+        for alternatives in depends.split(","):
+            first = alternatives.split("|")[0].strip().split(" ")[0].split(":")[0]
+            if first.startswith("lib") and first not in seen:
+                pending.append(first)
+    return sorted(found)
+
+
+def plan_export(app, record):
+    """-> ExportPlan for a kept release record; PikuError for what cannot be exported yet."""
+    root = record["root"]
+    if not os.path.isdir(root) or environments_gone(app, record):
+        raise PikuError(f"v{record['version']} of {app} is no longer on the host (its code or environment "
+                        "is gone)", f"Export a kept release: releases {app}")
+    processes = release_processes(root)
+    packages = list(BASE_PACKAGES)
+    runtimes, environments = [], []
+    for path in record_environments(app, record):
+        if path.endswith("-build"):
+            continue
+        environments.append(path)
+        runtime = read_text(environment_record(app, path) or "/nonexistent").strip()
+        owner = debian_package_of(runtime) if runtime else None
+        python = re.fullmatch(r"python(3\.[0-9]+)(-minimal)?", owner or "")
+        if python:      # Debian's own Python: its packages join the base
+            packages += [f"python{python.group(1)}{suffix}" for suffix in ("", "-minimal")] + \
+                [f"libpython{python.group(1)}{suffix}" for suffix in ("-minimal", "-stdlib")]
+        elif owner:
+            packages.append(owner)
+        elif runtime.startswith(TOOL_ROOT + os.sep):
+            runtimes += runtime_folders(runtime)
+        elif runtime:
+            prefix = next((folder for folder in tool_folders(runtime)
+                           if glob.glob(os.path.join(glob.escape(folder), "lib", "python3*"))), None)
+            runtimes.append(prefix or os.path.realpath(runtime))
+    site = project_site(root)
+    environments += [site] if os.path.isdir(site) else []
+    venv = record["env"].get("VIRTUAL_ENV", "")
+    server = "gunicorn" if has_module(venv, "gunicorn") or "wsgi" not in processes else "uwsgi"
+    if server == "uwsgi":
+        packages += ["uwsgi-core", "uwsgi-plugin-python3"]
+    return ExportPlan(app, record, processes, packages, runtimes, environments, server,
+                      commit_time(app, record["rev"]))
+
+
+def commit_time(app, rev):
+    try:
+        return int(git("--git-dir", repo_path(app), "log", "-1", "--format=%ct", rev).stdout.strip())
+    except (PikuError, ValueError):
+        return 0
+
+
+def image_env(plan):
+    """The image's Env: what the release runs with, less what belongs to the host (its paths,
+    its port) and less the config:set layer and anything secret (the orchestrator gives those)."""
+    record, env = plan.record, dict(plan.record["env"])
+    configured = set(record.get("config") or {})
+    kept = {key: value for key, value in env.items()
+            if key not in configured and key not in EXPORT_HOST_SETTINGS and not is_secret(key)
+            and not key.startswith(("NGINX_", "ACME_", "PIKU_"))}
+    kept.update(PORT=EXPORT_PORT, BIND_ADDRESS="0.0.0.0", DATA_ROOT="/data", APP=plan.app)
+    return [f"{key}={value}" for key, value in sorted(kept.items())]
+
+
+def launcher_text(plan):
+    """The image's entrypoint: runs one Procfile kind (the app's HTTP kind by default) with PORT
+    and BIND_ADDRESS as the orchestrator gives them."""
+    env, root = plan.record["env"], plan.record["root"]
+    cases = []
+    for kind, process in sorted(plan.processes.items()):
+        if worker_class(kind) == "cron":
+            continue
+        if kind in ("wsgi", "asgi") and plan.server == "gunicorn":
+            workers = setting_number(env, ("GUNICORN_WORKERS", "WEB_CONCURRENCY"), 2)
+            worker = ["--worker-class", "uvicorn_worker.UvicornWorker"] if kind == "asgi" else []
+            line = 'exec "$VIRTUAL_ENV/bin/gunicorn" --bind "$BIND_ADDRESS:$PORT" ' + shlex.join(
+                ["--workers", str(workers), "--chdir", root, *worker, process.command])
+        elif kind == "wsgi":
+            plugin = glob.glob("/usr/lib/uwsgi/plugins/python3*_plugin.so")
+            line = 'exec /usr/bin/uwsgi-core --http-socket "$BIND_ADDRESS:$PORT" ' + shlex.join(
+                ["--plugin", os.path.realpath(plugin[0]) if plugin else "python3", "--master", "--processes",
+                 str(setting_number(env, ("UWSGI_PROCESSES",), 2)), "--virtualenv", env.get("VIRTUAL_ENV", ""),
+                 "--chdir", root, "--module", process.command, "--die-on-term", "--need-app"])
+        elif kind == "static":
+            continue        # (a static site is served by the orchestrator's web server, from the image)
+        else:
+            line = "exec /bin/sh -c " + shlex.quote(process.command)
+        cases.append(f"  {kind}) {line} ;;")
+    default = next((kind for kind in HTTP_APP_KINDS if kind in plan.processes), "")
+    kinds = " ".join(kind for kind in sorted(plan.processes) if f"  {kind})" in "".join(cases))
+    return "\n".join([
+        "#!/bin/sh",
+        f"# written by piku: runs one Procfile kind of {plan.app} v{plan.record['version']} ({kinds})",
+        f'kind="${{1:-{default}}}"',
+        '[ $# -gt 0 ] && shift',
+        f': "${{PORT:={EXPORT_PORT}}}" "${{BIND_ADDRESS:=0.0.0.0}}"',
+        "export PORT BIND_ADDRESS",
+        f"cd {shlex.quote(root)} || exit 1",
+        'case "$kind" in',
+        *cases,
+        f'  *) echo "piku-launch: no such kind: $kind (this image has: {kinds})" >&2; exit 64 ;;',
+        "esac", ""])
+
+
+def cached_layer(key, write):
+    """A layer kept in EXPORT_CACHE by what decides its bytes (key), else write(target) -> Layer."""
+    name = fingerprint_digest(key)[:32]
+    path, meta = os.path.join(EXPORT_CACHE, name + ".tar.gz"), os.path.join(EXPORT_CACHE, name + ".json")
+    try:
+        layer = Layer(path, **json.loads(read_nofollow(meta, 65536)))
+        if os.path.getsize(path) == layer.size:
+            return layer
+    except (OSError, ValueError, TypeError):
+        pass            # (not made yet, or cut short: made again)
+    make_folder(EXPORT_CACHE)
+    try:
+        layer = write(path + ".new")
+        os.replace(layer.path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):      # (never written)
+            os.unlink(path + ".new")
+        raise
+    write_atomic(meta, json.dumps({"digest": layer.digest, "size": layer.size, "diff_id": layer.diff_id}))
+    return Layer(path, layer.digest, layer.size, layer.diff_id)
+
+
+def runtime_skipped(name):
+    """A runtime's test suites and GUI toolkits: no served app imports them."""
+    parts = name.split("/")
+    for index, part in enumerate(parts[:-1]):
+        if re.fullmatch(r"python3\.[0-9]+", part) and index and parts[index - 1] == "lib":
+            return "/".join(parts[index + 1:]).startswith(EXPORT_SKIPPED)
+    return False
+
+
+def export_layers(plan, work, default_base):
+    """The runtime, environment and app layers of plan, after the default base's (default_base:
+    no base archive was given) -> [(Layer, what made it)]."""
+    user = IMAGE_USER[1]
+    layers = []
+    if default_base:
+        versions = sorted(set(base_package_versions(plan.packages)) | set(
+            package_closure(["uwsgi-core", "uwsgi-plugin-python3"]) if plan.server == "uwsgi" else []))
+        bundle = os.path.realpath("/etc/ssl/certs/ca-certificates.crt")
+        layers.append((cached_layer(["base", 1, versions, IMAGE_ROOT_FILES, stat_key(bundle)],
+                                    lambda target: write_base_layer(versions, target, 0)),
+                       "piku: the host's packages " + " ".join(versions)))
+    for runtime in plan.runtimes:
+        layers.append((cached_layer(["runtime", 1, runtime, stat_key(runtime)],
+                                    lambda target, runtime=runtime: write_layer([runtime], target, 0, user,
+                                                                                runtime_skipped)),
+                       f"piku: the runtime {runtime}"))
+    environments = [path for path in plan.environments if not path.endswith(".site")]
+    if environments:
+        markers = [read_nofollow(os.path.join(path, ENV_MARKER), 1024 * 1024) for path in environments]
+        layers.append((cached_layer(["environments", 1, environments, markers],
+                                    lambda target: write_layer(environments, target, 0, user)),
+                       f"piku: the environment {' '.join(environments)}"))
+    launcher, data = os.path.join(work, "piku-launch"), os.path.join(work, "data")
+    with open(launcher, "w") as handle:
+        handle.write(launcher_text(plan))
+    os.chmod(launcher, 0o755)
+    os.mkdir(data, 0o700)
+    roots = [plan.record["root"], *[path for path in plan.environments if path.endswith(".site")],
+             (launcher, LAUNCHER), (data, "/data")]
+    layers.append((write_layer(roots, os.path.join(work, "app.tar.gz"), plan.mtime, user),
+                   f"piku: {plan.app} v{plan.record['version']} at {plan.record['rev'][:12]}"))
+    return layers
+
+
+def image_config(plan, base_config, layers):
+    """The image's config: the base's, with piku's layers, entrypoint, settings and labels."""
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(plan.mtime))
+    config = json.loads(json.dumps(base_config or {"architecture": "amd64", "os": "linux"}))
+    config.update(created=created, architecture=config.get("architecture") or "amd64", os="linux")
+    runtime = config.setdefault("config", {})
+    http = next((kind for kind in HTTP_APP_KINDS if kind in plan.processes), None)
+    labels = dict(runtime.get("Labels") or {})
+    labels.update({"org.opencontainers.image.revision": plan.record["rev"],
+                   "org.opencontainers.image.created": created,
+                   "org.opencontainers.image.source": f"piku:{plan.app}",
+                   "io.piku.app": plan.app, "io.piku.release": f"v{plan.record['version']}",
+                   "io.piku.fingerprint": " ".join(os.path.basename(path) for path in plan.environments)})
+    runtime.update(Entrypoint=[LAUNCHER], Cmd=[http] if http else [], Env=image_env(plan),
+                   WorkingDir=plan.record["root"], User=f"{IMAGE_USER[1]}:{IMAGE_USER[1]}", Labels=labels)
+    if http:
+        runtime["ExposedPorts"] = {f"{EXPORT_PORT}/tcp": {}}
+    rootfs = config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+    rootfs["diff_ids"] = [*rootfs.get("diff_ids", []), *(layer.diff_id for layer, _ in layers)]
+    config["history"] = [*config.get("history", []),
+                         *({"created": created, "created_by": what} for _, what in layers)]
+    return config
+
+
+def export_image(app, record, target, base_file=None):
+    """Write the image of a kept release to target (an oci-archive), renamed into place only
+    once it is whole. -> the manifest's digest"""
+    plan = plan_export(app, record)
+    make_folder(EXPORT_CACHE)
+    with tempfile.TemporaryDirectory(dir=EXPORT_CACHE, prefix=".export-") as work:
+        base_manifest, base_config, blobs = read_image_archive(base_file) if base_file else ({"layers": []}, None, {})
+        layers = export_layers(plan, work, default_base=not base_file)
+        config = canonical_json(image_config(plan, base_config, layers))
+        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                    "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+                    "layers": [*base_manifest["layers"],
+                               *({"mediaType": OCI_LAYER, "digest": layer.digest, "size": layer.size}
+                                 for layer, _ in layers)]}
+        blobs = {**blobs, config_digest: config, **{layer.digest: layer.path for layer, _ in layers}}
+        partial = os.path.join(work, "image.tar")
+        digest = write_image_archive(partial, blobs, manifest, f"{app}:v{record['version']}", plan.mtime)
+        if target is None:
+            with open(partial, "rb") as handle:
+                shutil.copyfileobj(handle, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        else:
+            shutil.move(partial, target + ".partial")
+            os.replace(target + ".partial", target)
+    return digest
 
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -7663,7 +8019,7 @@ def write_image_archive(target, blobs, manifest, tag, mtime):
     manifest_digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX,
              "manifests": [{"mediaType": OCI_MANIFEST, "digest": manifest_digest, "size": len(manifest_bytes),
-                            "annotations": {"org.opencontainers.image.ref.name": tag.split(":", 1)[-1]}}]}
+                            "annotations": {"org.opencontainers.image.ref.name": tag}}]}
     docker = [{"Config": blob_name(manifest["config"]["digest"]), "RepoTags": [tag],
                "Layers": [blob_name(layer["digest"]) for layer in manifest["layers"]]}]
     files = {"oci-layout": OCI_LAYOUT, "index.json": canonical_json(index), "manifest.json": canonical_json(docker),
@@ -9423,20 +9779,67 @@ def cmd_deploys(app, deploy_id):
     click.echo(record.get("output", ""), nl=False)
 
 
+@cli.command("export")
+@click.argument("app")
+@click.argument("version", required=False, metavar="[vN]")
+@click.option("--output", "-o", metavar="FILE", help="Write the archive to FILE on the host (default: standard output).")
+@click.option("--base", metavar="FILE", help="An oci-archive to build on (default: a slim base of the host's packages).")
+@click.option("--env-file", metavar="FILE", help="Write the config:set settings the image leaves out to FILE.")
+def cmd_export(app, version, output, base, env_file):
+    """Write a kept release (default: the live one) as an OCI image archive, for Kubernetes,
+    Nomad, Docker or Podman: ssh piku@host export APP > APP.tar (docs/EXPORT.md)."""
+    require_app(app)
+    if key_apps() is not None and (output or base or env_file):
+        raise PikuError("--output, --base and --env-file name files on the host, which this key may not",
+                        f"Export to standard output: ssh ... export {app} > {app}.tar")
+    if output is None and sys.stdout.isatty():
+        raise PikuError("the image would be written to a terminal", f"Redirect it: export {app} > {app}.tar, or "
+                        "give --output FILE")
+    number = release_number(app, version)
+    with locked(app):
+        records = load_releases(app)
+        record = records[-1] if number is None and records else next(
+            (record for record in records if record["version"] == number), None)
+        if record is None:
+            kept = ", ".join(f"v{record['version']}" for record in records) or "none"
+            raise PikuError(f"{'v' + str(number) if number else 'a release'} of {app} is not kept (kept: {kept})",
+                            f"See them with: releases {app}")
+        try:
+            digest = export_image(app, record, os.path.abspath(output) if output else None,
+                                  os.path.abspath(base) if base else None)
+        except OSError as error:
+            raise PikuError(f"the image could not be written: {error.strerror} ({error.filename or output or 'stdout'}); "
+                            "nothing was left behind", "Free some disk space, or write it elsewhere.") from None
+    click.echo(f"-----> {app} v{record['version']} exported: {digest}", err=True)
+    settings = sorted(record.get("config") or {})
+    if settings:
+        click.echo(f"       settings to give the orchestrator (config:set, not in the image): {', '.join(settings)}",
+                   err=True)
+    if env_file:
+        lines = [f"{key}={value}" for key, value in sorted((record.get("config") or {}).items()) if not is_secret(key)]
+        lines += [f"# {key}: a secret, not written" for key in settings if is_secret(key)]
+        write_atomic(os.path.abspath(env_file), "\n".join(lines) + "\n", mode=0o600)
+
+
 @cli.command("rollback")
 @click.argument("app")
 @click.argument("version", required=False)
 def cmd_rollback(app, version):
     """Run a kept release again (default: the one before the live one); no build."""
     require_app(app)
-    number = None
-    if version is not None:
-        match = re.fullmatch(r"v?([0-9]{1,9})", version)
-        if not match:
-            raise PikuError(f"{version!r} is not a release", f"Name one like v3; see them with: releases {app}")
-        number = int(match.group(1))
+    number = release_number(app, version)
     with locked(app):
         rollback_app(app, number)
+
+
+def release_number(app, version):
+    """vN (or N) as typed -> N; None for None."""
+    if version is None:
+        return None
+    match = re.fullmatch(r"v?([0-9]{1,9})", version)
+    if not match:
+        raise PikuError(f"{version!r} is not a release", f"Name one like v3; see them with: releases {app}")
+    return int(match.group(1))
 
 
 NGINX_PATH_UNIT = string.Template("""\

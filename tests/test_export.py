@@ -171,3 +171,222 @@ def test_what_is_no_oci_archive_is_refused_with_the_fix(tmp_path):
             assert "is not an OCI image archive" in error.message and "skopeo copy" in error.hint
         else:
             raise AssertionError(f"{name} was read as an image")
+
+
+# --- real exports: skopeo, podman (with runc), docker-registry ---------------------------------
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+from conftest import EXAMPLES, free_port, wait_for_body  # noqa: E402
+
+
+def tools_or_skip(*names):
+    missing = [name for name in names if not shutil.which(name)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (make deps installs them)")
+
+
+class Podman:
+    """podman with storage of the test's own, runc (crun refuses this machine's hybrid cgroups)
+    and explicit ulimits within the machine's hard limits: facts of the test machine."""
+
+    def __init__(self):
+        import tempfile
+        from pathlib import Path
+        self.folder = folder = Path(tempfile.mkdtemp(prefix="pm-", dir="/tmp"))     # (runroot: 50 characters)
+        conf = folder / "containers.conf"
+        conf.write_text('[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
+        self.env = dict(os.environ, CONTAINERS_CONF=str(conf))
+        self.base = ["podman", "--root", str(folder / "storage"), "--runroot", str(folder / "run"),
+                     "--storage-driver", "vfs"]
+
+    def __call__(self, *args, check=True, timeout=180):
+        result = subprocess.run([*self.base, *args], capture_output=True, text=True, env=self.env, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"podman {' '.join(args)}: {result.stdout}\n{result.stderr}")
+        return result
+
+    def remove(self):
+        self("system", "reset", "--force", check=False)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def run(self, image, port, *args):
+        return self("run", "-d", "--network", "host", "--ulimit", "nofile=4096:4096", "--ulimit",
+                    "nproc=4096:4096", "-e", f"PORT={port}", "-e", "BIND_ADDRESS=127.0.0.1", image,
+                    *args).stdout.strip()
+
+
+def export(piku, *args):
+    result = subprocess.run([piku_python(), str(piku.script), "export", *args], env=piku.env,
+                            capture_output=True, timeout=600)
+    return result
+
+
+def piku_python():
+    import sys
+    return sys.executable
+
+
+def test_a_flask_app_on_uwsgi_exports_to_an_image_podman_runs_as_a_non_root_user(piku, emperor, make_app,
+                                                                                toolchain, tmp_path):
+    tools_or_skip("skopeo", "podman", "runc")
+    toolchain.require("3.11")
+    app = make_app(EXAMPLES / "flask-uwsgi", "shop")
+    app.push()
+    wait_for_body(piku.url("shop"), "Hello from shop")
+    archive = tmp_path / "shop.tar"
+    result = export(piku, "shop", "--output", str(archive))
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"shop v1 exported: sha256:" in result.stderr
+    inspected = subprocess.run(["skopeo", "inspect", "--config", f"oci-archive:{archive}"], capture_output=True,
+                               text=True, check=True)
+    config = json.loads(inspected.stdout)["config"]
+    assert config["Entrypoint"] == ["/usr/local/bin/piku-launch"] and config["Cmd"] == ["wsgi"]
+    assert config["User"] == "10001:10001" and "PORT=8000" in config["Env"]
+    assert config["Labels"]["io.piku.app"] == "shop" and config["Labels"]["io.piku.release"] == "v1"
+    podman = Podman()
+    try:
+        image = podman("load", "-q", "-i", str(archive)).stdout.strip().split()[-1]
+        port = free_port()
+        container = podman.run(image, port)
+        try:
+            body = wait_for_body(f"http://127.0.0.1:{port}/", "Hello from shop", timeout=60)
+        except AssertionError:
+            logs = podman("logs", container, check=False)
+            raise AssertionError(f"the container did not answer; its output:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
+        assert "Python 3.11" in body
+        assert podman("exec", container, "/usr/bin/python3.11", "-c",
+                      "import os; print(os.getuid())").stdout.strip() == "10001"
+    finally:
+        podman.remove()
+
+
+def layer_digests(archive):
+    out = subprocess.run(["skopeo", "inspect", f"oci-archive:{archive}"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["Layers"]
+
+
+def test_exports_are_reproducible_and_a_change_moves_only_its_own_layer(piku, emperor, make_app, toolchain,
+                                                                        tmp_path):
+    tools_or_skip("skopeo")
+    toolchain.require("3.11")
+    app = make_app(EXAMPLES / "flask-uwsgi", "shop")
+    app.push()
+    wait_for_body(piku.url("shop"), "Hello from shop")
+    for name in ("one", "two"):
+        assert export(piku, "shop", "--output", str(tmp_path / f"{name}.tar")).returncode == 0
+    assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
+    base, environment, code = layer_digests(tmp_path / "one.tar")
+
+    app.write("wsgi.py", (EXAMPLES / "flask-uwsgi" / "wsgi.py").read_text().replace("Hello from", "Howdy from"))
+    app.commit("code only")
+    app.push()
+    assert export(piku, "shop", "--output", str(tmp_path / "code.tar")).returncode == 0
+    after = layer_digests(tmp_path / "code.tar")
+    assert after[:2] == [base, environment] and after[2] != code, "a code-only release moves only the app layer"
+
+    started = time.monotonic()
+    assert export(piku, "shop", "v1", "--output", str(tmp_path / "v1.tar")).returncode == 0
+    assert time.monotonic() - started < 5
+    assert (tmp_path / "v1.tar").read_bytes() == (tmp_path / "one.tar").read_bytes(), "v1 is still v1"
+
+
+def test_what_cannot_be_exported_is_refused_with_the_fix_and_nothing_is_left_behind(piku, emperor, make_app,
+                                                                                     toolchain, tmp_path):
+    toolchain.require("3.11")
+    app = make_app(EXAMPLES / "flask-uwsgi", "shop")
+    app.push()
+    not_oci = tmp_path / "base.tar"
+    not_oci.write_bytes(b"not an archive")
+    cases = {
+        ("shop", "v9", "--output", str(tmp_path / "a.tar")): "v9 of shop is not kept (kept: v1)",
+        ("shop", "--base", str(not_oci), "--output", str(tmp_path / "b.tar")): "is not an OCI image archive",
+        ("nosuch", "--output", str(tmp_path / "c.tar")): "app 'nosuch' not found",
+    }
+    for args, message in cases.items():
+        result = export(piku, *args)
+        assert result.returncode != 0 and message in result.stderr.decode(), (args, result.stderr.decode())
+        assert b"Traceback" not in result.stderr
+    limited = subprocess.run([piku_python(), str(piku.script), "export", "shop", "--output", str(tmp_path / "d.tar")],
+                             env=dict(piku.env, FINGERPRINT="SHA256:test", APPS="shop"), capture_output=True, text=True)
+    assert limited.returncode != 0 and "--output, --base and --env-file name files on the host" in limited.stderr
+
+    import resource
+    import signal
+
+    def small_files():          # a disk that fills: every write past 1 MiB fails
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024, 1024 * 1024))
+    full = subprocess.run([piku_python(), str(piku.script), "export", "shop", "--output", str(tmp_path / "e.tar")],
+                          env=piku.env, capture_output=True, text=True, preexec_fn=small_files)
+    assert full.returncode != 0 and "the image could not be written" in full.stderr, full.stderr
+    assert "Traceback" not in full.stderr
+    assert sorted(os.listdir(tmp_path)) == ["base.tar", "piku", "work"], "no archive, half or whole"
+    assert not [name for name in os.listdir(piku.root / "tools" / "export") if name.startswith(".")]
+    assert not [name for name in os.listdir(piku.root / "tools" / "export") if name.endswith(".new")]
+
+
+def test_a_fastapi_app_runs_from_its_image_and_a_registry_keeps_its_digest(piku, emperor, make_app, toolchain,
+                                                                            tmp_path):
+    tools_or_skip("skopeo", "podman", "runc", "docker-registry")
+    toolchain.require("3.11")
+    app = make_app(EXAMPLES / "fastapi", "api")
+    app.push()
+    archive = tmp_path / "api.tar"
+    result = export(piku, "api", "--output", str(archive))
+    assert result.returncode == 0, result.stderr.decode()
+    digest = result.stderr.decode().split("exported: ")[1].split()[0]
+    podman = Podman()
+    registry_port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'registry'}\n"
+                      f"http:\n  addr: 127.0.0.1:{registry_port}\n")
+    registry = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        image = podman("load", "-q", "-i", str(archive)).stdout.strip().split()[-1]
+        port = free_port()
+        podman.run(image, port)
+        assert "Hello" in wait_for_body(f"http://127.0.0.1:{port}/", "Hello", timeout=60)
+        target = f"docker://127.0.0.1:{registry_port}/api:v1"
+        for _ in range(50):
+            copied = subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci-archive:{archive}", target],
+                                    capture_output=True, text=True)
+            if copied.returncode == 0 or "connection refused" not in copied.stderr:
+                break
+            time.sleep(0.1)
+        assert copied.returncode == 0, copied.stderr
+        pulled = subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"{target.rsplit(':', 1)[0]}@{digest}"],
+                                capture_output=True, text=True)
+        assert pulled.returncode == 0 and json.loads(pulled.stdout)["Digest"] == digest, pulled.stderr
+    finally:
+        registry.terminate()
+        registry.wait(timeout=10)
+        podman.remove()
+
+
+def test_the_config_set_layer_and_secrets_stay_out_of_the_image_and_the_env_file_names_them(piku, emperor,
+                                                                                             make_app, toolchain,
+                                                                                             tmp_path):
+    tools_or_skip("skopeo")
+    toolchain.require("3.11")
+    app = make_app(EXAMPLES / "flask-uwsgi", "shop")
+    app.write("ENV", "FROM_REPO=yes\n")
+    app.commit("a setting in the repo")
+    app.push()
+    piku("config:set", "shop", "GREETING=hi", "API_TOKEN=s3cr3t-value")
+    result = export(piku, "shop", "--output", str(tmp_path / "shop.tar"), "--env-file", str(tmp_path / "shop.env"))
+    assert result.returncode == 0, result.stderr.decode()
+    assert "settings to give the orchestrator (config:set, not in the image): API_TOKEN, GREETING" in \
+        result.stderr.decode()
+    assert (tmp_path / "shop.env").read_text() == "GREETING=hi\n# API_TOKEN: a secret, not written\n"
+    inspected = subprocess.run(["skopeo", "inspect", "--config", f"oci-archive:{tmp_path / 'shop.tar'}"],
+                               capture_output=True, text=True, check=True)
+    env = json.loads(inspected.stdout)["config"]["Env"]
+    assert "FROM_REPO=yes" in env and "PORT=8000" in env and "BIND_ADDRESS=0.0.0.0" in env
+    assert not [line for line in env if line.startswith(("GREETING=", "API_TOKEN=", "PIKU_ROOT=", "NGINX_"))]
+    assert "s3cr3t-value" not in (tmp_path / "shop.tar").read_bytes().decode(errors="replace")
