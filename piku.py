@@ -7580,7 +7580,7 @@ def layer_entries(roots):
     return {name: path for name, path in entries.items() if path is not None}
 
 
-def layer_member(name, host, mtime, owner=0):
+def layer_member(name, host, mtime, owner=0, below=None):
     """The tar header of one entry (None: a socket, FIFO or device, which no image holds) and,
     for a file, what opens its content (read as it is written, never held whole: a .pyc aside)."""
     import tarfile              # (here: only export uses it, and every command would pay its import)
@@ -7591,6 +7591,8 @@ def layer_member(name, host, mtime, owner=0):
     member.uname = member.gname = ""
     if stat.S_ISDIR(info.st_mode):
         member.type = tarfile.DIRTYPE
+        if below and name in below:     # a folder the layers below have: as they have it
+            member.mode, member.uid, member.gid = below[name]
         return member, None
     if stat.S_ISLNK(info.st_mode):
         member.type, member.linkname = tarfile.SYMTYPE, os.readlink(host)
@@ -7599,10 +7601,22 @@ def layer_member(name, host, mtime, owner=0):
         return None, None
     member.size = info.st_size              # (a hard link is written as the file it is)
     if not name.endswith(".pyc"):
-        return member, lambda: open(host, "rb")
-    with open(host, "rb") as handle:
+        return member, lambda: open_same_file(host, info)
+    with open_same_file(host, info) as handle:
         data = pyc_for_mtime(handle.read(), host, mtime)
     return member, lambda: io.BytesIO(data)
+
+
+def open_same_file(path, seen):
+    """path opened without following a link or blocking, and only if it is still the regular
+    file lstat saw (seen): nothing swapped in meanwhile is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino, info.st_size) != \
+            (seen.st_dev, seen.st_ino, seen.st_size):
+        os.close(fd)
+        raise OSError(errno.ESTALE, "it changed while the image was written", path)
+    return os.fdopen(fd, "rb")
 
 
 def pyc_for_mtime(data, host, mtime):
@@ -7619,15 +7633,24 @@ def pyc_for_mtime(data, host, mtime):
     return data[:8] + (mtime & 0xFFFFFFFF).to_bytes(4, "little") + data[12:]
 
 
-def write_layer(roots, target, mtime, owner=0, skip=None):
+def write_layer(roots, target, mtime, owner=0, skip=None, below=None):
     """The layer of roots (host folders, at their own paths) as a reproducible gzipped tar at
-    target -> Layer. owner: the uid and gid of every entry; skip(path in the image): left out."""
+    target -> Layer. owner: the uid and gid of its entries; skip(path in the image): left out;
+    below: {folder: (mode, uid, gid)} of the layers below, which such a folder keeps."""
     entries = layer_entries(roots)
     return write_entries({name: host for name, host in entries.items() if not (skip and skip(name))},
-                         target, mtime, owner)
+                         target, mtime, owner, below)
 
 
-def write_entries(entries, target, mtime, owner=0):
+def layer_folders(path):
+    """{folder: (mode, uid, gid)} of a gzipped layer's folders."""
+    import tarfile
+    with tarfile.open(path, "r:gz") as archive:
+        return {member.name.rstrip("/"): (member.mode, member.uid, member.gid)
+                for member in archive if member.isdir()}
+
+
+def write_entries(entries, target, mtime, owner=0, below=None):
     """{path in the image: host path} as a reproducible gzipped tar at target -> Layer."""
     import gzip
     import tarfile
@@ -7637,7 +7660,7 @@ def write_entries(entries, target, mtime, owner=0):
             tar_stream = DigestWriter(compressed)
             with tarfile.open(fileobj=tar_stream, mode="w|", format=tarfile.PAX_FORMAT) as archive:
                 for name in sorted(entries):
-                    member, content = layer_member(name, entries[name], mtime, owner)
+                    member, content = layer_member(name, entries[name], mtime, owner, below)
                     if member is None:
                         continue
                     if content is None:
@@ -7761,17 +7784,17 @@ def debian_package_of(path):
 def package_closure(names):
     """The packages and, following Depends and Pre-Depends, every library package (lib*) they
     need, as the host has them installed: [name=version]."""
+    result = subprocess.run(["dpkg-query", "-W", "-f", "${Package}\t${Version}\t${db:Status-Status}\t${Depends}, "
+                             "${Pre-Depends}\n"], capture_output=True, text=True, env=dict(os.environ, LC_ALL="C"))
+    installed = {fields[0]: (fields[1], fields[3]) for fields in
+                 (line.split("\t") for line in result.stdout.splitlines()) if len(fields) == 4 and fields[2] == "installed"}
     seen, pending, found = set(), list(names), []
     while pending:
         name = pending.pop()
-        if name in seen:
+        if name in seen or name not in installed:
             continue
         seen.add(name)
-        result = subprocess.run(["dpkg-query", "-W", "-f", "${Version}\\t${Depends}, ${Pre-Depends}", name],
-                                capture_output=True, text=True, env=dict(os.environ, LC_ALL="C"))
-        if result.returncode != 0 or "\t" not in result.stdout:
-            continue
-        version, depends = result.stdout.split("\t", 1)
+        version, depends = installed[name]
         found.append(f"{name}={version}")
         for alternatives in depends.split(","):
             first = alternatives.split("|")[0].strip().split(" ")[0].split(":")[0]
@@ -7793,17 +7816,22 @@ def plan_export(app, record):
         if path.endswith("-build"):
             continue
         environments.append(path)
-        runtime = read_text(environment_record(app, path) or "/nonexistent").strip()
-        owner = debian_package_of(runtime) if runtime else None
+        record_file = environment_record(app, path)
+        runtime = read_text(record_file).strip() if record_file else ""
+        if not os.path.isabs(runtime) or not os.path.exists(runtime):
+            raise PikuError(f"v{record['version']} of {app} runs with {os.path.basename(path)}, whose interpreter "
+                            "piku has no record of (an environment an earlier piku.py built), so its image would "
+                            "not be self-contained", f"Deploy it again (deploy {app}), then export the new release.")
+        owner = debian_package_of(runtime)
         python = re.fullmatch(r"python(3\.[0-9]+)(-minimal)?", owner or "")
         if python:      # Debian's own Python: its packages join the base
             packages += [f"python{python.group(1)}{suffix}" for suffix in ("", "-minimal")] + \
                 [f"libpython{python.group(1)}{suffix}" for suffix in ("-minimal", "-stdlib")]
-        elif owner:
-            packages.append(owner)
+        elif owner:     # the host's own binary of another runtime (NodeSource's node): the file alone
+            runtimes.append(os.path.realpath(runtime))
         elif runtime.startswith(TOOL_ROOT + os.sep):
             runtimes += runtime_folders(runtime)
-        elif runtime:
+        else:
             prefix = next((folder for folder in tool_folders(runtime)
                            if glob.glob(os.path.join(glob.escape(folder), "lib", "python3*"))), None)
             runtimes.append(prefix or os.path.realpath(runtime))
@@ -7907,28 +7935,32 @@ def runtime_skipped(name):
     return False
 
 
-def export_layers(plan, work, default_base):
-    """The runtime, environment and app layers of plan, after the default base's (default_base:
-    no base archive was given) -> [(Layer, what made it)]."""
+def export_layers(plan, work, base=None):
+    """The runtime, environment and app layers of plan -> [(Layer, what made it)], after the
+    default base's when no base is given (base: the digests of a given base's layers and
+    {folder: (mode, uid, gid)} of them). A folder the base has keeps its owner and mode; piku's
+    own files belong to the image's user."""
     user = IMAGE_USER[1]
     layers = []
-    if default_base:
+    if base is None:
         versions = sorted(set(base_package_versions(plan.packages)) | set(
             package_closure(["uwsgi-core", "uwsgi-plugin-python3"]) if plan.server == "uwsgi" else []))
         bundle = os.path.realpath("/etc/ssl/certs/ca-certificates.crt")
-        layers.append((cached_layer(["base", 1, versions, IMAGE_ROOT_FILES, stat_key(bundle)],
-                                    lambda target: write_base_layer(versions, target, 0)),
-                       "piku: the host's packages " + " ".join(versions)))
+        default = cached_layer(["base", 1, versions, IMAGE_ROOT_FILES, stat_key(bundle)],
+                               lambda target: write_base_layer(versions, target, 0))
+        layers.append((default, "piku: the host's packages " + " ".join(versions)))
+        base = ([default.digest], layer_folders(default.path))
+    below_key, below = base
     for runtime in plan.runtimes:
-        layers.append((cached_layer(["runtime", 1, runtime, stat_key(runtime)],
+        layers.append((cached_layer(["runtime", 1, runtime, stat_key(runtime), below_key],
                                     lambda target, runtime=runtime: write_layer([runtime], target, 0, user,
-                                                                                runtime_skipped)),
+                                                                                runtime_skipped, below)),
                        f"piku: the runtime {runtime}"))
     environments = [path for path in plan.environments if not path.endswith(".site")]
     if environments:
         markers = [read_nofollow(os.path.join(path, ENV_MARKER), 1024 * 1024) for path in environments]
-        layers.append((cached_layer(["environments", 1, environments, markers],
-                                    lambda target: write_layer(environments, target, 0, user)),
+        layers.append((cached_layer(["environments", 1, environments, markers, below_key],
+                                    lambda target: write_layer(environments, target, 0, user, below=below)),
                        f"piku: the environment {' '.join(environments)}"))
     launcher, data = os.path.join(work, "piku-launch"), os.path.join(work, "data")
     with open(launcher, "w") as handle:
@@ -7937,9 +7969,23 @@ def export_layers(plan, work, default_base):
     os.mkdir(data, 0o700)
     roots = [plan.record["root"], *[path for path in plan.environments if path.endswith(".site")],
              (launcher, LAUNCHER), (data, "/data")]
-    layers.append((write_layer(roots, os.path.join(work, "app.tar.gz"), plan.mtime, user),
+    layers.append((write_layer(roots, os.path.join(work, "app.tar.gz"), plan.mtime, user, below=below),
                    f"piku: {plan.app} v{plan.record['version']} at {plan.record['rev'][:12]}"))
     return layers
+
+
+def base_folders(manifest, blobs):
+    """(the layers' digests, {folder: (mode, uid, gid)} of them, upper layers last) of a given base."""
+    import tarfile
+    folders = {}
+    for layer in manifest["layers"]:
+        try:
+            with tarfile.open(fileobj=io.BytesIO(blobs[layer["digest"]]), mode="r:*") as archive:
+                folders.update({member.name.rstrip("/").removeprefix("./"): (member.mode, member.uid, member.gid)
+                                for member in archive if member.isdir()})
+        except tarfile.TarError:
+            continue            # (a compression this Python does not read: its folders are not known)
+    return [layer["digest"] for layer in manifest["layers"]], folders
 
 
 def image_config(plan, base_config, layers):
@@ -7973,7 +8019,7 @@ def export_image(app, record, target, base_file=None):
     make_folder(EXPORT_CACHE)
     with tempfile.TemporaryDirectory(dir=EXPORT_CACHE, prefix=".export-") as work:
         base_manifest, base_config, blobs = read_image_archive(base_file) if base_file else ({"layers": []}, None, {})
-        layers = export_layers(plan, work, default_base=not base_file)
+        layers = export_layers(plan, work, base_folders(base_manifest, blobs) if base_file else None)
         config = canonical_json(image_config(plan, base_config, layers))
         config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
         manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
@@ -9796,6 +9842,7 @@ def cmd_export(app, version, output, base, env_file):
         raise PikuError("the image would be written to a terminal", f"Redirect it: export {app} > {app}.tar, or "
                         "give --output FILE")
     number = release_number(app, version)
+    base = os.path.abspath(base) if base else (host_setting("PIKU_EXPORT_BASE").strip() or None)
     with locked(app):
         records = load_releases(app)
         record = records[-1] if number is None and records else next(
@@ -9805,8 +9852,7 @@ def cmd_export(app, version, output, base, env_file):
             raise PikuError(f"{'v' + str(number) if number else 'a release'} of {app} is not kept (kept: {kept})",
                             f"See them with: releases {app}")
         try:
-            digest = export_image(app, record, os.path.abspath(output) if output else None,
-                                  os.path.abspath(base) if base else None)
+            digest = export_image(app, record, os.path.abspath(output) if output else None, base)
         except OSError as error:
             raise PikuError(f"the image could not be written: {error.strerror} ({error.filename or output or 'stdout'}); "
                             "nothing was left behind", "Free some disk space, or write it elsewhere.") from None

@@ -25,6 +25,8 @@ Measures, each RUNS times (median reported):
             with 1, 10, 50 and 100 apps' vhosts
   node      examples/express: code-only redeploys alternating with examples/flask-uwsgi's (the
             ratio), dependency-change redeploys against a bare `npm ci --omit=dev` of each lock
+  export    `export` of examples/flask-uwsgi with the export cache empty and after code-only
+            pushes: seconds, the archive's size and its app layer's
   durable   one of piku's writes (temporary file, fsync, rename, folder fsync) against a plain
             rename, and the process guard that runs each command of a vassal outside a sandbox:
             its start-up and its resident memory
@@ -558,6 +560,35 @@ def measure_node(bench, results):
         results["node_npm_ci"].append(time.monotonic() - began)
 
 
+def measure_export(bench, results):
+    """examples/flask-uwsgi: `export` with the export cache empty (the base built from the host's
+    packages), then after each code-only push (base, runtime and environment layers reused)."""
+    path = bench.checkout("img")
+    bench.push(path, "img")
+    wait_for(bench.url("img"), "Hello from img")
+    cache = bench.work / "piku" / "tools" / "export"
+    for run_index in range(RUNS):
+        shutil.rmtree(cache, ignore_errors=True)
+        target = bench.work / f"cold-{run_index}.tar"
+        began = time.monotonic()
+        bench.piku("export", "img", "--output", str(target))
+        results["export_cold"].append(time.monotonic() - began)
+        results["export_mb"].append(target.stat().st_size / 2**20)
+        target.unlink()
+    for run_index in range(RUNS):
+        marker = f"Image{run_index}"
+        bench.mark(path, marker)
+        bench.commit(path, marker)
+        bench.push(path, "img")
+        target = bench.work / f"warm-{run_index}.tar"
+        began = time.monotonic()
+        bench.piku("export", "img", "--output", str(target))
+        results["export_code"].append(time.monotonic() - began)
+        manifest = json.loads(run(["skopeo", "inspect", "--raw", f"oci-archive:{target}"]).stdout)
+        results["export_app_mb"].append(manifest["layers"][-1]["size"] / 2**20)
+        target.unlink()
+
+
 def measure(bench):
     results = collections.defaultdict(list)
     if not ONLY or "deploys" in ONLY:
@@ -576,6 +607,8 @@ def measure(bench):
         measure_durable(results)
     if not ONLY or "node" in ONLY:
         measure_node(bench, results)
+    if not ONLY or "export" in ONLY:
+        measure_export(bench, results)
     return {name: values for name, values in results.items() if values}
 
 
@@ -628,6 +661,10 @@ def main():
                ("node_code_node", "code-only redeploy, Express (examples/express), s"),
                ("node_deps", "Express: dependency-change redeploy (push -> new code answers), s"),
                ("node_npm_ci", "the same npm ci --omit=dev on its own, warm cache, s")]
+    labels += [("export_cold", "export, the cache empty (base built from the host's packages), s"),
+               ("export_code", "export after a code-only push (base, runtime, environment reused), s"),
+               ("export_mb", "the image archive (Flask on Debian's Python and uWSGI), MB"),
+               ("export_app_mb", "its app layer (what a code-only release adds), MB")]
     for name, label in labels:
         if name in results:
             print(f"  {label:60s} {medians[name]:8.3f}   runs: {' '.join(f'{v:.3f}' for v in results[name])}")
