@@ -7600,7 +7600,7 @@ def layer_member(name, host, mtime, owner=0, below=None):
     if not stat.S_ISREG(info.st_mode):
         return None, None
     member.size = info.st_size              # (a hard link is written as the file it is)
-    if not name.endswith(".pyc"):
+    if not name.endswith(".pyc") or info.st_size > PYC_REWRITTEN_MAX:
         return member, lambda: open_same_file(host, info)
     with open_same_file(host, info) as handle:
         data = pyc_for_mtime(handle.read(), host, mtime)
@@ -7619,14 +7619,20 @@ def open_same_file(path, seen):
     return os.fdopen(fd, "rb")
 
 
+PYC_REWRITTEN_MAX = 16 * 1024 * 1024     # a bigger .pyc is written as it is (and never read whole)
+
+
 def pyc_for_mtime(data, host, mtime):
     """A timestamp .pyc (PEP 552 flags 0) that matched its source on the host gets the image's
     source mtime, so it still matches once every file has that mtime: else every start
     recompiles (or cannot, as a non-root user). Other .pyc files are left as they are."""
     source = os.path.join(os.path.dirname(os.path.dirname(host)), os.path.basename(host).split(".", 1)[0] + ".py")
-    if len(data) < 16 or int.from_bytes(data[4:8], "little") != 0 or not os.path.isfile(source):
+    try:
+        info = os.lstat(source)         # (a link is no source of the release's: nothing is learnt through it)
+    except OSError:
         return data
-    info = os.stat(source)
+    if len(data) < 16 or int.from_bytes(data[4:8], "little") != 0 or not stat.S_ISREG(info.st_mode):
+        return data
     if int.from_bytes(data[8:12], "little") != int(info.st_mtime) & 0xFFFFFFFF or \
             int.from_bytes(data[12:16], "little") != info.st_size & 0xFFFFFFFF:
         return data
@@ -7810,39 +7816,48 @@ def plan_export(app, record):
         raise PikuError(f"v{record['version']} of {app} is no longer on the host (its code or environment "
                         "is gone)", f"Export a kept release: releases {app}")
     processes = release_processes(root)
-    packages = list(BASE_PACKAGES)
-    runtimes, environments = [], []
-    for path in record_environments(app, record):
-        if path.endswith("-build"):
-            continue
-        environments.append(path)
-        record_file = environment_record(app, path)
-        runtime = read_text(record_file).strip() if record_file else ""
-        if not os.path.isabs(runtime) or not os.path.exists(runtime):
-            raise PikuError(f"v{record['version']} of {app} runs with {os.path.basename(path)}, whose interpreter "
-                            "piku has no record of (an environment an earlier piku.py built), so its image would "
-                            "not be self-contained", f"Deploy it again (deploy {app}), then export the new release.")
-        owner = debian_package_of(runtime)
-        python = re.fullmatch(r"python(3\.[0-9]+)(-minimal)?", owner or "")
-        if python:      # Debian's own Python: its packages join the base
-            packages += [f"python{python.group(1)}{suffix}" for suffix in ("", "-minimal")] + \
-                [f"libpython{python.group(1)}{suffix}" for suffix in ("-minimal", "-stdlib")]
-        elif owner:     # the host's own binary of another runtime (NodeSource's node): the file alone
-            runtimes.append(os.path.realpath(runtime))
-        elif runtime.startswith(TOOL_ROOT + os.sep):
-            runtimes += runtime_folders(runtime)
-        else:
-            prefix = next((folder for folder in tool_folders(runtime)
-                           if glob.glob(os.path.join(glob.escape(folder), "lib", "python3*"))), None)
-            runtimes.append(prefix or os.path.realpath(runtime))
+    packages, runtimes = list(BASE_PACKAGES), []
+    environments = [path for path in record_environments(app, record) if not path.endswith("-build")]
+    for path in environments:
+        more_packages, more_runtimes = export_runtime(app, record, path)
+        packages += more_packages
+        runtimes += [runtime for runtime in more_runtimes if runtime not in runtimes]
     site = project_site(root)
     environments += [site] if os.path.isdir(site) else []
     venv = record["env"].get("VIRTUAL_ENV", "")
-    server = "gunicorn" if has_module(venv, "gunicorn") or "wsgi" not in processes else "uwsgi"
+    server = "gunicorn" if not isinstance(venv, str) or has_module(venv, "gunicorn") or "wsgi" not in processes \
+        else "uwsgi"
     if server == "uwsgi":
         packages += ["uwsgi-core", "uwsgi-plugin-python3"]
     return ExportPlan(app, record, processes, packages, runtimes, environments, server,
                       commit_time(app, record["rev"]))
+
+
+def export_runtime(app, record, path):
+    """What the image needs of the interpreter an environment was built with -> (the host's
+    packages to add to the base, folders or files for the runtime layer)."""
+    record_file = environment_record(app, path)
+    runtime = read_text(record_file).strip() if record_file else ""
+    if not os.path.isabs(runtime) or not os.path.exists(runtime):
+        raise PikuError(f"v{record['version']} of {app} runs with {os.path.basename(path)}, whose interpreter "
+                        "piku has no record of (an environment an earlier piku.py built), so its image would "
+                        "not be self-contained", f"Deploy it again (deploy {app}), then export the new release.")
+    owner = debian_package_of(runtime)
+    python = re.fullmatch(r"python(3\.[0-9]+)(-minimal)?", owner or "")
+    if python:          # Debian's own Python: its packages join the base
+        return ([f"python{python.group(1)}{suffix}" for suffix in ("", "-minimal")] +
+                [f"libpython{python.group(1)}{suffix}" for suffix in ("-minimal", "-stdlib")]), []
+    if owner:           # the host's own binary of another runtime (NodeSource's node): the file alone
+        return [], [os.path.realpath(runtime)]
+    if runtime.startswith(TOOL_ROOT + os.sep):
+        return [], runtime_folders(runtime)
+    prefix = next((folder for folder in tool_folders(runtime)
+                   if glob.glob(os.path.join(glob.escape(folder), "lib", "python3*"))), None)
+    if prefix is None:
+        raise PikuError(f"the interpreter of v{record['version']} ({runtime}) is not one piku can put in an "
+                        "image: neither the host's package nor an installation folder of its own",
+                        "Deploy with a Python uv manages or Debian's, then export again.")
+    return [], list(dict.fromkeys([prefix, os.path.realpath(prefix)]))     # (a link to it, and it)
 
 
 def commit_time(app, rev):
@@ -7915,12 +7930,14 @@ def cached_layer(key, write):
     except (OSError, ValueError, TypeError):
         pass            # (not made yet, or cut short: made again)
     make_folder(EXPORT_CACHE)
+    fd, partial = tempfile.mkstemp(dir=EXPORT_CACHE, prefix=".layer-")     # (two exports at once: one each)
+    os.close(fd)
     try:
-        layer = write(path + ".new")
+        layer = write(partial)
         os.replace(layer.path, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):      # (never written)
-            os.unlink(path + ".new")
+        with contextlib.suppress(FileNotFoundError):      # (renamed already)
+            os.unlink(partial)
         raise
     write_atomic(meta, json.dumps({"digest": layer.digest, "size": layer.size, "diff_id": layer.diff_id}))
     return Layer(path, layer.digest, layer.size, layer.diff_id)
@@ -7983,7 +8000,7 @@ def base_folders(manifest, blobs):
             with tarfile.open(fileobj=io.BytesIO(blobs[layer["digest"]]), mode="r:*") as archive:
                 folders.update({member.name.rstrip("/").removeprefix("./"): (member.mode, member.uid, member.gid)
                                 for member in archive if member.isdir()})
-        except tarfile.TarError:
+        except (tarfile.TarError, EOFError, OSError):
             continue            # (a compression this Python does not read: its folders are not known)
     return [layer["digest"] for layer in manifest["layers"]], folders
 
@@ -7991,8 +8008,9 @@ def base_folders(manifest, blobs):
 def image_config(plan, base_config, layers):
     """The image's config: the base's, with piku's layers, entrypoint, settings and labels."""
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(plan.mtime))
-    config = json.loads(json.dumps(base_config or {"architecture": "amd64", "os": "linux"}))
-    config.update(created=created, architecture=config.get("architecture") or "amd64", os="linux")
+    architecture = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(os.uname().machine, os.uname().machine)
+    config = json.loads(json.dumps(base_config or {"architecture": architecture, "os": "linux"}))
+    config.update(created=created, architecture=config.get("architecture") or architecture, os="linux")
     runtime = config.setdefault("config", {})
     http = next((kind for kind in HTTP_APP_KINDS if kind in plan.processes), None)
     labels = dict(runtime.get("Labels") or {})
@@ -8030,13 +8048,13 @@ def export_image(app, record, target, base_file=None):
         blobs = {**blobs, config_digest: config, **{layer.digest: layer.path for layer, _ in layers}}
         partial = os.path.join(work, "image.tar")
         digest = write_image_archive(partial, blobs, manifest, f"{app}:v{record['version']}", plan.mtime)
-        if target is None:
-            with open(partial, "rb") as handle:
-                shutil.copyfileobj(handle, sys.stdout.buffer)
-            sys.stdout.buffer.flush()
-        else:
+        try:
             shutil.move(partial, target + ".partial")
             os.replace(target + ".partial", target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):  # (renamed, or never begun)
+                os.unlink(target + ".partial")
+            raise
     return digest
 
 
@@ -8113,7 +8131,8 @@ def read_image_archive(path):
                                 "Copy one platform's image: skopeo copy --override-arch amd64 ...")
             config = json.loads(read(blob_name(manifest["config"]["digest"])))
             blobs = {layer["digest"]: read(blob_name(layer["digest"]), 16 * 1024 ** 3) for layer in manifest["layers"]}
-    except (OSError, tarfile.TarError, KeyError, IndexError, TypeError, ValueError) as error:
+    except (OSError, tarfile.TarError, KeyError, IndexError, TypeError, ValueError, AttributeError, EOFError,
+            RecursionError) as error:
         raise PikuError(f"{path} is not an OCI image archive piku can read ({type(error).__name__}: {error})",
                         "Give an oci-archive: skopeo copy docker://IMAGE oci-archive:base.tar") from None
     for digest, data in blobs.items():
@@ -9825,6 +9844,18 @@ def cmd_deploys(app, deploy_id):
     click.echo(record.get("output", ""), nl=False)
 
 
+def kept_record(app, number):
+    """The kept release vN of app (None: the live one) -> its record; PikuError naming the kept."""
+    records = load_releases(app)
+    if not records:
+        raise PikuError(f"{app} has no releases yet", "Push to deploy it, then export it.")
+    record = records[-1] if number is None else next((record for record in records if record["version"] == number), None)
+    if record is None:
+        kept = ", ".join(f"v{record['version']}" for record in records)
+        raise PikuError(f"v{number} of {app} is not kept (kept: {kept})", f"See them with: releases {app}")
+    return record
+
+
 @cli.command("export")
 @click.argument("app")
 @click.argument("version", required=False, metavar="[vN]")
@@ -9843,20 +9874,35 @@ def cmd_export(app, version, output, base, env_file):
                         "give --output FILE")
     number = release_number(app, version)
     base = os.path.abspath(base) if base else (host_setting("PIKU_EXPORT_BASE").strip() or None)
-    with locked(app):
-        records = load_releases(app)
-        record = records[-1] if number is None and records else next(
-            (record for record in records if record["version"] == number), None)
-        if record is None:
-            kept = ", ".join(f"v{record['version']}" for record in records) or "none"
-            raise PikuError(f"{'v' + str(number) if number else 'a release'} of {app} is not kept (kept: {kept})",
-                            f"See them with: releases {app}")
-        try:
-            digest = export_image(app, record, os.path.abspath(output) if output else None, base)
-        except OSError as error:
-            raise PikuError(f"the image could not be written: {error.strerror} ({error.filename or output or 'stdout'}); "
-                            "nothing was left behind", "Free some disk space, or write it elsewhere.") from None
+    archive = sys.stdout.buffer         # only the archive goes there: what piku says goes to stderr
+    target = os.path.abspath(output) if output else None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            if target is None:          # written whole under the lock, streamed after it (a slow reader
+                make_folder(EXPORT_CACHE)   # holds no lock)
+                fd, target = tempfile.mkstemp(dir=EXPORT_CACHE, prefix=".stream-")
+                os.close(fd)
+            with locked(app):
+                record = kept_record(app, number)
+                digest = export_image(app, record, target, base)
+        if not output:
+            with open(target, "rb") as handle:
+                shutil.copyfileobj(handle, archive)
+            archive.flush()
+    except OSError as error:
+        raise PikuError(f"the image could not be written: {error.strerror} ({error.filename or output or 'stdout'}); "
+                        "nothing was left behind", "Free some disk space, check the folder's permissions, or write "
+                        "it elsewhere.") from None
+    finally:
+        if not output and target:
+            with contextlib.suppress(FileNotFoundError):      # (the mkstemp file: never kept)
+                os.unlink(target)
     click.echo(f"-----> {app} v{record['version']} exported: {digest}", err=True)
+    report_left_out(record, env_file)
+
+
+def report_left_out(record, env_file):
+    """Name the config:set settings the image leaves out; env_file: write the non-secret ones."""
     settings = sorted(record.get("config") or {})
     if settings:
         click.echo(f"       settings to give the orchestrator (config:set, not in the image): {', '.join(settings)}",

@@ -422,3 +422,22 @@ def test_a_node_app_exports_with_its_node_and_its_production_modules(piku, emper
         assert fetch(f"http://127.0.0.1:{port}/import/express")[1] == "yes\n"
     finally:
         podman.remove()
+
+
+def test_an_export_to_stdout_that_waits_for_the_lock_writes_only_the_archive_there(piku, emperor, make_app,
+                                                                                   toolchain, tmp_path):
+    import fcntl
+    import threading
+    tools_or_skip("skopeo")
+    toolchain.require("3.11")
+    app = make_app(EXAMPLES / "flask-uwsgi", "shop")
+    app.push()
+    lock = open(piku.root / "locks" / "shop.lock", "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)            # another change of the app is running
+    threading.Timer(1.5, lambda: (fcntl.flock(lock, fcntl.LOCK_UN), lock.close())).start()
+    result = export(piku, "shop")
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"Waiting for another change" in result.stderr
+    (tmp_path / "out.tar").write_bytes(result.stdout)
+    assert layer_digests(tmp_path / "out.tar"), "stdout held the archive and nothing else"
+    assert not [name for name in os.listdir(piku.root / "tools" / "export") if name.startswith(".")]
