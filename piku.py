@@ -2458,13 +2458,10 @@ def live_node(app, available):
         record = live_release(app)
     except PikuError:
         return {}           # (doctor reports a damaged record)
-    for path in record_environments(app, record) if record else []:
-        found = environment_record(app, path)
-        if found and found.endswith(".node") and not path.endswith("-build"):
-            binary = read_text(found).strip()
-            version = node_version_of(binary) if os.path.isabs(binary) and os.path.exists(binary) else None
-            if version and available.get(version) == binary:
-                return {version: binary}
+    for binary in filter(None, (node_of(app, path) for path in record_environments(app, record or {}))):
+        version = node_version_of(binary) if os.path.isabs(binary) and os.path.exists(binary) else None
+        if version and available.get(version) == binary:
+            return {version: binary}
     return {}
 
 
@@ -6193,7 +6190,7 @@ def release_environment(app, root, environments):
     found = [site] if os.path.isdir(site) else []
     for path in environments:
         record = environment_record(app, path)
-        if record and not path.endswith("-build") and os.path.isdir(path) and not os.path.islink(path):
+        if record and not build_only(path) and os.path.isdir(path) and not os.path.islink(path):
             runtime = read_text(record).strip()
             found += [path, *(runtime_folders(runtime) if os.path.isabs(runtime) else [])]
     return list(dict.fromkeys(found))
@@ -6209,6 +6206,20 @@ def runtime_folders(binary):
 
 
 ENVIRONMENT_NAME = re.compile(r"(python|node)-[0-9a-f]{16}(-build)?")    # envs/APP/KIND-FINGERPRINT
+
+
+def build_only(path):
+    """Is this an environment only a build uses (NAME-build), which no release runs with?"""
+    return path.endswith("-build")
+
+
+def node_of(app, path):
+    """The Node binary a release environment of the app was built with (None: not a Node one,
+    only a build's, or none recorded)."""
+    record = environment_record(app, path)
+    if not record or not record.endswith(".node") or build_only(path):
+        return None
+    return read_text(record).strip()
 
 
 def runtime_record(app, path):
@@ -6687,7 +6698,7 @@ def piku_environment(app, path):
 def environments_gone(app, record):
     """The environments a release record runs with that are gone (or were never finished); one
     only its build used (NAME-build) is not needed to run it again."""
-    return [path for path in record_environments(app, record) if not path.endswith("-build")
+    return [path for path in record_environments(app, record) if not build_only(path)
             and (not os.path.exists(os.path.join(path, ENV_MARKER)) or runtime_gone(app, path))]
 
 
@@ -7817,7 +7828,7 @@ def plan_export(app, record):
                         "is gone)", f"Export a kept release: releases {app}")
     processes = release_processes(root)
     packages, runtimes = list(BASE_PACKAGES), []
-    environments = [path for path in record_environments(app, record) if not path.endswith("-build")]
+    environments = [path for path in record_environments(app, record) if not build_only(path)]
     for path in environments:
         more_packages, more_runtimes = export_runtime(app, record, path)
         packages += more_packages
@@ -8634,10 +8645,9 @@ def check_app_nodes(app, record):
     (an apt upgrade of the host's nodejs changes it under the release: native addons stop loading)."""
     for kept in load_releases(app):
         for path in record_environments(app, kept):
-            record_file = environment_record(app, path)
-            if not record_file or not record_file.endswith(".node") or path.endswith("-build"):
+            binary = node_of(app, path)
+            if binary is None:
                 continue
-            binary = read_text(record_file).strip()
             try:
                 built = json.loads(read_nofollow(os.path.join(path, ENV_MARKER), 65536) or "{}").get("node")
             except (ValueError, AttributeError):
