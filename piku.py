@@ -69,32 +69,121 @@ if sys.version_info < (3, 10):
 
 import collections
 import contextlib
-import difflib
 import errno
 import fcntl
 import fnmatch
 import functools
 import glob
 import grp
-import hashlib
 import io
 import itertools
-import json
 import os
 import pwd
 import re
 import select
 import shlex
-import shutil
 import signal
-import socket
 import string
 import struct
-import subprocess
-import tempfile
 import time
-from dataclasses import dataclass, field
 import stat
+
+
+class LazyModule:
+    """A module imported when a command first uses it; its name is then bound to the module
+    itself. Every piku process pays at start-up for what it imports, and most commands need
+    none of these (issue 20: `--version` and `apps` in a few tens of milliseconds)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getattr__(self, attribute):
+        module = __import__(self.name)
+        globals()[self.name] = module
+        return getattr(module, attribute)
+
+
+class LazyPattern:
+    """A regular expression compiled when first used (compiling all of them cost every start-up 4 ms)."""
+
+    def __init__(self, text, flags=0):
+        self.text, self.flags = text, flags
+
+    @functools.cached_property
+    def compiled(self):
+        return re.compile(self.text, self.flags)
+
+    def __getattr__(self, attribute):
+        return getattr(self.compiled, attribute)
+
+
+class Factory:
+    """A record field's default made anew for each instance: field(default_factory=dict)."""
+
+    def __init__(self, make):
+        self.make = make
+
+
+def field(default_factory):
+    return Factory(default_factory)
+
+
+def record(cls=None, *, frozen=False):
+    """A class of named fields -- what dataclasses.dataclass makes, without compiling three
+    functions per class at import (5 ms of every piku start-up): __init__ takes the annotated
+    fields in order, positionally or by name (a default after the name; a field() default made
+    per instance), then runs __post_init__ if the class has one; __eq__ and __repr__ compare and
+    show the fields; frozen=True refuses assignment and hashes by the fields (else unhashable)."""
+    def make(cls):
+        names = tuple(cls.__dict__.get("__annotations__", {}))
+        defaults = {name: cls.__dict__[name] for name in names if name in cls.__dict__}
+        for name, default in defaults.items():
+            if isinstance(default, Factory):
+                delattr(cls, name)
+        cls.FIELDS = names
+
+        def __init__(self, *args, **given):
+            if len(args) > len(names) or set(given) & set(names[:len(args)]) or set(given) - set(names):
+                raise TypeError(f"{cls.__name__}() takes the fields {', '.join(names)}, each once")
+            given.update(zip(names, args))
+            for name in names:
+                if name not in given and name not in defaults:
+                    raise TypeError(f"{cls.__name__}() needs {name}")
+                value = given[name] if name in given else defaults[name]
+                object.__setattr__(self, name, value.make() if isinstance(value, Factory) else value)
+            if hasattr(self, "__post_init__"):
+                self.__post_init__()
+
+        def __setattr__(self, name, value):
+            raise AttributeError(f"a {cls.__name__} cannot be changed (cannot assign to {name})")
+
+        cls.__init__ = __init__
+        cls.__eq__ = lambda self, other: (fields_of(self) == fields_of(other) if other.__class__ is self.__class__
+                                          else NotImplemented)
+        cls.__repr__ = lambda self: f"{cls.__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
+        cls.__hash__ = (lambda self: hash(fields_of(self))) if frozen else None
+        if frozen:
+            cls.__setattr__ = cls.__delattr__ = __setattr__
+        return cls
+    return make if cls is None else make(cls)
+
+
+def fields_of(instance):
+    return tuple(getattr(instance, name) for name in instance.FIELDS)
+
+
+def replace_fields(instance, **changes):
+    """A copy of a record with some fields changed (dataclasses.replace)."""
+    return type(instance)(**{**dict(zip(instance.FIELDS, fields_of(instance))), **changes})
+
+
+difflib = LazyModule("difflib")
+hashlib = LazyModule("hashlib")
+json = LazyModule("json")
+shutil = LazyModule("shutil")
+socket = LazyModule("socket")
+subprocess = LazyModule("subprocess")
+tempfile = LazyModule("tempfile")
 
 try:
     import click
@@ -123,6 +212,29 @@ PIKU_VERSION = "0.1.0"
 ##############################################################################
 
 PIKU_SCRIPT = os.path.realpath(__file__)
+# How piku's entry points (the forced command, the git hook, the daily job) run this file: they
+# import it, so Python loads the bytecode setup cached beside it (__pycache__, checked against the
+# source's hash: a piku.py copied over by hand is never run stale), where `python3 piku.py`
+# compiles all of it on every call (55 ms). -I: no PYTHON* variable, user site or caller's folder
+# decides what Python imports; piku's folder is not put on sys.path either.
+PIKU_LAUNCHER = ("import sys, importlib.util as u; name, path = sys.argv[1:3]; del sys.argv[1:3]; "
+                 "spec = u.spec_from_file_location(name, path); piku = u.module_from_spec(spec); "
+                 "sys.modules[name] = piku; spec.loader.exec_module(piku); piku.run_piku()")
+
+
+def piku_entry(*args):
+    """The argv of an entry point of piku's that runs this piku.py with args."""
+    return [sys.executable or SYSTEM_PYTHON, "-I", "-c", PIKU_LAUNCHER, "piku", PIKU_SCRIPT, *args]
+
+
+def cache_bytecode():
+    """Compile this piku.py into its __pycache__ for the entry points -> None, or why it could not."""
+    import py_compile
+    try:
+        py_compile.compile(PIKU_SCRIPT, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    except (OSError, py_compile.PyCompileError) as error:
+        return str(error)
+    return None
 PIKU_ROOT = os.path.abspath(os.environ.get("PIKU_ROOT") or os.path.join(os.path.expanduser("~"), ".piku"))
 APP_ROOT = os.path.join(PIKU_ROOT, "apps")
 CACHE_ROOT = os.path.join(PIKU_ROOT, "cache")
@@ -317,7 +429,7 @@ def output_shared():
     return (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
 
 
-@dataclass
+@record
 class OpenStep:
     """The step a deploy is in: when it began, and whether its line is still open."""
     started: float
@@ -532,8 +644,9 @@ class DeployRecord:
     sys.stderr is what the user saw."""
     active = []
 
-    def __init__(self, app, cause):
+    def __init__(self, app, cause, before=()):
         self.app, self.cause, self.output, self.steps = app, cause, [], []
+        self.before = before        # [what, when (monotonic)]: the processes that led to it (push_processes)
 
     def step(self, message):
         self.steps.append([message, time.monotonic()])
@@ -576,15 +689,61 @@ class DeployRecord:
                 os.unlink(os.path.join(folder, f"{old}.json"))
         return (ids[-1] + 1) if ids else 1
 
+    def add_after(self, message, started):
+        """A step that ran after the deploy returned (the old workers' drain, after a push)."""
+        path = os.path.join(deploys_dir(self.app), f"{self.id}.json")
+        record = json.loads(read_text(path))
+        record.setdefault("after", []).append([message, round(time.monotonic() - started, 3),
+                                               round(started - self.started, 3)])
+        write_atomic(path, json.dumps(record, indent=1) + "\n", mode=0o600)
+
     def save(self, outcome):
+        """The record; its waterfall is every step with its start (seconds from this record's
+        start: the processes before it, at negative offsets, and what the push left to finish
+        after it returned: add_after) and its duration."""
         ended = time.monotonic()
         times = [start for _, start in self.steps] + [ended]
         record = {"id": self.id, "app": self.app, "when": self.when, "cause": self.cause, "by": who_deploys(),
                   "outcome": outcome, "seconds": round(ended - self.started, 2), "output": "".join(self.output),
-                  "steps": [[message, round(times[i + 1] - start, 2)] for i, (message, start) in enumerate(self.steps)],
+                  "steps": [[message, round(times[i + 1] - start, 3), round(start - self.started, 3)]
+                            for i, (message, start) in enumerate(self.steps)],
+                  "before": [[what, round(when - self.started, 3)] for what, when in self.before],
                   "process": process_identity(os.getpid())}
         write_atomic(os.path.join(deploys_dir(self.app), f"{self.id}.json"), json.dumps(record, indent=1) + "\n",
                      mode=0o600)
+
+
+def push_processes(pid):
+    """The processes that led to a deploy, oldest first, as [what, when (monotonic)]: the ssh
+    connection (sshd's processes), piku's forced command and git-receive-pack, the hook -- so a
+    record's waterfall starts where the push reached the host. To 10 ms: the kernel keeps a
+    process's start in clock ticks."""
+    chain, tick = [], os.sysconf("SC_CLK_TCK")
+    since_boot, now = time.clock_gettime(time.CLOCK_BOOTTIME), time.monotonic()
+    while pid > 1 and len(chain) < 12:
+        try:
+            started, words = process_started(pid), read_bytes(f"/proc/{pid}/cmdline") or b""
+        except OSError:         # (a process of another user's, with /proc mounted hidepid)
+            break
+        if started is None or since_boot - started / tick > 600:      # (sshd's listener: not this push's)
+            break
+        what = process_role(words.split(b"\0"))
+        if what:
+            chain.append([what, now - (since_boot - started / tick)])
+        pid = parent_pid(pid)
+    return chain[::-1]
+
+
+def process_role(words):
+    """What a process of a push is, by its command line ('' for a shell or env between them)."""
+    script = os.fsencode(PIKU_SCRIPT)
+    if script in words:
+        rest = words[words.index(script) + 1:]
+        return "piku " + (rest[0].decode(errors="replace") if rest else "")
+    name = os.path.basename(words[0]).decode(errors="replace") if words and words[0] else ""
+    if name.startswith("sshd"):
+        return "sshd " + b" ".join(words).decode(errors="replace").removeprefix("sshd: ").split()[0]
+    return "git-receive-pack" if "receive-pack" in b" ".join(words[:2]).decode(errors="replace") else ""
 
 
 def process_identity(pid):
@@ -634,20 +793,20 @@ def git(*args, capture=True, env=None):
 # Parsers
 ##############################################################################
 
-APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-SETTING_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-PROCFILE_LINE = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]{0,63})\s*:\s*(.*)")    # kinds: at most 64 characters
-CRON_FIELD = re.compile(r"\*|\*/[0-9]+|[0-9]+")
+APP_NAME = LazyPattern(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+SETTING_KEY = LazyPattern(r"[A-Za-z_][A-Za-z0-9_]*")
+PROCFILE_LINE = LazyPattern(r"([A-Za-z0-9][A-Za-z0-9_-]{0,63})\s*:\s*(.*)")    # kinds: at most 64 characters
+CRON_FIELD = LazyPattern(r"\*|\*/[0-9]+|[0-9]+")
 PROCFILE_LINE_MAX = 32768
 CRON_RANGES = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
 CRON_NAMES = ("minute", "hour", "day of month", "month", "day of week")
 
-WHOLE_NUMBER = re.compile(r"[0-9]+")                     # ASCII only: str.isdigit() accepts '²'
+WHOLE_NUMBER = LazyPattern(r"[0-9]+")                     # ASCII only: str.isdigit() accepts '²'
 FRONT_SLOTS = 16        # the front spreads connections over this many socket slots (see Process control)
 HTTP_APP_KINDS = ("wsgi", "asgi", "web")     # the app's own HTTP server: one of these at most
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class WorkerKind:
     """What a kind of Procfile entry is, and how piku runs and checks it."""
     name: str
@@ -717,7 +876,7 @@ def parse_setting_arg(text):
     return key, value
 
 
-@dataclass
+@record
 class Process:
     kind: str
     command: str
@@ -834,7 +993,7 @@ def static_folder(command, lineno, root, built=True):
     return folder
 
 
-STATIC_PREFIX = re.compile(r"/[A-Za-z0-9._~/-]*")
+STATIC_PREFIX = LazyPattern(r"/[A-Za-z0-9._~/-]*")
 
 
 def static_paths(env, root):
@@ -1388,7 +1547,7 @@ HOME_TOOLS = (".local/bin", ".local/share/uv", ".local/share/pipx", ".local/pipx
               ".config/pypoetry")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class View:
     """What one process of an app sees besides the system: paths bound at their own place."""
     app: str
@@ -1935,7 +2094,7 @@ def buildpack(cls):
     return cls
 
 
-@dataclass
+@record
 class BuildContext:
     app: str
     root: str               # the checked-out release
@@ -1958,7 +2117,7 @@ class BuildContext:
         return View(self.app, write=(*own, app_uv_folder(self.app), *made), read=(*self.tools, *read), binds=binds)
 
 
-@dataclass
+@record
 class BuildResult:
     env: dict = field(default_factory=dict)      # additions for every process of the app
     environments: list = field(default_factory=list)    # the folders in envs/APP/ the release runs with
@@ -1993,7 +2152,7 @@ class GenericBuildpack:
         return BuildResult()
 
 
-@dataclass
+@record
 class Interpreter:
     path: str
     version: str            # full, e.g. 3.12.1
@@ -2019,13 +2178,13 @@ def python_manifests(root):
 NODE_LOCKFILES = {"npm-shrinkwrap.json": "npm", "package-lock.json": "npm", "pnpm-lock.yaml": "pnpm",
                   "yarn.lock": "yarn"}      # (npm installs from its shrinkwrap when both are there)
 NODE_MANAGERS = ("npm", "pnpm", "yarn")
-PACKAGE_MANAGER_FIELD = re.compile(r"(npm|pnpm|yarn)@([0-9]{1,9})\.[0-9]{1,9}\.[0-9]{1,9}(-[0-9A-Za-z.-]+)?"
+PACKAGE_MANAGER_FIELD = LazyPattern(r"(npm|pnpm|yarn)@([0-9]{1,9})\.[0-9]{1,9}\.[0-9]{1,9}(-[0-9A-Za-z.-]+)?"
                                    r"(\+[A-Za-z0-9]+\.[0-9a-fA-F]+)?")
 PACKAGE_JSON_MAX = 1024 * 1024
 PACKAGE_JSON_DEPTH = 64
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NodeManager:
     """The package manager that installs a Node app, and why it was chosen."""
     name: str               # npm, pnpm or yarn
@@ -2112,7 +2271,7 @@ def node_package_manager(root, env, package):
 NODE_CODENAMES = {"argon": 4, "boron": 6, "carbon": 8, "dubnium": 10, "erbium": 12, "fermium": 14,
                   "gallium": 16, "hydrogen": 18, "iron": 20, "jod": 22, "krypton": 24}
 NODE_RANGE_PART = r"(0|[1-9][0-9]{0,8}|[xX*])"
-NODE_RANGE_WORD = re.compile(rf"(<=|>=|<|>|=|~>|~|\^)?\s*v?{NODE_RANGE_PART}(?:\.{NODE_RANGE_PART})?"
+NODE_RANGE_WORD = LazyPattern(rf"(<=|>=|<|>|=|~>|~|\^)?\s*v?{NODE_RANGE_PART}(?:\.{NODE_RANGE_PART})?"
                              rf"(?:\.{NODE_RANGE_PART})?(?:\+[0-9A-Za-z.-]+)?")     # (released Nodes only)
 
 
@@ -2253,7 +2412,7 @@ def node_fingerprint(root, manager, node_version, production, env):
 # code-only push runs no package manager. Each release links node_modules to it. A build
 # script runs in the release with node-FINGERPRINT-build, which has the dev dependencies too.
 
-NODE_VERSION_TEXT = re.compile(r"v?([0-9]{1,9})\.([0-9]{1,9})\.([0-9]{1,9})")
+NODE_VERSION_TEXT = LazyPattern(r"v?([0-9]{1,9})\.([0-9]{1,9})\.([0-9]{1,9})")
 NODE_BUILD_SCRIPTS = ("heroku-postbuild", "build")     # the first one present runs (Heroku's rule)
 NODE_LOCAL_SPECS = ("file:", "link:", "portal:", "./", "../", "/", "~/")
 NODE_TARBALLS = (".tgz", ".tar.gz", ".tar")
@@ -2279,7 +2438,7 @@ NODE_FAILURES = (
 )
 
 
-@dataclass
+@record
 class NodeSetup:
     """What a Node build runs with, decided before anything is installed."""
     package: dict
@@ -2550,7 +2709,7 @@ TOOL_REGISTRY_NAMES = {"npm": "npm", "pnpm": "pnpm", "yarn": "yarn", "berry": "@
                        "node": TOOL_PACKAGES["node"][1]}
 PNPM_DEFAULTS = {"9": "10.34.9", "6": "8.15.9", "5": "7.33.7"}     # by pnpm-lock.yaml's lockfileVersion
 YARN_DEFAULT = "1.22.22"
-TOOL_VERSION = re.compile(r"[0-9]{1,9}\.[0-9]{1,9}\.[0-9]{1,9}(-[0-9A-Za-z.-]{1,40})?")
+TOOL_VERSION = LazyPattern(r"[0-9]{1,9}\.[0-9]{1,9}\.[0-9]{1,9}(-[0-9A-Za-z.-]{1,40})?")
 
 
 def default_tool_version(manager, lockfile_text):
@@ -3151,7 +3310,7 @@ def workspace_members(root):
     return sorted(manifest.get("members", []))
 
 
-UV_VERSION = re.compile(r"uv ([0-9]+(?:\.[0-9]+)*)")
+UV_VERSION = LazyPattern(r"uv ([0-9]+(?:\.[0-9]+)*)")
 
 
 def check_uv_version(uv, pyproject, root):
@@ -3560,8 +3719,8 @@ def run_build_tool(args, cwd, env, show=True, failures=(), name=None, view=None)
 # settings named like secrets are shown masked in `config`, `config:live` and build output;
 # they are left out of environment fingerprints, so changing only a password rebuilds nothing.
 
-SECRET_KEY = re.compile(r"UV_INDEX_[A-Z0-9_]+_(USERNAME|PASSWORD)|(.*_)?(PASSWORD|PASSWD|SECRET|TOKEN|API_KEY)(_.*)?")
-URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s:]+(:[^/@\s]*)?@")
+SECRET_KEY = LazyPattern(r"UV_INDEX_[A-Z0-9_]+_(USERNAME|PASSWORD)|(.*_)?(PASSWORD|PASSWD|SECRET|TOKEN|API_KEY)(_.*)?")
+URL_CREDENTIALS = LazyPattern(r"(?<=://)[^/@\s:]+(:[^/@\s]*)?@")
 MASK = "****"
 
 
@@ -3597,13 +3756,13 @@ def masked_settings(settings):
 # Interpreters
 ##############################################################################
 
-PYTHON_REQUEST = re.compile(r"(?:(?:cpython|pypy|graalpy)[@-]?)?[0-9]+(?:\.[0-9]+){0,2}t?"
+PYTHON_REQUEST = LazyPattern(r"(?:(?:cpython|pypy|graalpy)[@-]?)?[0-9]+(?:\.[0-9]+){0,2}t?"
                             r"|(?:(?:==|!=|<=|>=|~=|<|>)\s*[0-9]+(?:\.[0-9]+){0,2}(?:\.\*)?\s*,?\s*)+")
 WSGI_SERVERS = ("auto", "uwsgi", "gunicorn")
 _PROBES = {}
 
 
-@dataclass
+@record
 class PythonRequest:
     value: str
     source: str
@@ -3887,7 +4046,7 @@ def uwsgi_escape(value):
 UNIX_PATH_MAX = 107     # sun_path is 108 bytes with the final NUL
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Instance:
     """One running copy of a Procfile entry, in one generation of the app's workers.
 
@@ -4278,8 +4437,8 @@ def render_emperor():
 # so a deploy moves nginx's traffic without reloading it. nginx is reloaded only when the
 # vhost's text changes, after `nginx -t` passed on the candidate.
 
-HOST_NAME = re.compile(r"(\*\.)?(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
-NGINX_SAFE_PATH = re.compile(r"/[A-Za-z0-9._~/@+,=-]*")
+HOST_NAME = LazyPattern(r"(\*\.)?(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+NGINX_SAFE_PATH = LazyPattern(r"/[A-Za-z0-9._~/@+,=-]*")
 NGINX_MARKER_PATH = "/.piku-vhost"
 TRUE_WORDS = ("1", "true", "yes", "on")
 
@@ -4345,7 +4504,7 @@ def nginx_path(path, what):
 # the release folders nginx's workers serve, where disable_symlinks keeps them to what is there.
 # Without a sandbox no app is kept from any of it.
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NginxFile:
     directive: str
     folder: str
@@ -4783,7 +4942,7 @@ def render_nginx(release):
 # Upstream's NGINX_CACHE_* keys: responses under NGINX_CACHE_PREFIXES are cached by nginx.
 NGINX_CACHE_SECONDS = {"NGINX_CACHE_TIME": 3600, "NGINX_CACHE_REDIRECTS": 3600, "NGINX_CACHE_ANY": 3600,
                        "NGINX_CACHE_CONTROL": 3600, "NGINX_CACHE_EXPIRY": 86400}
-CACHE_PREFIX = re.compile(r"/?[A-Za-z0-9._~/-]+")
+CACHE_PREFIX = LazyPattern(r"/?[A-Za-z0-9._~/-]+")
 
 
 def nginx_cache(app, env, uwsgi):
@@ -4927,7 +5086,7 @@ NGINX_INCLUDE_DIRECTIVES = frozenset({
 })
 NGINX_BLOCKS = frozenset({"location", "if", "limit_except"})     # the allowed directives that open a block
 NGINX_SPACE = " \t\r\n"
-NGINX_BARE_WORD = re.compile(r"[A-Za-z0-9_./:=,@+*^~!%?&|()<>\[\]$-]+")
+NGINX_BARE_WORD = LazyPattern(r"[A-Za-z0-9_./:=,@+*^~!%?&|()<>\[\]$-]+")
 
 
 class NginxSyntaxError(ValueError):
@@ -5254,9 +5413,9 @@ ACME_CAS = {"letsencrypt.org": "https://acme-v02.api.letsencrypt.org/directory",
             "letsencrypt": "https://acme-v02.api.letsencrypt.org/directory",
             "letsencrypt_test": "https://acme-staging-v02.api.letsencrypt.org/directory",
             "zerossl": "https://acme.zerossl.com/v2/DV90", "zerossl.com": "https://acme.zerossl.com/v2/DV90"}
-ACME_URL = re.compile(r"https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/%-]*)?")
+ACME_URL = LazyPattern(r"https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/%-]*)?")
 ACME_TIMEOUT = 180
-EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+EMAIL = LazyPattern(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 
 
 def acme_directory(env):
@@ -5322,7 +5481,7 @@ def install_certificate(app, crt_source, key_source):
     write_atomic(crt, read_text(crt_source))
 
 
-@dataclass
+@record
 class AcmeClient:
     kind: str               # lego or acme.sh
     command: list           # the command line that runs it (PIKU_LEGO may be 'env X=1 lego')
@@ -5534,7 +5693,7 @@ ${rotation}cron = $minute $hour -1 -1 -1 $command
 
 def write_daily_job():
     """The daily job, as a uWSGI cron vassal (its name has no '@', so it is no app's)."""
-    command = " ".join(shlex.quote(part) for part in (sys.executable, PIKU_SCRIPT, "daily"))
+    command = shlex.join(piku_entry("daily"))
     keep_room_for_rotation(DAILY_LOG, DAILY_OLD_LOG)
     text = DAILY_JOB.substitute(hour=3, minute=17, log=DAILY_LOG, rotation=log_rotation(DAILY_LOG, DAILY_OLD_LOG,
                                                                                         UWSGI_LOG_MAXSIZE),
@@ -5583,7 +5742,7 @@ def rotate_nginx_logs():
 # Deploy pipeline
 ##############################################################################
 
-@dataclass
+@record
 class Release:
     """Everything one release needs to run, decided before anything live changes."""
     app: str
@@ -5599,6 +5758,7 @@ class Release:
     sandboxed: bool = True          # its code runs in the app's sandbox (app_sandboxed)
     environments: list = field(default_factory=list)    # what its build made or reused in envs/APP/
     built: bool = True              # False while it is planned: what its build makes is not there yet
+    drain_later: bool = False       # a push's: the old workers drain after it returned, under its lock
 
 
 def new_release_dir(app, rev):
@@ -5945,8 +6105,8 @@ def build_release(release):
 # --- health checks ------------------------------------------------------------
 
 HEALTH_DEFAULTS = {"PIKU_HEALTHCHECK_PATH": "/", "PIKU_HEALTHCHECK_TIMEOUT": "30", "PIKU_HEALTHCHECK_SETTLE": "1"}
-SECONDS = re.compile(r"[0-9]{1,5}(\.[0-9]{1,3})?")
-HEALTH_PATH = re.compile(r"/[\x21-\x7e]*")
+SECONDS = LazyPattern(r"[0-9]{1,5}(\.[0-9]{1,3})?")
+HEALTH_PATH = LazyPattern(r"/[\x21-\x7e]*")
 PROBE_INTERVAL = 0.02
 HEALTH_MOST_SECONDS = 600   # a health check (or settle time) longer than this would outlast any push
 
@@ -6004,7 +6164,7 @@ def port_open(port):
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-@dataclass
+@record
 class Watch:
     """What the check has seen of one starting instance."""
     master: int = 0
@@ -6103,7 +6263,7 @@ def fail_generation(generation, instance, why):
 
 # --- generations: one set of running workers ------------------------------------
 
-@dataclass
+@record
 class Generation:
     release: Release
     gen: int
@@ -6205,7 +6365,7 @@ def runtime_folders(binary):
     return tool_folders(binary)
 
 
-ENVIRONMENT_NAME = re.compile(r"(python|node)-[0-9a-f]{16}(-build)?")    # envs/APP/KIND-FINGERPRINT
+ENVIRONMENT_NAME = LazyPattern(r"(python|node)-[0-9a-f]{16}(-build)?")    # envs/APP/KIND-FINGERPRINT
 
 
 def build_only(path):
@@ -6410,6 +6570,11 @@ def switch_traffic(release, generation, front, first, vhost, vhost_changed):
     link_logs(app, generation.instances)
     if vhost_changed:
         serve_vhost(app, vhost)
+    if release.drain_later:         # keep_lock_until_branch_moves drains them, the app's lock still held
+        if not first:
+            step("Traffic moved to the new workers; the old ones stop once their queues are empty, after "
+                 "the push returns")
+        return
     if not first:
         step("Traffic moved to the new workers; stopping the old ones once their queues are empty")
     drain_old(app, generation.gen, front)
@@ -6801,11 +6966,14 @@ def auto_restart(env):
     return env.get("PIKU_AUTO_RESTART", "true").lower() not in ("0", "false", "no", "off")
 
 
-def deploy_app(app, rev, ref="refs/heads/main", cause="push", config=None, state="live"):
-    """Build rev of app and make it live, keeping a record of the attempt. The caller holds
-    the app's lock."""
-    with DeployRecord(app, cause):
+def deploy_app(app, rev, ref="refs/heads/main", cause="push", config=None, state="live", before=()):
+    """Build rev of app and make it live, keeping a record of the attempt -> the record. The
+    caller holds the app's lock. A push (state pending) leaves the old workers to drain once git
+    has moved the branch (keep_lock_until_branch_moves): the push returns when the new release
+    serves."""
+    with DeployRecord(app, cause, before) as record:
         build_and_go_live(app, rev, ref, cause, config, state)
+    return record
 
 
 def build_and_go_live(app, rev, ref, cause, config, state):
@@ -6819,6 +6987,7 @@ def build_and_go_live(app, rev, ref, cause, config, state):
     try:
         checkout_revision(app, rev, root)
         release = plan_release(app, rev, root, ref, config)
+        release.drain_later = state == "pending"
         run_phase(release, "preflight")
         build_release(release)
         run_phase(release, "release")
@@ -7195,7 +7364,7 @@ def still_there(app):
 # Process control
 ##############################################################################
 
-GENERATION_UNIT = re.compile(r"g([0-9]+)\.([A-Za-z0-9_-]+)\.([0-9]+)")
+GENERATION_UNIT = LazyPattern(r"g([0-9]+)\.([A-Za-z0-9_-]+)\.([0-9]+)")
 
 
 def app_units(app, folder=UWSGI_ENABLED):
@@ -7415,7 +7584,7 @@ def list_apps():
 HOOK_TEMPLATE = string.Template("""\
 #!/bin/sh
 # installed by piku: $purpose
-exec env PIKU_ROOT=$root $python $script git-hook $stage $app
+exec env PIKU_ROOT=$root $piku git-hook $stage $app
 """)
 
 
@@ -7423,8 +7592,7 @@ def install_hooks(app):
     """(Re)write the repo's pre-receive hook so it calls this piku.py. (The post-receive hook of
     earlier versions is removed: the process that holds the lock until git moved the branch now
     points HEAD at it, which saves a second Python start-up on every push.)"""
-    values = {"root": shlex.quote(PIKU_ROOT), "python": shlex.quote(sys.executable),
-              "script": shlex.quote(PIKU_SCRIPT), "app": shlex.quote(app)}
+    values = {"root": shlex.quote(PIKU_ROOT), "piku": shlex.join(piku_entry()), "app": shlex.quote(app)}
     text = HOOK_TEMPLATE.substitute(values, purpose="deploys each push before git accepts it", stage="--stage=pre")
     hook = os.path.join(repo_path(app), "hooks", "pre-receive")
     if read_text(hook, None) != text or not os.access(hook, os.X_OK):
@@ -7463,8 +7631,8 @@ def git_path_to_app(path):
     return validate_app_name(name)
 
 
-OBJECT_ID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
-BRANCH_REF = re.compile(r"refs/heads/(?![-.])(?!.*(?:\.\.|@\{|//|/\.|\.lock/|\.lock$))[A-Za-z0-9._/-]{1,200}(?<![/.])")
+OBJECT_ID = LazyPattern(r"[0-9a-f]{40}|[0-9a-f]{64}")
+BRANCH_REF = LazyPattern(r"refs/heads/(?![-.])(?!.*(?:\.\.|@\{|//|/\.|\.lock/|\.lock$))[A-Za-z0-9._/-]{1,200}(?<![/.])")
 
 
 def read_ref_updates(stream):
@@ -7493,12 +7661,15 @@ def branch_to_deploy(updates):
 BRANCH_WAIT_SECONDS = 120
 
 
-def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack):
-    """Hand the app's lock to a small process that holds it until git has moved the branch.
+def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack, record):
+    """Hand the app's lock to a small process that holds it until git has moved the branch and
+    the old workers have drained.
 
     git moves the branch after the pre-receive hook exits; until then no other change of the
-    app may start (it would see the old branch). When git moved it, the release is confirmed;
-    if git gave up instead (the push failed after the hook), the previous release goes back
+    app may start (it would see the old branch). When git moved it, the release is confirmed
+    and the old workers stop once their queues are empty (reconcile: what the next command
+    does too if this process is killed); both go into the push's record. If git gave up
+    instead (the push failed after the hook), the previous release, still running, goes back
     live, so the branch always names what is served."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -7520,7 +7691,11 @@ def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack):
             time.sleep(PROBE_INTERVAL)
         if branch_revision(app, ref) == rev:
             confirm_release(app, rev)
+            record.add_after("git moved the branch", time.monotonic())
             git("--git-dir", repo_path(app), "symbolic-ref", "HEAD", ref, env=git_env())
+            started = time.monotonic()
+            reconcile(app, vhost=False)
+            record.add_after("the old workers drained and stopped", started)
         else:
             reconcile(app)
     except BaseException:       # nobody can read an error here; the next command reconciles
@@ -7559,7 +7734,7 @@ class DigestWriter(io.RawIOBase):
         return "sha256:" + self.sha.hexdigest()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Layer:
     """A layer written to a file: its blob's digest and size, and the digest of its tar."""
     path: str               # the gzipped tar
@@ -7778,7 +7953,7 @@ EXPORT_CACHE = os.path.join(TOOL_ROOT, "export")        # layers kept by what de
 LAUNCHER = "/usr/local/bin/piku-launch"
 
 
-@dataclass
+@record
 class ExportPlan:
     """What an image of one kept release is made of, decided before anything is written."""
     app: str
@@ -8162,7 +8337,7 @@ def read_image_archive(path):
 # in: host before apps, and an app's rebuilds (deploy) before its restarts, so the fix lines
 # pasted top to bottom leave a clean report.
 
-@dataclass
+@record
 class Finding:
     level: str          # OK, WARN or FAIL
     message: str
@@ -8211,8 +8386,8 @@ def systemd_units(user):
     return f"uwsgi-{user}.service", f"{user}-nginx.path", f"{user}-nginx.service"
 
 
-UNIT_USER = re.compile(r"^User=(\S+)\s*$", re.M)
-UNIT_EMPEROR = re.compile(r"^ExecStart=\S*uwsgi\s(?:.*\s)?--ini[ =](\S+)", re.M)
+UNIT_USER = LazyPattern(r"^User=(\S+)\s*$", re.M)
+UNIT_EMPEROR = LazyPattern(r"^ExecStart=\S*uwsgi\s(?:.*\s)?--ini[ =](\S+)", re.M)
 
 
 def installed_emperors():
@@ -8775,7 +8950,7 @@ SYSTEMD_UNITS = "/etc/systemd/system"
 NGINX_CONF_D = "/etc/nginx/conf.d"
 # What the installer passes on to the downloads it makes as the piku user (pip, uv): your
 # proxy and certificate settings, nothing else of root's environment.
-PASSED_ON = re.compile(r"(?i)(https?|no|all)_proxy|SSL_CERT_(FILE|DIR)|REQUESTS_CA_BUNDLE|PIP_[A-Z_]+|"
+PASSED_ON = LazyPattern(r"(?i)(https?|no|all)_proxy|SSL_CERT_(FILE|DIR)|REQUESTS_CA_BUNDLE|PIP_[A-Z_]+|"
                        r"UV_[A-Z_]+|LANG|LC_[A-Z]+")
 EMPEROR_UNIT = string.Template("""\
 # written by piku.py install: the uWSGI emperor that runs $user's apps (docs/INSTALL.md)
@@ -8797,7 +8972,7 @@ WantedBy=multi-user.target
 """)
 
 
-@dataclass
+@record
 class InstallTarget:
     user: str
     home: str               # the user's home (known once the user exists)
@@ -9430,7 +9605,7 @@ def remove_app_files(app, quiet):
             shutil.rmtree(path)
 
 
-LOG_LINK = re.compile(r"g[0-9]+/[A-Za-z0-9_-]+\.[0-9]+\.log")
+LOG_LINK = LazyPattern(r"g[0-9]+/[A-Za-z0-9_-]+\.[0-9]+\.log")
 
 
 def log_file_of(path):
@@ -9590,7 +9765,7 @@ def cmd_logs(app, process, lines, follow):
         pass
 
 
-RESTART_MARKERS = re.compile(r"\[uwsgi-daemons\] respawning|Respawned uWSGI worker")
+RESTART_MARKERS = LazyPattern(r"\[uwsgi-daemons\] respawning|Respawned uWSGI worker")
 
 
 def instance_status(instance, record, psutil):
@@ -9849,9 +10024,27 @@ def cmd_deploys(app, deploy_id):
         raise PikuError(f"{app} has no deploy {deploy_id!r}", f"See them with: deploys {app}")
     click.echo(f"deploy {record['id']} of {app}: {record['cause']} (by {record.get('by') or '?'}), {record['when']}, "
                f"{deploy_outcome(record)} in {record['seconds']:.1f} s")
-    for message, seconds in record.get("steps", []):
-        click.echo(f"  {seconds:>6.2f} s  {message}")
+    for line in deploy_waterfall(record):
+        click.echo(line)
     click.echo(record.get("output", ""), nl=False)
+
+
+def deploy_waterfall(record):
+    """A record's steps as lines: when each started, from where the push reached the host (the
+    ssh connection, or the first of piku's processes), and how long it took."""
+    steps = record.get("steps", [])
+    if any(len(step) < 3 for step in steps):        # a record of an earlier piku.py: durations only
+        return [f"  {seconds:>6.2f} s  {message}" for message, seconds, *_ in steps]
+    rows = [(at, seconds, message) for message, seconds, at in steps]
+    rows += [(at, None, what) for what, at in record.get("before", [])]
+    rows += [(at, seconds, f"after the push returned: {message}") for message, seconds, at in record.get("after", [])]
+    origin = min([0, *(at for at, _, _ in rows)])
+    since = ("the ssh connection" if any(what.startswith("sshd") for what, _ in record.get("before", []))
+             else "the push's first process" if record.get("before") else "the deploy's start")
+    lines = [f"   start    took  (seconds from {since})"]
+    for at, seconds, message in sorted(rows, key=lambda row: row[0]):
+        lines.append(f"  {at - origin:>6.3f}  {'' if seconds is None else f'{seconds:.3f}':>6}  {message}")
+    return lines
 
 
 def kept_record(app, number):
@@ -10013,6 +10206,10 @@ def cmd_setup():
         write_atomic(config, render_emperor())
         step(f"Wrote {config}")
     refresh_vhosts()
+    refresh_keys()
+    failed = cache_bytecode()
+    if failed:
+        warning(f"could not cache piku.py's bytecode ({failed}): every piku command compiles it anew (~50 ms)")
     for tool in ("git", "uwsgi"):
         if not shutil.which(tool):
             warning(f"'{tool}' is not installed; deploys need it (apt-get install {tool})")
@@ -10072,12 +10269,12 @@ def cmd_update(new_file, revert):
     notice(f"Go back with: {os.path.basename(sys.executable)} {PIKU_SCRIPT} update --revert")
 
 
-AUTHORIZED_KEY = re.compile(r"((?:sk-)?(?:ssh|ecdsa)-[A-Za-z0-9@.-]+) ([A-Za-z0-9+/]+={0,3})(?: ([^\r\n]*))?")
-KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+AUTHORIZED_KEY = LazyPattern(r"((?:sk-)?(?:ssh|ecdsa)-[A-Za-z0-9@.-]+) ([A-Za-z0-9+/]+={0,3})(?: ([^\r\n]*))?")
+KEY_NAME = LazyPattern(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 KEY_COMMANDS = frozenset({"apps", "help"})     # what a limited key may run besides commands for its apps
 
 
-@dataclass
+@record
 class Key:
     name: str
     fingerprint: str
@@ -10096,7 +10293,7 @@ def authorized_keys_line(key_text, fingerprint, name="default", apps=None):
         command.append(f"APPS={','.join(apps)}")
     if os.environ.get("PIKU_ROOT"):
         command.append(f"PIKU_ROOT={PIKU_ROOT}")
-    command += [sys.executable, PIKU_SCRIPT, "ssh-command"]
+    command += piku_entry("ssh-command")
     forced = " ".join(shlex.quote(part) for part in command).replace("\\", "\\\\").replace('"', '\\"')
     # a pty is allowed (`run` needs one for an interactive shell); nothing is forwarded
     options = "no-agent-forwarding,no-user-rc,no-X11-forwarding,no-port-forwarding"
@@ -10146,27 +10343,54 @@ def read_key_file(source):
                         "Pass the .pub file, for example: setup:ssh ~/.ssh/id_ed25519.pub")
 
 
-FORCED_COMMAND = re.compile(r'^command="((?:[^"\\]|\\.)*)"')
+FORCED_COMMAND = LazyPattern(r'^command="((?:[^"\\]|\\.)*)"')
+KEY_SETTING = LazyPattern(r"(?:FINGERPRINT|NAME|APPS|PIKU_ROOT)=.*")       # what authorized_keys_line sets
+
+
+def forced_command_words(line):
+    """The words of an authorized_keys line's forced command when it is piku's, else None."""
+    match = FORCED_COMMAND.match(line)
+    try:
+        words = shlex.split(re.sub(r"\\(.)", r"\1", match.group(1))) if match else []
+    except ValueError:
+        return None
+    return words if "ssh-command" in words else None
 
 
 def read_keys():
     """The piku keys in authorized_keys (lines without piku's forced command are left alone)."""
     keys = []
     for line in read_text(authorized_keys_file()).splitlines():
-        match = FORCED_COMMAND.match(line)
-        if not match:
+        words = forced_command_words(line)
+        if words is None:
             continue
-        try:
-            words = shlex.split(re.sub(r"\\(.)", r"\1", match.group(1)))
-        except ValueError:
-            continue
-        if "ssh-command" not in words:
-            continue
-        settings = dict(word.split("=", 1) for word in words if "=" in word and not word.startswith("/"))
+        settings = dict(word.split("=", 1) for word in words if KEY_SETTING.fullmatch(word))
         apps = settings.get("APPS")
         keys.append(Key(settings.get("NAME", "default"), settings.get("FINGERPRINT", "?"),
                         None if apps is None else [app for app in apps.split(",") if app], line))
     return keys
+
+
+def refresh_keys():
+    """Rewrite this piku's keys whose forced command an earlier piku.py wrote (one that ran
+    piku.py as a script, compiled anew for every ssh command), keeping each key's name,
+    fingerprint and apps. Keys of another piku.py or PIKU_ROOT are left alone."""
+    if not os.path.exists(authorized_keys_file()):
+        return
+    with authorized_keys_lock():
+        lines, changed = read_text(authorized_keys_file()).splitlines(), 0
+        for key in read_keys():
+            words = forced_command_words(key.line)
+            root = next((word.split("=", 1)[1] for word in words if word.startswith("PIKU_ROOT=")), None)
+            if PIKU_SCRIPT not in words or root != os.environ.get("PIKU_ROOT"):
+                continue
+            key_text = key.line[FORCED_COMMAND.match(key.line).end():].partition(" ")[2]
+            line = authorized_keys_line(key_text, key.fingerprint, key.name, key.apps)
+            if line != key.line:
+                lines[lines.index(key.line)], changed = line, changed + 1
+        if changed:
+            write_atomic(authorized_keys_file(), "\n".join(lines) + "\n", mode=0o600)
+            step(f"Rewrote the forced command of {changed} key(s) for this piku.py")
 
 
 def default_key_name(comment, fingerprint):
@@ -10472,13 +10696,14 @@ def cmd_git_hook(app, stage):
         warning(f"{other} was pushed but not deployed: one branch is deployed per push")
     receive_pack = process_identity(os.getppid())
     ClientWatch.watch_client_of(receive_pack[0])
+    before = push_processes(os.getpid())
     with locked(app) as lock:
         current = branch_revision(app, ref) or ZERO_REV
         if current != old:
             raise PikuError(f"{ref} moved while this push waited (now {current[:12]})",
                             "Fetch, merge or rebase, and push again.")
-        deploy_app(app, rev, ref, cause="push", state="pending")
-        keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack)
+        record = deploy_app(app, rev, ref, cause="push", state="pending", before=before)
+        keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack, record)
 
 
 def prepare_process():
@@ -10548,6 +10773,11 @@ def main(args=None):
     return 0
 
 
-if __name__ == "__main__":
+def run_piku():
+    """Run the command line: `python3 piku.py ...` and piku's own entry points (piku_entry)."""
     prepare_process()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run_piku()

@@ -1,11 +1,14 @@
 """Shared fixtures: a temporary PIKU_ROOT, a real uWSGI emperor, real git pushes.
 
-piku.py runs the way a sysadmin runs it: as a separate process, under Debian's
-/usr/bin/python3 with Debian's click/python-dotenv/psutil (PIKU_TEST_PYTHON overrides).
+piku.py runs as a separate process, under Debian's /usr/bin/python3 with Debian's
+click/python-dotenv/psutil (PIKU_TEST_PYTHON overrides), the way piku's own entry points (the
+forced command, the git hook) run it: imported from cached bytecode (launcher). Tests that type
+`python3 piku.py` as a sysadmin does run it so.
 """
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -29,6 +32,12 @@ os.environ["PIKU_ROOT"] = "/home/piku/.piku"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 from pythons import copy_installation, other_pythons  # noqa: E402  (tools/pythons.py: also make demo's)
+
+
+def launcher(script=PIKU_PY):
+    """The command line piku's own entry points run script with (piku_entry): from cached bytecode."""
+    import piku as piku_module
+    return [PYTHON, "-I", "-c", piku_module.PIKU_LAUNCHER, "piku", str(script)]
 
 
 def clean_env(**extra):
@@ -112,10 +121,11 @@ class Piku:
 
     def __init__(self, root, toolchain=None, script=PIKU_PY):
         self.root, self.script = Path(root), Path(script)
+        self.command = launcher(self.script)
         self.env = clean_env(**{"PIKU_ROOT": str(self.root), "PATH": SYSTEM_PATH, **(toolchain.env if toolchain else {})})
 
     def __call__(self, *args, input=None, check=True, timeout=300):
-        result = subprocess.run([PYTHON, str(self.script), *args], env=self.env, input=input,
+        result = subprocess.run([*self.command, *args], env=self.env, input=input,
                                 capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"piku {' '.join(args)} exited {result.returncode}:\n"
@@ -207,7 +217,7 @@ class AppRepo:
 
     def push(self, check=True, branch="main"):
         """git push over the local transport into piku's git-receive-pack."""
-        receive_pack = f"{PYTHON} {self.piku.script} git-receive-pack"
+        receive_pack = shlex.join([*self.piku.command, "git-receive-pack"])
         result = subprocess.run(["git", "push", "--receive-pack", receive_pack, self.name, f"HEAD:{branch}"],
                                 cwd=self.path, env=self.piku.env, capture_output=True, text=True, timeout=900)
         result.output = result.stdout + result.stderr

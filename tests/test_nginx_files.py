@@ -3,7 +3,6 @@ none lies where an app's code can write, served folders refuse links, and a vhos
 that breaks the rule is refused before nginx reads it. Real nginx (master as root), real apps
 in their sandboxes, real pushes."""
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -40,7 +39,7 @@ def located(piku, path):
 def targets_from_table(piku, app, vhost, secret, folder):
     """What an app attacks: every path its installed vhost names, placed by NGINX_FILES (the
     table's folders moved to the test's PIKU_ROOT), plus a vhost of its own among piku's."""
-    entries = [dataclasses.replace(entry, folder=located(piku, entry.folder)) for entry in piku_module.NGINX_FILES]
+    entries = [piku_module.replace_fields(entry, folder=located(piku, entry.folder)) for entry in piku_module.NGINX_FILES]
     targets, covered = [], set()
     for directive, path, _, _ in piku_module.nginx_named_paths(vhost):
         entry = next(entry for entry in entries if entry.directive == directive

@@ -1,6 +1,7 @@
 """Operating a host: `logs --follow` and `ps`, on real workers."""
 
 import os
+import json
 import re
 import subprocess
 import time
@@ -111,7 +112,7 @@ def test_deploys_keeps_what_each_attempt_showed_with_its_steps_and_outcome(piku,
     assert "migrating now" in shown, "the release command's own output is kept"
     assert " !     the release command failed (exit code 3); nothing was changed" in shown
     assert "Running release: echo migrating now" in shown and " s  Building with" not in shown
-    timings = [line for line in shown.splitlines() if line.startswith("  ") and " s  " in line]
+    timings = [line for line in shown.splitlines() if re.match(r"  +[0-9]+\.[0-9]{3} +([0-9]+\.[0-9]{3})? +\S", line)]
     assert any("Running release" in line for line in timings), shown
     first = piku("deploys", "rec", listing[2].split()[0]).stdout
     assert "Running uv sync" in first and "is live at http://" in first
@@ -123,6 +124,30 @@ def test_deploys_keeps_what_each_attempt_showed_with_its_steps_and_outcome(piku,
     for record in (piku.root / "envs" / "rec" / "deploys").glob("*.json"):
         assert "pa55-never-shown-3321" not in record.read_text()
     assert piku("deploys", "rec", "99", check=False).returncode == 1
+
+    # the waterfall of a push: the processes that led to it, each step's start, and the drain
+    # of the old workers after the push returned (issue 20)
+    app.write("Procfile", "wsgi: wsgi:app\n")
+    app.commit("no release phase")
+    app.push()
+    newest = piku("deploys", "rec").stdout.split()[0]
+    path = piku.root / "envs" / "rec" / "deploys" / f"{newest}.json"
+    wait_until(lambda: len(json.loads(path.read_text()).get("after", [])) == 2, timeout=15,
+               message="the old workers to drain after the push returned")
+    record = json.loads(path.read_text())
+    assert [what for what, _ in record["before"]] == ["git-receive-pack", "piku git-hook"]     # (piku execs git)
+    starts = [at for _, at in record["before"]] + [at for _, _, at in record["steps"]]
+    assert starts == sorted(starts) and starts[0] < 0 <= starts[-1] <= record["seconds"], record
+    assert [message for message, _, _ in record["after"]] == ["git moved the branch",
+                                                                "the old workers drained and stopped"]
+    assert all(at >= record["seconds"] - 0.01 for _, _, at in record["after"]), "after the hook returned"
+    shown = piku("deploys", "rec", newest).stdout.splitlines()
+    waterfall = shown[1:shown.index(next(line for line in shown if line.startswith("-----> ")))]
+    assert waterfall[0].strip() == "start    took  (seconds from the push's first process)", shown
+    assert waterfall[1].split() == ["0.000", "git-receive-pack"], shown
+    assert "after the push returned: the old workers drained and stopped" in waterfall[-1], shown
+    starts = [float(line.split()[0]) for line in waterfall[1:]]
+    assert starts == sorted(starts), waterfall
 
 
 def doctor(piku, *args):

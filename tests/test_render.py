@@ -175,8 +175,7 @@ def stable(vhost, tmp_path):
 
 def releases_in(tmp_path, monkeypatch):
     """The served folders of NGINX_FILES in tmp_path, where these tests' releases are."""
-    import dataclasses
-    files = tuple(dataclasses.replace(entry, folder=str(tmp_path)) if entry.folder == piku.RELEASE_ROOT else entry
+    files = tuple(piku.replace_fields(entry, folder=str(tmp_path)) if entry.folder == piku.RELEASE_ROOT else entry
                   for entry in piku.NGINX_FILES)
     monkeypatch.setattr(piku, "NGINX_FILES", files)
 
