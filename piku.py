@@ -34,9 +34,11 @@ Code map -- one push, and the section that holds each step:
      plan_generation (Config writers render every file) -> start_beside (start_generation beside
      the live workers, check_generation, start_front) -> under the names lock: check_shared_names,
      record_release, write_vhost (guard_nginx_files first) -> switch_traffic (point_slots for the
-     front and nginx alike, serve_vhost, drain_old: Process control) -> obtain_certificate (ACME,
-     when none is held for the names)
-  -> keep_lock_until_branch_moves: the lock is held until git has moved the branch.
+     front and nginx alike, serve_vhost; drain_old: Process control, except for a push) ->
+     obtain_certificate (ACME, when none is held for the names)
+  -> keep_lock_until_branch_moves: the push returns; a process holds the lock until git has moved
+     the branch, then drains the old workers (reconcile) and adds both to the deploy's record.
+Entry points run this file through PIKU_LAUNCHER (cached bytecode; setup writes it).
 `config:set`, `ps:scale`, `restart` and `rollback` take the same path from plan or activate on.
 
 Sections, in order (search for the banner):
@@ -75,6 +77,7 @@ import fnmatch
 import functools
 import glob
 import grp
+import inspect                 # (click imports it: free)
 import io
 import itertools
 import os
@@ -135,7 +138,7 @@ def record(cls=None, *, frozen=False):
     per instance), then runs __post_init__ if the class has one; __eq__ and __repr__ compare and
     show the fields; frozen=True refuses assignment and hashes by the fields (else unhashable)."""
     def make(cls):
-        names = tuple(cls.__dict__.get("__annotations__", {}))
+        names = tuple(inspect.get_annotations(cls))
         defaults = {name: cls.__dict__[name] for name in names if name in cls.__dict__}
         for name, default in defaults.items():
             if isinstance(default, Factory):
@@ -217,21 +220,27 @@ PIKU_SCRIPT = os.path.realpath(__file__)
 # source's hash: a piku.py copied over by hand is never run stale), where `python3 piku.py`
 # compiles all of it on every call (55 ms). -I: no PYTHON* variable, user site or caller's folder
 # decides what Python imports; piku's folder is not put on sys.path either.
+# The file runs as __main__, as `python3 piku.py` runs it: any piku.py -- an earlier one that
+# `update --revert` brings back too -- runs through it.
 PIKU_LAUNCHER = ("import sys, importlib.util as u; name, path = sys.argv[1:3]; del sys.argv[1:3]; "
-                 "spec = u.spec_from_file_location(name, path); piku = u.module_from_spec(spec); "
-                 "sys.modules[name] = piku; spec.loader.exec_module(piku); piku.run_piku()")
+                 "spec = u.spec_from_file_location(name, path); main = u.module_from_spec(spec); "
+                 "sys.modules[name] = main; spec.loader.exec_module(main)")
 
 
 def piku_entry(*args):
     """The argv of an entry point of piku's that runs this piku.py with args."""
-    return [sys.executable or SYSTEM_PYTHON, "-I", "-c", PIKU_LAUNCHER, "piku", PIKU_SCRIPT, *args]
+    return [sys.executable or SYSTEM_PYTHON, "-I", "-c", PIKU_LAUNCHER, "__main__", PIKU_SCRIPT, *args]
 
 
 def cache_bytecode():
-    """Compile this piku.py into its __pycache__ for the entry points -> None, or why it could not."""
+    """Compile this piku.py into the __pycache__ beside it, where the entry points' Python (-I:
+    no PYTHONPYCACHEPREFIX) looks -> None, or why it could not."""
     import py_compile
+    name = os.path.splitext(os.path.basename(PIKU_SCRIPT))[0]
+    target = os.path.join(os.path.dirname(PIKU_SCRIPT), "__pycache__", f"{name}.{sys.implementation.cache_tag}.pyc")
     try:
-        py_compile.compile(PIKU_SCRIPT, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+        py_compile.compile(PIKU_SCRIPT, cfile=target, doraise=True, optimize=0,
+                           invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
     except (OSError, py_compile.PyCompileError) as error:
         return str(error)
     return None
@@ -652,7 +661,7 @@ class DeployRecord:
         self.steps.append([message, time.monotonic()])
 
     def __enter__(self):
-        self.started, self.when = time.monotonic(), time.strftime("%Y-%m-%d %H:%M:%S")
+        self.started, self.when, self.epoch = time.monotonic(), time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
         self.id = self.allocate()
         self.streams = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = Output(sys.stdout, self.output), Output(sys.stderr, self.output)
@@ -689,13 +698,17 @@ class DeployRecord:
                 os.unlink(os.path.join(folder, f"{old}.json"))
         return (ids[-1] + 1) if ids else 1
 
-    def add_after(self, message, started):
-        """A step that ran after the deploy returned (the old workers' drain, after a push)."""
+    def add_after(self, message, started, ended):
+        """A step that ran after the deploy returned (the old workers' drain, after a push; ended
+        None: a moment). The record may be gone or unwritable: the step is then not shown."""
         path = os.path.join(deploys_dir(self.app), f"{self.id}.json")
-        record = json.loads(read_text(path))
-        record.setdefault("after", []).append([message, round(time.monotonic() - started, 3),
-                                               round(started - self.started, 3)])
-        write_atomic(path, json.dumps(record, indent=1) + "\n", mode=0o600)
+        try:
+            record = json.loads(read_text(path))
+            record.setdefault("after", []).append([message, None if ended is None else round(ended - started, 3),
+                                                   round(started - self.started, 3)])
+            write_atomic(path, json.dumps(record, indent=1) + "\n", mode=0o600)
+        except (OSError, ValueError, AttributeError):
+            pass        # (a full disk, a record its save could not write: the deploy matters more)
 
     def save(self, outcome):
         """The record; its waterfall is every step with its start (seconds from this record's
@@ -703,7 +716,8 @@ class DeployRecord:
         after it returned: add_after) and its duration."""
         ended = time.monotonic()
         times = [start for _, start in self.steps] + [ended]
-        record = {"id": self.id, "app": self.app, "when": self.when, "cause": self.cause, "by": who_deploys(),
+        record = {"id": self.id, "app": self.app, "when": self.when, "started": round(self.epoch, 3),
+                  "cause": self.cause, "by": who_deploys(),
                   "outcome": outcome, "seconds": round(ended - self.started, 2), "output": "".join(self.output),
                   "steps": [[message, round(times[i + 1] - start, 3), round(start - self.started, 3)]
                             for i, (message, start) in enumerate(self.steps)],
@@ -718,19 +732,20 @@ def push_processes(pid):
     connection (sshd's processes), piku's forced command and git-receive-pack, the hook -- so a
     record's waterfall starts where the push reached the host. To 10 ms: the kernel keeps a
     process's start in clock ticks."""
-    chain, tick = [], os.sysconf("SC_CLK_TCK")
+    chain, tick, previous = [], os.sysconf("SC_CLK_TCK"), None
     since_boot, now = time.clock_gettime(time.CLOCK_BOOTTIME), time.monotonic()
     while pid > 1 and len(chain) < 12:
         try:
-            started, words = process_started(pid), read_bytes(f"/proc/{pid}/cmdline") or b""
+            started, words = process_started(pid), (read_bytes(f"/proc/{pid}/cmdline") or b"").split(b"\0")
         except OSError:         # (a process of another user's, with /proc mounted hidepid)
             break
-        if started is None or since_boot - started / tick > 600:      # (sshd's listener: not this push's)
+        # sshd's listener, or a connection shared since long before (ControlMaster): not this push's
+        if started is None or b"[listener]" in b" ".join(words) or previous is not None and previous - started > 10 * tick:
             break
-        what = process_role(words.split(b"\0"))
+        what = process_role(words)
         if what:
             chain.append([what, now - (since_boot - started / tick)])
-        pid = parent_pid(pid)
+        pid, previous = parent_pid(pid), started
     return chain[::-1]
 
 
@@ -742,7 +757,8 @@ def process_role(words):
         return "piku " + (rest[0].decode(errors="replace") if rest else "")
     name = os.path.basename(words[0]).decode(errors="replace") if words and words[0] else ""
     if name.startswith("sshd"):
-        return "sshd " + b" ".join(words).decode(errors="replace").removeprefix("sshd: ").split()[0]
+        shown = re.sub(r"^sshd(-session)?: ", "", b" ".join(words).decode(errors="replace")).split()
+        return "sshd " + (shown[0] if shown else "?")
     return "git-receive-pack" if "receive-pack" in b" ".join(words[:2]).decode(errors="replace") else ""
 
 
@@ -7668,7 +7684,8 @@ def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack, record):
     git moves the branch after the pre-receive hook exits; until then no other change of the
     app may start (it would see the old branch). When git moved it, the release is confirmed
     and the old workers stop once their queues are empty (reconcile: what the next command
-    does too if this process is killed); both go into the push's record. If git gave up
+    does too if this process is killed), then what they ran is pruned; both go into the push's
+    record. If git gave up
     instead (the push failed after the hook), the previous release, still running, goes back
     live, so the branch always names what is served."""
     sys.stdout.flush()
@@ -7690,12 +7707,14 @@ def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack, record):
                 and process_identity(receive_pack[0]) == receive_pack:      # that git, not a reused PID
             time.sleep(PROBE_INTERVAL)
         if branch_revision(app, ref) == rev:
+            moved = time.monotonic()
             confirm_release(app, rev)
-            record.add_after("git moved the branch", time.monotonic())
             git("--git-dir", repo_path(app), "symbolic-ref", "HEAD", ref, env=git_env())
             started = time.monotonic()
             reconcile(app, vhost=False)
-            record.add_after("the old workers drained and stopped", started)
+            prune(app)          # what the old workers ran, when no kept release needs it
+            record.add_after("git moved the branch", moved, None)
+            record.add_after("the old workers drained and stopped", started, time.monotonic())
         else:
             reconcile(app)
     except BaseException:       # nobody can read an error here; the next command reconciles
@@ -10288,6 +10307,14 @@ def authorized_keys_line(key_text, fingerprint, name="default", apps=None):
     if not match:
         raise PikuError("that is not an SSH public key",
                         "Pass the .pub file, for example: setup:ssh ~/.ssh/id_ed25519.pub")
+    # a pty is allowed (`run` needs one for an interactive shell); nothing is forwarded
+    options = "no-agent-forwarding,no-user-rc,no-X11-forwarding,no-port-forwarding"
+    return f'{forced_command(fingerprint, name, apps)},{options} {match.group(1)} {match.group(2)}'
+
+
+def forced_command(fingerprint, name, apps):
+    """The command="..." option of a key's line: this piku.py's ssh-command, with the key's name,
+    fingerprint and apps."""
     command = ["env", f"FINGERPRINT={fingerprint}", f"NAME={name}"]
     if apps is not None:
         command.append(f"APPS={','.join(apps)}")
@@ -10295,9 +10322,7 @@ def authorized_keys_line(key_text, fingerprint, name="default", apps=None):
         command.append(f"PIKU_ROOT={PIKU_ROOT}")
     command += piku_entry("ssh-command")
     forced = " ".join(shlex.quote(part) for part in command).replace("\\", "\\\\").replace('"', '\\"')
-    # a pty is allowed (`run` needs one for an interactive shell); nothing is forwarded
-    options = "no-agent-forwarding,no-user-rc,no-X11-forwarding,no-port-forwarding"
-    return f'command="{forced}",{options} {match.group(1)} {match.group(2)}'
+    return f'command="{forced}"'
 
 
 def authorized_keys_file():
@@ -10379,13 +10404,14 @@ def refresh_keys():
         return
     with authorized_keys_lock():
         lines, changed = read_text(authorized_keys_file()).splitlines(), 0
+        ours = os.path.abspath(os.environ["PIKU_ROOT"]) if os.environ.get("PIKU_ROOT") else None
         for key in read_keys():
             words = forced_command_words(key.line)
             root = next((word.split("=", 1)[1] for word in words if word.startswith("PIKU_ROOT=")), None)
-            if PIKU_SCRIPT not in words or root != os.environ.get("PIKU_ROOT"):
+            if PIKU_SCRIPT not in words or (os.path.abspath(root) if root else None) != ours:
                 continue
-            key_text = key.line[FORCED_COMMAND.match(key.line).end():].partition(" ")[2]
-            line = authorized_keys_line(key_text, key.fingerprint, key.name, key.apps)
+            # the command alone: the key's other options (from=, no-pty, expiry-time=...) stay as they are
+            line = forced_command(key.fingerprint, key.name, key.apps) + key.line[FORCED_COMMAND.match(key.line).end():]
             if line != key.line:
                 lines[lines.index(key.line)], changed = line, changed + 1
         if changed:

@@ -15,7 +15,8 @@ over ssh:
 user@host:port) and PIKU_APP work without a checkout. `piku init` writes a starter Procfile
 for the project it finds; `piku remote piku@host [APP]` adds the git remote. ssh reuses one
 connection between calls for a minute (ControlMaster), so a second command skips the
-handshake; the ssh command is $GIT_SSH_COMMAND when set, as for git, else `ssh`.
+handshake, and `piku remote` has `git push` in that checkout share it (core.sshCommand); the
+ssh command is $GIT_SSH_COMMAND when set, as for git, else `ssh`.
 
 The server itself is piku.py (installed alongside as `piku-server`).
 """
@@ -159,7 +160,32 @@ def cmd_remote(args):
     else:
         git("remote", "add", "piku", url)
     print(f"-----> git remote 'piku' is {url}: deploy with 'git push piku main'")
+    share_connection()
     return 0
+
+
+def share_connection():
+    """Have `git push` in this checkout reuse the ssh connection piku's commands keep open (a
+    push then skips ssh's handshake, ~0.2 s): the checkout's core.sshCommand, unless it has one
+    or the environment chooses git's ssh (GIT_SSH_COMMAND, GIT_SSH)."""
+    options = control_options()
+    wanted = shlex.join(["ssh", *options])
+    current = git("config", "--local", "core.sshCommand")
+    chosen = next((name for name in ("GIT_SSH_COMMAND", "GIT_SSH") if os.environ.get(name)), None)
+    if current == wanted:
+        print("       git push already reuses piku's ssh connection in this checkout")
+        return
+    if current or chosen or not options:
+        why = ("core.sshCommand is already set here" if current else f"{chosen} is set" if chosen
+               else "the connection's socket path would be too long")
+        print(f"       git push opens its own ssh connection ({why}); to share piku's, see docs/CLIENT.md "
+              "(ControlMaster in ~/.ssh/config)")
+        return
+    if git("config", "--local", "core.sshCommand", wanted) is None:
+        print("       could not set core.sshCommand here: git push opens its own ssh connection")
+        return
+    print("-----> git push reuses the ssh connection piku's commands keep open for a minute (this checkout's "
+          "core.sshCommand, for all its remotes; undo: git config --unset core.sshCommand)")
 
 
 def starter_procfile(root):

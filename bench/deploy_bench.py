@@ -12,8 +12,9 @@ Measures, each RUNS times (median reported):
   switch    for uWSGI wsgi, gunicorn wsgi (Python 3.12, when there) and `web: gunicorn`: a
             code-only redeploy while 2 clients send requests on 127.0.0.1 -- failed requests
             and the slowest answer
-  apps      with 1, 10 and 30 small apps deployed on one host: the next code-only deploy, and
-            the memory (PSS) of the emperor and of each app's processes
+  apps      with 1, 10 and 30 small apps deployed on one host: the next code-only deploy, the
+            memory (PSS) of the emperor, of each app's processes and of piku's own per app (its
+            front), and with 30: the emperor restarted (a reboot) until all 30 answer
   shapes    for a flat uv app (examples/flask-uwsgi), a packaged one (examples/uv-package,
             installed into each release) and a Poetry one (examples/poetry): code-only and
             dependency-change redeploys (push -> new code answers), and the build step alone
@@ -27,6 +28,14 @@ Measures, each RUNS times (median reported):
             ratio), dependency-change redeploys against a bare `npm ci --omit=dev` of each lock
   export    `export` of examples/flask-uwsgi with the export cache empty and after code-only
             pushes: seconds, the archive's size and its app layer's
+  startup   piku's start-up through the entry points it writes (issue 20): `--version` and `apps`
+            through the forced command of a key (sh -c, SSH_ORIGINAL_COMMAND, as sshd runs it),
+            the git hook with nothing to deploy, and the same two as `python3 piku.py`
+  waterfall the median waterfall of code-only redeploys (examples/flask-uwsgi): each step's start
+            and duration from the deploy records (`deploys APP ID`), the drain after the push
+  ssh       code-only redeploys through a real sshd on 127.0.0.1 (root, the bench's own key),
+            alternating a fresh ssh connection each time with one reused (ControlMaster, as
+            `piku remote` sets up), and `ssh HOST apps` with and without it
   durable   one of piku's writes (temporary file, fsync, rename, folder fsync) against a plain
             rename, and the process guard that runs each command of a vassal outside a sandbox:
             its start-up and its resident memory
@@ -102,9 +111,13 @@ class Bench:
                         GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="b@example.com",
                         GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="b@example.com")
         run([*PIKU, "setup"], env=self.env)
+        self.start_emperor()
+
+    def start_emperor(self):
         self.emperor = subprocess.Popen(["uwsgi", "--ini", str(self.work / "piku" / "uwsgi" / "uwsgi.ini")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)
+        return time.monotonic()
 
     def stop(self):
         self.emperor.send_signal(signal.SIGTERM)
@@ -334,6 +347,28 @@ def measure_apps(bench, results):
         results[f"apps_{size}_deploy"] = times
         results[f"apps_{size}_mb_per_app"] = [statistics.median(per_app)]
         results[f"apps_{size}_emperor_mb"] = [pss_mb([bench.emperor.pid])]
+        results[f"apps_{size}_front_mb"] = [statistics.median(pss_mb(front_pids(bench, f"many{index}"))
+                                                              for index in range(size))]
+    urls = [bench.url(f"many{index}") for index in range(deployed)]
+    for _ in range(max(1, RUNS // 2)):
+        bench.stop()            # what a reboot does to the workers; the records and files stay
+        started = bench.start_emperor()
+        for url in urls:
+            wait_for(url, "from", timeout=120)
+        results["apps_30_restart"].append(time.monotonic() - started)
+
+
+def front_pids(bench, app):
+    """piku's own processes for an app: its front (the master and its worker)."""
+    import psutil
+    pids = []
+    for pidfile in (bench.work / "piku" / "uwsgi" / app).glob("front.*.pid"):
+        try:
+            top = psutil.Process(int(pidfile.read_text()))
+            pids += [top.pid, *(child.pid for child in top.children(recursive=True))]
+        except (psutil.Error, ValueError):
+            pass
+    return pids
 
 
 SHAPES = {     # name -> (example, the file the code-only change edits, how a dependency is added)
@@ -589,6 +624,163 @@ def measure_export(bench, results):
         target.unlink()
 
 
+def median_ms(command, env, runs=21, stdin=None):
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       stdin=subprocess.DEVNULL if stdin is None else open(stdin))
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def bench_key(bench):
+    """The bench's own ssh key, let in by setup:ssh into a home of the bench's: -> (key, forced command)."""
+    home = bench.work / "home"
+    if not (home / ".ssh" / "authorized_keys").exists():
+        (home / ".ssh").mkdir(parents=True, mode=0o700)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(bench.work / "key")])
+        run([*PIKU, "setup:ssh", str(bench.work / "key.pub"), "--name", "bench"], env=dict(bench.env, HOME=str(home)))
+    line = (home / ".ssh" / "authorized_keys").read_text().splitlines()[-1]
+    forced = re.match(r'command="((?:[^"\\]|\\.)*)"', line).group(1)
+    return bench.work / "key", re.sub(r"\\(.)", r"\1", forced)
+
+
+def measure_startup(bench, results):
+    _, forced = bench_key(bench)
+    env = dict(bench.env, HOME=str(bench.work / "home"))
+    for what in ("--version", "apps"):
+        results[f"startup_forced_{what}"] = median_ms(["/bin/sh", "-c", forced], dict(env, SSH_ORIGINAL_COMMAND=what))
+        results[f"startup_script_{what}"] = median_ms([*PIKU, what], env)
+    run(["/usr/bin/python3", "-c", "import sys; sys.path.insert(0, sys.argv[1]); import piku; piku.ensure_repo('hooked')",
+         str(REPO)], env=env)
+    hook = bench.work / "piku" / "repos" / "hooked" / "hooks" / "pre-receive"
+    results["startup_hook"] = median_ms(["/bin/sh", str(hook)], env)
+
+
+WATERFALL_LABELS = [(re.compile(pattern), label) for pattern, label in [
+    (r"^sshd ", "ssh: sshd's processes"), (r"^piku ssh-command", "piku ssh-command"),
+    (r"^git-receive-pack", "git-receive-pack (piku's, then git's)"), (r"^piku git-hook", "the hook (piku git-hook)"),
+    (r"^Deploying ", "lock taken: checkout, plan"), (r"^Python environment ready|^Building with|^Fingerprint",
+                                                     "build (environment reused)"),
+    (r"^Starting ", "new worker started beside"), (r"^Health check", "health check"),
+    (r"^Traffic moved", "switch"), (r"^Workers:|is live at", "announce"),
+    (r"^after the push returned: git moved", "(after) git moved the branch"),
+    (r"^after the push returned: the old workers", "(after) old workers drained")]]
+
+
+def waterfall_rows(record):
+    rows = [(message, at, seconds) for message, seconds, at in record["steps"]]
+    rows += [(what, at, None) for what, at in record.get("before", [])]
+    rows += [(f"after the push returned: {message}", at, seconds) for message, seconds, at in record.get("after", [])]
+    origin = min(at for _, at, _ in rows)
+    labelled = {}
+    for message, at, seconds in rows:
+        label = next((label for pattern, label in WATERFALL_LABELS if pattern.search(message)), message[:40])
+        labelled.setdefault(label, (at - origin, seconds))
+    return labelled
+
+
+def measure_waterfall(bench, results, app="fall", push=None):
+    path = bench.checkout(app)
+    bench.seed_cache(app)
+    bench.push(path, app)
+    wait_for(bench.url(app), f"Hello from {app}")
+    for run_index in range(RUNS):
+        marker = f"Fall{run_index}"
+        bench.mark(path, marker)
+        bench.commit(path, marker)
+        started = (push or bench.push)(path, app)
+        answered = wait_for(bench.url(app), marker) - started
+        folder = bench.work / "piku" / "envs" / app / "deploys"
+        newest = max(folder.glob("*.json"), key=lambda p: int(p.stem))
+        deadline = time.monotonic() + 10
+        while len(json.loads(newest.read_text()).get("after", [])) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for label, (at, seconds) in waterfall_rows(json.loads(newest.read_text())).items():
+            results.setdefault("waterfall", {}).setdefault(label, []).append((at, seconds))
+        results.setdefault("waterfall_answered", []).append(answered)
+
+
+class Sshd:
+    """sshd on 127.0.0.1 for root with the bench's key (the forced command setup:ssh wrote)."""
+
+    def __init__(self, bench):
+        self.key, _ = bench_key(bench)
+        folder = bench.work / "sshd"
+        folder.mkdir(mode=0o700)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / "host")])
+        import socket
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        (folder / "config").write_text(f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host'}\n"
+                                       f"PidFile {folder / 'pid'}\nUsePAM no\nPasswordAuthentication no\n"
+                                       "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+                                       f"AuthorizedKeysFile {bench.work / 'home' / '.ssh' / 'authorized_keys'}\n"
+                                       f"SetEnv PATH={bench.env['PATH']} UV_CACHE_DIR={bench.env['UV_CACHE_DIR']} "
+                                       f"UV_PYTHON_INSTALL_DIR={bench.env['UV_PYTHON_INSTALL_DIR']} "
+                                       "UV_PYTHON_DOWNLOADS=never UV_SYSTEM_CERTS=1\n")
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        self.process = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(folder / "config")],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        self.control = bench.work / "cm-%C"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+
+    def ssh(self, reuse):
+        options = ["-i", str(self.key), "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no",
+                   "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
+        if reuse:       # what `piku remote` writes into the checkout's core.sshCommand
+            options += ["-o", "ControlMaster=auto", "-o", "ControlPersist=60", "-o", f"ControlPath={self.control}"]
+        return ["ssh", *options]
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def measure_ssh(bench, results):
+    sshd = Sshd(bench)
+    try:
+        env = {reuse: dict(bench.env, GIT_SSH_COMMAND=" ".join(sshd.ssh(reuse))) for reuse in (False, True)}
+        for reuse in (False, True):
+            label = "reused" if reuse else "fresh"
+            results[f"ssh_apps_{label}"] = [value / 1000 for value in median_ms(
+                [*sshd.ssh(reuse), "-p", str(sshd.port), "root@127.0.0.1", "apps"], bench.env, runs=RUNS * 3)]
+
+        def push_over(reuse):
+            def push(path, app):
+                started = time.monotonic()
+                run(["git", "push", "-q", f"ssh://root@127.0.0.1:{sshd.port}/{app}", "HEAD:main"], cwd=path,
+                    env=env[reuse])
+                return started
+            return push
+        for reuse in (False, True):
+            collected = {}
+            measure_waterfall(bench, collected, app=f"ssh-{'reused' if reuse else 'fresh'}", push=push_over(reuse))
+            results[f"ssh_code_{'reused' if reuse else 'fresh'}"] = collected["waterfall_answered"]
+            if not reuse:
+                results["ssh_waterfall"] = collected["waterfall"]
+    finally:
+        sshd.stop()
+
+
+def print_waterfall(title, waterfall):
+    print(f"  {title}")
+    print(f"    {'step':45s} {'start, s':>9s} {'took, s':>8s}")
+    for label, values in sorted(waterfall.items(), key=lambda item: statistics.median(at for at, _ in item[1])):
+        took = [seconds for _, seconds in values if seconds is not None]
+        print(f"    {label:45s} {statistics.median(at for at, _ in values):9.3f} "
+              f"{statistics.median(took) if took else float('nan'):8.3f}")
+
+
 def measure(bench):
     results = collections.defaultdict(list)
     if not ONLY or "deploys" in ONLY:
@@ -603,6 +795,12 @@ def measure(bench):
         measure_sandbox(bench, results)
     if not ONLY or "nginxfiles" in ONLY:
         measure_nginx_files(bench, results)
+    if not ONLY or "startup" in ONLY:
+        measure_startup(bench, results)
+    if not ONLY or "waterfall" in ONLY:
+        measure_waterfall(bench, results)
+    if not ONLY or "ssh" in ONLY:
+        measure_ssh(bench, results)
     if not ONLY or "durable" in ONLY:
         measure_durable(results)
     if not ONLY or "node" in ONLY:
@@ -610,6 +808,9 @@ def measure(bench):
     if not ONLY or "export" in ONLY:
         measure_export(bench, results)
     return {name: values for name, values in results.items() if values}
+
+
+WATERFALLS = ("waterfall", "ssh_waterfall")
 
 
 def main():
@@ -620,7 +821,7 @@ def main():
     finally:
         bench.stop()
         shutil.rmtree(work, ignore_errors=True)
-    medians = {name: statistics.median(values) for name, values in results.items()}
+    medians = {name: statistics.median(values) for name, values in results.items() if name not in WATERFALLS}
     print(f"piku deploy benchmark, {RUNS} runs each, medians; uv {run([bench.uv, '--version']).stdout.split()[1]}")
     labels = [("cold", "cold first deploy (push -> answer), s"),
               ("code", "code-only redeploy (push -> new code answers), s"),
@@ -636,7 +837,19 @@ def main():
     for size in (1, 10, 30):
         labels += [(f"apps_{size}_deploy", f"{size} apps on the host: code-only redeploy, s"),
                    (f"apps_{size}_mb_per_app", f"{size} apps on the host: memory per app (PSS), MB"),
+                   (f"apps_{size}_front_mb", f"{size} apps on the host: piku's own per app (its front, PSS), MB"),
                    (f"apps_{size}_emperor_mb", f"{size} apps on the host: the emperor (PSS), MB")]
+    labels += [("apps_30_restart", "30 apps: emperor restarted until all 30 answer, s")]
+    labels += [("startup_forced_--version", "--version through the forced command (sh -c), ms"),
+               ("startup_forced_apps", "apps through the forced command (sh -c), ms"),
+               ("startup_hook", "the git hook, nothing to deploy, ms"),
+               ("startup_script_--version", "python3 piku.py --version, ms"),
+               ("startup_script_apps", "python3 piku.py apps, ms"),
+               ("waterfall_answered", "code-only redeploy, local transport (push -> new code answers), s"),
+               ("ssh_code_fresh", "code-only redeploy over ssh, a new connection, s"),
+               ("ssh_code_reused", "code-only redeploy over ssh, the connection reused, s"),
+               ("ssh_apps_fresh", "ssh HOST apps, a new connection, s"),
+               ("ssh_apps_reused", "ssh HOST apps, the connection reused, s")]
     for shape in SHAPES:
         labels += [(f"shape_{shape}_code", f"{shape} app: code-only redeploy, s"),
                    (f"shape_{shape}_build", f"{shape} app: its build step in that push, s"),
@@ -673,6 +886,12 @@ def main():
     if "node_code_node" in medians:
         print(f"  {'code-only redeploy, Express / Flask':60s} {medians['node_code_node'] / medians['node_code_py']:8.3f}")
         print(f"  {'overhead over npm ci, push -> new code answers, s':60s} {medians['node_deps'] - medians['node_npm_ci']:8.3f}")
+    for name, title in (("waterfall", "median waterfall, code-only redeploys, local transport (s from the first "
+                                       "process of the push)"),
+                        ("ssh_waterfall", "median waterfall, code-only redeploys over ssh, a new connection each "
+                                          "(s from sshd's first process of the connection)")):
+        if name in results:
+            print_waterfall(title, results[name])
     if "deps" in medians:
         print(f"  {'overhead over uv sync, push -> new code answers, s':60s} {medians['deps'] - medians['sync']:8.3f}")
         print(f"  {'overhead over uv sync, git push alone, s':60s} {medians['deps_push'] - medians['sync']:8.3f}")

@@ -37,7 +37,7 @@ from pythons import copy_installation, other_pythons  # noqa: E402  (tools/pytho
 def launcher(script=PIKU_PY):
     """The command line piku's own entry points run script with (piku_entry): from cached bytecode."""
     import piku as piku_module
-    return [PYTHON, "-I", "-c", piku_module.PIKU_LAUNCHER, "piku", str(script)]
+    return [PYTHON, "-I", "-c", piku_module.PIKU_LAUNCHER, "__main__", str(script)]
 
 
 def clean_env(**extra):
@@ -132,6 +132,21 @@ class Piku:
                                  f"{result.stdout}\n{result.stderr}")
         return result
 
+    def wait_unlocked(self, app, timeout=60):
+        """Wait until no change of the app holds its lock (a push's drain after it returned)."""
+        import fcntl
+        path = self.root / "locks" / f"{app}.lock"
+        deadline = time.monotonic() + timeout
+        while path.exists():
+            with open(path, "a") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"the lock of {app} was still held after {timeout} s")
+            time.sleep(0.02)
+
     def live_env(self, app):
         text = (self.root / "envs" / app / "LIVE_ENV").read_text()
         import piku as piku_module
@@ -215,12 +230,16 @@ class AppRepo:
         self.git("add", "--all")
         self.git("commit", "--quiet", "--allow-empty", "-m", message)
 
-    def push(self, check=True, branch="main"):
-        """git push over the local transport into piku's git-receive-pack."""
+    def push(self, check=True, branch="main", settle=True):
+        """git push over the local transport into piku's git-receive-pack. The push returns before
+        its old workers have drained (issue 20); with settle, this waits for that too (the app's
+        lock free again), as the next command of the app would."""
         receive_pack = shlex.join([*self.piku.command, "git-receive-pack"])
         result = subprocess.run(["git", "push", "--receive-pack", receive_pack, self.name, f"HEAD:{branch}"],
                                 cwd=self.path, env=self.piku.env, capture_output=True, text=True, timeout=900)
         result.output = result.stdout + result.stderr
+        if settle:
+            self.piku.wait_unlocked(self.name)
         if check and result.returncode != 0:
             raise AssertionError(f"push failed ({result.returncode}):\n{result.output}")
         return result

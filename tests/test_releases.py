@@ -3,6 +3,7 @@
 Every load loop here is bounded (count and time) and talks to 127.0.0.1 only.
 """
 
+import json
 import os
 import re
 import signal
@@ -272,6 +273,73 @@ def test_two_pushes_at_once_leave_the_branch_naming_what_is_served(piku, emperor
     branch_says = app.git("--git-dir", str(piku.root / "repos" / "race"), "show", f"{piku.branch('race')}:app.py")
     assert served.split()[0] in branch_says.stdout
     assert piku.releases("race")[-1]["state"] == "live"
+
+
+def generations(piku, app):
+    """The generations whose workers are enabled (gN of APP@gN.KIND.I.ini)."""
+    return sorted({int(name.split("@", 1)[1].split(".", 1)[0][1:]) for name in piku.vassals(app)
+                   if re.fullmatch(r"[^@]+@g[0-9]+\..*", name)})
+
+
+def deploy_records(piku, app):
+    folder = piku.root / "envs" / app / "deploys"
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"), key=lambda p: int(p.stem))]
+
+
+def test_a_push_returns_before_its_old_workers_drain_and_the_next_push_waits_for_them(piku, emperor, make_app):
+    """Issue 20: the old generation drains after the push returned, under the push's lock; a push
+    that comes meanwhile switches once it drained, and no request fails through either."""
+    app = make_app(WEB, "drain")
+    app.push()
+    url = piku.url("drain")
+    wait_for_body(url, "Hello from drain")
+    with LoadLoop(url) as load:
+        for marker in ("Second", "Third"):          # Third goes as soon as Second returned
+            app.write("app.py", (WEB / "app.py").read_text().replace("Hello from", f"{marker} from"))
+            app.commit(marker)
+            app.push(settle=False)
+        wait_for_body(url, "Third from")
+        wait_until(lambda: len(generations(piku, "drain")) == 1, timeout=15, message="the last drain")
+    assert not load.failures, load.report()
+    assert load.served("Second from") and load.count > 20, load.report()
+    first, second, third = deploy_records(piku, "drain")
+    for record in (second, third):
+        wait_until(lambda: len(deploy_records(piku, "drain")[record["id"] - 1].get("after", [])) == 2, timeout=15)
+    second, third = deploy_records(piku, "drain")[1:]
+    (moved, _, moved_at), (drained, took, drained_at) = second["after"]
+    assert moved == "git moved the branch" and drained == "the old workers drained and stopped"
+    assert second["seconds"] <= moved_at <= drained_at, "the push returned before its drain"
+    assert third["started"] >= second["started"] + drained_at + took - 0.01, "the next push waited for the drain"
+    assert generations(piku, "drain") == [piku.releases("drain")[-1]["gen"]]
+    assert piku.branch("drain") == app.git("rev-parse", "HEAD").stdout.strip()
+    assert piku.releases("drain")[-1]["state"] == "live"
+
+
+def test_a_drain_killed_after_the_push_is_finished_by_the_next_command(piku, emperor, make_app):
+    """The process that drains after a push is killed: the old workers it left are stopped by the
+    next command that touches the app (reconcile), and the new release stays live."""
+    app = make_app(WEB, "killdrain")
+    app.push()
+    url = piku.url("killdrain")
+    wait_for_body(url, "Hello from killdrain")
+    caught = 0
+    with LoadLoop(url) as load:
+        for trial, delay in enumerate((0.0, 0.0, 0.05)):
+            marker = f"Trial{trial}"
+            app.write("app.py", (WEB / "app.py").read_text().replace("Hello from", f"{marker} from"))
+            app.commit(marker)
+            app.push(settle=False)
+            time.sleep(delay)
+            keepers = hook_processes("killdrain")
+            caught += bool(keepers) and len(generations(piku, "killdrain")) > 1
+            kill_tree(keepers)
+            wait_for_body(url, f"{marker} from")
+            assert piku("doctor", "killdrain", check=False).returncode in (0, 1)     # settles the app
+            assert generations(piku, "killdrain") == [piku.releases("killdrain")[-1]["gen"]]
+            assert piku.releases("killdrain")[-1]["state"] == "live"
+            assert piku.branch("killdrain") == app.git("rev-parse", "HEAD").stdout.strip()
+    assert not load.failures, load.report()
+    assert caught, "at least one kill landed while the old workers were still running"
 
 
 def hook_processes(app):

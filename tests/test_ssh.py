@@ -739,3 +739,40 @@ def test_a_change_killed_on_the_server_tells_its_client_why(host, deployed, tmp_
     wait_until(lambda: not sleeping(host, "309"), timeout=20, message="the release phase to end with its command")
     again = host.ssh("config:set", "killedapp", "RELEASE_SLEEP=0")
     assert again.returncode == 0, again.stderr
+
+
+def test_git_push_in_a_checkout_piku_remote_set_up_reuses_the_clients_connection(host, deployed, tmp_path):
+    """Issue 20: `piku remote` has git push share the ssh connection piku's commands keep open,
+    so a push after a command opens no new one (sshd accepts no second login)."""
+    home = short_home()
+    try:
+        (home / ".ssh").mkdir(mode=0o700)
+        (home / ".ssh" / "config").write_text(
+            f"Host 127.0.0.1\n  IdentityFile {host.key}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
+            "  UserKnownHostsFile /dev/null\n  BatchMode yes\n  LogLevel ERROR\n")
+        # ssh reads the config of the account's home, not $HOME's: `ssh` on PATH names this one
+        (home / "bin").mkdir()
+        (home / "bin" / "ssh").write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {home / ".ssh" / "config"} "$@"\n')
+        (home / "bin" / "ssh").chmod(0o755)
+        env = clean_env(HOME=str(home), GIT_AUTHOR_NAME="dev", GIT_AUTHOR_EMAIL="dev@example.com",
+                        GIT_COMMITTER_NAME="dev", GIT_COMMITTER_EMAIL="dev@example.com")
+        env["PATH"] = f"{home / 'bin'}:{env['PATH']}"
+        work = deployed.work
+        added = run([PYTHON, str(CLIENT), "remote", f"ssh://{host.user}@127.0.0.1:{host.port}"], cwd=work, env=env)
+        assert "git push reuses the ssh connection" in added.stdout, added.stdout
+        command = run(["git", "config", "core.sshCommand"], cwd=work, env=env).stdout
+        assert "ControlMaster=auto" in command and str(home / ".ssh" / "piku-%C") in command, command
+        logins = lambda: host.sshd_log.read_text().count(f"Accepted publickey for {host.user}")     # noqa: E731
+        assert run([PYTHON, str(CLIENT), "releases"], cwd=work, env=env).returncode == 0
+        before = logins()
+        (work / "app.py").write_text((work / "app.py").read_text().replace("Hello from", "Shared from"))
+        run(["git", "commit", "-qam", "over the shared connection"], cwd=work, env=env)
+        pushed = run(["git", "push", "piku", "HEAD:main"], cwd=work, env=env, check=False, timeout=300)
+        assert pushed.returncode == 0, pushed.stderr
+        assert logins() == before, "the push went through the connection the command opened"
+        again = run([PYTHON, str(CLIENT), "remote", f"ssh://{host.user}@127.0.0.1:{host.port}"], cwd=work, env=env)
+        assert "already reuses" in again.stdout, "a second remote leaves it as it is"
+    finally:
+        for socket_path in (home / ".ssh").glob("piku-*"):
+            run(["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "dummy"], check=False)
+        shutil.rmtree(home, ignore_errors=True)

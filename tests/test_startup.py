@@ -70,7 +70,7 @@ def test_entry_points_import_piku_from_bytecode_checked_against_the_source(tmp_p
     assert data[8:16] == importlib.util.source_hash(script.read_bytes())
 
     command = forced_command(env, add_key(tmp_path, script, env, "--name", "alice"))
-    assert f"-I -c {shlex.quote(piku.PIKU_LAUNCHER)} piku {script} ssh-command" in command
+    assert f"-I -c {shlex.quote(piku.PIKU_LAUNCHER)} __main__ {script} ssh-command" in command
     answer = over_ssh(command, env, "--version")
     assert answer.returncode == 0 and answer.stdout == f"piku, version {piku.PIKU_VERSION}\n", answer
     assert cached.read_bytes() == data, "an unchanged piku.py runs from the cached bytecode as it is"
@@ -97,7 +97,7 @@ def test_entry_points_import_piku_from_bytecode_checked_against_the_source(tmp_p
 
 
 def piku_entry_for(script):
-    return [PYTHON, "-I", "-c", piku.PIKU_LAUNCHER, "piku", str(script)]
+    return [PYTHON, "-I", "-c", piku.PIKU_LAUNCHER, "__main__", str(script)]
 
 
 def test_a_command_imports_only_what_it_uses(tmp_path, host):
@@ -108,7 +108,7 @@ def test_a_command_imports_only_what_it_uses(tmp_path, host):
     assert "click" in names and not names & NOT_AT_START, sorted(names & NOT_AT_START)
     command = forced_command(env, add_key(tmp_path, script, env))
     for original in ("--version", "apps"):       # (help: click's formatter asks shutil for the terminal's width)
-        names, result = imported_by(["-I", "-c", piku.PIKU_LAUNCHER, "piku", str(script), "ssh-command"],
+        names, result = imported_by(["-I", "-c", piku.PIKU_LAUNCHER, "__main__", str(script), "ssh-command"],
                                     dict(env, SSH_ORIGINAL_COMMAND=original))
         assert result.returncode == 0, result.stderr[-2000:]
         assert not names & NOT_AT_START, (original, sorted(names & NOT_AT_START))
@@ -120,14 +120,20 @@ def test_setup_moves_the_keys_of_this_piku_to_the_launcher_and_leaves_others_alo
     alice = add_key(tmp_path, script, env, "--name", "alice", "--apps", "shop,blog")
     keys = Path(env["HOME"]) / ".ssh" / "authorized_keys"
     # the line an earlier piku.py wrote: python3 piku.py ssh-command
-    earlier = re.sub(r"/\S*python3?\S* -I -c '[^']*' piku ", f"{PYTHON} ", alice)
+    earlier = re.sub(r"/\S*python3?\S* -I -c '[^']*' __main__ ", f"{PYTHON} ", alice)
     assert earlier != alice and "-I -c" not in earlier, earlier
     other = earlier.replace(str(script), "/opt/other/piku.py").replace("NAME=alice", "NAME=other")
     foreign = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPlain someone@else"
-    keys.write_text("\n".join([foreign, earlier, other]) + "\n")
+    # options the administrator added after piku's (one with a space in it) stay as they are
+    extra = ',from="10.0.0.1",no-pty,environment="GREETING=a b"'
+    restricted = earlier.replace('",no-agent-forwarding', '"' + extra + ",no-agent-forwarding", 1)
+    assert restricted != earlier
+    keys.write_text("\n".join([foreign, restricted, other]) + "\n")
     setup = subprocess.run([PYTHON, str(script), "setup"], env=env, capture_output=True, text=True, check=True)
     assert "Rewrote the forced command of 1 key(s)" in setup.stdout, setup.stdout
-    assert keys.read_text().splitlines() == [foreign, alice, other]
+    kept = alice.replace('",no-agent-forwarding', '"' + extra + ",no-agent-forwarding", 1)
+    assert keys.read_text().splitlines() == [foreign, kept, other]
+    alice = kept
     assert "key(s)" not in subprocess.run([PYTHON, str(script), "setup"], env=env, capture_output=True,
                                           text=True, check=True).stdout, "a second setup changes nothing"
     listed = over_ssh(forced_command(env, alice), env, "apps")
@@ -200,3 +206,17 @@ def test_a_record_compares_only_with_its_own_class_and_replace_fields_copies():
     assert piku.replace_fields(view, cwd="/x") == piku.View("app", cwd="/x")
     with pytest.raises(ValueError):
         piku.View("app", write=("/etc",))      # __post_init__ still decides
+
+
+def test_an_earlier_piku_py_brought_back_runs_through_the_same_entry_points(tmp_path, host):
+    """`update --revert` swaps piku.py back and leaves the keys, hooks and jobs as they are: the
+    launcher runs any piku.py, as `python3 piku.py` does (it runs the file as __main__)."""
+    script, env = host
+    command = forced_command(env, add_key(tmp_path, script, env))
+    shown = subprocess.run(["git", "show", "61133d8:piku.py"], cwd=PIKU_PY.parent, capture_output=True, text=True)
+    if shown.returncode != 0:
+        pytest.skip("the earlier piku.py is not in this clone's history")
+    script.write_text(shown.stdout.replace('PIKU_VERSION = "0.1.0"', 'PIKU_VERSION = "0.0.9"'))
+    answer = over_ssh(command, env, "--version")
+    assert answer.returncode == 0 and answer.stdout == "piku, version 0.0.9\n", answer
+    assert over_ssh(command, env, "apps").returncode == 0
