@@ -155,7 +155,7 @@ class Bench:
     def seed_cache(self, app):
         """Each app builds with a uv cache of its own: warm it as the bench's shared one is."""
         cache = self.work / "piku" / "cache" / ".uv" / app / "cache"
-        if not cache.exists():
+        if not cache.exists() and (self.work / "uv-cache").exists():
             cache.parent.mkdir(parents=True, exist_ok=True)
             run(["cp", "-a", str(self.work / "uv-cache"), str(cache)])
 
@@ -717,6 +717,7 @@ class Sshd:
         (folder / "config").write_text(f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host'}\n"
                                        f"PidFile {folder / 'pid'}\nUsePAM no\nPasswordAuthentication no\n"
                                        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+                                       "StrictModes no\n"      # (the bench's folders are under /tmp)
                                        f"AuthorizedKeysFile {bench.work / 'home' / '.ssh' / 'authorized_keys'}\n"
                                        f"SetEnv PATH={bench.env['PATH']} UV_CACHE_DIR={bench.env['UV_CACHE_DIR']} "
                                        f"UV_PYTHON_INSTALL_DIR={bench.env['UV_PYTHON_INSTALL_DIR']} "
