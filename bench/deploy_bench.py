@@ -719,7 +719,10 @@ class Sshd:
                                        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
                                        "StrictModes no\n"      # (the bench's folders are under /tmp)
                                        f"AuthorizedKeysFile {bench.work / 'home' / '.ssh' / 'authorized_keys'}\n"
-                                       f"SetEnv PATH={bench.env['PATH']} UV_CACHE_DIR={bench.env['UV_CACHE_DIR']} "
+                                       # a home of the bench's: root's own shell start-up files (this
+                                       # machine's run pyenv init) are no part of a push
+                                       f"SetEnv HOME={bench.work / 'home'} PATH={bench.env['PATH']} "
+                                       f"UV_CACHE_DIR={bench.env['UV_CACHE_DIR']} "
                                        f"UV_PYTHON_INSTALL_DIR={bench.env['UV_PYTHON_INSTALL_DIR']} "
                                        "UV_PYTHON_DOWNLOADS=never UV_SYSTEM_CERTS=1\n")
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
