@@ -10742,6 +10742,11 @@ def cmd_git_hook(app, stage):
                             "Fetch, merge or rebase, and push again.")
         record = deploy_app(app, rev, ref, cause="push", state="pending", before=before)
         keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack, record)
+    # git waits for this process before it moves the branch and the push returns: what is left
+    # is Python's tidying of everything a deploy loaded, and nothing of it needs doing
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def prepare_process():
