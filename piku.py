@@ -70,7 +70,8 @@ if sys.version_info < (3, 10):
     sys.exit(1)
 
 import gc
-gc.disable()        # while the module loads (click, ~1,000 definitions): no collection finds garbage there (~2 ms)
+_COLLECTING = gc.isenabled()
+gc.disable()        # while the module loads (click, ~1,000 definitions): no collection finds garbage there (~1 ms)
 import collections
 import contextlib
 import errno
@@ -761,7 +762,7 @@ def process_role(words):
     if name.startswith("sshd"):
         shown = re.sub(r"^sshd(-session)?: ", "", b" ".join(words).decode(errors="replace")).split()
         return "sshd " + (shown[0] if shown else "?")
-    return "git-receive-pack" if "receive-pack" in b" ".join(words[:2]).decode(errors="replace") else ""
+    return "git-receive-pack" if name == "git-receive-pack" or name == "git" and b"receive-pack" in words else ""
 
 
 def process_identity(pid):
@@ -3607,6 +3608,15 @@ def python_downloads_allowed(env):
     return setting == "automatic" if setting is not None else host_sets_python_downloads("automatic")
 
 
+def environment_python(venv):
+    """The Python version a finished environment was built with, from piku's marker (None: none)."""
+    try:
+        python = json.loads(read_nofollow(os.path.join(venv, ENV_MARKER), 1024 * 1024) or "{}").get("python")
+    except (ValueError, AttributeError):
+        return None
+    return python[1] if isinstance(python, list) and len(python) == 2 and isinstance(python[1], str) else None
+
+
 def fingerprint_text(fingerprint):
     return json.dumps(fingerprint, sort_keys=True, indent=1) + "\n"
 
@@ -3908,18 +3918,43 @@ def find_uv(env, required=True):
 
 
 def tool_version(tool):
-    """`tool --version`, asked again only when the program's file changed (a push asks each time)."""
+    """`tool --version`, asked again only when the program changed (a push asks each time); a
+    version manager's shim (a script, or a link to a program of another name) is always asked."""
     if tool not in _PROBES:
-        _PROBES[tool] = cached_probe(["version", stat_key(os.path.realpath(tool))],
-                                     lambda: run_command([tool, "--version"], capture=True).stdout.strip())
+        key = program_key(tool)
+        ask = lambda: run_command([tool, "--version"], capture=True).stdout.strip()     # noqa: E731
+        named = os.path.basename(os.path.realpath(tool)) == os.path.basename(tool)
+        _PROBES[tool] = cached_probe(["version", key], ask) if key and named else ask()
     return _PROBES[tool]
 
 
 def interpreter_version(path):
-    """The Python's full version, asked again only when its program changed."""
-    code = "import sys; print('%d.%d.%d' % sys.version_info[:3])"
-    return cached_probe(["python version", stat_key(os.path.realpath(path))],
-                        lambda: run_command([path, "-I", "-S", "-c", code], capture=True, what=f"{path}").stdout.strip())
+    """The Python's full version, asked again only when its program changed -- and always when
+    path is a shim that picks a Python at run time (the Python it ran is not the file path names)."""
+    code = "import sys; print('%d.%d.%d' % sys.version_info[:3], sys.executable)"
+
+    def ask():
+        version, _, executable = run_command([path, "-I", "-S", "-c", code], capture=True,
+                                             what=f"{path}").stdout.strip().partition(" ")
+        return [version, os.path.realpath(executable) == os.path.realpath(path)]
+    key = program_key(path)
+    answer = cached_probe(["python version", key], ask, lasting=lambda answer: answer[1]) if key else ask()
+    return answer[0]
+
+
+def program_key(path):
+    """What a program's answers depend on: the path as given and the file it resolves to (its
+    device, inode, change time and size: an installer may keep a file's mtime, never its ctime)
+    -- None for a script, whose answers a version manager may change at any time."""
+    real = os.path.realpath(path)
+    try:
+        with open(real, "rb") as handle:
+            if handle.read(2) == b"#!":
+                return None
+            info = os.fstat(handle.fileno())
+    except OSError:
+        return None
+    return [path, real, info.st_dev, info.st_ino, info.st_ctime_ns, info.st_mtime_ns, info.st_size]
 
 
 def find_interpreter(uv, request, env, context):
@@ -3976,20 +4011,23 @@ def stat_key(path):
     return [path, stat.st_mtime_ns, stat.st_size]
 
 
-def cached_probe(key, compute, keep=64):
+def cached_probe(key, compute, keep=64, lasting=None):
     """compute(), remembered in cache/.probes.json while key -- what the answer depends on --
-    stays the same. Answers naming a file are dropped once that file is gone."""
+    stays the same (and lasting(answer) says it may be kept). Answers naming a file are
+    dropped once that file is gone."""
     path = PROBES_CACHE
     try:
         table = json.loads(read_text(path) or "{}")
     except ValueError:
         table = {}
+    if not isinstance(table, dict):
+        table = {}          # (not piku's: written by hand)
     name = fingerprint_digest(key)
     value = table.get(name)
     if value is not None and not (isinstance(value, str) and value.startswith("/") and not os.path.exists(value)):
         return value
     value = compute()
-    if value is not None:
+    if value is not None and (lasting is None or lasting(value)):
         table.pop(name, None)
         table[name] = value
         try:
@@ -7023,8 +7061,7 @@ def build_and_go_live(app, rev, ref, cause, config, state):
         if not release.committed:
             remove_release_dir(root)
         raise
-    if not release.drain_later:     # a push's keeper prunes once its old workers are gone
-        prune(app)
+    prune(app)      # (a push's keeper prunes again once its old workers are gone)
     announce(release, time.monotonic() - started)
 
 
@@ -7623,9 +7660,6 @@ def install_hooks(app):
     post = os.path.join(repo_path(app), "hooks", "post-receive")
     if "installed by piku" in read_text(post):
         os.unlink(post)
-    if not re.search(r"(?m)^\s*autogc\s*=\s*false\s*$", read_text(os.path.join(repo_path(app), "config"))):
-        # git-receive-pack's own `gc --auto` runs before the push returns: the keeper runs it after
-        git("--git-dir", repo_path(app), "config", "receive.autogc", "false", env=git_env())
 
 
 def ensure_repo(app):
@@ -7695,7 +7729,7 @@ def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack, record):
     app may start (it would see the old branch). When git moved it, the release is confirmed
     and the old workers stop once their queues are empty (reconcile: what the next command
     does too if this process is killed), then what they ran is pruned; both go into the push's
-    record, and git's `gc --auto` runs with the lock free. If git gave up instead (the push
+    record, and git's `gc --auto` runs (often nothing to do). If git gave up instead (the push
     failed after the hook), the previous release, still running, goes back live, so the branch
     always names what is served."""
     sys.stdout.flush()
@@ -7725,8 +7759,8 @@ def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack, record):
             prune(app)          # what the old workers ran, when no kept release needs it
             record.add_after("git moved the branch", moved, None)
             record.add_after("the old workers drained and stopped", started, time.monotonic())
-            fcntl.flock(lock.handle, fcntl.LOCK_UN)     # the next change may start: git locks its gc itself
-            git("--git-dir", repo_path(app), "gc", "--auto", "--quiet", env=git_env())
+            # in the foreground, under the lock: a destroy must not remove the repo under it
+            git("--git-dir", repo_path(app), "-c", "gc.autoDetach=false", "gc", "--auto", "--quiet", env=git_env())
         else:
             reconcile(app)
     except BaseException:       # nobody can read an error here; the next command reconciles
@@ -8814,10 +8848,11 @@ def check_app_python(app, record):
     venv = env.get("VIRTUAL_ENV")
     if not venv or "wsgi" not in record["scaling"] or env.get("WSGI_SERVER", "uwsgi") != "uwsgi":
         return
+    if not piku_environment(app, venv):
+        return          # (a VIRTUAL_ENV the app set: nothing of its own is run outside its sandbox)
     embedded = probe_uwsgi_python()
-    try:
-        have = interpreter_version(os.path.join(venv, "bin", "python"))
-    except PikuError:
+    have = environment_python(venv)     # what its marker says: its bin/python its build could rewrite
+    if not have:
         return          # the environment check below says so
     if not embedded or minor(embedded) != minor(have):
         yield Finding("FAIL", f"{app}: its environment runs Python {have} but uWSGI now embeds "
@@ -10705,7 +10740,8 @@ def cmd_git_receive_pack(app):
     warn_disk()             # before git unpacks anything: it fails first, and says less
     path = ensure_repo(app)
     sys.stdout.flush()
-    os.execvp("git", ["git", "receive-pack", path])
+    # git's own `gc --auto` would run before the push returns: the push's keeper runs it after
+    os.execvp("git", ["git", "-c", "receive.autogc=false", "receive-pack", path])
 
 
 @cli.command("git-upload-pack", hidden=True)
@@ -10816,7 +10852,8 @@ def main(args=None):
     return 0
 
 
-gc.enable()
+if _COLLECTING:
+    gc.enable()
 
 
 def run_piku():

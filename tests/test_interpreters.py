@@ -1,5 +1,9 @@
 """Unit tests: Python version requests, requires-python, the WSGI server choice, fingerprints."""
 
+import json
+import os
+import re
+
 import pytest
 
 import piku
@@ -233,3 +237,31 @@ def test_required_uv_version_is_checked_against_the_hosts_uv(monkeypatch, tmp_pa
     (tmp_path / "uv.toml").write_text('required-version = "==0.12.*"\n')
     with pytest.raises(PikuError):
         piku.check_uv_version("/opt/uv", {}, str(tmp_path))
+
+
+def test_a_programs_version_is_kept_only_for_the_file_itself_never_for_a_shim(tmp_path, monkeypatch):
+    """Issue 20 keeps `uv --version` and a Python's version between pushes, keyed by the file the
+    program is; a version manager's shim (a script, or a link to a program of another name) is
+    asked every time, since what it runs can change with no file changing."""
+    monkeypatch.setattr(piku, "PROBES_CACHE", str(tmp_path / "probes.json"))
+    monkeypatch.setattr(piku, "_PROBES", {})
+    real = os.path.realpath("/usr/bin/python3")
+    link = tmp_path / "python3"
+    link.symlink_to(real)
+    shim = tmp_path / "shim-python"
+    shim.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    shim.chmod(0o755)
+    version = piku.interpreter_version(real)
+    assert re.fullmatch(r"3\.[0-9]+\.[0-9]+", version)
+    for path in (link, shim):
+        assert piku.interpreter_version(str(path)) == version
+    assert piku.program_key(str(shim)) is None and piku.program_key(str(link))[1] == real
+    kept = json.loads((tmp_path / "probes.json").read_text())
+    assert sorted(kept.values()) == [[version, True]] * 2, "the file and the link to it; never the shim"
+    # a kept answer is used as it is (a changed file would have another key)
+    key = piku.fingerprint_digest(["python version", piku.program_key(real)])
+    (tmp_path / "probes.json").write_text(json.dumps({**kept, key: ["9.9.9", True]}))
+    assert piku.interpreter_version(real) == "9.9.9" and piku.interpreter_version(str(shim)) == version
+    for junk in ("null", "[1, 2]", "\"text\"", "{"):         # a damaged cache: asked again, no traceback
+        (tmp_path / "probes.json").write_text(junk)
+        assert piku.interpreter_version(real) == version
