@@ -7751,22 +7751,27 @@ def keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack, record):
                 and process_identity(receive_pack[0]) == receive_pack:      # that git, not a reused PID
             time.sleep(PROBE_INTERVAL)
         if branch_revision(app, ref) == rev:
-            moved = time.monotonic()
-            confirm_release(app, rev)
-            git("--git-dir", repo_path(app), "symbolic-ref", "HEAD", ref, env=git_env())
-            started = time.monotonic()
-            reconcile(app, vhost=False)
-            prune(app)          # what the old workers ran, when no kept release needs it
-            record.add_after("git moved the branch", moved, None)
-            record.add_after("the old workers drained and stopped", started, time.monotonic())
-            # in the foreground, under the lock: a destroy must not remove the repo under it
-            git("--git-dir", repo_path(app), "-c", "gc.autoDetach=false", "gc", "--auto", "--quiet", env=git_env())
+            finish_push(app, ref, rev, record)
         else:
             reconcile(app)
     except BaseException:       # nobody can read an error here; the next command reconciles
         pass
     finally:
         os._exit(0)
+
+
+def finish_push(app, ref, rev, record):
+    """What a push leaves to do once git has moved the branch, the app's lock still held."""
+    moved = time.monotonic()
+    confirm_release(app, rev)
+    git("--git-dir", repo_path(app), "symbolic-ref", "HEAD", ref, env=git_env())
+    started = time.monotonic()
+    reconcile(app, vhost=False)
+    prune(app)          # what the old workers ran, when no kept release needs it
+    record.add_after("git moved the branch", moved, None)
+    record.add_after("the old workers drained and stopped", started, time.monotonic())
+    # in the foreground, under the lock: a destroy must not remove the repo under it
+    git("--git-dir", repo_path(app), "-c", "gc.autoDetach=false", "gc", "--auto", "--quiet", env=git_env())
 
 
 ##############################################################################
