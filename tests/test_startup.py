@@ -220,3 +220,19 @@ def test_an_earlier_piku_py_brought_back_runs_through_the_same_entry_points(tmp_
     answer = over_ssh(command, env, "--version")
     assert answer.returncode == 0 and answer.stdout == "piku, version 0.0.9\n", answer
     assert over_ssh(command, env, "apps").returncode == 0
+
+
+def test_a_process_that_skips_pythons_tidying_still_says_everything_and_its_status(tmp_path, host, capsys):
+    """end_process: what a command printed reaches a pipe whole, and its exit status is kept
+    (a usage error 2, a refusal 1, a command's own SystemExit)."""
+    script, env = host
+    entry = piku_entry_for(script)
+    shown = subprocess.run([*entry, "help"], env=env, capture_output=True, text=True)
+    assert shown.returncode == 0
+    assert piku.main(["help"]) == 0
+    assert shown.stdout == capsys.readouterr().out and len(shown.stdout) > 2000
+    assert subprocess.run([*entry, "config:set"], env=env, capture_output=True).returncode == 2
+    refused = subprocess.run([*entry, "config", "nosuchapp"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 1 and refused.stderr.startswith(" !     "), refused
+    doctor = subprocess.run([*entry, "doctor"], env=env, capture_output=True, text=True)     # no emperor here
+    assert doctor.returncode == 1 and "FAIL" in doctor.stdout and doctor.stdout.endswith("\n"), doctor
