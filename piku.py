@@ -10783,7 +10783,6 @@ def cmd_git_hook(app, stage):
                             "Fetch, merge or rebase, and push again.")
         record = deploy_app(app, rev, ref, cause="push", state="pending", before=before)
         keep_lock_until_branch_moves(lock, app, ref, rev, receive_pack, record)
-    end_process(0)      # git waits for this process before it moves the branch and the push returns
 
 
 def prepare_process():

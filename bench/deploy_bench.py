@@ -322,10 +322,14 @@ def sandbox_inits(bench, app):
 def app_pids(bench, app):
     """Every process of the app: its sandboxes (bwrap, its init and all below) and its front."""
     import psutil
-    pids = []
     tops = [psutil.Process(pid).ppid() for pid in sandbox_inits(bench, app) if psutil.pid_exists(pid)]
-    for pidfile in (bench.work / "piku" / "uwsgi" / app).glob("front.*.pid"):
-        tops.append(int(pidfile.read_text()))
+    return process_trees(tops) + front_pids(bench, app)
+
+
+def process_trees(tops):
+    """Each of these processes and all below it."""
+    import psutil
+    pids = []
     for pid in tops:
         try:
             top = psutil.Process(pid)
@@ -371,15 +375,13 @@ def measure_apps(bench, results):
 
 def front_pids(bench, app):
     """piku's own processes for an app: its front (the master and its worker)."""
-    import psutil
-    pids = []
+    tops = []
     for pidfile in (bench.work / "piku" / "uwsgi" / app).glob("front.*.pid"):
         try:
-            top = psutil.Process(int(pidfile.read_text()))
-            pids += [top.pid, *(child.pid for child in top.children(recursive=True))]
-        except (psutil.Error, ValueError):
+            tops.append(int(pidfile.read_text()))
+        except (OSError, ValueError):
             pass
-    return pids
+    return process_trees(tops)
 
 
 SHAPES = {     # name -> (example, the file the code-only change edits, how a dependency is added)
@@ -796,32 +798,17 @@ def print_waterfall(title, waterfall):
               f"{statistics.median(took) if took else float('nan'):8.3f}")
 
 
+MEASURES = {"deploys": measure_deploys, "switch": measure_switch, "apps": measure_apps, "shapes": measure_shapes,
+            "sandbox": measure_sandbox, "nginxfiles": measure_nginx_files, "startup": measure_startup,
+            "waterfall": measure_waterfall, "ssh": measure_ssh, "durable": lambda bench, results: measure_durable(results),
+            "node": measure_node, "export": measure_export}       # BENCH_ONLY names, in the order they run
+
+
 def measure(bench):
     results = collections.defaultdict(list)
-    if not ONLY or "deploys" in ONLY:
-        measure_deploys(bench, results)
-    if not ONLY or "switch" in ONLY:
-        measure_switch(bench, results)
-    if not ONLY or "apps" in ONLY:
-        measure_apps(bench, results)
-    if not ONLY or "shapes" in ONLY:
-        measure_shapes(bench, results)
-    if not ONLY or "sandbox" in ONLY:
-        measure_sandbox(bench, results)
-    if not ONLY or "nginxfiles" in ONLY:
-        measure_nginx_files(bench, results)
-    if not ONLY or "startup" in ONLY:
-        measure_startup(bench, results)
-    if not ONLY or "waterfall" in ONLY:
-        measure_waterfall(bench, results)
-    if not ONLY or "ssh" in ONLY:
-        measure_ssh(bench, results)
-    if not ONLY or "durable" in ONLY:
-        measure_durable(results)
-    if not ONLY or "node" in ONLY:
-        measure_node(bench, results)
-    if not ONLY or "export" in ONLY:
-        measure_export(bench, results)
+    for name, run_part in MEASURES.items():
+        if not ONLY or name in ONLY:
+            run_part(bench, results)
     return {name: values for name, values in results.items() if values}
 
 

@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -296,6 +297,28 @@ def test_a_kept_release_is_dropped_only_when_its_piku_built_environment_is_gone(
         # what a damaged or hand-edited record lists: never a traceback, never a path spelled otherwise,
         # and the VIRTUAL_ENV the workers run with always counted (prune keeps it)
         assert listed("shop", {"env": {"VIRTUAL_ENV": built}, "environments": odd}) == [built], odd
+
+
+def test_doctors_python_check_runs_nothing_an_app_could_have_written(tmp_path, monkeypatch):
+    """doctor's check of the Python a uWSGI app's environment runs reads piku's marker of piku's
+    own environments: a VIRTUAL_ENV the app set, or a bin/python its build rewrote, is never run
+    (doctor runs outside every sandbox, perhaps as root)."""
+    import piku as piku_module
+    monkeypatch.setattr(piku_module, "probe_uwsgi_python", lambda: "3.11.2")
+    ran = tmp_path / "ran"
+    (tmp_path / "own" / "bin").mkdir(parents=True)
+    (tmp_path / "own" / "bin" / "python").write_text(f"#!/bin/sh\ntouch {ran}\necho 3.11.2\n")
+    (tmp_path / "own" / "bin" / "python").chmod(0o755)
+    for venv in (tmp_path / "own", Path(piku_module.env_dir("shop")) / "python-0123456789abcdef"):
+        record = {"env": {"VIRTUAL_ENV": str(venv)}, "scaling": {"wsgi": 1}}
+        monkeypatch.setattr(piku_module, "read_nofollow", lambda path, limit, venv=venv: json.dumps(
+            {"python": ["/usr/bin/python3.12", "3.12.1"]}) if path == str(venv / piku_module.ENV_MARKER) else "")
+        findings = list(piku_module.check_app_python("shop", record))
+        if venv.name == "own":          # the app's own setting: not looked at
+            assert findings == []
+        else:
+            assert [finding.level for finding in findings] == ["FAIL"] and "3.12.1" in findings[0].message
+    assert not ran.exists()
 
 
 def assert_every_line_says_something(report):
