@@ -421,10 +421,21 @@ def stop_process_tree(pid):
 
 
 def free_port():
+    return free_ports(1)[0]
+
+
+def free_ports(count):
+    """count different free TCP ports on loopback: every probe stays bound until all are chosen,
+    so two servers started together never get the same port."""
     import socket
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 NGINX_CONFIG = """\
@@ -465,7 +476,7 @@ class Nginx:
             if not mode & 0o010:
                 folder.chmod(mode | 0o010)
                 self.opened.append((folder, mode))
-        self.port, self.https_port = free_port(), free_port()
+        self.port, self.https_port = free_ports(2)
         self.config = self.prefix / "nginx.conf"
         self.config.write_text(NGINX_CONFIG.format(prefix=self.prefix, piku_root=piku.root))
         self.command = ["nginx", "-p", str(self.prefix), "-c", str(self.config), "-e", str(self.prefix / "error.log")]
@@ -519,7 +530,7 @@ class Pebble:
         self.prefix.mkdir(parents=True)
         self.ca = self.prefix / "ca.crt"
         self.make_tls()
-        self.port, self.management, dns = free_port(), free_port(), free_port()
+        self.port, self.management, dns, dns_management = free_ports(4)
         config = {"pebble": {"listenAddress": f"127.0.0.1:{self.port}",
                              "managementListenAddress": f"127.0.0.1:{self.management}",
                              "certificate": str(self.prefix / "tls.crt"), "privateKey": str(self.prefix / "tls.key"),
@@ -529,7 +540,7 @@ class Pebble:
         (self.prefix / "pebble.json").write_text(json.dumps(config))
         quiet = dict(stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         self.dns = subprocess.Popen(["pebble-challtestsrv", "-dns01", f"127.0.0.1:{dns}", "-http01", "", "-https01", "",
-                                     "-tlsalpn01", "", "-management", f"127.0.0.1:{free_port()}",
+                                     "-tlsalpn01", "", "-management", f"127.0.0.1:{dns_management}",
                                      "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
                                     stdout=open(self.prefix / "dns.log", "w"), **quiet)
         self.pebble = subprocess.Popen(["pebble", "-config", str(self.prefix / "pebble.json"), "-dnsserver",
@@ -540,8 +551,19 @@ class Pebble:
         # sysadmin with a private CA writes it (the daily job has no other environment)
         with open(piku.root / "piku.env", "a") as host_settings:
             host_settings.write(f"LEGO_CA_CERTIFICATES={self.ca}\n")
-        wait_until(lambda: "ACME directory available" in (self.prefix / "pebble.log").read_text(),
-                   message="pebble to listen")
+        # pebble logs "directory available" before it binds: ready is the directory served over TLS
+        wait_until(self.serving, message="pebble to serve its directory")
+
+    def serving(self):
+        import ssl
+        if self.pebble.poll() is not None:
+            raise AssertionError(f"pebble exited: {(self.prefix / 'pebble.log').read_text()}")
+        try:
+            context = ssl.create_default_context(cafile=str(self.ca))
+            with urllib.request.urlopen(self.directory, context=context, timeout=5) as response:
+                return b"newNonce" in response.read()
+        except OSError:
+            return False
 
     def make_tls(self):
         def openssl(*args):
