@@ -554,13 +554,16 @@ class Pebble:
         # pebble logs "directory available" before it binds: ready is the directory served over TLS
         wait_until(self.serving, message="pebble to serve its directory")
 
-    def serving(self):
+    def tls(self):
+        """A client context trusting the CA pebble's own TLS is from."""
         import ssl
+        return ssl.create_default_context(cafile=str(self.ca))
+
+    def serving(self):
         if self.pebble.poll() is not None:
             raise AssertionError(f"pebble exited: {(self.prefix / 'pebble.log').read_text()}")
         try:
-            context = ssl.create_default_context(cafile=str(self.ca))
-            with urllib.request.urlopen(self.directory, context=context, timeout=5) as response:
+            with urllib.request.urlopen(self.directory, context=self.tls(), timeout=5) as response:
                 return b"newNonce" in response.read()
         except OSError:
             return False
@@ -580,9 +583,7 @@ class Pebble:
 
     def root(self):
         """The root pebble signs certificates with (new at every start), as PEM."""
-        import ssl
-        context = ssl.create_default_context(cafile=str(self.ca))
-        with urllib.request.urlopen(f"https://127.0.0.1:{self.management}/roots/0", context=context) as response:
+        with urllib.request.urlopen(f"https://127.0.0.1:{self.management}/roots/0", context=self.tls()) as response:
             return response.read().decode()
 
     def stop(self):
